@@ -1,0 +1,685 @@
+"""Import NVIDIA AIConfigurator's measured kernel database into InferSim-schema CSVs.
+
+The PyPI package ``aiconfigurator-core`` (Apache-2.0, NVIDIA) ships measured
+per-kernel latencies under ``aiconfigurator_core/systems/data/<system>/<family>/
+<framework>/<version>/<table>.parquet`` (older releases used CSV-formatted
+``<table>.txt`` files with the same columns; both are read here).  Facts about
+the source format that this converter relies on (checked against the package's
+collector scripts and the data itself):
+
+* ``latency`` is in **milliseconds** for one kernel call (CUDA-graph replay
+  time divided by the number of calls in the graph).
+* GEMM (``gemm_perf``): ``y[m, n] = x[m, k] @ W^T`` with W stored ``[n, k]``
+  (vLLM ``RowParallelLinear(input_size=k, output_size=n)``); ``gemm_dtype`` is
+  ``bfloat16`` / ``fp8`` (per-tensor scaled CUTLASS, activation quant
+  included) / ``fp8_block`` (128x128 block-scaled, several kernels) / ``nvfp4``.
+* Context attention (``context_attention_perf``): ``batch_size`` sequences of
+  ``isl`` new tokens each, causal, ``step`` = cached prefix (always 0 here).
+  ``num_heads`` / ``num_key_value_heads`` are per-GPU head counts.
+* Generation attention (``generation_attention_perf``): ``isl`` = 1 query
+  token, ``step`` = sequence length held in the paged KV cache including the
+  new token (collector: ``seq_lens=[step]``, ``query_lens=[1]``); grid values
+  are ``2**j - 1``.
+* All-reduce (``custom_allreduce_perf`` and ``nccl_perf``): ``message_size`` is
+  the number of **elements** per GPU (the nccl collector divides nccl-tests'
+  byte size by the element size), so bytes = elements * sizeof(dtype).
+
+The package is optional: it is imported inside :func:`import_aiconfigurator`
+only when no explicit ``systems_dir`` is given.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+__all__ = [
+    "DEFAULT_HEAD_LAYOUTS",
+    "GPU_ALIASES",
+    "add_arguments",
+    "import_aiconfigurator",
+    "loglog_subsample",
+    "run",
+]
+
+PACKAGE = "aiconfigurator-core"
+_MISSING_MSG = "aiconfigurator-core is not installed: pip install 'costmodel[aiconfigurator]'"
+
+GPU_ALIASES = {
+    "h100": "h100_sxm",
+    "h200": "h200_sxm",
+    "b200": "b200_sxm",
+    "b300": "b300_sxm",
+    "a100": "a100_sxm",
+}
+
+# Dense tensor-core peaks (FLOP/s) used when the system YAML has none.
+FALLBACK_PEAKS = {
+    "h100_sxm": {"bf16": 989e12, "fp8": 1979e12},
+    "h200_sxm": {"bf16": 989e12, "fp8": 1979e12},
+    "b200_sxm": {"bf16": 2250e12, "fp8": 4500e12},
+    "a100_sxm": {"bf16": 312e12},
+}
+
+# Source dtype -> output dtype.  ``fp8`` is vLLM's per-tensor FP8 path
+# (CutlassFP8ScaledMMLinearKernel: what ``--quantization fp8`` and per-tensor
+# FP8 checkpoints use).  ``fp8_block`` (DeepSeek-style 128x128 block scales,
+# several competing kernels) and ``nvfp4`` are not exported.
+GEMM_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}
+ATTN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "fp8": "fp8", "half": "fp16"}
+COMM_DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "half": ("fp16", 2),
+               "float32": ("fp32", 4), "int8": ("int8", 1)}
+
+ENGINE_FALLBACK = ("vllm", "sglang", "trtllm")
+
+# (name, query heads, kv heads) of common dense models; head_dim 128.
+COMMON_MODELS = (
+    ("Llama-2-7B", 32, 32),
+    ("Llama-3-8B / Mistral-7B / Qwen3-8B / Mistral-Nemo", 32, 8),
+    ("Llama-2/3-70B / CodeLlama-34B", 64, 8),
+    ("Qwen2.5-7B", 28, 4),
+    ("Qwen3-14B", 40, 8),
+    ("Yi-34B", 56, 8),
+    ("Qwen2.5-1.5B", 12, 2),
+    ("Qwen2.5-3B", 16, 2),
+)
+
+
+def _per_gpu_layouts(models=COMMON_MODELS, tps=(1, 2, 4, 8), head_dim=128):
+    """Per-GPU (hq, hkv, d) under tensor parallelism (vLLM replicates KV heads
+    when tp > hkv, so each GPU keeps one)."""
+    out = set()
+    for _, hq, hkv in models:
+        for tp in tps:
+            if hq % tp:
+                continue
+            out.add((hq // tp, max(1, hkv // tp), head_dim))
+    return tuple(sorted(out))
+
+
+DEFAULT_HEAD_LAYOUTS = _per_gpu_layouts()
+
+
+# --------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------
+
+
+def _version_key(v: str):
+    try:
+        from packaging.version import Version
+
+        return (0, Version(v))
+    except Exception:  # non-PEP440 names sort after by their numbers
+        return (1, tuple(int(x) for x in re.findall(r"\d+", v)), v)
+
+
+def _safe_version_key(v: str):
+    # Mixed (Version, tuple) keys are not comparable; map everything to a tuple.
+    k = _version_key(v)
+    if k[0] == 0:
+        rel = k[1].release
+        pre = k[1].pre
+        return (rel, 0 if pre else 1, pre[1] if pre else 0, k[1].dev is None)
+    return (k[1], 0, 0, False)
+
+
+def _table_path(vdir: Path, table: str) -> Path | None:
+    for ext in (".parquet", ".txt", ".csv"):
+        p = vdir / f"{table}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    if path.suffix == ".parquet":
+        return pd.read_parquet(path)
+    df = pd.read_csv(path, skipinitialspace=True)
+    df.columns = [c.strip() for c in df.columns]
+    return df
+
+
+def _find_table(sysdata: Path, family: str, engine: str, table: str, version: str | None):
+    """Return (engine, version, path, note) of the table to use, or None."""
+    engines = [engine] + [e for e in ENGINE_FALLBACK if e != engine]
+    for eng in engines:
+        edir = sysdata / family / eng
+        if not edir.is_dir():
+            continue
+        cands = []
+        for vdir in edir.iterdir():
+            p = _table_path(vdir, table) if vdir.is_dir() else None
+            if p is not None:
+                cands.append((vdir.name, p))
+        if not cands:
+            continue
+        cands.sort(key=lambda c: _safe_version_key(c[0]))
+        note = ""
+        if version is None:
+            ver, path = cands[-1]
+        else:
+            exact = [c for c in cands if c[0] == version]
+            if exact:
+                ver, path = exact[0]
+            else:
+                older = [c for c in cands if _safe_version_key(c[0]) <= _safe_version_key(version)]
+                if not older:
+                    continue
+                ver, path = older[-1]
+                note = f"version {version} not measured for {family}/{table}; used {ver}"
+        if eng != engine:
+            note = (note + "; " if note else "") + f"no {engine} data for {family}/{table}; used {eng}"
+        return eng, ver, path, note
+    return None
+
+
+def _read_peaks(systems_dir: Path, gpu: str) -> tuple[dict, str]:
+    peaks = dict(FALLBACK_PEAKS.get(gpu, {}))
+    src = "costmodel fallback table"
+    y = systems_dir / f"{gpu}.yaml"
+    if y.is_file():
+        found = {}
+        for line in y.read_text().splitlines():
+            m = re.match(r"\s*(bfloat16|fp8)_tc_flops:\s*([0-9.eE+]+)", line)
+            if m:
+                found["bf16" if m.group(1) == "bfloat16" else "fp8"] = float(m.group(2))
+        if found:
+            peaks.update(found)
+            src = f"systems/{gpu}.yaml"
+    return peaks, src
+
+
+def _runtime_meta(path: Path) -> str:
+    meta = path.parent / "collection_meta.yaml"
+    if not meta.is_file():
+        return ""
+    txt = meta.read_text()
+    m = re.search(r"runtime:\s*\n\s*framework:\s*(\S+)\s*\n\s*version:\s*(\S+)", txt)
+    return f"{m.group(1)} {m.group(2)}" if m else ""
+
+
+def _median_dedup(df: pd.DataFrame, keys: list[str], value: str = "latency") -> tuple[pd.DataFrame, int]:
+    n0 = len(df)
+    out = df.groupby(keys, as_index=False, sort=True)[value].median()
+    return out, n0 - len(out)
+
+
+def loglog_subsample(x: np.ndarray, Y: np.ndarray, tol: float) -> np.ndarray:
+    """Boolean keep-mask over the sorted grid ``x`` (shape [n]) shared by all
+    curves ``Y`` (shape [c, n]): Douglas-Peucker in log-log space.  End points
+    are kept; a segment's interior is dropped only when log-log linear
+    interpolation between the segment ends reproduces every interior point of
+    every curve within relative error ``tol``; otherwise the worst point is
+    kept and both halves are refined.  So every dropped point is reconstructed
+    within ``tol`` from its final kept neighbours."""
+    x = np.asarray(x, dtype=float)
+    Y = np.atleast_2d(np.asarray(Y, dtype=float))
+    n = x.size
+    keep = np.zeros(n, dtype=bool)
+    if n == 0:
+        return keep
+    keep[0] = keep[-1] = True
+    lx, lY = np.log(x), np.log(Y)
+    stack = [(0, n - 1)]
+    while stack:
+        i, j = stack.pop()
+        if j - i < 2:
+            continue
+        t = (lx[i + 1 : j] - lx[i]) / (lx[j] - lx[i])
+        pred = lY[:, [i]] + (lY[:, [j]] - lY[:, [i]]) * t
+        err = np.abs(np.expm1(pred - lY[:, i + 1 : j])).max(axis=0)
+        w = int(np.argmax(err))
+        if err[w] > tol:
+            k = i + 1 + w
+            keep[k] = True
+            stack += [(i, k), (k, j)]
+    return keep
+
+
+def _interp_errors(x, Y, keep) -> np.ndarray:
+    """Relative errors of the dropped points reconstructed from kept ones."""
+    lx, lY = np.log(np.asarray(x, float)), np.log(np.atleast_2d(np.asarray(Y, float)))
+    drop = ~keep
+    if not drop.any():
+        return np.zeros(0)
+    errs = [np.abs(np.expm1(np.interp(lx[drop], lx[keep], row[keep]) - row[drop])) for row in lY]
+    return np.concatenate(errs)
+
+
+def _sig(v: float, digits: int) -> str:
+    """``v`` rounded to ``digits`` significant digits, positional notation."""
+    return np.format_float_positional(float(v), precision=digits, unique=True, fractional=False, trim="-")
+
+
+def _fmt_csv(df: pd.DataFrame, path: Path, float_cols: dict[str, int]) -> int:
+    """Write ``df`` with the given columns rounded to N significant digits."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    df = df.copy()
+    for c, digits in float_cols.items():
+        df[c] = [_sig(v, digits) for v in df[c].to_numpy()]
+    df.to_csv(path, index=False, lineterminator="\n")
+    return path.stat().st_size
+
+
+# --------------------------------------------------------------------------
+# converters (pure pandas; unit-tested on synthetic frames)
+# --------------------------------------------------------------------------
+
+
+def convert_gemm(src: pd.DataFrame, peaks: dict, tol: float | None = 0.015):
+    """Source gemm_perf rows -> (m,k,n,latency_us,mfu,dtype) frame + stats."""
+    df = src[src["gemm_dtype"].isin(GEMM_DTYPES)].copy()
+    df["dtype"] = df["gemm_dtype"].map(GEMM_DTYPES)
+    df = df[df["dtype"].isin(peaks)]
+    df, ndup = _median_dedup(df, ["dtype", "n", "k", "m"])
+    stats = {"source_rows": int(len(src)), "duplicates_merged": int(ndup), "dtypes": {}}
+    parts = []
+    for dt, g in df.groupby("dtype", sort=True):
+        g = g.sort_values(["n", "k", "m"])
+        st = {"rows": int(len(g)), "m_values": int(g["m"].nunique()), "curves": int(g.groupby(["n", "k"]).ngroups)}
+        if tol is not None:
+            masks, errs = [], []
+            for _, c in g.groupby(["n", "k"], sort=False):
+                ms, lat = c["m"].to_numpy(), c["latency"].to_numpy()[None]
+                keep = loglog_subsample(ms, lat, tol) if len(ms) > 2 else np.ones(len(ms), bool)
+                masks.append(keep)
+                errs.append(_interp_errors(ms, lat, keep))
+            g = g[np.concatenate(masks)]
+            errs = np.concatenate(errs) if errs else np.zeros(0)
+            st.update(
+                rows_kept=int(len(g)),
+                drop_err_max=float(errs.max()) if errs.size else 0.0,
+                drop_err_median=float(np.median(errs)) if errs.size else 0.0,
+            )
+        else:
+            st.update(rows_kept=int(len(g)))
+        stats["dtypes"][dt] = st
+        parts.append(g)
+    out = pd.concat(parts) if parts else df.iloc[:0]
+    out = out.assign(latency_us=out["latency"] * 1e3)
+    peak = out["dtype"].map(peaks).astype(float)
+    out["mfu"] = 2.0 * out["m"] * out["k"] * out["n"] / (out["latency_us"] * 1e-6 * peak)
+    stats["max_mfu"] = float(out["mfu"].max()) if len(out) else 0.0
+    stats["rows_mfu_gt_1"] = int((out["mfu"] > 1.0).sum())
+    out = out.sort_values(["dtype", "n", "k", "m"])[["m", "k", "n", "latency_us", "mfu", "dtype"]]
+    return out.reset_index(drop=True), stats
+
+
+def _attn_filter(src: pd.DataFrame) -> pd.DataFrame:
+    df = src
+    if "window_size" in df:
+        df = df[df["window_size"] == 0]
+    if "beam_width" in df:
+        df = df[df["beam_width"] == 1]
+    return df
+
+
+def _layout_mask(df: pd.DataFrame, layouts) -> pd.Series:
+    if layouts == "all":
+        return pd.Series(True, index=df.index)
+    keys = set(map(tuple, layouts))
+    trip = zip(df["num_heads"], df["num_key_value_heads"], df["head_dim"])
+    return pd.Series([t in keys for t in trip], index=df.index)
+
+
+def convert_decode(src: pd.DataFrame, bf16_peak: float, layouts=DEFAULT_HEAD_LAYOUTS):
+    """generation_attention rows -> {(hq,hkv,d): frame(dtype,kv_dtype,batch_size,kv_len,latency_us,mfu)}."""
+    df = _attn_filter(src)
+    df = df[df["isl"] == 1]
+    df = df[_layout_mask(df, layouts)].copy()
+    df["dtype"] = df["attn_dtype"].map(ATTN_DTYPES)
+    df["kv_dtype"] = df["kv_cache_dtype"].map(ATTN_DTYPES)
+    df = df.dropna(subset=["dtype", "kv_dtype"])
+    df["kv_len"] = df["step"]  # seq_lens=[step], query_lens=[1]: attends over `step` tokens
+    keys = ["num_heads", "num_key_value_heads", "head_dim", "dtype", "kv_dtype", "batch_size", "kv_len"]
+    df, ndup = _median_dedup(df, keys)
+    df["latency_us"] = df["latency"] * 1e3
+    df["mfu"] = (4.0 * df["num_heads"] * df["head_dim"] * df["kv_len"] * df["batch_size"]
+                 / (df["latency_us"] * 1e-6 * bf16_peak))
+    out = {}
+    for (hq, hkv, d), g in df.groupby(["num_heads", "num_key_value_heads", "head_dim"]):
+        out[(int(hq), int(hkv), int(d))] = g[
+            ["dtype", "kv_dtype", "batch_size", "kv_len", "latency_us", "mfu"]
+        ].reset_index(drop=True)
+    return out, {"duplicates_merged": int(ndup)}
+
+
+def convert_prefill(src: pd.DataFrame, bf16_peak: float, layouts=DEFAULT_HEAD_LAYOUTS):
+    """context_attention rows (prefix 0 only) -> {(hq,hkv,d): frame(dtype,batch_size,seq_len,latency_us,mfu)}.
+
+    ``dtype`` is ``bf16`` for the bf16-KV-cache path and ``fp8`` for vLLM's
+    FP8-KV-cache path (there FA3 also quantizes Q to fp8).  mfu always uses
+    the bf16 peak."""
+    df = _attn_filter(src)
+    n_prefix = int((df["step"] != 0).sum()) if "step" in df else 0
+    if "step" in df:
+        df = df[df["step"] == 0]
+    df = df[_layout_mask(df, layouts)].copy()
+    df["dtype"] = df["kv_cache_dtype"].map(ATTN_DTYPES)
+    df = df.dropna(subset=["dtype"])
+    df["seq_len"] = df["isl"]
+    keys = ["num_heads", "num_key_value_heads", "head_dim", "dtype", "batch_size", "seq_len"]
+    df, ndup = _median_dedup(df, keys)
+    df["latency_us"] = df["latency"] * 1e3
+    df["mfu"] = (4.0 * df["num_heads"] * df["head_dim"] * (df["seq_len"] ** 2 / 2.0) * df["batch_size"]
+                 / (df["latency_us"] * 1e-6 * bf16_peak))
+    out = {}
+    for (hq, hkv, d), g in df.groupby(["num_heads", "num_key_value_heads", "head_dim"]):
+        out[(int(hq), int(hkv), int(d))] = g[["dtype", "batch_size", "seq_len", "latency_us", "mfu"]].reset_index(
+            drop=True
+        )
+    return out, {"duplicates_merged": int(ndup), "prefix_rows_dropped": n_prefix}
+
+
+def convert_custom_allreduce(src: pd.DataFrame) -> pd.DataFrame:
+    """custom_allreduce_perf -> (kernel,num_gpus,message_bytes,latency_us,dtype).
+
+    kernel ``custom_allreduce`` = the engine's all-reduce entry point replayed
+    in a CUDA graph (vLLM: tensor_model_parallel_all_reduce, which itself picks
+    custom-AR / NCCL by size); ``custom_allreduce_eager`` = eager mode (its
+    timing includes an input ``clone()``)."""
+    df = src[src["op_name"] == "all_reduce"] if "op_name" in src else src
+    tag = df["backend"] if "backend" in df else df["kernel_source"]
+    tag = tag.astype(str) + " " + df["kernel_source"].astype(str)
+    kernel = np.where(tag.str.contains("eager", case=False), "custom_allreduce_eager", "custom_allreduce")
+    dt = df["allreduce_dtype"].map(lambda s: COMM_DTYPES.get(s, (None, 0)))
+    out = pd.DataFrame(
+        {
+            "kernel": kernel,
+            "num_gpus": df["num_gpus"].astype(int).to_numpy(),
+            "message_bytes": (df["message_size"].astype(np.int64) * dt.map(lambda t: t[1])).to_numpy(),
+            "latency": df["latency"].to_numpy(),
+            "dtype": dt.map(lambda t: t[0]).to_numpy(),
+        }
+    )
+    return out.dropna(subset=["dtype"])
+
+
+def convert_nccl(src: pd.DataFrame) -> pd.DataFrame:
+    df = src[(src["op_name"] == "all_reduce") & (src["nccl_dtype"].isin(["half", "bfloat16", "float16"]))]
+    dt = df["nccl_dtype"].map(lambda s: COMM_DTYPES[s])
+    return pd.DataFrame(
+        {
+            "kernel": "nccl",
+            "num_gpus": df["num_gpus"].astype(int).to_numpy(),
+            "message_bytes": (df["message_size"].astype(np.int64) * dt.map(lambda t: t[1])).to_numpy(),
+            "latency": df["latency"].to_numpy(),
+            "dtype": dt.map(lambda t: t[0]).to_numpy(),
+        }
+    )
+
+
+def finish_allreduce(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
+    df = pd.concat(parts, ignore_index=True)
+    df, _ = _median_dedup(df, ["kernel", "num_gpus", "dtype", "message_bytes"])
+    df["latency_us"] = df["latency"] * 1e3
+    return df.sort_values(["kernel", "num_gpus", "message_bytes"])[
+        ["kernel", "num_gpus", "message_bytes", "latency_us", "dtype"]
+    ].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------
+# driver
+# --------------------------------------------------------------------------
+
+
+def _locate_systems_dir() -> tuple[Path, str]:
+    try:
+        import aiconfigurator_core  # noqa: F401
+    except ImportError as e:  # pragma: no cover - depends on environment
+        raise RuntimeError(_MISSING_MSG) from e
+    from importlib.metadata import PackageNotFoundError, version as _v
+
+    try:
+        ver = _v(PACKAGE)
+    except PackageNotFoundError:  # pragma: no cover
+        ver = "unknown"
+    return Path(aiconfigurator_core.__file__).parent / "systems", ver
+
+
+def import_aiconfigurator(
+    gpu: str,
+    engine: str = "vllm",
+    version: str | None = None,
+    out_dir: str | Path = "bench_data",
+    head_layouts: Iterable | str | None = None,
+    *,
+    systems_dir: str | Path | None = None,
+    package_version: str | None = None,
+    tol: float | None = 0.015,
+) -> dict:
+    """Convert one GPU's AIConfigurator tables into ``out_dir`` (InferSim schema).
+
+    gpu: source system name (``h100_sxm``, ``h200_sxm``, ``b200_sxm``,
+    ``a100_sxm``, ...; short aliases like ``b200`` accepted).  engine:
+    ``vllm`` / ``sglang`` / ``trtllm`` (a family missing for that engine falls
+    back to the next engine, noted in the summary).  version: engine version,
+    ``None`` = newest measured per table.  head_layouts: iterable of
+    per-GPU ``(hq, hkv[, head_dim])`` (head_dim defaults to 128), ``"all"``,
+    or ``None`` for :data:`DEFAULT_HEAD_LAYOUTS`.  systems_dir: a directory
+    laid out like ``aiconfigurator_core/systems`` (for tests); if omitted the
+    installed package is used.  tol: relative tolerance of the GEMM m-grid
+    subsampling (``None`` disables it).
+
+    Returns a summary dict (files written, sizes, versions, stats)."""
+    if systems_dir is None:
+        systems_dir, pkg_ver = _locate_systems_dir()
+    else:
+        systems_dir, pkg_ver = Path(systems_dir), "unknown"
+    if package_version:
+        pkg_ver = package_version
+    gpu = GPU_ALIASES.get(gpu.lower(), gpu.lower())
+    sysdata = systems_dir / "data" / gpu
+    if not sysdata.is_dir():
+        have = sorted(p.name for p in (systems_dir / "data").iterdir()) if (systems_dir / "data").is_dir() else []
+        raise ValueError(f"no AIConfigurator data for gpu {gpu!r}; available: {', '.join(have)}")
+    if head_layouts is None:
+        layouts = DEFAULT_HEAD_LAYOUTS
+    elif head_layouts == "all":
+        layouts = "all"
+    else:
+        layouts = tuple((int(t[0]), int(t[1]), int(t[2]) if len(t) > 2 else 128) for t in head_layouts)
+
+    out = Path(out_dir)
+    peaks, peak_src = _read_peaks(systems_dir, gpu)
+    summary: dict = {
+        "gpu": gpu, "engine": engine, "package": PACKAGE, "package_version": pkg_ver,
+        "peaks": peaks, "peak_source": peak_src, "tol": tol, "files": {}, "sources": {}, "notes": [], "stats": {},
+    }
+
+    def use(family, table, eng=engine, ver=version):
+        hit = _find_table(sysdata, family, eng, table, ver)
+        if hit is None:
+            summary["notes"].append(f"no {family}/{table} data for {gpu}")
+            return None
+        e, v, p, note = hit
+        if note:
+            summary["notes"].append(note)
+        df = _read_table(p)
+        summary["sources"][table] = {
+            "engine": e, "version": v, "file": str(p.relative_to(systems_dir.parent)),
+            "runtime": _runtime_meta(p), "rows": int(len(df)),
+            "kernels": sorted(map(str, df["kernel_source"].unique())) if "kernel_source" in df else [],
+            "device": sorted(map(str, df["device"].unique())) if "device" in df else [],
+        }
+        return df
+
+    def record(path: Path, size: int, rows: int):
+        summary["files"][str(path)] = {"bytes": size, "rows": rows}
+
+    # GEMM -------------------------------------------------------------
+    src = use("gemm", "gemm_perf")
+    if src is not None:
+        g, st = convert_gemm(src, peaks, tol)
+        summary["stats"]["gemm"] = st
+        p = out / "gemm" / gpu / "data.csv"
+        record(p, _fmt_csv(g, p, {"latency_us": 4, "mfu": 3}), len(g))
+
+    # attention --------------------------------------------------------
+    bf16_peak = peaks["bf16"]
+    src = use("attention", "generation_attention_perf")
+    if src is not None:
+        tabs, st = convert_decode(src, bf16_peak, layouts)
+        st["layouts"] = sorted(tabs)
+        summary["stats"]["decode"] = st
+        for (hq, hkv, d), t in sorted(tabs.items()):
+            p = out / "mha" / "decode" / gpu / f"{hq}-{hkv}-{d}.csv"
+            record(p, _fmt_csv(t, p, {"latency_us": 4, "mfu": 3}), len(t))
+    src = use("attention", "context_attention_perf")
+    if src is not None:
+        tabs, st = convert_prefill(src, bf16_peak, layouts)
+        st["layouts"] = sorted(tabs)
+        summary["stats"]["prefill"] = st
+        for (hq, hkv, d), t in sorted(tabs.items()):
+            p = out / "mha" / "prefill" / gpu / f"{hq}-{hkv}-{d}.csv"
+            record(p, _fmt_csv(t, p, {"latency_us": 4, "mfu": 3}), len(t))
+    if layouts != "all":
+        for ph in ("decode", "prefill"):
+            if ph in summary["stats"]:
+                miss = sorted(set(layouts) - set(summary["stats"][ph]["layouts"]))
+                summary["stats"][ph]["layouts_not_measured"] = miss
+
+    # all-reduce -------------------------------------------------------
+    parts = []
+    src = use("comm", "custom_allreduce_perf")
+    if src is not None:
+        parts.append(convert_custom_allreduce(src))
+    nccl = _find_table(sysdata, "comm", "nccl", "nccl_perf", None)
+    if nccl is not None:
+        e, v, pth, _ = nccl
+        df = _read_table(pth)
+        summary["sources"]["nccl_perf"] = {
+            "engine": "nccl", "version": v, "file": str(pth.relative_to(systems_dir.parent)),
+            "runtime": f"NCCL {v} (nccl-tests all_reduce_perf)", "rows": int(len(df)), "kernels": ["NCCL"],
+            "device": sorted(map(str, df["device"].unique())) if "device" in df else [],
+        }
+        parts.append(convert_nccl(df))
+    if parts:
+        ar = finish_allreduce(parts)
+        p = out / "allreduce" / gpu / "data.csv"
+        record(p, _fmt_csv(ar, p, {"latency_us": 4}), len(ar))
+
+    # provenance -------------------------------------------------------
+    p = out / f"SOURCE_{gpu}.md"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(_source_md(summary, layouts))
+    record(p, p.stat().st_size, 0)
+    summary["total_bytes"] = sum(f["bytes"] for f in summary["files"].values())
+    return summary
+
+
+def _source_md(s: dict, layouts) -> str:
+    today = _dt.date.today().isoformat()
+    L = [
+        f"# Provenance of `{s['gpu']}` tables",
+        "",
+        f"Imported on {today} by `costmodel import-aiconfigurator` from the PyPI package "
+        f"`{s['package']}` version {s['package_version']} (NVIDIA AIConfigurator; "
+        "`aiconfigurator_core/systems/data/`). Requested engine: "
+        f"`{s['engine']}`.",
+        "",
+        "## Licence and attribution",
+        "",
+        "The measurements are NVIDIA's, distributed in `aiconfigurator-core` under the Apache License, "
+        "Version 2.0 (SPDX: Apache-2.0; Copyright (c) 2025-2026 NVIDIA CORPORATION & AFFILIATES). "
+        "These CSVs are a modified derivative: values were converted (ms to us, elements to bytes), "
+        "filtered, merged and subsampled as described below, and columns were renamed. "
+        "They are provided on an \"AS IS\" basis, without warranties or conditions of any kind; "
+        "see http://www.apache.org/licenses/LICENSE-2.0 for the full terms.",
+        "",
+        "## Source tables",
+        "",
+        "| table | engine | version | runtime (collection_meta) | rows | kernels | device | file |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for t, m in s["sources"].items():
+        L.append(
+            f"| {t} | {m['engine']} | {m['version']} | {m['runtime']} | {m['rows']} | "
+            f"{', '.join(m['kernels'])} | {', '.join(m['device'])} | `{m['file']}` |"
+        )
+    L += ["", f"Peak FLOP/s for `mfu`: {s['peaks']} (from {s['peak_source']}).", ""]
+    if s["notes"]:
+        L += ["## Notes", ""] + [f"* {n}" for n in s["notes"]] + [""]
+    L += ["## Conversion", ""]
+    g = s["stats"].get("gemm")
+    tol_txt = "none" if s.get("tol") is None else f"{s['tol']:.1%}"
+    if g:
+        kept = ", ".join(g["dtypes"]) or "none"
+        L.append(f"* GEMM: dtypes written: {kept} (source `bfloat16` -> bf16; source `fp8` -> fp8 = vLLM "
+                 "per-tensor-scaled CUTLASS FP8, activation quantization included); `fp8_block`, `nvfp4` "
+                 "and other source dtypes skipped. Latency = one `RowParallelLinear.forward` (y = x W^T).")
+        for dt, st in g["dtypes"].items():
+            L.append(
+                f"  * {dt}: {st['rows']} rows ({st['curves']} (n,k) curves over {st['m_values']} m values); "
+                f"kept {st['rows_kept']} rows ({st['rows_kept'] / max(st['rows'], 1):.1%}). Per (n,k) curve, "
+                f"interior m points were dropped where log-log linear interpolation in m from the kept "
+                f"neighbours reproduces them (Douglas-Peucker, tol {tol_txt}); reconstruction error of "
+                f"the dropped points: max {st.get('drop_err_max', 0):.2%}, median {st.get('drop_err_median', 0):.2%}. "
+                "The m grid is therefore ragged across (n,k)."
+            )
+        L.append(f"  * max mfu {g['max_mfu']:.3f}; rows with mfu>1: {g['rows_mfu_gt_1']}.")
+    for ph in ("decode", "prefill"):
+        st = s["stats"].get(ph)
+        if st:
+            lay = ", ".join(f"{a}-{b}-{c}" for a, b, c in st["layouts"])
+            L.append(f"* {ph} attention: window_size 0, beam 1 only; layouts written: {lay}.")
+            if st.get("layouts_not_measured"):
+                miss = ", ".join(f"{a}-{b}-{c}" for a, b, c in st["layouts_not_measured"])
+                L.append(f"  * requested but not measured: {miss}.")
+            if st.get("prefix_rows_dropped"):
+                L.append(f"  * {st['prefix_rows_dropped']} rows with a cached prefix (step>0) dropped.")
+            if st.get("duplicates_merged"):
+                L.append(f"  * {st['duplicates_merged']} duplicate rows merged by median.")
+    L += [
+        "* decode: `kv_len` = source `step` (sequence length in the KV cache incl. the new token; "
+        "grid 2^j-1). prefill: `dtype` fp8 = FP8-KV-cache path.",
+        "* allreduce: `message_bytes` = source `message_size` (elements) x element size; "
+        "`custom_allreduce` = engine all-reduce under CUDA graph, `custom_allreduce_eager` = eager "
+        "(includes an input clone), `nccl` = nccl-tests all_reduce_perf (fp16).",
+        "",
+    ]
+    return "\n".join(L)
+
+
+# --------------------------------------------------------------------------
+# argparse glue
+# --------------------------------------------------------------------------
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--gpu", required=True, help="AIConfigurator system name, e.g. h100_sxm, h200_sxm, b200_sxm, a100_sxm")
+    parser.add_argument("--engine", default="vllm", choices=["vllm", "sglang", "trtllm"])
+    parser.add_argument("--version", default=None, help="engine version (default: newest measured)")
+    parser.add_argument("--out", default="bench_data", help="output directory (default: bench_data)")
+    parser.add_argument("--all-head-layouts", action="store_true",
+                        help="write every measured attention head layout instead of the common-model set")
+    parser.add_argument("--tol", type=float, default=0.015,
+                        help="GEMM m-grid subsampling tolerance (relative; 0 disables)")
+    parser.add_argument("--systems-dir", default=None,
+                        help="read a directory laid out like aiconfigurator_core/systems instead of the installed package")
+
+
+def run(args) -> int:
+    try:
+        s = import_aiconfigurator(
+            args.gpu, engine=args.engine, version=args.version, out_dir=args.out,
+            head_layouts="all" if getattr(args, "all_head_layouts", False) else None,
+            tol=(getattr(args, "tol", 0.015) or None),
+            systems_dir=getattr(args, "systems_dir", None),
+        )
+    except (RuntimeError, ValueError) as e:
+        import sys
+
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {len(s['files'])} files, {s['total_bytes'] / 1e6:.2f} MB for {s['gpu']} "
+          f"({s['package']} {s['package_version']})")
+    for n in s["notes"]:
+        print(f"note: {n}")
+    return 0

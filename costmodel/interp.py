@@ -1,0 +1,62 @@
+"""Monotone, differentiable interpolation on log-scaled grids (pure JAX).
+
+Tables are stored as log latency on log-scaled axes.  Along the *work* axis of a table (tokens, kv length,
+GEMM m) we use a monotone piecewise-cubic Hermite interpolant (interpax's ``monotonic`` method, PCHIP-type):
+C1, exact at the nodes, monotone wherever the nodes are.  Across a secondary axis (batch size) values are
+blended linearly in log space and then made non-decreasing with a cumulative max, so the result is monotone in
+both axes.  Outside the grid: below the first node the value is held (a latency floor); above the last node it
+continues with a fixed log-log slope given by the physics (1 = time proportional to work).
+"""
+from __future__ import annotations
+
+import interpax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def interp_work_axis(xq, x, f, slope_hi, slope_lo=0.0):
+    """Interpolate ``f`` (shape [Nx, ...]) at scalar ``xq`` along axis 0 with grid ``x`` (all log-scaled).
+
+    Monotone cubic inside [x0, x_last]; log-log slope ``slope_lo`` below (0 = a floor) and ``slope_hi``
+    above.  Returns shape f.shape[1:].
+    """
+    xc = jnp.clip(xq, x[0], x[-1])
+    inside = interpax.interp1d(jnp.reshape(xc, (1,)), x, f, method="monotonic")[0]
+    return inside + slope_hi * jnp.maximum(xq - x[-1], 0.0) + slope_lo * jnp.minimum(xq - x[0], 0.0)
+
+
+def blend_secondary_axis(bq, b, values):
+    """Linear blend in log space over a secondary axis ``b`` (shape [Nb]) of ``values`` [Nb] at ``bq``,
+    clamped to the grid, after a running max so that the result is non-decreasing in ``bq``."""
+    values = jax.lax.cummax(values, axis=0)
+    if values.shape[0] == 1:
+        return values[0]
+    return jnp.interp(jnp.clip(bq, b[0], b[-1]), b, values)
+
+
+def suffix_min(t: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
+    """Lower every value to the minimum over all cells with at least as much work along ``axes``.
+
+    A measured time larger than a time measured for strictly more work is a measurement artifact
+    (warm-up, clock ramp, launch jitter only ever add time), so the lower envelope is kept.
+    NaN (missing) cells are ignored and stay NaN.
+    """
+    out = np.where(np.isnan(t), np.inf, t)
+    for ax in axes:
+        out = np.flip(np.minimum.accumulate(np.flip(out, ax), axis=ax), ax)
+    return np.where(np.isnan(t), np.nan, out)
+
+
+def fill_work_axis(t: np.ndarray, x: np.ndarray, slope_hi: float) -> np.ndarray:
+    """Fill NaN cells of a 1-D series ``t`` over log grid ``x`` (both log-scaled): linear in log-log between
+    measured neighbours, held constant below the first measured node, log-log slope ``slope_hi`` above the
+    last.  A series with no measured cell is returned unchanged (all NaN)."""
+    ok = ~np.isnan(t)
+    if not ok.any():
+        return t
+    xs, ts = x[ok], t[ok]
+    out = np.interp(x, xs, ts)  # holds the end values outside
+    above = x > xs[-1]
+    out[above] = ts[-1] + slope_hi * (x[above] - xs[-1])
+    return out

@@ -1,0 +1,87 @@
+"""`costmodel kernels`: one kernel call per CSV row, priced with the default (uncalibrated) parameters.
+
+Columns by ``op``: ``gemm`` (m, n, k, dtype); ``attn_decode`` (batch_size, kv_len, num_heads, num_kv_heads,
+head_dim, dtype; heads per GPU; kv_len = keys each sequence attends over); ``attn_prefill`` (batch_size,
+seq_len, cached, num_heads, num_kv_heads, head_dim, dtype).  Other columns pass through unchanged.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import kernels, ops
+from .errors import InputError
+from .hardware import get_gpu
+from .model import DTYPE_BYTES, normalize_dtype
+from .params import Params
+from .tables import load_tables, nearest_layout
+
+NEEDS = {
+    "gemm": ("m", "n", "k"),
+    "attn_decode": ("batch_size", "kv_len", "num_heads", "num_kv_heads", "head_dim"),
+    "attn_prefill": ("batch_size", "seq_len", "num_heads", "num_kv_heads", "head_dim"),
+}
+
+
+def _num(df, i, col, where, minimum):
+    v = df.at[i, col] if col in df.columns else np.nan
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        x = np.nan
+    if not np.isfinite(x) or x < minimum or x != int(x):
+        raise InputError(f"must be an integer >= {minimum}, got {v!r}", f"{where}:{i + 2}", col)
+    return x
+
+
+def predict_kernel_csv(path: str | Path, gpu_name: str, bench_data=None) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", str(path))
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except Exception as e:
+        raise InputError(f"cannot parse CSV: {e}", str(path)) from None
+    if "op" not in df.columns:
+        raise InputError("missing column 'op'", str(path))
+    tables = load_tables(bench_data, get_gpu(gpu_name))
+    gpu, p = tables.gpu, Params()
+    out = np.zeros(len(df))
+    for i in range(len(df)):
+        op, where = df.at[i, "op"].strip(), f"{path}:{i + 2}"
+        if op not in NEEDS:
+            raise InputError(f"unknown op {op!r} (expected {', '.join(NEEDS)})", where, "op")
+        v = {c: _num(df, i, c, str(path), 1) for c in NEEDS[op]}
+        dtype = normalize_dtype(df.at[i, "dtype"] or "bf16", where) if "dtype" in df.columns else "bf16"
+        if op == "gemm":
+            out[i] = _gemm(tables, gpu, p, v["m"], v["k"], v["n"], dtype)
+        else:
+            hq, hkv, d = v["num_heads"], v["num_kv_heads"], v["head_dim"]
+            dims = ops.Dims(0.0, 0.0, hq, hkv, d, 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)
+            if op == "attn_decode":
+                c, s = nearest_layout(tables.decode_heads, hq, hkv, d, "decode")
+                out[i] = float(kernels.attn_decode_us(tables.decode, c, s, v["batch_size"],
+                                                      v["batch_size"] * v["kv_len"], p))
+            else:
+                has_cached = "cached" in df.columns and df.at[i, "cached"].strip() != ""
+                cached = _num(df, i, "cached", str(path), 0) if has_cached else 0.0
+                c, s = nearest_layout(tables.prefill_heads, hq, hkv, d, "prefill")
+                pairs = float(ops.prefill_pairs(dims, v["seq_len"], cached)) * v["batch_size"]
+                out[i] = float(kernels.attn_prefill_us(tables.prefill, c, s, v["batch_size"], pairs, p))
+    res = df.copy()
+    res["predicted_us"] = np.round(out, 3)
+    return res
+
+
+def _gemm(tables, gpu, p, m, k, n, dtype):
+    want = "bf16" if dtype == "fp16" else dtype
+    same = want in tables.gemm
+    tdt = want if same else sorted(tables.gemm)[0]
+    hw = kernels.Hardware(gpu.peak_flops(dtype), gpu.peak_flops(tdt), gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s)
+    ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((tdt, dtype), 1.0)
+    g = ops.Gemm(jnp.float32(m), jnp.float32(k), jnp.float32(n))
+    return float(kernels.gemm_us(tables.gemm[tdt], g, float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[tdt]), hw, p,
+                                 same, ratio))

@@ -1,0 +1,99 @@
+"""Time of one kernel call (µs) from its table, its FLOPs/bytes and the residual parameters."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+from . import ops
+from .params import Params
+from .tables import AttnTable, CommTable, GemmTable, attn_table_us, comm_table_us, gemm_table_us
+
+SMOOTH_P = 4.0  # order of the smooth max joining compute- and memory-bound times
+# Compute-bound efficiency of a query dtype relative to a table of another dtype.  Measured, not fitted: at
+# m >= 8192 on InferSim's 8 H100 shapes, vLLM's BF16 GEMMs (AIConfigurator database, bench_data/gemm/h100_sxm)
+# reach 1.11-1.31x (median 1.20x) the roofline efficiency of InferSim's FP8 DeepGEMM table.
+CROSS_DTYPE_COMPUTE_RATIO = {("fp8", "bf16"): 1.2, ("fp8", "fp16"): 1.2}
+MAX_COMPUTE_EFFICIENCY = 0.95
+
+
+class Hardware(NamedTuple):
+    """GPU rates used by the step model (dynamic, so sweeps may vary them)."""
+
+    peak_flops: float  # FLOP/s of the model's GEMM dtype
+    table_peak_flops: float  # FLOP/s of the GEMM table's dtype
+    hbm_bytes_per_s: float
+    nvlink_bytes_per_s: float  # one direction, per GPU
+
+
+def smooth_max(a, b, p=SMOOTH_P):
+    """A C-infinity max of positive times: (a^p + b^p)^(1/p); at most 2^(1/p) above max(a, b)."""
+    hi = jnp.maximum(a, b)
+    return hi * ((a / hi) ** p + (b / hi) ** p) ** (1.0 / p)
+
+
+def memory_us(nbytes, hw: Hardware, p: Params):
+    """Streaming ``nbytes`` at the sustained HBM bandwidth, µs (no launch cost)."""
+    return nbytes / (hw.hbm_bytes_per_s * p.hbm_efficiency) * 1e6
+
+
+def gemm_us(table: GemmTable, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware, p: Params,
+            same_dtype: bool, compute_ratio: float = 1.0):
+    """GEMM latency (µs).
+
+    Same dtype as the table: the table interpolant.  Another dtype (e.g. a BF16 model on InferSim's FP8
+    H100 table): the table's efficiency relative to its own roofline, eta = roofline_table / measured,
+    times ``compute_ratio`` (`CROSS_DTYPE_COMPUTE_RATIO`, capped at `MAX_COMPUTE_EFFICIENCY`), is taken as
+    the compute efficiency of the query dtype, while the memory-bound side is priced from the
+    query dtype's bytes at the sustained HBM bandwidth (weight streaming is a different kernel, so its
+    efficiency does not carry over): time = smooth_max(FLOPs / (peak · eta), bytes / BW + floor).
+    """
+    t_tab = gemm_table_us(table, g.m, g.k, g.n)
+    if same_dtype:
+        return t_tab * p.gemm_scale
+    flops = ops.gemm_flops(g)
+    roof_tab = smooth_max(flops / hw.table_peak_flops,
+                          ops.gemm_bytes(g, table_weight_bytes) / hw.hbm_bytes_per_s) * 1e6
+    eta = jnp.minimum(roof_tab / t_tab * compute_ratio, MAX_COMPUTE_EFFICIENCY)
+    t_compute = flops / (hw.peak_flops * eta) * 1e6
+    t_memory = memory_us(ops.gemm_bytes(g, weight_bytes), hw, p) + p.gemm_floor_us
+    return smooth_max(t_compute, t_memory) * p.gemm_scale
+
+
+def attn_floor_us(table: AttnTable, c):
+    """The smallest time in a layout's table (one short sequence): the kernel's fixed cost."""
+    return jnp.exp(table.log_t[c, 0, 0])
+
+
+def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):
+    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all (µs)."""
+    n = jnp.maximum(n_req, 1.0)
+    t = attn_table_us(table, c, n, jnp.maximum(total_keys / n, 1.0) * kv_scale, 1.0)
+    return jnp.where(n_req > 0, t * p.attn_decode_scale, 0.0)
+
+
+PREFILL_SLOPE_LO = 1.0  # below the prefill grid, time proportional to sequence length (MFU falls with it)
+
+
+def attn_prefill_us(table: AttnTable, c, len_scale, n_req, total_pairs, p: Params):
+    """Causal prefill attention of ``n_req`` chunks with ``total_pairs`` query-key pairs per head (µs);
+    each chunk is priced as the uncached sequence with the same mean number of pairs.  Below the grid
+    the time falls in proportion to the length, down to the kernel floor applied by the caller."""
+    n = jnp.maximum(n_req, 1.0)
+    seq = jnp.sqrt(2.0 * jnp.maximum(total_pairs / n, 0.5))
+    t = attn_table_us(table, c, n, seq * len_scale, 2.0, PREFILL_SLOPE_LO)
+    return jnp.where(n_req > 0, t * p.attn_prefill_scale, 0.0)
+
+
+def allreduce_us(comm: CommTable | None, tp, nbytes, hw: Hardware, p: Params):
+    """One all-reduce of ``nbytes`` per GPU over ``tp`` GPUs (µs); 0 for tp = 1.
+
+    From the measured collective table when there is one; otherwise ring-algorithm bytes
+    2·(tp-1)/tp · nbytes at the NVLink bandwidth times its efficiency, plus a fixed latency.
+    """
+    if comm is not None:
+        t = comm_table_us(comm, tp, nbytes)
+    else:
+        t = p.allreduce_latency_us + 2.0 * (tp - 1.0) / tp * nbytes / (
+            hw.nvlink_bytes_per_s * p.nvlink_efficiency) * 1e6
+    return jnp.where(tp > 1.0, t, 0.0)

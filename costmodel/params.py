@@ -1,0 +1,68 @@
+"""Residual parameters of the step-time model: physical defaults and priors.
+
+Every parameter is positive.  `Params` holds the values used by the model (µs, fractions, scales);
+fitting works on their logs (`to_log` / `from_log`) so positivity holds by construction, and each has a
+prior (default and a plausible range, read as ±2σ in log space) that regularizes a fit on little data.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax.numpy as jnp
+
+
+class Params(NamedTuple):
+    """Residual terms.  Defaults are physical (see `PRIORS`), not fitted."""
+
+    gemm_scale: float = 1.0  # multiplies table-derived GEMM time (engine vs isolated benchmark)
+    attn_prefill_scale: float = 1.0  # multiplies prefill attention time
+    attn_decode_scale: float = 1.0  # multiplies decode attention time
+    hbm_efficiency: float = 0.87  # sustained / peak HBM bandwidth for streaming kernels
+    kernel_floor_us: float = 2.0  # fixed time of one small memory-bound kernel (norm, rope, act, kv write)
+    gemm_floor_us: float = 4.0  # fixed time of one GEMM when priced from bytes (other-dtype table)
+    layer_overhead_us: float = 1.0  # extra per decoder layer per step (launch gaps)
+    step_overhead_us: float = 250.0  # per engine step: scheduling, input preparation, sampler set-up
+    request_overhead_us: float = 5.0  # per request in the step: metadata, sampling, output handling
+    allreduce_latency_us: float = 8.0  # fixed latency of one TP all-reduce
+    nvlink_efficiency: float = 0.7  # achieved / peak NVLink bandwidth in an all-reduce
+
+
+class Prior(NamedTuple):
+    default: float
+    low: float  # plausible range, taken as the 2σ interval in log space
+    high: float
+    why: str
+
+
+PRIORS: dict[str, Prior] = {
+    "gemm_scale": Prior(1.0, 0.8, 1.25, "isolated GEMM benchmarks vs the same GEMM inside the engine"),
+    "attn_prefill_scale": Prior(1.0, 0.6, 1.6, "benchmark kernel (FA3, batch 1) vs vLLM's varlen call"),
+    "attn_decode_scale": Prior(1.0, 0.6, 1.6, "benchmark kernel vs vLLM's paged decode"),
+    "hbm_efficiency": Prior(0.87, 0.75, 0.95, "decode-attention tables imply 2.9-3.15 TB/s of 3.35 on H100"),
+    "kernel_floor_us": Prior(2.0, 1.0, 5.0, "a small kernel's launch+ramp under CUDA graphs"),
+    "gemm_floor_us": Prior(4.0, 2.0, 8.0, "small-m GEMM time minus its weight read, FP8 H100 table"),
+    "layer_overhead_us": Prior(1.0, 0.05, 20.0, "gaps between kernels per layer (piecewise graphs)"),
+    "step_overhead_us": Prior(250.0, 50.0, 2000.0, "vLLM V1 CPU work not hidden behind the GPU"),
+    "request_overhead_us": Prior(5.0, 0.5, 50.0, "per-request host work and sampling"),
+    "allreduce_latency_us": Prior(8.0, 3.0, 25.0, "vLLM custom all-reduce on NVLink, small messages"),
+    "nvlink_efficiency": Prior(0.7, 0.4, 0.95, "all-reduce bus bandwidth / NVLink peak"),
+}
+
+FIELDS = Params._fields
+
+
+def to_log(p: Params) -> jnp.ndarray:
+    """Parameters as a vector of logs (the unconstrained fitting space); zeros become log(1e-6)."""
+    return jnp.log(jnp.maximum(jnp.asarray([float(v) for v in p], jnp.float32), 1e-6))
+
+
+def from_log(v) -> Params:
+    return Params(*[jnp.exp(v[i]) for i in range(len(FIELDS))])
+
+
+def prior_arrays(names=FIELDS):
+    """(mean, sigma) of each parameter's log, from its plausible range as a ±2σ interval."""
+    mu = [math.log(PRIORS[n].default) for n in names]
+    sig = [(math.log(PRIORS[n].high) - math.log(PRIORS[n].low)) / 4 for n in names]
+    return jnp.asarray(mu, jnp.float32), jnp.asarray(sig, jnp.float32)

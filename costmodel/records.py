@@ -1,0 +1,173 @@
+"""Step records (JSON Lines): reading, validation and batched prediction.
+
+Record schema (one JSON object a line): required ``id``, ``model``, ``gpu``, ``tp``, ``steps``; optional
+``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype) and anything else
+(ignored).  Each step is ``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .hardware import get_gpu
+from .model import load_model, normalize_dtype
+from .params import Params
+from .step import BREAKDOWN, make_step_fn, pack_steps, setup, validate_step
+from .tables import Tables, load_tables
+
+
+@dataclass
+class Record:
+    id: str
+    model: str
+    gpu: str
+    tp: int
+    steps: list
+    where: str  # file:line
+    measured_us: float | None = None
+    kind: str | None = None
+    source: str | None = None
+    dtype: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Parse and validate a JSONL file; raises InputError naming file:line and field."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", str(path))
+    out, seen = [], set()
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
+            out.append(parse_record(obj, where))
+            if out[-1].id in seen:
+                raise InputError(f"duplicate id {out[-1].id!r}", where, "id")
+            seen.add(out[-1].id)
+    if not out:
+        raise InputError("no records", str(path))
+    return out
+
+
+def parse_record(obj, where: str) -> Record:
+    if not isinstance(obj, dict):
+        raise InputError("a record must be a JSON object", where)
+    for key in ("id", "model", "gpu", "tp", "steps"):
+        if key not in obj:
+            raise InputError("missing required field", where, key)
+    tp = obj["tp"]
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise InputError(f"must be a positive integer, got {tp!r}", where, "tp")
+    steps = obj["steps"]
+    if not isinstance(steps, list) or not steps:
+        raise InputError("must be a non-empty list of steps", where, "steps")
+    for i, s in enumerate(steps):
+        validate_step(s, f"{where} step {i}")
+    measured = obj.get("measured_us")
+    if measured is not None:
+        if isinstance(measured, bool) or not isinstance(measured, (int, float)) or not math.isfinite(measured) \
+                or measured <= 0:
+            raise InputError(f"must be a positive number, got {measured!r}", where, "measured_us")
+    dtype = normalize_dtype(obj["dtype"], where) if obj.get("dtype") is not None else None
+    try:
+        get_gpu(obj["gpu"])
+    except InputError as e:
+        raise InputError(str(e), where) from None
+    known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype"}
+    return Record(id=str(obj["id"]), model=str(obj["model"]), gpu=str(obj["gpu"]), tp=tp, steps=steps,
+                  where=where, measured_us=None if measured is None else float(measured),
+                  kind=obj.get("kind"), source=obj.get("source"), dtype=dtype,
+                  extra={k: v for k, v in obj.items() if k not in known})
+
+
+@functools.lru_cache(maxsize=None)
+def _step_fn(static):
+    return make_step_fn(static)
+
+
+class Predictor:
+    """Caches models, tables and compiled functions across records."""
+
+    def __init__(self, model_configs=None, bench_data=None):
+        self.model_configs, self.bench_data = model_configs, bench_data
+        self._tables: dict[str, Tables] = {}
+        self._setups = {}
+
+    def tables(self, gpu_name: str, where: str | None = None) -> Tables:
+        try:
+            gpu = get_gpu(gpu_name)
+        except InputError as e:
+            raise InputError(str(e), where) from None
+        if gpu.name not in self._tables:
+            self._tables[gpu.name] = load_tables(self.bench_data, gpu)
+        return self._tables[gpu.name]
+
+    def setup_for(self, r: Record):
+        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype)
+        if key not in self._setups:
+            try:
+                m = load_model(r.model, self.model_configs)
+                if r.dtype:
+                    m = m.with_dtype(r.dtype)
+                self._setups[key] = setup(m, self.tables(r.gpu, r.where), r.tp)
+            except InputError as e:
+                raise InputError(str(e), r.where) from None
+        return self._setups[key]
+
+    def group_inputs(self, records: list[Record]):
+        """Group records by (model, GPU, TP, dtype): yields (setup, packed steps, record index per step)."""
+        groups: dict = {}
+        for i, r in enumerate(records):
+            groups.setdefault(id(self.setup_for(r)), (self.setup_for(r), []))[1].append(i)
+        for su, idx in groups.values():
+            flat, owner = [], []
+            for i in idx:
+                flat += records[i].steps
+                owner += [i] * len(records[i].steps)
+            yield su, pack_steps(flat), np.asarray(owner)
+
+    def predict(self, records: list[Record], params: Params | dict | None = None):
+        """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params`` is one `Params`
+        for all records or a dict GPU name -> `Params` (GPUs not in it get the physical defaults)."""
+        total = np.zeros(len(records))
+        parts = {k: np.zeros(len(records)) for k in BREAKDOWN}
+        for su, steps, owner in self.group_inputs(records):
+            p = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
+            t, br = _step_fn(su.static)(su.arrays, su.layout, p, steps)
+            t = np.asarray(t, dtype=np.float64)
+            if not np.all(np.isfinite(t)) or np.any(t <= 0):
+                bad = int(owner[np.argmax(~np.isfinite(t) | (t <= 0))])
+                raise InputError("model produced a non-finite or non-positive time", records[bad].where)
+            np.add.at(total, owner, t)
+            for k in BREAKDOWN:
+                np.add.at(parts[k], owner, np.asarray(br[k], dtype=np.float64))
+        return total, parts
+
+
+def mape_table(records: list[Record], predicted: np.ndarray) -> list[dict]:
+    """MAPE (%) against measured_us per (source file/run, kind), plus 'all'."""
+    rows, groups = [], {}
+    for r, p in zip(records, predicted):
+        if r.measured_us is None:
+            continue
+        err = abs(p - r.measured_us) / r.measured_us * 100
+        for key in ((r.where.rsplit(":", 1)[0].rsplit("/", 1)[-1], r.kind or "-"), ("all", r.kind or "-"),
+                    ("all", "all")):
+            groups.setdefault(key, []).append(err)
+    for (src, kind), errs in sorted(groups.items()):
+        e = np.asarray(errs)
+        rows.append({"file": src, "kind": kind, "n": len(e), "mape_pct": float(e.mean()),
+                     "p90_pct": float(np.percentile(e, 90))})
+    return rows

@@ -1,0 +1,209 @@
+"""Time of one vLLM V1 engine step: a mixed batch of chunked prefills and decodes in one forward pass.
+
+A step is a fixed-shape pytree (`Step`): per-request arrays padded to a bucket size with a 0/1 mask, so the
+same jitted function evaluates any batch, `jax.vmap` maps it over many steps, and `jax.grad` differentiates
+it with respect to the residual parameters, the table values and the (continuous) token counts.
+
+Composition per step (all times in µs):
+* GEMMs (QKV, O, gate/up, down) at M = all tokens of the step, per layer;
+* attention: prefill chunks and decodes are one varlen kernel per layer in vLLM's FlashAttention backend;
+  each part is priced from its table and, when both are present, the smaller fixed cost is counted once;
+* bandwidth-bound kernels per layer (RMSNorm x2, RoPE, KV-cache write, activation, Qwen3 q/k norm);
+* two TP all-reduces per layer plus one after the vocab-parallel embedding;
+* embedding, final norm, lm_head and sampling for the requests that emit a token;
+* overheads: per step, per layer, per request.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kernels, ops
+from .errors import InputError
+from .hardware import GPU
+from .model import DTYPE_BYTES, ModelConfig
+from .params import Params
+from .tables import AttnTable, CommTable, GemmTable, Tables, nearest_layout
+
+BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
+             "overhead")
+
+
+class Step(NamedTuple):
+    """One engine step, padded: prefilling requests compute ``prefill_new`` tokens after
+    ``prefill_cached``; decoding requests have ``decode_ctx`` tokens cached before the step."""
+
+    prefill_new: jax.Array  # [P] tokens
+    prefill_cached: jax.Array  # [P] tokens
+    prefill_mask: jax.Array  # [P] 1 for a real request, 0 for padding
+    decode_ctx: jax.Array  # [D] tokens
+    decode_mask: jax.Array  # [D]
+
+
+class Arrays(NamedTuple):
+    """The table arrays one step evaluation reads (a pytree: differentiable)."""
+
+    gemm: GemmTable
+    decode: AttnTable
+    prefill: AttnTable
+    comm: CommTable | None
+
+
+class Layout(NamedTuple):
+    """Model x GPU x TP specifics as numbers (a pytree: may be vmapped in sweeps)."""
+
+    dims: ops.Dims
+    hw: kernels.Hardware
+    decode_layout: jax.Array  # int index into the decode table's head layouts
+    decode_kv_scale: jax.Array  # kv length factor matching KV bytes of the chosen layout
+    prefill_layout: jax.Array
+    prefill_len_scale: jax.Array  # sequence length factor matching FLOPs of the chosen layout
+
+
+@dataclass(frozen=True)
+class Static:
+    """Choices fixed at trace time."""
+
+    gemm_same_dtype: bool
+    table_weight_bytes: float
+    compute_ratio: float = 1.0  # kernels.CROSS_DTYPE_COMPUTE_RATIO for the (table, model) dtypes
+
+
+@dataclass
+class Setup:
+    """Everything needed to evaluate steps of one model on one GPU at one TP degree."""
+
+    model: ModelConfig
+    gpu: GPU
+    tp: int
+    arrays: Arrays
+    layout: Layout
+    static: Static
+    gemm_table_dtype: str
+
+
+def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
+    """Bind a model, a GPU's tables and a TP degree; pick the GEMM table and attention head layouts."""
+    d = ops.dims(model, tp)
+    want = "bf16" if model.dtype == "fp16" else model.dtype
+    if want in tables.gemm:
+        gdtype, same = want, True
+    else:  # the other-dtype transfer policy of kernels.gemm_us
+        gdtype, same = sorted(tables.gemm)[0], False
+    dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
+    pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
+    hw = kernels.Hardware(
+        peak_flops=tables.gpu.peak_flops(model.dtype), table_peak_flops=tables.gpu.peak_flops(gdtype),
+        hbm_bytes_per_s=tables.gpu.hbm_bytes_per_s, nvlink_bytes_per_s=tables.gpu.nvlink_bytes_per_s)
+    layout = Layout(d, hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
+    arrays = Arrays(tables.gemm[gdtype], tables.decode, tables.prefill, tables.allreduce)
+    ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((gdtype, model.dtype), 1.0)
+    return Setup(model, tables.gpu, tp, arrays, layout, Static(same, float(DTYPE_BYTES[gdtype]), ratio), gdtype)
+
+
+def step_time(arrays: Arrays, layout: Layout, params: Params, step: Step, static: Static):
+    """Predicted time of one step (µs) and its breakdown by operator class (dict of µs)."""
+    d, hw, p = layout.dims, layout.hw, params
+    n_pre = jnp.sum(step.prefill_mask)
+    n_dec = jnp.sum(step.decode_mask)
+    new = step.prefill_new * step.prefill_mask
+    tokens = jnp.sum(new) + n_dec
+    sampled = n_pre + n_dec  # each request's last position goes through lm_head and the sampler
+
+    def gemm_us(g):
+        return kernels.gemm_us(arrays.gemm, g, d.weight_bytes, static.table_weight_bytes, hw, p,
+                               static.gemm_same_dtype, static.compute_ratio)
+
+    gemm = sum(gemm_us(g) for g in ops.layer_gemms(d, tokens).values())
+
+    pairs = jnp.sum(ops.prefill_pairs_tiled(d, new, step.prefill_cached) * step.prefill_mask)
+    keys = jnp.sum(ops.decode_keys(d, step.decode_ctx) * step.decode_mask)
+    t_pre = kernels.attn_prefill_us(arrays.prefill, layout.prefill_layout, layout.prefill_len_scale,
+                                    n_pre, pairs, p)
+    t_dec = kernels.attn_decode_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale, n_dec, keys, p)
+    # One varlen kernel per layer serves prefills and decodes; its fixed cost is the decode table's floor.
+    # Decode-only: t_dec.  Prefill-only: max(t_pre, floor).  Both: t_dec + what prefill adds above the floor.
+    floor = kernels.attn_floor_us(arrays.decode, layout.decode_layout) * p.attn_decode_scale
+    t_dec = jnp.where(n_dec > 0, t_dec, jnp.where(n_pre > 0, floor, 0.0))
+    t_pre = jnp.where(n_pre > 0, jnp.maximum(t_pre - floor, 0.0), 0.0)
+
+    mem_bytes = sum(ops.memory_ops_bytes(d, tokens).values())
+    memory = kernels.memory_us(mem_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
+
+    comm = kernels.allreduce_us(arrays.comm, d.tp, ops.allreduce_bytes(d, tokens), hw, p)
+
+    head = (gemm_us(ops.lm_head_gemm(d, sampled))
+            + kernels.memory_us(ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled), hw, p)
+            + 4.0 * p.kernel_floor_us)  # embedding, final norm, sampler kernels
+    overhead = p.step_overhead_us + p.request_overhead_us * sampled + p.layer_overhead_us * d.layers
+
+    parts = {
+        "gemm": d.layers * gemm,
+        "attn_prefill": d.layers * t_pre,
+        "attn_decode": d.layers * t_dec,
+        "memory_ops": d.layers * memory,
+        "communication": (2.0 * d.layers + 1.0) * comm,
+        "lm_head_sampling": head,
+        "overhead": overhead,
+    }
+    total = sum(parts.values())
+    return total, parts
+
+
+def make_step_fn(static: Static):
+    """A jitted, vmapped step-time function over a leading axis of steps:
+    f(arrays, layout, params, steps) -> (total_us [S], breakdown {name: [S]})."""
+    def one(arrays, layout, params, step):
+        return step_time(arrays, layout, params, step, static)
+    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
+
+
+# ---------------------------------------------------------------- building padded steps
+
+def bucket(n: int) -> int:
+    """Padded length for n requests: the next power of two (at least 1), to reuse compilations."""
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def pack_steps(steps: list[dict], where: list[str] | None = None) -> Step:
+    """Pad a list of steps in the record schema ({"prefill": [[new, cached], ...], "decode": [ctx, ...]})
+    into one `Step` with a leading axis.  Validates every value (non-negative integers, non-empty step)."""
+    S = len(steps)
+    P = bucket(max((len(s.get("prefill", [])) for s in steps), default=1))
+    D = bucket(max((len(s.get("decode", [])) for s in steps), default=1))
+    pn, pc, pm = np.zeros((S, P), np.float32), np.zeros((S, P), np.float32), np.zeros((S, P), np.float32)
+    dc, dm = np.zeros((S, D), np.float32), np.zeros((S, D), np.float32)
+    for i, s in enumerate(steps):
+        loc = where[i] if where else f"step {i}"
+        pre, dec = validate_step(s, loc)
+        for j, (n, c) in enumerate(pre):
+            pn[i, j], pc[i, j], pm[i, j] = n, c, 1.0
+        dc[i, :len(dec)], dm[i, :len(dec)] = dec, 1.0
+    return Step(*(jnp.asarray(a) for a in (pn, pc, pm, dc, dm)))
+
+
+def _count(v, loc, field, minimum):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+        raise InputError(f"must be an integer >= {minimum}, got {v!r}", loc, field)
+    return int(v)
+
+
+def validate_step(s, loc: str) -> tuple[list[tuple[int, int]], list[int]]:
+    if not isinstance(s, dict):
+        raise InputError(f"a step must be an object, got {type(s).__name__}", loc, "steps")
+    pre, dec = s.get("prefill", []) or [], s.get("decode", []) or []
+    if not isinstance(pre, list) or not isinstance(dec, list):
+        raise InputError("prefill and decode must be lists", loc, "steps")
+    out = []
+    for e in pre:
+        if not isinstance(e, (list, tuple)) or len(e) < 2:
+            raise InputError(f"a prefill entry must be [new, cached], got {e!r}", loc, "prefill")
+        out.append((_count(e[0], loc, "prefill.new", 1), _count(e[1], loc, "prefill.cached", 0)))
+    ctx = [_count(c, loc, "decode", 0) for c in dec]
+    if not out and not ctx:
+        raise InputError("step has no requests", loc, "steps")
+    return out, ctx

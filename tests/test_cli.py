@@ -1,0 +1,96 @@
+"""CLI: predict and kernels on real inputs; bad input gives a one-line error with file:line and no output."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from costmodel.cli import main
+
+
+def run(*args):
+    return subprocess.run([sys.executable, "-m", "costmodel.cli", *args], capture_output=True, text=True)
+
+
+def test_predict_default_example(tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    assert main(["predict", "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 6 and all(x["predicted_us"] > 0 for x in lines)
+    b = lines[0]["breakdown_us"]
+    assert sum(b.values()) == pytest.approx(lines[0]["predicted_us"], rel=1e-4)
+
+
+def _write(tmp_path, lines):
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+GOOD = '{"id": "a", "model": "llama-2-7b", "gpu": "h100_sxm", "tp": 1, "steps": [{"prefill": [[10, 0]], "decode": []}]}'
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [{"prefill": [[-3, 0]]}]}', "prefill.new"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [{"prefill": [], "decode": []}]}', "no requests"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [{"decode": [1.5]}]}', "decode"),
+    ('{"id": "b", "model": "nope", "gpu": "H100", "tp": 1, "steps": [{"decode": [1]}]}', "model"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "V100", "tp": 1, "steps": [{"decode": [1]}]}', "V100"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "steps": [{"decode": [1]}]}', "'tp'"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [', "malformed JSON"),
+])
+def test_bad_records(tmp_path, bad, needle):
+    p = _write(tmp_path, [GOOD, bad])
+    out = tmp_path / "o.jsonl"
+    r = run("predict", str(p), "--out", str(out), "--calibration", "none")
+    assert r.returncode != 0
+    err = r.stderr.strip().splitlines()
+    assert len(err) == 1 and f"{p}:2" in err[0] and needle in err[0]
+    assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))
+
+
+def test_predict_prints_mape(tmp_path):
+    p = _write(tmp_path, [GOOD[:-1] + ', "measured_us": 8000, "kind": "prefill"}'])
+    r = run("predict", str(p), "--calibration", "none")
+    assert r.returncode == 0 and "MAPE" in r.stdout and "prefill" in r.stdout
+
+
+def test_calibration_for_other_gpu_is_refused(tmp_path):
+    cal = tmp_path / "cal.json"
+    cal.write_text(json.dumps({"gpu": "H200-SXM", "params": {"step_overhead_us": 100.0}}))
+    r = run("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal))
+    assert r.returncode != 0 and "--allow-other-gpu" in r.stderr
+    r = run("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal), "--allow-other-gpu")
+    assert r.returncode == 0
+
+
+def test_kernels_csv(tmp_path, shared):
+    q = tmp_path / "q.csv"
+    q.write_text("id,op,m,n,k,batch_size,kv_len,seq_len,cached,num_heads,num_kv_heads,head_dim,dtype\n"
+                 "g1,gemm,8192,6144,2048,,,,,,,,fp8\n"
+                 "g2,gemm,100,8192,8192,,,,,,,,bf16\n"
+                 "d1,attn_decode,,,,16,4096,,,32,8,128,bf16\n"
+                 "p1,attn_prefill,,,,1,,4096,0,32,8,128,bf16\n")
+    out = tmp_path / "o.csv"
+    r = run("kernels", str(q), "--gpu", "H100", "--bench-data", str(shared / "bench_data"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    import pandas as pd
+    df = pd.read_csv(out)
+    assert list(df.id) == ["g1", "g2", "d1", "p1"] and (df.predicted_us > 0).all()
+    assert df.predicted_us[0] == pytest.approx(173.366, rel=1e-4)  # a measured InferSim FP8 point
+    assert df.predicted_us[3] == pytest.approx(217.585, rel=1e-3)  # measured 32-8-128 prefill, seq 4096
+
+
+def test_kernels_bad_row(tmp_path):
+    q = tmp_path / "q.csv"
+    q.write_text("op,m,n,k\ngemm,8,8,8\ngemm,-1,8,8\n")
+    r = run("kernels", str(q), "--gpu", "H100", "--out", str(tmp_path / "o.csv"))
+    assert r.returncode != 0 and f"{q}:3" in r.stderr and "'m'" in r.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_tables_command():
+    r = run("tables", "--gpu", "H100")
+    assert r.returncode == 0
+    info = json.loads(r.stdout)
+    assert "bf16" in info["gemm"] and info["decode"]["head_layouts_per_gpu"]

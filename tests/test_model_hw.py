@@ -1,0 +1,39 @@
+import json
+
+import pytest
+
+from costmodel import InputError, get_gpu
+from costmodel.model import load_model
+
+
+@pytest.mark.parametrize("name", ["H100", "h100_sxm", "H100-SXM", "h100 sxm"])
+def test_gpu_aliases(name):
+    assert get_gpu(name).name == "H100-SXM"
+
+
+def test_unknown_gpu():
+    with pytest.raises(InputError, match="unknown GPU 'V100'"):
+        get_gpu("V100")
+
+
+@pytest.mark.parametrize("model,key", [("mixtral-8x7b-v0.1", "num_local_experts"),
+                                       ("deepseek-v2-lite", "n_routed_experts"),
+                                       ("qwen3-30b-a3b", "num_experts")])
+def test_unsupported_architectures_name_what_is_missing(shared, model, key):
+    with pytest.raises(InputError, match=key):
+        load_model(model, shared / "model_configs")
+
+
+def test_all_dense_shared_configs_load(shared):
+    for name in ["llama-2-7b-hf", "llama-2-70b-hf", "codellama-34b-instruct-hf", "mistral-7b-v0.1",
+                 "qwen2.5-7b-instruct", "qwen3-8b", "qwen3-14b", "yi-34b", "mistral-nemo-instruct-2407"]:
+        m = load_model(name, shared / "model_configs")
+        assert m.num_heads * m.head_dim > 0
+
+
+def test_missing_key(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                            "hidden_size": 64}))
+    with pytest.raises(InputError, match="num_attention_heads"):
+        load_model("m", tmp_path)

@@ -1,0 +1,57 @@
+"""FLOP and byte counts checked against numbers computed by hand for real models."""
+import math
+
+import pytest
+
+from costmodel import ops
+from costmodel.model import load_model
+
+
+def test_llama2_7b_tp1_hand_counts():
+    m = load_model("llama-2-7b")  # packaged config: h=4096, 32 layers, 32/32 heads, I=11008, V=32000
+    d = ops.dims(m, 1)
+    g = ops.layer_gemms(d, 100.0)
+    # QKV: n = (32 + 2*32) * 128 = 12288; FLOPs = 2 * 100 * 4096 * 12288
+    assert float(ops.gemm_flops(g["qkv_proj"])) == pytest.approx(2 * 100 * 4096 * 12288)
+    assert float(ops.gemm_flops(g["o_proj"])) == pytest.approx(2 * 100 * 4096 * 4096)
+    assert float(ops.gemm_flops(g["gate_up_proj"])) == pytest.approx(2 * 100 * 4096 * 22016)
+    assert float(ops.gemm_flops(g["down_proj"])) == pytest.approx(2 * 100 * 11008 * 4096)
+    # bytes of QKV in fp16: x 100*4096*2 + W 4096*12288*2 + y 100*12288*2
+    assert float(ops.gemm_bytes(g["qkv_proj"], d.weight_bytes)) == pytest.approx(
+        819200 + 100663296 + 2457600)
+    # all layer weights: 32 * (4096*12288 + 4096*4096 + 4096*22016 + 11008*4096) * 2 bytes
+    # plus embedding and lm_head 2 * 32000 * 4096 * 2 bytes = 13,214,154,752 + 524,288,000
+    assert float(ops.weight_bytes_per_gpu(d)) == pytest.approx(12952010752 + 524288000)
+    # prefill chunk of 64 new tokens after 1024 cached: 64*1024 + 64*65/2 pairs per head
+    pairs = float(ops.prefill_pairs(d, 64.0, 1024.0))
+    assert pairs == 64 * 1024 + 2080
+    assert float(ops.attention_flops(d, pairs)) == pytest.approx(4 * 32 * 128 * pairs)
+    # decode with 1000 cached: 1001 keys; K+V bytes = 2 * 32 heads * 128 * 1001 * 2
+    assert float(ops.kv_read_bytes(d, ops.decode_keys(d, 1000.0))) == 2 * 32 * 128 * 1001 * 2
+    assert float(ops.allreduce_bytes(d, 100.0)) == 100 * 4096 * 2
+
+
+def test_qwen3_14b_tp2_uses_explicit_head_dim(shared):
+    m = load_model("qwen3-14b", shared / "model_configs")
+    assert (m.head_dim, m.num_heads, m.num_kv_heads, m.hidden_size) == (128, 40, 8, 5120)
+    d = ops.dims(m, 2)
+    assert (d.q_heads, d.kv_heads, d.inter, d.vocab) == (20, 4, 8704, 75968)
+    g = ops.layer_gemms(d, 10.0)
+    assert (float(g["qkv_proj"].n), float(g["o_proj"].k)) == ((20 + 8) * 128, 20 * 128)
+    assert float(ops.gemm_flops(g["gate_up_proj"])) == pytest.approx(2 * 10 * 5120 * 17408)
+    assert float(ops.gemm_flops(g["down_proj"])) == pytest.approx(2 * 10 * 8704 * 5120)
+    # Qwen3 q/k RMSNorm: read + write (20 + 4) heads * 128 per token in bf16
+    assert float(ops.memory_ops_bytes(d, 10.0)["qk_norm"]) == 2 * 10 * 24 * 128 * 2
+
+
+def test_kv_heads_replicated_beyond_tp():
+    m = load_model("llama-3.1-8b")  # 8 KV heads
+    assert ops.dims(m, 8).kv_heads == 1 and ops.dims(m, 4).kv_heads == 2
+
+
+def test_sliding_window_caps_keys(shared):
+    m = load_model("mistral-7b-v0.1", shared / "model_configs")
+    d = ops.dims(m, 1)
+    assert float(ops.decode_keys(d, 10000.0)) == 4096
+    assert float(ops.prefill_pairs(d, 100.0, 10000.0)) == 100 * 4096
+    assert math.isinf(load_model("llama-2-7b").sliding_window)

@@ -1,0 +1,87 @@
+"""Invariants of the step model (hypothesis): positive, finite, monotone, vmap == loop, finite gradients."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from costmodel import Params, load_model, pack_steps, setup, step_time
+from costmodel.records import _step_fn
+
+SET = dict(max_examples=15, deadline=None)
+
+
+@pytest.fixture(scope="module")
+def su(h100_infersim):
+    return setup(load_model("llama-3.1-8b"), h100_infersim, 2)
+
+
+@pytest.fixture(scope="module")
+def su_repo(h100_repo):
+    return setup(load_model("qwen3-8b"), h100_repo, 1)
+
+
+steps_st = st.fixed_dictionaries({
+    "prefill": st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 20000)).map(list), max_size=4),
+    "decode": st.lists(st.integers(0, 60000), max_size=40),
+}).filter(lambda s: s["prefill"] or s["decode"])
+
+
+def _time(su, s, params=Params()):
+    return float(step_time(su.arrays, su.layout, params, jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])),
+                           su.static)[0])
+
+
+@settings(**SET)
+@given(steps_st)
+def test_positive_finite(su, s):
+    t = _time(su, s)
+    assert np.isfinite(t) and t > 0
+
+
+@settings(**SET)
+@given(steps_st, st.integers(1, 512), st.integers(1, 5000))
+def test_monotone_in_tokens_and_context(su, s, more_new, more_ctx):
+    t0 = _time(su, s)
+    if s["prefill"]:
+        bigger = {"prefill": [[s["prefill"][0][0] + more_new, s["prefill"][0][1]]] + s["prefill"][1:],
+                  "decode": s["decode"]}
+        assert _time(su, bigger) >= t0 * (1 - 1e-4)
+        cached = {"prefill": [[s["prefill"][0][0], s["prefill"][0][1] + more_ctx]] + s["prefill"][1:],
+                  "decode": s["decode"]}
+        assert _time(su, cached) >= t0 * (1 - 1e-4)
+    if s["decode"]:
+        longer = {"prefill": s["prefill"], "decode": [s["decode"][0] + more_ctx] + s["decode"][1:]}
+        assert _time(su, longer) >= t0 * (1 - 1e-4)
+    # a new decode request at least as long as the mean (a shorter one lowers the mean kv length the batch
+    # is priced at; the table's batch axis is not exactly additive there: a known limitation)
+    mean = int(np.ceil(np.mean(s["decode"]))) if s["decode"] else 0
+    added = {"prefill": s["prefill"], "decode": s["decode"] + [mean + more_ctx]}
+    assert _time(su, added) >= t0 * (1 - 1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(steps_st, min_size=1, max_size=6))
+def test_vmap_equals_python_loop(su_repo, steps):
+    batched, _ = _step_fn(su_repo.static)(su_repo.arrays, su_repo.layout, Params(), pack_steps(steps))
+    loop = [_time(su_repo, s) for s in steps]
+    np.testing.assert_allclose(np.asarray(batched), loop, rtol=1e-5)
+
+
+@settings(max_examples=10, deadline=None)
+@given(steps_st)
+def test_gradients_finite(su, s):
+    step = jax.tree_util.tree_map(lambda a: a[0], pack_steps([s]))
+    f = lambda p, arrays, st_: step_time(arrays, su.layout, p, st_, su.static)[0]
+    gp, ga, gs = jax.grad(f, argnums=(0, 1, 2))(Params(), su.arrays, step)
+    for leaf in jax.tree_util.tree_leaves((gp, ga, gs)):
+        assert np.isfinite(np.asarray(leaf)).all()
+    assert float(gp.step_overhead_us) == pytest.approx(1.0)
+
+
+def test_breakdown_sums_to_total(su):
+    s = {"prefill": [[300, 100]], "decode": [100, 2000]}
+    t, parts = step_time(su.arrays, su.layout, Params(),
+                         jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])), su.static)
+    assert float(sum(parts.values())) == pytest.approx(float(t), rel=1e-6)
+    assert float(parts["communication"]) > 0 and float(parts["attn_prefill"]) >= 0

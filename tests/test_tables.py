@@ -1,0 +1,89 @@
+"""Tables reproduce measured points; off-grid policy behaves as documented."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from costmodel.tables import attn_table_us, gemm_table_us, nearest_layout
+
+
+def _cleaned_lookup(tables, table):
+    """measured point of ``table`` -> value kept after the noise policy."""
+    return {a.where: a.used_us for a in tables.adjustments if a.table == table}
+
+
+def test_infersim_gemm_reproduces_every_measured_point(h100_infersim):
+    t = h100_infersim
+    df = t.measured["gemm"]
+    f = jax.jit(jax.vmap(lambda m, k, n: gemm_table_us(t.gemm["fp8"], m, k, n)))
+    pred = np.asarray(f(*(df[c].to_numpy(np.float32) for c in "mkn")))
+    adj = _cleaned_lookup(t, "gemm/fp8")
+    expect = np.array([adj.get(f"m={m:.0f} k={k:.0f} n={n:.0f}", lat)
+                       for m, k, n, lat in zip(df.m, df.k, df.n, df.latency_us)])
+    np.testing.assert_allclose(pred, expect, rtol=2e-5)
+    # only noise in the flat, launch-bound small-m region is lowered, and by a few percent at most
+    for a in (a for a in t.adjustments if a.table.startswith("gemm")):
+        assert int(a.where.split()[0][2:]) <= 64 and a.measured_us / a.used_us < 1.05
+
+
+def test_infersim_attention_reproduces_every_measured_point(h100_infersim):
+    t = h100_infersim
+    for kind, col, slope in (("decode", "kv_len", 1.0), ("prefill", "seq_len", 2.0)):
+        # a per-GPU layout measured in two files (28-4 at TP1 and 56-8 at TP2) keeps the lower time
+        df = t.measured[kind].groupby(["hq", "hkv", "d", "batch_size", col], as_index=False)["latency_us"].min()
+        heads = getattr(t, f"{kind}_heads")
+        c = np.array([heads.index(h) for h in zip(df.hq, df.hkv, df.d)])
+        table, adj = getattr(t, kind), _cleaned_lookup(t, kind)
+        f = jax.jit(jax.vmap(lambda c, b, L: attn_table_us(table, c, b, L, slope)))
+        pred = np.asarray(f(c, df.batch_size.to_numpy(np.float32), df[col].to_numpy(np.float32)))
+        keys = [f"{h[0]}-{h[1]}-{h[2]} batch={b:.0f} {col}={L:.0f}"
+                for h, b, L in zip(zip(df.hq, df.hkv, df.d), df.batch_size, df[col])]
+        expect = np.array([adj.get(k, lat) for k, lat in zip(keys, df.latency_us)])
+        np.testing.assert_allclose(pred, expect, rtol=2e-5)
+    # the documented warm-up artifact (bs=1, kv=1024 slower than kv=4096) is lowered, not kept
+    assert any("batch=1 kv_len=1024" in a.where and a.table == "decode" for a in t.adjustments)
+
+
+def test_repo_tables_reproduce_measured_points(h100_repo):
+    t = h100_repo
+    df = t.measured["gemm"]
+    df = df[df.dtype == "bf16"].sample(2000, random_state=0)
+    f = jax.jit(jax.vmap(lambda m, k, n: gemm_table_us(t.gemm["bf16"], m, k, n)))
+    pred = np.asarray(f(*(df[c].to_numpy(np.float32) for c in "mkn")))
+    adj = _cleaned_lookup(t, "gemm/bf16")
+    expect = np.array([adj.get(f"m={m:.0f} k={k:.0f} n={n:.0f}", lat)
+                       for m, k, n, lat in zip(df.m, df.k, df.n, df.latency_us)])
+    np.testing.assert_allclose(pred, expect, rtol=2e-5)
+
+
+def test_gemm_beyond_grid_scales_with_work(h100_infersim):
+    g = h100_infersim.gemm["fp8"]
+    base = float(gemm_table_us(g, 131072.0, 8192.0, 11008.0))
+    assert float(gemm_table_us(g, 262144.0, 8192.0, 11008.0)) == pytest.approx(2 * base, rel=1e-4)
+    # a shape 4x wider in n than any measured: work ratio times the edge shape
+    assert float(gemm_table_us(g, 1024.0, 8192.0, 44032.0)) == pytest.approx(
+        4 * float(gemm_table_us(g, 1024.0, 8192.0, 11008.0)), rel=1e-4)
+    # below the smallest m: the latency floor
+    assert float(gemm_table_us(g, 1.0, 2048.0, 6144.0)) == pytest.approx(float(gemm_table_us(g, 8.0, 2048.0, 6144.0)))
+
+
+def test_decode_batch_beyond_grid_folds_into_longer_sequences(h100_infersim):
+    t = h100_infersim
+    a = float(attn_table_us(t.decode, 0, 1024.0, 2048.0, 1.0))
+    b = float(attn_table_us(t.decode, 0, 512.0, 4096.0, 1.0))
+    assert a == pytest.approx(b, rel=1e-5)
+
+
+def test_head_layout_without_file_scales_by_work(h100_infersim):
+    heads = h100_infersim.decode_heads
+    c, s = nearest_layout(heads, 40, 8, 128, "decode")  # Qwen3-14B TP1: no 40-8 file
+    assert heads[c][1] == 8 and s == pytest.approx(8 / heads[c][1])
+    pheads = h100_infersim.prefill_heads
+    c, s = nearest_layout(pheads, 20, 4, 128, "prefill")  # no 20-query-head prefill file: FLOPs ratio
+    assert s == pytest.approx(np.sqrt(20 / pheads[c][0]))
+
+
+def test_gradients_with_respect_to_table_values(h100_infersim):
+    g = h100_infersim.gemm["fp8"]
+    grad = jax.grad(lambda lt: gemm_table_us(g._replace(log_t=lt), 3000.0, 5000.0, 9000.0))(g.log_t)
+    assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
