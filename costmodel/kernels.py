@@ -37,27 +37,45 @@ def memory_us(nbytes, hw: Hardware, p: Params):
     return nbytes / (hw.hbm_bytes_per_s * p.hbm_efficiency) * 1e6
 
 
-def gemm_us(table: GemmTable, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware, p: Params,
-            same_dtype: bool, compute_ratio: float = 1.0):
-    """GEMM latency (µs).
+class GemmFeatures(NamedTuple):
+    """Parameter-free quantities of GEMM calls (any shape; arrays broadcast)."""
+
+    table_us: jnp.ndarray  # table interpolant at (m, k, n), table dtype
+    flops: jnp.ndarray
+    bytes: jnp.ndarray  # HBM bytes in the query dtype
+    roof_table_us: jnp.ndarray  # roofline time in the table dtype (peak FLOP/s and bandwidth)
+
+
+def gemm_features(table: GemmTable, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware) -> GemmFeatures:
+    flops = ops.gemm_flops(g)
+    roof = smooth_max(flops / hw.table_peak_flops,
+                      ops.gemm_bytes(g, table_weight_bytes) / hw.hbm_bytes_per_s) * 1e6
+    return GemmFeatures(gemm_table_us(table, g.m, g.k, g.n), flops, ops.gemm_bytes(g, weight_bytes), roof)
+
+
+def gemm_combine(f: GemmFeatures, hw: Hardware, p: Params, same_dtype: bool, compute_ratio: float = 1.0):
+    """GEMM latency (µs) from its features.
 
     Same dtype as the table: the table interpolant.  Another dtype (e.g. a BF16 model on InferSim's FP8
     H100 table): the table's efficiency relative to its own roofline, eta = roofline_table / measured,
     times ``compute_ratio`` (`CROSS_DTYPE_COMPUTE_RATIO`, capped at `MAX_COMPUTE_EFFICIENCY`), is taken as
-    the compute efficiency of the query dtype, while the memory-bound side is priced from the
-    query dtype's bytes at the sustained HBM bandwidth (weight streaming is a different kernel, so its
-    efficiency does not carry over): time = smooth_max(FLOPs / (peak · eta), bytes / BW + floor).
+    the compute efficiency of the query dtype, while the memory-bound side is priced from the query dtype's
+    bytes at the sustained HBM bandwidth (weight streaming is a different kernel, so its efficiency does
+    not carry over): time = smooth_max(FLOPs / (peak · eta), bytes / BW + floor).
     """
-    t_tab = gemm_table_us(table, g.m, g.k, g.n)
     if same_dtype:
-        return t_tab * p.gemm_scale
-    flops = ops.gemm_flops(g)
-    roof_tab = smooth_max(flops / hw.table_peak_flops,
-                          ops.gemm_bytes(g, table_weight_bytes) / hw.hbm_bytes_per_s) * 1e6
-    eta = jnp.minimum(roof_tab / t_tab * compute_ratio, MAX_COMPUTE_EFFICIENCY)
-    t_compute = flops / (hw.peak_flops * eta) * 1e6
-    t_memory = memory_us(ops.gemm_bytes(g, weight_bytes), hw, p) + p.gemm_floor_us
+        return f.table_us * p.gemm_scale
+    eta = jnp.minimum(f.roof_table_us / f.table_us * compute_ratio, MAX_COMPUTE_EFFICIENCY)
+    t_compute = f.flops / (hw.peak_flops * eta) * 1e6
+    t_memory = memory_us(f.bytes, hw, p) + p.gemm_floor_us
     return smooth_max(t_compute, t_memory) * p.gemm_scale
+
+
+def gemm_us(table: GemmTable, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware, p: Params,
+            same_dtype: bool, compute_ratio: float = 1.0):
+    """GEMM latency (µs) of one call; see `gemm_combine`."""
+    return gemm_combine(gemm_features(table, g, weight_bytes, table_weight_bytes, hw), hw, p, same_dtype,
+                        compute_ratio)
 
 
 def attn_floor_us(table: AttnTable, c):
@@ -65,35 +83,55 @@ def attn_floor_us(table: AttnTable, c):
     return jnp.exp(table.log_t[c, 0, 0])
 
 
-def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):
-    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all (µs)."""
+def attn_decode_table_us(table: AttnTable, c, kv_scale, n_req, total_keys):
+    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all, table time (µs)."""
     n = jnp.maximum(n_req, 1.0)
     t = attn_table_us(table, c, n, jnp.maximum(total_keys / n, 1.0) * kv_scale, 1.0)
-    return jnp.where(n_req > 0, t * p.attn_decode_scale, 0.0)
+    return jnp.where(n_req > 0, t, 0.0)
+
+
+def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):
+    """Decode attention time (µs) with the fitted scale."""
+    return attn_decode_table_us(table, c, kv_scale, n_req, total_keys) * p.attn_decode_scale
 
 
 PREFILL_SLOPE_LO = 1.0  # below the prefill grid, time proportional to sequence length (MFU falls with it)
 
 
-def attn_prefill_us(table: AttnTable, c, len_scale, n_req, total_pairs, p: Params):
-    """Causal prefill attention of ``n_req`` chunks with ``total_pairs`` query-key pairs per head (µs);
-    each chunk is priced as the uncached sequence with the same mean number of pairs.  Below the grid
-    the time falls in proportion to the length, down to the kernel floor applied by the caller."""
+def attn_prefill_table_us(table: AttnTable, c, len_scale, n_req, total_pairs):
+    """Causal prefill attention of ``n_req`` chunks with ``total_pairs`` query-key pairs per head, table
+    time (µs); each chunk is priced as the uncached sequence with the same mean number of pairs.  Below
+    the grid the time falls in proportion to the length, down to the kernel floor applied by the caller."""
     n = jnp.maximum(n_req, 1.0)
     seq = jnp.sqrt(2.0 * jnp.maximum(total_pairs / n, 0.5))
     t = attn_table_us(table, c, n, seq * len_scale, 2.0, PREFILL_SLOPE_LO)
-    return jnp.where(n_req > 0, t * p.attn_prefill_scale, 0.0)
+    return jnp.where(n_req > 0, t, 0.0)
 
 
-def allreduce_us(comm: CommTable | None, tp, nbytes, hw: Hardware, p: Params):
-    """One all-reduce of ``nbytes`` per GPU over ``tp`` GPUs (µs); 0 for tp = 1.
+def attn_prefill_us(table: AttnTable, c, len_scale, n_req, total_pairs, p: Params):
+    """Prefill attention time (µs) with the fitted scale."""
+    return attn_prefill_table_us(table, c, len_scale, n_req, total_pairs) * p.attn_prefill_scale
 
-    From the measured collective table when there is one; otherwise ring-algorithm bytes
-    2·(tp-1)/tp · nbytes at the NVLink bandwidth times its efficiency, plus a fixed latency.
-    """
-    if comm is not None:
-        t = comm_table_us(comm, tp, nbytes)
+
+def allreduce_table_us(comm: CommTable | None, tp, nbytes):
+    """Measured all-reduce time (µs) of ``nbytes`` over ``tp`` GPUs; 0 without a table or for tp = 1."""
+    if comm is None:
+        return jnp.zeros_like(jnp.asarray(nbytes, jnp.float32))
+    return jnp.where(tp > 1.0, comm_table_us(comm, jnp.maximum(tp, 2.0), nbytes), 0.0)
+
+
+def allreduce_combine(table_us, has_table: bool, tp, nbytes, hw: Hardware, p: Params):
+    """One all-reduce (µs): the measured table time when there is one, otherwise ring-algorithm bytes
+    2·(tp-1)/tp · nbytes at the NVLink bandwidth times its efficiency plus a fixed latency; times
+    ``comm_scale``.  0 for tp = 1."""
+    if has_table:
+        t = table_us
     else:
         t = p.allreduce_latency_us + 2.0 * (tp - 1.0) / tp * nbytes / (
             hw.nvlink_bytes_per_s * p.nvlink_efficiency) * 1e6
-    return jnp.where(tp > 1.0, t, 0.0)
+    return jnp.where(tp > 1.0, t * p.comm_scale, 0.0)
+
+
+def allreduce_us(comm: CommTable | None, tp, nbytes, hw: Hardware, p: Params):
+    """One all-reduce of ``nbytes`` per GPU over ``tp`` GPUs (µs); see `allreduce_combine`."""
+    return allreduce_combine(allreduce_table_us(comm, tp, nbytes), comm is not None, tp, nbytes, hw, p)

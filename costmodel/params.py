@@ -26,6 +26,8 @@ class Params(NamedTuple):
     request_overhead_us: float = 5.0  # per request in the step: metadata, sampling, output handling
     allreduce_latency_us: float = 8.0  # fixed latency of one TP all-reduce
     nvlink_efficiency: float = 0.7  # achieved / peak NVLink bandwidth in an all-reduce
+    comm_scale: float = 1.0  # multiplies all-reduce time (measured table or analytic)
+    prefill_layer_overhead_us: float = 2.0  # extra per layer in steps with prefill tokens (piecewise graphs)
 
 
 class Prior(NamedTuple):
@@ -47,6 +49,8 @@ PRIORS: dict[str, Prior] = {
     "request_overhead_us": Prior(5.0, 0.5, 50.0, "per-request host work and sampling"),
     "allreduce_latency_us": Prior(8.0, 3.0, 25.0, "vLLM custom all-reduce on NVLink, small messages"),
     "nvlink_efficiency": Prior(0.7, 0.4, 0.95, "all-reduce bus bandwidth / NVLink peak"),
+    "comm_scale": Prior(1.0, 0.7, 1.6, "all-reduce in the engine vs its isolated benchmark"),
+    "prefill_layer_overhead_us": Prior(2.0, 0.2, 40.0, "attention outside CUDA graphs in mixed steps"),
 }
 
 FIELDS = Params._fields

@@ -71,6 +71,7 @@ class Static:
     gemm_same_dtype: bool
     table_weight_bytes: float
     compute_ratio: float = 1.0  # kernels.CROSS_DTYPE_COMPUTE_RATIO for the (table, model) dtypes
+    has_comm_table: bool = False  # all-reduce from a measured table (else analytic)
 
 
 @dataclass
@@ -102,47 +103,72 @@ def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
     layout = Layout(d, hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
     arrays = Arrays(tables.gemm[gdtype], tables.decode, tables.prefill, tables.allreduce)
     ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((gdtype, model.dtype), 1.0)
-    return Setup(model, tables.gpu, tp, arrays, layout, Static(same, float(DTYPE_BYTES[gdtype]), ratio), gdtype)
+    static = Static(same, float(DTYPE_BYTES[gdtype]), ratio, tables.allreduce is not None)
+    return Setup(model, tables.gpu, tp, arrays, layout, static, gdtype)
 
 
-def step_time(arrays: Arrays, layout: Layout, params: Params, step: Step, static: Static):
-    """Predicted time of one step (µs) and its breakdown by operator class (dict of µs)."""
-    d, hw, p = layout.dims, layout.hw, params
+class Features(NamedTuple):
+    """Parameter-free quantities of one step (counts, table times in µs, FLOPs, bytes).  A step's time is
+    `combine(features(step), params)`: fitting evaluates `features` once and `combine` per iteration."""
+
+    tokens: jax.Array  # tokens computed this step (prefill new + one per decode)
+    n_prefill: jax.Array
+    n_decode: jax.Array
+    gemm: kernels.GemmFeatures  # [5]: qkv, o, gate_up, down (per layer), lm_head
+    attn_prefill_us: jax.Array  # prefill attention table time per layer
+    attn_decode_us: jax.Array  # decode attention table time per layer
+    attn_floor_us: jax.Array  # fixed cost of the attention kernel (decode table floor)
+    memory_bytes: jax.Array  # bandwidth-bound kernels of one layer
+    head_bytes: jax.Array  # embedding, final norm, logits and sampler traffic
+    comm_table_us: jax.Array  # one all-reduce from the measured table (0 without one)
+    comm_bytes: jax.Array  # one all-reduce message
+
+
+def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Features:
+    d, hw = layout.dims, layout.hw
     n_pre = jnp.sum(step.prefill_mask)
     n_dec = jnp.sum(step.decode_mask)
     new = step.prefill_new * step.prefill_mask
     tokens = jnp.sum(new) + n_dec
     sampled = n_pre + n_dec  # each request's last position goes through lm_head and the sampler
-
-    def gemm_us(g):
-        return kernels.gemm_us(arrays.gemm, g, d.weight_bytes, static.table_weight_bytes, hw, p,
-                               static.gemm_same_dtype, static.compute_ratio)
-
-    gemm = sum(gemm_us(g) for g in ops.layer_gemms(d, tokens).values())
-
+    gl = list(ops.layer_gemms(d, tokens).values()) + [ops.lm_head_gemm(d, sampled)]
+    # A Python loop, not a nested vmap: XLA:CPU (jax 0.10.2) returned wrong table values for a vmap over
+    # the five GEMMs inside a vmap over more than ~6500 steps (tests/test_step_batching.py guards this).
+    per = [kernels.gemm_features(arrays.gemm, x, d.weight_bytes, static.table_weight_bytes, hw) for x in gl]
+    gf = kernels.GemmFeatures(*(jnp.stack([jnp.asarray(getattr(p_, f), jnp.float32) for p_ in per])
+                                for f in kernels.GemmFeatures._fields))
     pairs = jnp.sum(ops.prefill_pairs_tiled(d, new, step.prefill_cached) * step.prefill_mask)
     keys = jnp.sum(ops.decode_keys(d, step.decode_ctx) * step.decode_mask)
-    t_pre = kernels.attn_prefill_us(arrays.prefill, layout.prefill_layout, layout.prefill_len_scale,
-                                    n_pre, pairs, p)
-    t_dec = kernels.attn_decode_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale, n_dec, keys, p)
+    msg = ops.allreduce_bytes(d, tokens)
+    return Features(
+        tokens=tokens, n_prefill=n_pre, n_decode=n_dec, gemm=gf,
+        attn_prefill_us=kernels.attn_prefill_table_us(arrays.prefill, layout.prefill_layout,
+                                                      layout.prefill_len_scale, n_pre, pairs),
+        attn_decode_us=kernels.attn_decode_table_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale,
+                                                    n_dec, keys),
+        attn_floor_us=kernels.attn_floor_us(arrays.decode, layout.decode_layout),
+        memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
+        head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
+        comm_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg)
+
+
+def combine(f: Features, layout: Layout, params: Params, static: Static):
+    """Step time (µs) and breakdown from the step's features and the residual parameters."""
+    d, hw, p = layout.dims, layout.hw, params
+    g = kernels.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5]
+    has_pre, has_dec = f.n_prefill > 0, f.n_decode > 0
     # One varlen kernel per layer serves prefills and decodes; its fixed cost is the decode table's floor.
     # Decode-only: t_dec.  Prefill-only: max(t_pre, floor).  Both: t_dec + what prefill adds above the floor.
-    floor = kernels.attn_floor_us(arrays.decode, layout.decode_layout) * p.attn_decode_scale
-    t_dec = jnp.where(n_dec > 0, t_dec, jnp.where(n_pre > 0, floor, 0.0))
-    t_pre = jnp.where(n_pre > 0, jnp.maximum(t_pre - floor, 0.0), 0.0)
-
-    mem_bytes = sum(ops.memory_ops_bytes(d, tokens).values())
-    memory = kernels.memory_us(mem_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
-
-    comm = kernels.allreduce_us(arrays.comm, d.tp, ops.allreduce_bytes(d, tokens), hw, p)
-
-    head = (gemm_us(ops.lm_head_gemm(d, sampled))
-            + kernels.memory_us(ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled), hw, p)
-            + 4.0 * p.kernel_floor_us)  # embedding, final norm, sampler kernels
-    overhead = p.step_overhead_us + p.request_overhead_us * sampled + p.layer_overhead_us * d.layers
-
+    floor = f.attn_floor_us * p.attn_decode_scale
+    t_dec = jnp.where(has_dec, f.attn_decode_us * p.attn_decode_scale, jnp.where(has_pre, floor, 0.0))
+    t_pre = jnp.where(has_pre, jnp.maximum(f.attn_prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
+    memory = kernels.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
+    comm = kernels.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)
+    head = g[4] + kernels.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
+    per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
+    overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
     parts = {
-        "gemm": d.layers * gemm,
+        "gemm": d.layers * jnp.sum(g[:4]),
         "attn_prefill": d.layers * t_pre,
         "attn_decode": d.layers * t_dec,
         "memory_ops": d.layers * memory,
@@ -150,8 +176,12 @@ def step_time(arrays: Arrays, layout: Layout, params: Params, step: Step, static
         "lm_head_sampling": head,
         "overhead": overhead,
     }
-    total = sum(parts.values())
-    return total, parts
+    return sum(parts.values()), parts
+
+
+def step_time(arrays: Arrays, layout: Layout, params: Params, step: Step, static: Static):
+    """Predicted time of one step (µs) and its breakdown by operator class (dict of µs)."""
+    return combine(features(arrays, layout, step, static), layout, params, static)
 
 
 def make_step_fn(static: Static):

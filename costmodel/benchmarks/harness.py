@@ -1,0 +1,542 @@
+"""Measure GEMM and attention kernels on the local GPU and write bench_data tables.
+
+    python -m costmodel.benchmarks --out DIR --gpu-name NAME [--grid tiny|small|full]
+                                   [--attn-backend auto|jax|flash-attn] [--repeats N] [--allow-cpu]
+
+Writes, in the schema `costmodel.tables.load_tables` reads (see bench_data/README.md):
+
+* ``DIR/gemm/NAME/data.csv``  ``m,k,n,latency_us,mfu,dtype`` — y[m,n] = x[m,k]·W[k,n] with JAX
+  (``jnp.dot(..., preferred_element_type=bfloat16)``: cuBLAS(Lt) through XLA); ``bf16`` always, ``fp8``
+  (e4m3 × e4m3 -> bf16, no scaling or activation quantization) on GPUs with FP8 tensor cores
+  (compute capability >= 8.9).
+* ``DIR/mha/decode/NAME/{hq}-{hkv}-{d}.csv``  ``dtype,kv_dtype,batch_size,kv_len,latency_us,mfu`` — one
+  query token per sequence attending over ``kv_len`` keys (per-GPU head counts, bf16, contiguous KV).
+* ``DIR/mha/prefill/NAME/{hq}-{hkv}-{d}.csv``  ``dtype,batch_size,seq_len,latency_us,mfu`` — causal
+  self-attention over ``seq_len`` new tokens per sequence, no cached prefix.
+* ``DIR/SOURCE_NAME.md`` — device, software versions, kernels, timing method, grid, skipped cells.
+
+Attention kernels: PyTorch + flash-attn (``flash_attn_with_kvcache`` / ``flash_attn_func``) when both are
+importable and CUDA is available (``--attn-backend auto``, the default, or ``flash-attn``); otherwise
+``jax.nn.dot_product_attention(implementation='cudnn')`` on GPU, falling back to the plain XLA
+implementation where cuDNN refuses a shape (and always on CPU).
+
+Timing (`time_call`): the first calls compile and warm up; then ``repeats`` times, ``number`` back-to-back
+calls are issued and the device is synchronized once after the last one (``block_until_ready`` /
+``torch.cuda.synchronize``); ``number`` is chosen so that one repeat lasts about 2 ms.  The table value is
+the median over repeats of the time per call, in µs.  Calls are dispatched eagerly from Python (no CUDA
+graph), so kernels shorter than the host dispatch cost (a few µs for a jitted JAX call) are measured at
+that cost: small-m GEMMs and short attention calls read higher than under vLLM's CUDA graphs.
+
+Without a GPU nothing is measured: the command prints "no GPU found, nothing measured" and exits 0;
+``--allow-cpu`` runs the tiny grid on the CPU instead (to test the writer; the numbers mean nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+NO_GPU_MESSAGE = "no GPU found, nothing measured"
+PROG = "python -m costmodel.benchmarks"
+
+
+# ---------------------------------------------------------------- grids
+
+@dataclass(frozen=True)
+class Grid:
+    """What to measure.  Head layouts are per-GPU (hq, hkv, head_dim)."""
+
+    gemm_m: tuple[int, ...]
+    gemm_kn: tuple[tuple[int, int], ...]
+    decode_layouts: tuple[tuple[int, int, int], ...]
+    decode_batch: tuple[int, ...]
+    decode_kv: tuple[int, ...]
+    prefill_layouts: tuple[tuple[int, int, int], ...]
+    prefill_batch: tuple[int, ...]
+    prefill_seq: tuple[int, ...]
+
+
+def _dense_gemm_shapes(hidden, inter, hq, hkv, d, tps):
+    """(k, n) of the QKV, O, gate_up and down projections of a dense model at each TP degree."""
+    out = []
+    for tp in tps:
+        kv = max(hkv // tp, 1)
+        out += [(hidden, (hq // tp + 2 * kv) * d), (hq // tp * d, hidden), (hidden, 2 * inter // tp),
+                (inter // tp, hidden)]
+    return out
+
+
+def _layouts(models, tps):
+    return tuple(sorted({(hq // tp, max(hkv // tp, 1), d) for hq, hkv, d in models for tp in tps if hq % tp == 0}))
+
+
+# (hidden, intermediate, heads, kv_heads, head_dim): Llama-3-8B, Llama-3-70B, Qwen2.5-32B
+_MODELS = ((4096, 14336, 32, 8, 128), (8192, 28672, 64, 8, 128), (5120, 27648, 40, 8, 128))
+_FULL_KN = tuple(sorted(set(s for m in _MODELS for s in _dense_gemm_shapes(*m, (1, 2, 4, 8)))))
+_FULL_LAYOUTS = _layouts([m[2:] for m in _MODELS], (1, 2, 4, 8))
+
+GRIDS: dict[str, Grid] = {
+    # for testing the writer on a CPU: seconds
+    "tiny": Grid(gemm_m=(1, 8, 32), gemm_kn=((64, 128), (128, 64)),
+                 decode_layouts=((4, 2, 32),), decode_batch=(1, 2), decode_kv=(16, 64),
+                 prefill_layouts=((4, 2, 32),), prefill_batch=(1, 2), prefill_seq=(16, 64)),
+    # Llama-3-8B at TP1: a few minutes on an H100
+    "small": Grid(gemm_m=(1, 4, 16, 64, 256, 1024, 4096, 16384),
+                  gemm_kn=tuple(_dense_gemm_shapes(*_MODELS[0], (1,))),
+                  decode_layouts=((32, 8, 128), (8, 1, 128)), decode_batch=(1, 8, 32, 128),
+                  decode_kv=(128, 1024, 4096, 16384),
+                  prefill_layouts=((32, 8, 128), (8, 1, 128)), prefill_batch=(1, 4),
+                  prefill_seq=(128, 512, 2048, 8192)),
+    # three dense models at TP 1-8
+    "full": Grid(gemm_m=tuple(sorted({2 ** j for j in range(17)} | {3 * 2 ** j for j in range(15)})),
+                 gemm_kn=_FULL_KN,
+                 decode_layouts=_FULL_LAYOUTS, decode_batch=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+                 decode_kv=tuple(2 ** j for j in range(4, 18)),
+                 prefill_layouts=_FULL_LAYOUTS, prefill_batch=(1, 2, 4, 8, 16),
+                 prefill_seq=tuple(2 ** j for j in range(4, 16))),
+}
+
+
+# ---------------------------------------------------------------- timing
+
+def time_call(fn: Callable, args=(), *, sync: Callable | None = None, repeats: int = 7, warmup: int = 2,
+              target_s: float = 2e-3, max_number: int = 200) -> float:
+    """Median time of one call ``fn(*args)`` in µs (see the module docstring for the method).
+
+    ``sync(out)`` waits until the device has finished ``out`` (default ``jax.block_until_ready``)."""
+    if sync is None:
+        import jax
+        sync = jax.block_until_ready
+    for _ in range(1 + warmup):  # the first call compiles
+        sync(fn(*args))
+    t0 = time.perf_counter()
+    sync(fn(*args))
+    one = time.perf_counter() - t0
+    number = int(min(max_number, max(1, target_s / max(one, 1e-7))))
+    per_call = []
+    for _ in range(max(repeats, 1)):
+        t0 = time.perf_counter()
+        for _ in range(number):
+            out = fn(*args)
+        sync(out)
+        per_call.append((time.perf_counter() - t0) / number)
+        del out
+    return statistics.median(per_call) * 1e6
+
+
+# ---------------------------------------------------------------- kernels
+
+class JaxKernels:
+    """GEMM and attention with JAX on one device."""
+
+    def __init__(self, device, attn_impl: str | None):
+        import jax
+        import jax.numpy as jnp
+        self.jax, self.jnp, self.device = jax, jnp, device
+        self.attn_impl = attn_impl  # 'cudnn' (with XLA fallback) or None (XLA)
+        self.used_impl: dict[str, set] = {"decode": set(), "prefill": set()}
+        self._key = jax.random.PRNGKey(0)
+        self._dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16))
+
+    def _rand(self, shape, dtype):
+        jax, jnp = self.jax, self.jnp
+        if self.device.platform == "cpu":  # numpy: jax.random would compile once per shape
+            self._rng = getattr(self, "_rng", None) or np.random.default_rng(0)
+            return jax.device_put(self._rng.standard_normal(shape, dtype=np.float32).astype(dtype), self.device)
+        self._key, k = jax.random.split(self._key)
+        with jax.default_device(self.device):
+            x = jax.random.normal(k, shape, dtype=jnp.bfloat16)
+            return x.astype(dtype) if dtype != jnp.bfloat16 else x
+
+    def gemm(self, m, k, n, dtype, repeats):
+        dt = {"bf16": self.jnp.bfloat16, "fp8": self.jnp.float8_e4m3fn}[dtype]
+        x, w = self._rand((m, k), dt), self._rand((k, n), dt)
+        return time_call(self._dot, (x, w), repeats=repeats)
+
+    def _attention(self, kind, q, kv_shape, causal, repeats):
+        jax = self.jax
+        k, v = self._rand(kv_shape, self.jnp.bfloat16), self._rand(kv_shape, self.jnp.bfloat16)
+        impls = [self.attn_impl, None] if self.attn_impl else [None]
+        err = None
+        for impl in impls:
+            fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=impl))
+            try:
+                t = time_call(fn, (q, k, v), repeats=repeats)
+            except Exception as e:  # cuDNN refuses some shapes/versions: fall back to XLA
+                err = e
+                continue
+            self.used_impl[kind].add(impl or "xla")
+            return t
+        raise err
+
+    def decode(self, b, kv, hq, hkv, d, repeats):
+        q = self._rand((b, 1, hq, d), self.jnp.bfloat16)
+        # a single query row attends to every key: the causal mask is irrelevant
+        return self._attention("decode", q, (b, kv, hkv, d), False, repeats)
+
+    def prefill(self, b, s, hq, hkv, d, repeats):
+        q = self._rand((b, s, hq, d), self.jnp.bfloat16)
+        return self._attention("prefill", q, (b, s, hkv, d), True, repeats)
+
+    def materializes_scores(self):
+        return self.attn_impl is None
+
+
+class FlashAttnKernels:
+    """Attention with PyTorch + flash-attn on the current CUDA device."""
+
+    def __init__(self):
+        import torch
+        from flash_attn import flash_attn_func, flash_attn_with_kvcache
+        self.torch, self.func, self.kvcache = torch, flash_attn_func, flash_attn_with_kvcache
+        self.used_impl = {"decode": {"flash_attn_with_kvcache"}, "prefill": {"flash_attn_func"}}
+
+    def _sync(self, _out):
+        self.torch.cuda.synchronize()
+
+    def _rand(self, *shape):
+        return self.torch.randn(*shape, device="cuda", dtype=self.torch.bfloat16)
+
+    def decode(self, b, kv, hq, hkv, d, repeats):
+        q, kc, vc = self._rand(b, 1, hq, d), self._rand(b, kv, hkv, d), self._rand(b, kv, hkv, d)
+        lens = self.torch.full((b,), kv, dtype=self.torch.int32, device="cuda")
+        return time_call(lambda: self.kvcache(q, kc, vc, cache_seqlens=lens, causal=True), sync=self._sync,
+                         repeats=repeats)
+
+    def prefill(self, b, s, hq, hkv, d, repeats):
+        q, k, v = self._rand(b, s, hq, d), self._rand(b, s, hkv, d), self._rand(b, s, hkv, d)
+        return time_call(lambda: self.func(q, k, v, causal=True), sync=self._sync, repeats=repeats)
+
+    def materializes_scores(self):
+        return False
+
+
+def _flash_attn_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+# ---------------------------------------------------------------- measuring
+
+@dataclass
+class Results:
+    gemm: list[dict] = field(default_factory=list)
+    decode: dict[tuple[int, int, int], list[dict]] = field(default_factory=dict)
+    prefill: dict[tuple[int, int, int], list[dict]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    kernels: dict[str, str] = field(default_factory=dict)
+
+
+def _peaks(gpu_name: str):
+    from ..errors import InputError
+    from ..hardware import get_gpu
+    try:
+        g = get_gpu(gpu_name)
+    except InputError:
+        return None
+    return {"bf16": g.bf16_flops, "fp8": g.fp8_flops}
+
+
+def _mfu(flops, t_us, peak):
+    return flops / (t_us * 1e-6 * peak) if peak else float("nan")
+
+
+def _fp8_supported(device) -> bool:
+    if device.platform != "gpu" and device.platform != "cuda":
+        return False
+    cc = getattr(device, "compute_capability", None)
+    try:
+        major, minor = (int(x) for x in str(cc).split(".")[:2])
+    except (TypeError, ValueError):
+        return False
+    return (major, minor) >= (8, 9)
+
+
+def _memory_budget(device) -> float:
+    """Bytes one benchmark's tensors may take: 30 % of the device memory (16 GiB when unknown)."""
+    try:
+        limit = float(device.memory_stats()["bytes_limit"])
+    except Exception:
+        limit = 0.0
+    return 0.3 * limit if limit > 0 else 16 * 2 ** 30
+
+
+def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "auto", repeats: int = 7,
+                   dtypes: tuple[str, ...] | None = None, log=print) -> Results:
+    """Measure every cell of ``grid`` on ``device`` (a JAX device) and return the rows to write."""
+    import jax
+    res = Results()
+    on_gpu = device.platform in ("gpu", "cuda")
+    jk = JaxKernels(device, "cudnn" if on_gpu else None)
+    if attn_backend == "flash-attn" or (attn_backend == "auto" and on_gpu and _flash_attn_available()):
+        attn = FlashAttnKernels()
+    else:
+        attn = jk
+    peaks = _peaks(gpu_name) or {}
+    budget = _memory_budget(device)
+    if dtypes is None:
+        dtypes = ("bf16", "fp8") if _fp8_supported(device) else ("bf16",)
+        if "fp8" not in dtypes:
+            res.notes.append(f"fp8 GEMM not measured: {device.device_kind} has no FP8 tensor cores "
+                             f"(or this is not a CUDA device)")
+
+    # GEMM
+    for dtype in dtypes:
+        for k, n in grid.gemm_kn:
+            for m in grid.gemm_m:
+                nbytes = (m * k + k * n) * (1 if dtype == "fp8" else 2) + 2 * m * n
+                if nbytes > budget:
+                    res.skipped.append(f"gemm {dtype} m={m} k={k} n={n}: {nbytes / 2**30:.1f} GiB > budget")
+                    continue
+                try:
+                    t = jk.gemm(m, k, n, dtype, repeats)
+                except Exception as e:  # e.g. an fp8 dot XLA cannot lower, or out of memory
+                    res.skipped.append(f"gemm {dtype} m={m} k={k} n={n}: {_first_line(e)}")
+                    continue
+                res.gemm.append(dict(m=m, k=k, n=n, latency_us=t, mfu=_mfu(2.0 * m * k * n, t, peaks.get(dtype)),
+                                     dtype=dtype))
+            log(f"  gemm {dtype} k={k} n={n}: {len(grid.gemm_m)} m values")
+    # attention
+    bf16 = peaks.get("bf16")
+    for kind, layouts, batches, lengths in (("decode", grid.decode_layouts, grid.decode_batch, grid.decode_kv),
+                                            ("prefill", grid.prefill_layouts, grid.prefill_batch,
+                                             grid.prefill_seq)):
+        for hq, hkv, d in layouts:
+            rows = []
+            for b in batches:
+                for L in lengths:
+                    q_len = 1 if kind == "decode" else L
+                    nbytes = 2 * (b * q_len * hq * d * 2 + 2 * b * L * hkv * d)  # q, out, k, v in bf16
+                    if attn.materializes_scores():
+                        nbytes += 4 * b * hq * q_len * L * 2  # fp32 logits and probabilities
+                    if nbytes > budget:
+                        res.skipped.append(f"{kind} {hq}-{hkv}-{d} batch={b} len={L}: "
+                                           f"{nbytes / 2**30:.1f} GiB > budget")
+                        continue
+                    try:
+                        t = getattr(attn, kind)(b, L, hq, hkv, d, repeats)
+                    except Exception as e:  # out of memory, or no implementation accepts the shape
+                        res.skipped.append(f"{kind} {hq}-{hkv}-{d} batch={b} len={L}: {_first_line(e)}")
+                        continue
+                    if kind == "decode":
+                        rows.append(dict(dtype="bf16", kv_dtype="bf16", batch_size=b, kv_len=L, latency_us=t,
+                                         mfu=_mfu(4.0 * hq * d * L * b, t, bf16)))
+                    else:
+                        rows.append(dict(dtype="bf16", batch_size=b, seq_len=L, latency_us=t,
+                                         mfu=_mfu(4.0 * hq * d * L * L / 2.0 * b, t, bf16)))
+            if rows:
+                getattr(res, kind)[(hq, hkv, d)] = rows
+            log(f"  {kind} {hq}-{hkv}-{d}: {len(rows)} cells")
+    res.kernels = {
+        "gemm": f"jax.jit(jnp.dot(x, w, preferred_element_type=bfloat16)), dtypes {', '.join(dtypes)} "
+                f"(fp8 = float8_e4m3fn x float8_e4m3fn, no scales)",
+        "decode": ", ".join(sorted(attn.used_impl["decode"])) or "-",
+        "prefill": ", ".join(sorted(attn.used_impl["prefill"])) or "-",
+        "attention backend": type(attn).__name__,
+        "jax": jax.__version__,
+    }
+    if isinstance(attn, FlashAttnKernels):
+        import flash_attn
+        import torch
+        res.kernels["torch"], res.kernels["flash_attn"] = torch.__version__, flash_attn.__version__
+    _fp8_check(res)
+    return res
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:200] if text else ''}"
+
+
+def _fp8_check(res: Results) -> None:
+    """Flag an FP8 GEMM no faster than BF16 at large m: XLA may have run it as a BF16 GEMM."""
+    big = {}
+    for r in res.gemm:
+        key = (r["m"], r["k"], r["n"])
+        big.setdefault(key, {})[r["dtype"]] = r["latency_us"]
+    ratios = [v["bf16"] / v["fp8"] for (m, k, n), v in big.items() if "fp8" in v and "bf16" in v and m >= 4096]
+    if ratios:
+        med = statistics.median(ratios)
+        res.notes.append(f"fp8/bf16 GEMM speed-up at m >= 4096: median {med:.2f}x over {len(ratios)} shapes"
+                         + ("" if med > 1.2 else " — WARNING: FP8 is not faster; XLA may not have used FP8 "
+                                                "tensor cores, do not use the fp8 rows"))
+
+
+# ---------------------------------------------------------------- writing
+
+def _num(v: float) -> str:
+    if v is None or not math.isfinite(v):
+        return ""
+    return f"{float(f'{v:.4g}'):.10g}"
+
+
+def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
+    lines = [",".join(cols)]
+    for r in rows:
+        lines.append(",".join(_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols))
+    _atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_tables(out: Path, gpu_name: str, res: Results, *, device_desc: str, grid_name: str, grid: Grid,
+                 repeats: int, command: str) -> list[Path]:
+    """Write ``res`` under ``out`` in the bench_data schema; returns the files written."""
+    out = Path(out)
+    written = []
+    if res.gemm:
+        p = out / "gemm" / gpu_name / "data.csv"
+        _write_csv(p, ["m", "k", "n", "latency_us", "mfu", "dtype"], res.gemm)
+        written.append(p)
+    for kind, cols in (("decode", ["dtype", "kv_dtype", "batch_size", "kv_len", "latency_us", "mfu"]),
+                       ("prefill", ["dtype", "batch_size", "seq_len", "latency_us", "mfu"])):
+        for (hq, hkv, d), rows in sorted(getattr(res, kind).items()):
+            p = out / "mha" / kind / gpu_name / f"{hq}-{hkv}-{d}.csv"
+            _write_csv(p, cols, rows)
+            written.append(p)
+    src = out / f"SOURCE_{gpu_name}.md"
+    _atomic_write_text(src, _source_md(gpu_name, res, device_desc=device_desc, grid_name=grid_name, grid=grid,
+                                       repeats=repeats, command=command, files=written, out=out))
+    return written + [src]
+
+
+def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats, command, files, out) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"# Provenance of `{gpu_name}` tables",
+        "",
+        f"Measured on {now} by `{command}` (`costmodel/benchmarks/harness.py`).",
+        "",
+        f"* Device: {device_desc}",
+        f"* Host: {platform.node() or '?'}, {platform.platform()}, Python {platform.python_version()}",
+    ]
+    lines += [f"* {k}: {v}" for k, v in res.kernels.items()]
+    lines += [
+        "",
+        "## Method",
+        "",
+        "* One call of the kernel on random bf16 (or fp8) inputs already on the device.",
+        f"* Timing: compile + 2 warm-up calls, then {repeats} repeats of N back-to-back calls followed by one "
+        "device synchronization (N chosen for about 2 ms per repeat); `latency_us` = median over repeats of the "
+        "time per call.  Calls are dispatched eagerly from Python (no CUDA graph): kernels shorter than the host "
+        "dispatch cost read as that cost.",
+        "* GEMM: y[m,n] = x[m,k] W[k,n], output bf16, fp32 accumulation; `mfu` = 2mkn / (t * peak[dtype]).",
+        "* Decode: one query token per sequence over `kv_len` keys in a contiguous (not paged) bf16 KV cache; "
+        "`mfu` = 4 hq d kv_len batch / (t * bf16 peak).",
+        "* Prefill: causal attention over `seq_len` new tokens per sequence, no cached prefix; "
+        "`mfu` = 4 hq d (seq_len^2 / 2) batch / (t * bf16 peak).",
+        "* Head counts in file names are per GPU.  Values are rounded to 4 significant digits.",
+        "* `mfu` is empty when the GPU name is not one `costmodel.hardware` knows (no peak).",
+        "",
+        f"## Grid `{grid_name}`",
+        "",
+        f"* GEMM m: {', '.join(map(str, grid.gemm_m))}",
+        f"* GEMM (k, n): {', '.join(f'({k}, {n})' for k, n in grid.gemm_kn)}",
+        f"* decode layouts: {', '.join('-'.join(map(str, h)) for h in grid.decode_layouts)}; batch "
+        f"{', '.join(map(str, grid.decode_batch))}; kv_len {', '.join(map(str, grid.decode_kv))}",
+        f"* prefill layouts: {', '.join('-'.join(map(str, h)) for h in grid.prefill_layouts)}; batch "
+        f"{', '.join(map(str, grid.prefill_batch))}; seq_len {', '.join(map(str, grid.prefill_seq))}",
+        "",
+        "## Files",
+        "",
+    ]
+    lines += [f"* `{p.relative_to(out)}`" for p in files]
+    if res.notes:
+        lines += ["", "## Notes", ""] + [f"* {n}" for n in res.notes]
+    if res.skipped:
+        lines += ["", f"## Skipped cells ({len(res.skipped)}: over the memory budget or failed)", ""]
+        lines += [f"* {s}" for s in res.skipped]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- command line
+
+def gpu_devices():
+    """The JAX GPU devices, or [] when there is no GPU backend."""
+    import jax
+    try:
+        return list(jax.devices("gpu"))
+    except RuntimeError:
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description="Measure GEMM and attention kernels on the local GPU "
+                                 "and write bench_data tables (gemm/, mha/decode/, mha/prefill/, SOURCE_<gpu>.md).")
+    ap.add_argument("--out", required=True, help="bench_data folder to write into (created if needed)")
+    ap.add_argument("--gpu-name", required=True,
+                    help="table folder name, e.g. h100_sxm (must be one of costmodel.hardware's table_dirs "
+                         "for the loader to find it)")
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
+    ap.add_argument("--attn-backend", choices=("auto", "jax", "flash-attn"), default="auto",
+                    help="auto: PyTorch + flash-attn when importable, else JAX (cuDNN, XLA fallback)")
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--allow-cpu", action="store_true",
+                    help="without a GPU, run the tiny grid on the CPU (tests the writer; numbers are meaningless)")
+    args = ap.parse_args(argv)
+    if not args.gpu_name or "/" in args.gpu_name or args.gpu_name.startswith("."):
+        ap.error(f"--gpu-name must be a plain folder name, got {args.gpu_name!r}")
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to PyTorch / big cells
+    import jax
+
+    gpus = gpu_devices()
+    grid_name = args.grid
+    if gpus:
+        device = gpus[0]
+    elif not args.allow_cpu:
+        print(f"{PROG}: {NO_GPU_MESSAGE} (jax.devices('gpu') is empty; --allow-cpu runs the tiny grid on the "
+              f"CPU to test the writer)")
+        return 0
+    else:
+        device = jax.devices("cpu")[0]
+        if grid_name != "tiny":
+            print(f"{PROG}: no GPU found; --allow-cpu runs the tiny grid on the CPU (not {grid_name})")
+        grid_name = "tiny"
+    if args.attn_backend == "flash-attn" and not (gpus and _flash_attn_available()):
+        print(f"{PROG}: error: --attn-backend flash-attn needs torch, flash_attn and CUDA", file=sys.stderr)
+        return 2
+    if _peaks(args.gpu_name) is None:
+        print(f"{PROG}: warning: '{args.gpu_name}' is not a GPU costmodel.hardware knows: mfu left empty and "
+              f"the loader will not find these tables under that name", file=sys.stderr)
+    desc = f"{device.device_kind} ({device.platform}, {device})"
+    print(f"{PROG}: measuring grid '{grid_name}' on {desc} -> {args.out} (gpu folder {args.gpu_name})")
+    grid = GRIDS[grid_name]
+    t0 = time.perf_counter()
+    res = run_benchmarks(grid, device, gpu_name=args.gpu_name, attn_backend=args.attn_backend,
+                         repeats=args.repeats, log=lambda s: print(s, flush=True))
+    command = " ".join([PROG] + (argv if argv is not None else sys.argv[1:]))
+    files = write_tables(Path(args.out), args.gpu_name, res, device_desc=desc, grid_name=grid_name, grid=grid,
+                         repeats=args.repeats, command=command)
+    for n in res.notes:
+        print(f"  note: {n}")
+    print(f"{PROG}: wrote {len(files)} files under {args.out} in {time.perf_counter() - t0:.0f} s "
+          f"({len(res.gemm)} GEMM points, {sum(map(len, res.decode.values()))} decode, "
+          f"{sum(map(len, res.prefill.values()))} prefill; {len(res.skipped)} cells skipped)")
+    return 0

@@ -1,0 +1,398 @@
+"""Cross-validation of the kernel tables.
+
+    python -m costmodel.crossval [--bench-data DIR ...] [--points 300] [--seed 0] [--no-cross] [--out FILE.md]
+
+1. **Leave-one-out (LOO) interpolation error**, per bench_data folder, GPU and kernel type (GEMM per dtype,
+   decode, prefill, all-reduce): one measured cell is removed, the table is rebuilt by the loader's own
+   builders (`tables.load_gemm`, `load_attention`, `load_allreduce`, reading CSVs written to a temporary
+   folder) and the rebuilt table's interpolant (`gemm_table_us`, `attn_table_us` with the slopes
+   `kernels` uses, `comm_table_us`) predicts the removed cell.  A cell is one grid point of the loader
+   (duplicates, e.g. one per-GPU head layout measured in two InferSim files, keep their minimum, as the
+   loader does); attention uses the bf16/bf16 rows the loader reads; the error is against the raw measured
+   value (before the noise policy).  Rebuilding costs ~0.1 s, so at most ``--points`` cells per kernel
+   type are drawn at random (fixed ``--seed``).
+
+   To keep a rebuild fast the CSV written holds the held-out cell's own series (same (dtype, k, n) for
+   GEMM, same per-GPU head layout for attention) plus, for every grid value (m; kv_len/seq_len and batch)
+   that series lacks, one real cell of another series carrying it.  The loader fills, cleans and
+   interpolates each series on the union grid independently of the other series' values, so the
+   prediction is the one the full table minus the cell gives (checked in tests/test_crossval.py).
+
+2. **Cross-source error on H100**: InferSim's measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM,
+   FA3 decode and prefill, per-GPU heads = file heads / T) priced from the repo's AIConfigurator-derived
+   tables, and the repo's points priced from InferSim's tables, with the pricing of ``costmodel kernels``
+   (`kernel_queries`: `kernels.gemm_us` incl. the FP8-table -> BF16 transfer, `kernels.attn_decode_us`,
+   `kernels.attn_prefill_us` on the nearest head layout, default `Params`).  "in range" restricts to
+   points inside the predicting table's measured range (GEMM m, k, n; attention: same per-GPU layout
+   measured, length and batch within that layout's range).
+
+Errors are relative, pred / measured - 1: median and 90th percentile of |err|, and the signed median
+(bias; > 0 = over-predicted).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pandas as pd
+
+from . import kernels, ops
+from .errors import InputError
+from .hardware import get_gpu
+from .model import DTYPE_BYTES
+from .params import Params
+from .tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce, load_attention, load_gemm, load_tables, nearest_layout)
+
+PROG = "python -m costmodel.crossval"
+LENGTH = {"decode": "kv_len", "prefill": "seq_len"}
+SLOPES = {"decode": (1.0, 0.0), "prefill": (2.0, kernels.PREFILL_SLOPE_LO)}  # as kernels.attn_*_us use them
+
+
+# ---------------------------------------------------------------- measured cells
+
+def discover(root: Path) -> dict[str, dict[str, Path]]:
+    """GPU folder name -> {kind: path} for every table the loader would read under ``root``."""
+    root = Path(root)
+    found: dict[str, dict[str, Path]] = {}
+    for kind, sub, fname in (("gemm", "gemm", "data.csv"), ("decode", "mha/decode", None),
+                             ("prefill", "mha/prefill", None), ("allreduce", "allreduce", "data.csv")):
+        base = root / sub
+        if not base.is_dir():
+            continue
+        for d in sorted(p for p in base.iterdir() if p.is_dir()):
+            path = d / fname if fname else d
+            if (fname and path.is_file()) or (not fname and any(d.glob("*.csv"))):
+                found.setdefault(d.name, {})[kind] = path
+    return found
+
+
+def measured_cells(kind: str, path: Path) -> pd.DataFrame:
+    """The loader's measured grid cells of one table (duplicates at their minimum, as the loader keeps)."""
+    if kind == "gemm":
+        _, df, _ = load_gemm(Path(path), [])
+        return df.groupby(["dtype", "k", "n", "m"], as_index=False)["latency_us"].min()
+    if kind in LENGTH:
+        table, _, df, _ = load_attention(Path(path), kind, [])
+        if table is None:
+            return pd.DataFrame(columns=["hq", "hkv", "d", LENGTH[kind], "batch_size", "latency_us"])
+        return df.groupby(["hq", "hkv", "d", LENGTH[kind], "batch_size"], as_index=False)["latency_us"].min()
+    if kind == "allreduce":
+        _, df = load_allreduce(Path(path))
+        return df.groupby(["num_gpus", "message_bytes"], as_index=False)["latency_us"].min()
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------- leave-one-out
+
+@dataclass(frozen=True)
+class _Spec:
+    series: tuple[str, ...]  # columns identifying the interpolated series a cell belongs to
+    axes: tuple[str, ...]  # grid axes whose union over all series the loader uses
+
+
+SPECS = {"gemm": _Spec(("k", "n"), ("m",)),
+         "decode": _Spec(("hq", "hkv", "d"), ("kv_len", "batch_size")),
+         "prefill": _Spec(("hq", "hkv", "d"), ("seq_len", "batch_size")),
+         "allreduce": None}  # small: rebuilt whole
+
+
+def reduced_cells(cells: pd.DataFrame, i, kind: str) -> pd.DataFrame:
+    """``cells`` without row ``i``, cut down to row i's series plus one carrier cell for every grid value
+    the series lacks (see the module docstring).  The whole rest when the series would be empty."""
+    rest = cells.drop(index=i)
+    spec = SPECS[kind]
+    if spec is None:
+        return rest
+    mask = np.ones(len(rest), bool)
+    for c in spec.series:
+        mask &= rest[c].to_numpy() == cells.at[i, c]
+    series, others = rest[mask], rest[~mask]
+    if series.empty:
+        return rest
+    keep = []
+    for ax in spec.axes:
+        have = set(series[ax]) | set(others.loc[keep, ax]) if keep else set(series[ax])
+        for v in sorted(set(others[ax]) - have):
+            keep.append(others.index[np.argmax(others[ax].to_numpy() == v)])
+    return pd.concat([series, others.loc[keep]])
+
+
+def _write_table(kind: str, cells: pd.DataFrame, folder: Path) -> Path:
+    """Write ``cells`` into ``folder`` in the bench_data schema; return what the builder reads."""
+    if kind == "gemm":
+        p = folder / "data.csv"
+        cells[["m", "k", "n", "latency_us", "dtype"]].to_csv(p, index=False)
+        return p
+    if kind == "allreduce":
+        p = folder / "data.csv"
+        cells[["num_gpus", "message_bytes", "latency_us"]].to_csv(p, index=False)
+        return p
+    d = folder / kind
+    if d.exists():
+        shutil.rmtree(d)
+    d.mkdir(parents=True)
+    cols = ["batch_size", LENGTH[kind], "latency_us"]
+    for (hq, hkv, hd), g in cells.groupby(["hq", "hkv", "d"]):
+        out = g[cols].assign(dtype="bf16")
+        if kind == "decode":
+            out = out.assign(kv_dtype="bf16")
+        out.to_csv(d / f"{int(hq)}-{int(hkv)}-{int(hd)}.csv", index=False)
+    return d
+
+
+def predict_from_cells(kind: str, cells: pd.DataFrame, query: pd.Series, folder: Path) -> float:
+    """Build the table of ``cells`` with the loader and predict the cell ``query``."""
+    path = _write_table(kind, cells, folder)
+    if kind == "gemm":
+        tabs, _, _ = load_gemm(path, [])
+        return float(gemm_table_us(tabs[query["dtype"]], float(query.m), float(query.k), float(query.n)))
+    if kind == "allreduce":
+        tab, _ = load_allreduce(path)
+        return float(comm_table_us(tab, float(query.num_gpus), float(query.message_bytes)))
+    tab, heads, _, _ = load_attention(path, kind, [])
+    c = heads.index((int(query.hq), int(query.hkv), int(query.d)))
+    hi, lo = SLOPES[kind]
+    return float(attn_table_us(tab, c, float(query.batch_size), float(query[LENGTH[kind]]), hi, lo))
+
+
+def leave_one_out(kind: str, cells: pd.DataFrame, points: int | None = 300, seed: int = 0,
+                  full_rebuild: bool = False) -> pd.DataFrame:
+    """LOO predictions of (a sample of) ``cells`` of one table kind (GEMM: one dtype).
+
+    Returns the sampled cells with ``predicted_us`` and ``rel_err`` = predicted / measured - 1."""
+    cells = cells.reset_index(drop=True)
+    idx = np.arange(len(cells))
+    if points is not None and len(idx) > points:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, points, replace=False))
+    pred = np.empty(len(idx))
+    with tempfile.TemporaryDirectory(prefix="costmodel-loo-") as tmp:
+        for j, i in enumerate(idx):
+            red = cells.drop(index=i) if full_rebuild else reduced_cells(cells, i, kind)
+            pred[j] = predict_from_cells(kind, red, cells.loc[i], Path(tmp))
+    out = cells.loc[idx].copy()
+    out["predicted_us"] = pred
+    out["rel_err"] = pred / out.latency_us.to_numpy() - 1.0
+    return out
+
+
+def summarize(rel) -> dict:
+    rel = np.asarray(rel, float)
+    rel = rel[np.isfinite(rel)]
+    if rel.size == 0:
+        return {"n": 0, "median_abs": np.nan, "p90_abs": np.nan, "bias": np.nan}
+    a = np.abs(rel)
+    return {"n": int(rel.size), "median_abs": float(np.median(a)), "p90_abs": float(np.percentile(a, 90)),
+            "bias": float(np.median(rel))}
+
+
+def loo_report(roots: list[Path], points: int = 300, seed: int = 0, log=None) -> list[dict]:
+    """LOO summary rows for every GPU folder and kernel type under each bench_data root."""
+    rows = []
+    for root in roots:
+        for gpu, kinds in discover(root).items():
+            for kind, path in kinds.items():
+                cells = measured_cells(kind, path)
+                groups = cells.groupby("dtype") if kind == "gemm" else [(None, cells)]
+                for dtype, g in groups:
+                    t0 = time.perf_counter()
+                    res = leave_one_out(kind, g, points, seed)
+                    label = f"gemm {dtype}" if dtype else kind
+                    rows.append({"bench_data": _label(root), "gpu": gpu, "kernel": label, "cells": len(g),
+                                 **summarize(res.rel_err)})
+                    if log:
+                        log(f"  LOO {_label(root)} {gpu} {label}: {len(res)}/{len(g)} cells in "
+                            f"{time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+# ---------------------------------------------------------------- pricing (as `costmodel kernels`)
+
+def price_gemm(tables, m, k, n, dtype: str) -> np.ndarray:
+    """`kernel_queries._gemm` vectorized: GEMM time (µs) of each (m, k, n) in ``dtype``."""
+    gpu, p = tables.gpu, Params()
+    want = "bf16" if dtype == "fp16" else dtype
+    same = want in tables.gemm
+    tdt = want if same else sorted(tables.gemm)[0]
+    hw = kernels.Hardware(gpu.peak_flops(dtype), gpu.peak_flops(tdt), gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s)
+    ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((tdt, dtype), 1.0)
+    table, wb, twb = tables.gemm[tdt], float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[tdt])
+    f = jax.jit(jax.vmap(lambda m, k, n: kernels.gemm_us(table, ops.Gemm(m, k, n), wb, twb, hw, p, same, ratio)))
+    return np.asarray(f(*(jnp.asarray(np.asarray(v, np.float32)) for v in (m, k, n))), float)
+
+
+def price_attention(tables, kind: str, pts: pd.DataFrame) -> np.ndarray:
+    """`kernel_queries` attention pricing of each row (hq, hkv, d per GPU, batch_size, kv_len|seq_len)."""
+    p, out = Params(), np.zeros(len(pts))
+    table, layouts = getattr(tables, kind), getattr(tables, f"{kind}_heads")
+    col = LENGTH[kind]
+    for (hq, hkv, d), g in pts.groupby(["hq", "hkv", "d"]):
+        c, s = nearest_layout(layouts, float(hq), float(hkv), float(d), kind)
+        b = jnp.asarray(g.batch_size.to_numpy(np.float32))
+        L = jnp.asarray(g[col].to_numpy(np.float32))
+        if kind == "decode":
+            f = jax.vmap(lambda b, L: kernels.attn_decode_us(table, c, s, b, b * L, p))
+        else:
+            dims = ops.Dims(0.0, 0.0, float(hq), float(hkv), float(d), 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)
+            f = jax.vmap(lambda b, L: kernels.attn_prefill_us(table, c, s, b, ops.prefill_pairs(dims, L, 0.0) * b, p))
+        out[pts.index.get_indexer(g.index)] = np.asarray(jax.jit(f)(b, L), float)
+    return out
+
+
+def _in_range_gemm(pts, ref):
+    ok = np.ones(len(pts), bool)
+    for c in ("m", "k", "n"):  # noqa: B007
+        ok &= (pts[c].to_numpy() >= ref[c].min()) & (pts[c].to_numpy() <= ref[c].max())
+    return ok
+
+
+def _in_range_attn(pts, ref, kind):
+    col, ok = LENGTH[kind], np.zeros(len(pts), bool)
+    for key, r in ref.groupby(["hq", "hkv", "d"]):
+        m = ((pts.hq == key[0]) & (pts.hkv == key[1]) & (pts.d == key[2])).to_numpy().copy()
+        m &= (pts[col].to_numpy() >= r[col].min()) & (pts[col].to_numpy() <= r[col].max())
+        m &= (pts.batch_size.to_numpy() >= r.batch_size.min()) & (pts.batch_size.to_numpy() <= r.batch_size.max())
+        ok |= m
+    return ok
+
+
+def cross_source(root_a: Path, root_b: Path, gpu_name: str = "H100") -> list[dict]:
+    """Points of each source priced from the other source's tables (both directions)."""
+    gpu = get_gpu(gpu_name)
+    rows = []
+    for pts_root, tab_root in ((root_a, root_b), (root_b, root_a)):
+        tables = load_tables(tab_root, gpu)
+        cells = {k: measured_cells(k, Path(tables.sources[k])) for k in ("gemm",)}
+        pts_tables = load_tables(pts_root, gpu)
+        pts = {k: measured_cells(k, Path(pts_tables.sources[k])) for k in ("gemm", "decode", "prefill")}
+        for dtype, g in pts["gemm"].groupby("dtype"):
+            g = g.reset_index(drop=True)
+            pred = price_gemm(tables, g.m, g.k, g.n, dtype)
+            tdt = dtype if dtype in tables.gemm else sorted(tables.gemm)[0]
+            ok = _in_range_gemm(g, cells["gemm"][cells["gemm"].dtype == tdt])
+            via = "" if tdt == dtype else f" (from {tdt} table)"
+            rows.append(_cross_row(pts_root, tab_root, f"gemm {dtype}{via}", pred / g.latency_us - 1, ok))
+        for kind in ("decode", "prefill"):
+            g = pts[kind].reset_index(drop=True)
+            pred = price_attention(tables, kind, g)
+            ref = measured_cells(kind, Path(tables.sources[kind]))
+            ok = _in_range_attn(g, ref, kind)
+            rows.append(_cross_row(pts_root, tab_root, kind, pred / g.latency_us.to_numpy() - 1, ok))
+    return rows
+
+
+def _cross_row(pts_root, tab_root, kernel, rel, ok) -> dict:
+    rel = np.asarray(rel, float)
+    a, b = summarize(rel), summarize(rel[ok])
+    return {"points": _label(pts_root), "tables": _label(tab_root), "kernel": kernel,
+            "n": a["n"], "median_abs": a["median_abs"], "p90_abs": a["p90_abs"], "bias": a["bias"],
+            "n_in_range": b["n"], "in_range_median_abs": b["median_abs"], "in_range_p90_abs": b["p90_abs"],
+            "in_range_bias": b["bias"]}
+
+
+def floors(roots: list[Path], gpu_name: str = "H100") -> list[dict]:
+    """Smallest measured times: the fixed cost each source's kernels (and timing method) carry."""
+    rows = []
+    for root in roots:
+        t = load_tables(root, get_gpu(gpu_name))
+        g = measured_cells("gemm", Path(t.sources["gemm"]))
+        row = {"bench_data": _label(root), "gpu": Path(t.sources["gemm"]).parent.name}
+        for dt, gg in g.groupby("dtype"):
+            row[f"gemm {dt} min"] = float(gg.latency_us.min())
+        for kind in ("decode", "prefill"):
+            c = measured_cells(kind, Path(t.sources[kind]))
+            mins = c.groupby(["hq", "hkv", "d"]).latency_us.min()
+            row[f"{kind} min (median over layouts)"] = float(mins.median())
+            row[f"{kind} smallest {LENGTH[kind]}"] = int(c[LENGTH[kind]].min())
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- output
+
+def _label(root: Path) -> str:
+    root = Path(root).resolve()
+    if root == default_bench_data().resolve():
+        return "repo"
+    try:
+        return os.path.relpath(root)
+    except ValueError:
+        return str(root)
+
+
+def markdown(rows: list[dict], pct: tuple[str, ...] = ()) -> str:
+    if not rows:
+        return "(none)\n"
+    cols = list(dict.fromkeys(c for r in rows for c in r))
+
+    def fmt(c, v):
+        if v is None or (isinstance(v, float) and not np.isfinite(v)):
+            return "–"
+        if c in pct:
+            return f"{100 * v:+.1f} %" if "bias" in c else f"{100 * v:.1f} %"
+        return f"{v:.1f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(c, r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+PCT = ("median_abs", "p90_abs", "bias", "in_range_median_abs", "in_range_p90_abs", "in_range_bias")
+
+
+def _shared_bench_data() -> Path | None:
+    base = Path(os.environ.get("COSTMODEL_SHARED", default_bench_data().parent.parent / "shared"))
+    return base / "bench_data" if (base / "bench_data").is_dir() else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=PROG, description="Leave-one-out interpolation error of kernel tables, "
+                                 "and the H100 cross-source error between two bench_data folders.")
+    ap.add_argument("--bench-data", action="append", type=Path,
+                    help="bench_data folder (repeatable); default: the repo's and ../shared/bench_data "
+                         "(or $COSTMODEL_SHARED/bench_data) when present")
+    ap.add_argument("--points", type=int, default=300, help="cells sampled per kernel type (default 300)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-loo", action="store_true")
+    ap.add_argument("--no-cross", action="store_true")
+    ap.add_argument("--cross", nargs=2, type=Path, metavar=("A", "B"),
+                    help="the two bench_data folders of the H100 cross-source check (default: the first two)")
+    ap.add_argument("--out", type=Path, help="also write the markdown report here")
+    args = ap.parse_args(argv)
+    roots = args.bench_data or [r for r in (default_bench_data(), _shared_bench_data()) if r is not None]
+    for r in roots:
+        if not r.is_dir():
+            print(f"{PROG}: error: bench_data folder {r} does not exist", file=sys.stderr)
+            return 2
+    log = lambda s: print(s, file=sys.stderr, flush=True)  # noqa: E731
+    parts = [f"Command: `{' '.join([PROG] + (argv if argv is not None else sys.argv[1:]))}`\n"]
+    try:
+        if not args.no_loo:
+            rows = loo_report(roots, args.points, args.seed, log)
+            parts += [f"\n### Leave-one-out interpolation error (up to {args.points} random cells per kernel "
+                      f"type, seed {args.seed})\n\n", markdown(rows, PCT)]
+        cross = args.cross or (roots[:2] if len(roots) >= 2 else None)
+        if not args.no_cross and cross:
+            parts += ["\n### H100 cross-source error (points of one folder priced from the other's tables)\n\n",
+                      markdown(cross_source(*cross), PCT),
+                      "\n### Kernel floors (smallest measured µs)\n\n", markdown(floors(list(cross)))]
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    text = "".join(parts)
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

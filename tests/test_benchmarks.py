@@ -1,0 +1,81 @@
+"""Benchmark harness: the writer produces tables the loader reads; the GPU path runs where there is a GPU."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from costmodel import get_gpu, load_tables
+from costmodel.benchmarks import GRIDS, main, time_call
+from costmodel.benchmarks.harness import NO_GPU_MESSAGE, gpu_devices
+from costmodel.tables import attn_table_us, gemm_table_us
+
+HAS_GPU = bool(gpu_devices())
+
+
+def _check_loadable(root, gpu_folder, grid):
+    t = load_tables(root, get_gpu(gpu_folder))
+    assert t.sources["gemm"].endswith(f"gemm/{gpu_folder}/data.csv")
+    gemm = pd.read_csv(root / "gemm" / gpu_folder / "data.csv")
+    assert list(gemm.columns) == ["m", "k", "n", "latency_us", "mfu", "dtype"]
+    assert (gemm.latency_us > 0).all() and (gemm.mfu > 0).all()
+    assert len(gemm[gemm.dtype == "bf16"]) == len(grid.gemm_m) * len(grid.gemm_kn)
+    # the loader reproduces every measured point (up to its noise policy, which only lowers)
+    r = gemm[gemm.dtype == "bf16"].iloc[-1]
+    assert 0 < float(gemm_table_us(t.gemm["bf16"], r.m, r.k, r.n)) <= r.latency_us * (1 + 1e-4)
+    for kind, col in (("decode", "kv_len"), ("prefill", "seq_len")):
+        heads = getattr(t, f"{kind}_heads")
+        assert heads == sorted(getattr(grid, f"{kind}_layouts"))
+        for hq, hkv, d in heads:
+            df = pd.read_csv(root / "mha" / kind / gpu_folder / f"{hq}-{hkv}-{d}.csv")
+            assert (df.latency_us > 0).all() and (df.dtype == "bf16").all()
+            lengths = grid.decode_kv if kind == "decode" else grid.prefill_seq
+            assert len(df) == len(getattr(grid, f"{kind}_batch")) * len(lengths)
+        tab = getattr(t, kind)
+        assert np.isfinite(np.asarray(tab.log_t)).all()
+        assert float(attn_table_us(tab, 0, 1.0, float(df[col].iloc[0]), 1.0)) > 0
+    assert (root / f"SOURCE_{gpu_folder}.md").is_file()
+    return t
+
+
+def test_cpu_tiny_grid_writes_loadable_tables(tmp_path, capsys):
+    if HAS_GPU:
+        pytest.skip("a GPU is present: --allow-cpu would measure it, covered by the GPU test")
+    assert main(["--out", str(tmp_path), "--gpu-name", "h100_sxm", "--allow-cpu", "--repeats", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny grid on the CPU" in out and "wrote" in out
+    _check_loadable(tmp_path, "h100_sxm", GRIDS["tiny"])
+    src = (tmp_path / "SOURCE_h100_sxm.md").read_text()
+    assert "median" in src and "xla" in src
+
+
+def test_no_gpu_measures_nothing_and_exits_0(tmp_path, capsys):
+    if HAS_GPU:
+        pytest.skip("a GPU is present")
+    assert main(["--out", str(tmp_path / "bd"), "--gpu-name", "h100_sxm"]) == 0
+    assert NO_GPU_MESSAGE in capsys.readouterr().out
+    assert not (tmp_path / "bd").exists()
+
+
+def test_time_call_reports_median_microseconds():
+    import time
+
+    calls = []
+
+    def fn():
+        calls.append(1)
+        time.sleep(1e-3)
+        return 0
+
+    us = time_call(fn, sync=lambda out: None, repeats=3, warmup=1, target_s=2e-3)
+    assert 900 < us < 20000 and len(calls) >= 2 + 1 + 3
+
+
+@pytest.mark.skipif(not HAS_GPU, reason="no GPU: the real small grid needs one")
+def test_gpu_small_grid(tmp_path):
+    dev = gpu_devices()[0]
+    assert main(["--out", str(tmp_path), "--gpu-name", "h100_sxm", "--grid", "small", "--repeats", "5"]) == 0
+    t = _check_loadable(tmp_path, "h100_sxm", GRIDS["small"])
+    gemm = pd.read_csv(tmp_path / "gemm" / "h100_sxm" / "data.csv")
+    big = gemm[(gemm.dtype == "bf16") & (gemm.m == gemm.m.max())]
+    # a large bf16 GEMM reaches a sensible fraction of the (H100) peak; more is impossible
+    assert (big.mfu > 0.05).all() and (big.mfu < 1.5).all(), dev.device_kind
+    assert "decode" in t.sources and "prefill" in t.sources
