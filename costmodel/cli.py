@@ -56,6 +56,10 @@ def cmd_predict(args) -> int:
             for i, r in enumerate(records):
                 fh.write(json.dumps({"id": r.id, "predicted_us": round(float(total[i]), 3),
                                      "breakdown_us": {k: round(float(v[i]), 3) for k, v in parts.items()}}) + "\n")
+        tabs = {g: pred._tables[g] for g in gpus}
+        meta = {"records": str(args.records), "calibration": cal_name,
+                "tables": {g: t.sources for g, t in tabs.items()}}
+        _atomic_write(str(args.out) + ".meta.json", lambda fh: json.dump(meta, fh, indent=1))
         _atomic_write(args.out, write)
     tabs = {g: pred._tables[g] for g in gpus}
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
@@ -127,7 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
                             help="step records, JSON Lines (schema: README; default: the packaged example)")
         sp.add_argument("--model-configs", default=None,
                         help="folder of <model>/config.json (default: configs shipped in the package)")
-        sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
+        sp.add_argument("--bench-data", default=None,
+                        help="kernel tables folder (default: the repo's bench_data/); mix sources with "
+                             "DIR,gemm=DIR2,decode=DIR3,prefill=DIR4,allreduce=DIR5")
 
     sp = sub.add_parser("predict", help="predict step records")
     common(sp)
@@ -154,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bench-data", default=None)
     sp.add_argument("--out", required=True, help="calibration JSON to write")
     sp.add_argument("--holdout", default=None, help="comma-separated source names held out of the fit")
-    sp.add_argument("--steps", type=int, default=300, help="optimizer iterations")
+    sp.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    sp.add_argument("--leave-one-run-out", action="store_true",
+                    help="fit once per run without it and report held-out MAPE (writes the table to --out)")
     sp.set_defaults(func=cmd_fit)
 
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")

@@ -2,11 +2,12 @@
 
 Loss: a Huber loss on log(predicted / measured) per record (records are sums of steps), each (source, kind)
 group weighted equally so that one large run does not dominate, plus the Gaussian log-prior of every
-parameter (`params.PRIORS`).  Parameters are optimized in log space (positive by construction) with Adam,
-the whole loop jitted (`jax.lax.scan`), deterministic for the same inputs.
+parameter (`params.PRIORS`).  Parameters are optimized in log space (positive by construction) with optax's
+L-BFGS, the whole loop jitted (`jax.lax.scan`), deterministic for the same inputs.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from datetime import date
@@ -43,10 +44,16 @@ def _weights(records) -> np.ndarray:
 
 def make_loss(predictor, records, prior_weight: float = 1.0):
     """(loss(theta, data), predict(theta, data), data) over all records at once; theta = log parameters.
-    ``data`` (tables, layouts, steps, measurements) is passed as an argument, not baked in as constants."""
-    from .step import step_time
+
+    ``data`` holds each group's parameter-free step features (`step.features`, computed once here) and the
+    measurements; per iteration only `step.combine` runs.  It is an argument, not a baked-in constant."""
+    from .step import combine, features
     statics, groups = _groups(predictor, records)
-    data = {"groups": groups, "meas": jnp.asarray([r.measured_us for r in records], jnp.float32),
+    feats = []
+    for static, (arrays, layout, steps, owner) in zip(statics, groups):
+        f = jax.jit(jax.vmap(lambda s, a=arrays, lay=layout, st=static: features(a, lay, s, st)))(steps)
+        feats.append((layout, f, owner))
+    data = {"groups": feats, "meas": jnp.asarray([r.measured_us for r in records], jnp.float32),
             "w": jnp.asarray(_weights(records), jnp.float32)}
     mu, sig = prior_arrays()
     n = len(records)
@@ -54,8 +61,8 @@ def make_loss(predictor, records, prior_weight: float = 1.0):
     def predict(theta, data):
         p = from_log(theta)
         total = jnp.zeros(n, jnp.float32)
-        for static, (arrays, layout, steps, owner) in zip(statics, data["groups"]):
-            t = jax.vmap(lambda s: step_time(arrays, layout, p, s, static)[0])(steps)
+        for static, (layout, f, owner) in zip(statics, data["groups"]):
+            t = jax.vmap(lambda x: combine(x, layout, p, static)[0])(f)
             total = total + jax.ops.segment_sum(t, owner, num_segments=n)
         return total
 
@@ -68,32 +75,59 @@ def make_loss(predictor, records, prior_weight: float = 1.0):
     return loss, predict, data
 
 
-def fit(predictor, records, steps: int = 300, learning_rate: float = 0.05, init: Params | None = None):
-    """Fit the residual parameters; returns (Params, report dict)."""
+def fit(predictor, records, steps: int = 100, init: Params | None = None):
+    """Fit the residual parameters with optax's L-BFGS; returns (Params, report dict)."""
     if any(r.measured_us is None for r in records):
         raise InputError("every record used for fitting needs measured_us", field="measured_us")
+    t0 = time.perf_counter()
     loss, predict, data = make_loss(predictor, records)
+    jax.block_until_ready(data)
+    t_features = time.perf_counter() - t0
     theta0 = to_log(init or Params())
-    opt = optax.adam(learning_rate)
+    opt = optax.lbfgs()
 
     @jax.jit
     def run(theta, data):
+        fn = functools.partial(loss, data=data)
+        value_and_grad = optax.value_and_grad_from_state(fn)
+
         def body(carry, _):
             th, st = carry
-            val, g = jax.value_and_grad(loss)(th, data)
-            upd, st = opt.update(g, st, th)
+            val, g = value_and_grad(th, state=st)
+            upd, st = opt.update(g, st, th, value=val, grad=g, value_fn=fn)
             return (optax.apply_updates(th, upd), st), val
         (th, _), hist = jax.lax.scan(body, (theta, opt.init(theta)), None, length=steps)
-        return th, hist, jnp.linalg.norm(jax.grad(loss)(th, data))
+        return th, hist, jnp.linalg.norm(jax.grad(fn)(th))
 
-    t0 = time.perf_counter()
     theta, hist, gnorm = run(theta0, data)
-    elapsed = time.perf_counter() - t0
     hist = np.asarray(hist)
-    report = {"iterations": steps, "loss_start": float(hist[0]), "loss_end": float(hist[-1]),
-              "loss_change_last_10pct": float(hist[int(steps * 0.9)] - hist[-1]), "grad_norm_end": float(gnorm),
-              "seconds": round(elapsed, 2)}
+    report = {"optimizer": "optax.lbfgs", "iterations": steps, "loss_start": float(hist[0]),
+              "loss_end": float(hist[-1]), "loss_change_last_10pct": float(hist[int(steps * 0.9)] - hist[-1]),
+              "grad_norm_end": float(gnorm), "features_seconds": round(t_features, 2),
+              "seconds": round(time.perf_counter() - t0, 2)}
     return from_log(theta), report
+
+
+def leave_one_run_out(predictor, records, steps: int = 100) -> list[dict]:
+    """For each run (``source``): fit on all other runs, report MAPE on the held-out run per kind, next to the
+    uncalibrated and the all-runs-fitted MAPE of the same records."""
+    sources = sorted({r.source or "-" for r in records})
+    full, _ = fit(predictor, records, steps=steps)
+    rows = []
+    for src in sources:
+        test = [r for r in records if (r.source or "-") == src]
+        train = [r for r in records if (r.source or "-") != src]
+        held, _ = fit(predictor, train, steps=steps)
+        preds = {name: predictor.predict(test, p)[0] for name, p in
+                 (("none", Params()), ("held_out", held), ("all_runs", full))}
+        for kind in sorted({r.kind or "-" for r in test}):
+            idx = [i for i, r in enumerate(test) if (r.kind or "-") == kind]
+            meas = np.array([test[i].measured_us for i in idx])
+            row = {"held_out_run": src, "kind": kind, "n": len(idx)}
+            for name, pr in preds.items():
+                row[f"mape_{name}_pct"] = float(np.mean(np.abs(pr[idx] / meas - 1)) * 100)
+            rows.append(row)
+    return rows
 
 
 def params_to_dict(p: Params) -> dict:
@@ -156,6 +190,13 @@ def run_fit_cli(args) -> int:
     from .records import Predictor, read_records
 
     records = [r for f in args.records for r in read_records(f)]
+    if args.leave_one_run_out:
+        rows = leave_one_run_out(Predictor(args.model_configs, args.bench_data), records, steps=args.steps)
+        print("leave-one-run-out MAPE (%): uncalibrated, fitted without the run, fitted on all runs")
+        _print_table(rows)
+        _atomic_write(args.out, lambda fh: json.dump(rows, fh, indent=1))
+        print(f"wrote {args.out}")
+        return 0
     hold = set(args.holdout.split(",")) if args.holdout else set()
     train = [r for r in records if (r.source or "") not in hold]
     test = [r for r in records if (r.source or "") in hold]

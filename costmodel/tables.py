@@ -186,7 +186,7 @@ def _index(grid_log: np.ndarray, values) -> np.ndarray:
 
 def _clean(name: str, t: np.ndarray, axes, label, adjustments: list[Adjustment]) -> np.ndarray:
     cleaned = suffix_min(t, axes)
-    for idx in zip(*np.nonzero(~np.isnan(t) & (cleaned < t - 1e-12))):
+    for idx in zip(*np.nonzero(~np.isnan(t) & (np.abs(cleaned - t) > 1e-9 * t))):
         adjustments.append(Adjustment(name, label(idx), float(t[idx]), float(cleaned[idx])))
     return cleaned
 
@@ -293,12 +293,34 @@ def default_bench_data() -> Path:
     return Path(__file__).resolve().parent.parent / "bench_data"
 
 
+TABLE_KINDS = ("gemm", "decode", "prefill", "allreduce")
+
+
+def parse_bench_data(spec: str | Path | None) -> dict[str, Path]:
+    """Table folder per kind from ``DIR`` or ``DIR,kind=DIR2,...`` (kinds: gemm, decode, prefill, allreduce;
+    a spec of only ``kind=DIR`` parts takes the rest from the repo's bench_data)."""
+    base, over = default_bench_data(), {}
+    for part in ([] if spec is None else str(spec).split(",")):
+        if "=" in part:
+            kind, folder = part.split("=", 1)
+            if kind not in TABLE_KINDS:
+                raise InputError(f"unknown table kind '{kind}' (expected {', '.join(TABLE_KINDS)})",
+                                 field="bench_data")
+            over[kind] = Path(folder)
+        elif part:
+            base = Path(part)
+    roots = {k: over.get(k, base) for k in TABLE_KINDS}
+    for folder in set(roots.values()):
+        if not folder.is_dir():
+            raise InputError(f"bench_data folder {folder} does not exist (pass --bench-data DIR; InferSim's "
+                             f"tables are in ../shared/bench_data)", field="bench_data")
+    return roots
+
+
 def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
-    """Load every table the bench_data folder has for ``gpu``."""
-    root = Path(bench_data) if bench_data else default_bench_data()
-    if not root.is_dir():
-        raise InputError(f"bench_data folder {root} does not exist (pass --bench-data DIR; InferSim's "
-                         f"tables are in ../shared/bench_data)", field="bench_data")
+    """Load every table the bench_data folder(s) have for ``gpu``; see `parse_bench_data` for mixing sources."""
+    roots = parse_bench_data(bench_data)
+    root = roots["gemm"]
     adj: list[Adjustment] = []
     tables = Tables(gpu=gpu, root=root, gemm={}, decode=None, prefill=None, allreduce=None, adjustments=adj)
     d = find_gpu_dir(root, "gemm", gpu)
@@ -306,7 +328,7 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
         tables.gemm, tables.measured["gemm"], tables.filled_cells["gemm"] = load_gemm(d / "data.csv", adj)
         tables.sources["gemm"] = str(d / "data.csv")
     for kind in ("decode", "prefill"):
-        d = find_gpu_dir(root, f"mha/{kind}", gpu)
+        d = find_gpu_dir(roots[kind], f"mha/{kind}", gpu)
         if d is None:
             continue
         table, heads, df, nfill = load_attention(d, kind, adj)
@@ -314,14 +336,14 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
             setattr(tables, kind, table)
             setattr(tables, f"{kind}_heads", heads)
             tables.measured[kind], tables.filled_cells[kind], tables.sources[kind] = df, nfill, str(d)
-    d = find_gpu_dir(root, "allreduce", gpu)
+    d = find_gpu_dir(roots["allreduce"], "allreduce", gpu)
     if d is not None and (d / "data.csv").is_file():
         tables.allreduce, tables.measured["allreduce"] = load_allreduce(d / "data.csv")
         tables.sources["allreduce"] = str(d / "data.csv")
     missing = [k for k, v in (("gemm", tables.gemm), ("mha/decode", tables.decode),
                               ("mha/prefill", tables.prefill)) if not v]
     if missing:
-        raise InputError(f"no {', '.join(missing)} table for {gpu.name} under {root} (looked for folders "
+        raise InputError(f"no {', '.join(missing)} table for {gpu.name} under {sorted(set(map(str, roots.values())))} (looked for folders "
                          f"{', '.join(gpu.table_dirs)})", field="gpu")
     return tables
 

@@ -94,3 +94,14 @@ def test_tables_command():
     assert r.returncode == 0
     info = json.loads(r.stdout)
     assert "bf16" in info["gemm"] and info["decode"]["head_layouts_per_gpu"]
+
+
+def test_predict_records_table_sources(tmp_path, shared):
+    out = tmp_path / "o.jsonl"
+    r = run("predict", str(_write(tmp_path, [GOOD])), "--out", str(out),
+            "--bench-data", f"gemm={shared / 'bench_data'}")
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
+    src = meta["tables"]["H100-SXM"]
+    assert src["gemm"].startswith(str(shared)) and "h100_sxm" in src["decode"]
+    assert "gemm=" in r.stdout

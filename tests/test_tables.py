@@ -87,3 +87,17 @@ def test_gradients_with_respect_to_table_values(h100_infersim):
     g = h100_infersim.gemm["fp8"]
     grad = jax.grad(lambda lt: gemm_table_us(g._replace(log_t=lt), 3000.0, 5000.0, 9000.0))(g.log_t)
     assert np.isfinite(np.asarray(grad)).all() and float(jnp.abs(grad).sum()) > 0
+
+
+def test_mixing_table_sources(shared):
+    from costmodel import get_gpu, load_tables
+    from costmodel.tables import default_bench_data
+    t = load_tables(f"{default_bench_data()},gemm={shared / 'bench_data'}", get_gpu("H100"))
+    assert t.sources["gemm"].startswith(str(shared)) and "fp8" in t.gemm and "bf16" not in t.gemm
+    assert t.sources["decode"].startswith(str(default_bench_data())) and t.allreduce is not None
+
+
+def test_unknown_table_kind():
+    from costmodel import InputError, get_gpu, load_tables
+    with pytest.raises(InputError, match="unknown table kind 'gemmm'"):
+        load_tables("gemmm=/tmp", get_gpu("H100"))
