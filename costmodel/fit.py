@@ -47,12 +47,12 @@ def make_loss(predictor, records, prior_weight: float = 1.0):
 
     ``data`` holds each group's parameter-free step features (`step.features`, computed once here) and the
     measurements; per iteration only `step.combine` runs.  It is an argument, not a baked-in constant."""
-    from .step import combine, features
+    from .step import batched_features, combine
     statics, groups = _groups(predictor, records)
-    feats = []
-    for static, (arrays, layout, steps, owner) in zip(statics, groups):
-        f = jax.jit(jax.vmap(lambda s, a=arrays, lay=layout, st=static: features(a, lay, s, st)))(steps)
-        feats.append((layout, f, owner))
+    width_p = max(g[2].prefill_new.shape[1] for g in groups)
+    width_d = max(g[2].decode_ctx.shape[1] for g in groups)
+    feats = [(layout, batched_features(arrays, layout, steps, static, width_p, width_d), owner)
+             for static, (arrays, layout, steps, owner) in zip(statics, groups)]
     data = {"groups": feats, "meas": jnp.asarray([r.measured_us for r in records], jnp.float32),
             "w": jnp.asarray(_weights(records), jnp.float32)}
     mu, sig = prior_arrays()

@@ -48,15 +48,17 @@ def suffix_min(t: np.ndarray, axes: tuple[int, ...]) -> np.ndarray:
     return np.where(np.isnan(t), np.nan, out)
 
 
-def fill_work_axis(t: np.ndarray, x: np.ndarray, slope_hi: float) -> np.ndarray:
+def fill_work_axis(t: np.ndarray, x: np.ndarray, slope_hi: float, slope_lo: float = 0.0,
+                   floor: float = -np.inf) -> np.ndarray:
     """Fill NaN cells of a 1-D series ``t`` over log grid ``x`` (both log-scaled): linear in log-log between
-    measured neighbours, held constant below the first measured node, log-log slope ``slope_hi`` above the
-    last.  A series with no measured cell is returned unchanged (all NaN)."""
+    measured neighbours, log-log slope ``slope_lo`` below the first measured node (never below ``floor``,
+    log µs) and ``slope_hi`` above the last.  A series with no measured cell is returned unchanged."""
     ok = ~np.isnan(t)
     if not ok.any():
         return t
     xs, ts = x[ok], t[ok]
     out = np.interp(x, xs, ts)  # holds the end values outside
-    above = x > xs[-1]
+    above, below = x > xs[-1], x < xs[0]
     out[above] = ts[-1] + slope_hi * (x[above] - xs[-1])
+    out[below] = np.maximum(ts[0] + slope_lo * (x[below] - xs[0]), floor)
     return out

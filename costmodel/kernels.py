@@ -84,10 +84,12 @@ def attn_floor_us(table: AttnTable, c):
 
 
 def attn_decode_table_us(table: AttnTable, c, kv_scale, n_req, total_keys):
-    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all, table time (µs)."""
+    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all, table time (µs).
+    Below the table's kv grid the time falls in proportion to kv length (bandwidth-bound work), never below
+    the layout's smallest measured time (the kernel's fixed cost)."""
     n = jnp.maximum(n_req, 1.0)
-    t = attn_table_us(table, c, n, jnp.maximum(total_keys / n, 1.0) * kv_scale, 1.0)
-    return jnp.where(n_req > 0, t, 0.0)
+    t = attn_table_us(table, c, n, jnp.maximum(total_keys / n, 1.0) * kv_scale, 1.0, DECODE_SLOPE_LO)
+    return jnp.where(n_req > 0, jnp.maximum(t, attn_floor_us(table, c)), 0.0)
 
 
 def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):
@@ -95,6 +97,7 @@ def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):
     return attn_decode_table_us(table, c, kv_scale, n_req, total_keys) * p.attn_decode_scale
 
 
+DECODE_SLOPE_LO = 1.0  # below the decode grid, time proportional to kv length, down to the kernel floor
 PREFILL_SLOPE_LO = 1.0  # below the prefill grid, time proportional to sequence length (MFU falls with it)
 
 

@@ -12,13 +12,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from .errors import InputError
 from .hardware import get_gpu
 from .model import load_model, normalize_dtype
 from .params import Params
-from .step import BREAKDOWN, make_step_fn, pack_steps, setup, validate_step
+from .step import BREAKDOWN, batched_features, combine, make_step_fn, pack_steps, setup, validate_step
 from .tables import Tables, load_tables
 
 
@@ -140,12 +141,19 @@ class Predictor:
 
     def predict(self, records: list[Record], params: Params | dict | None = None):
         """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params`` is one `Params`
-        for all records or a dict GPU name -> `Params` (GPUs not in it get the physical defaults)."""
+        for all records or a dict GPU name -> `Params` (GPUs not in it get the physical defaults).
+
+        Steps are evaluated as parameter-free features in fixed-size chunks (one compilation per GPU
+        table set), then combined with the parameters."""
         total = np.zeros(len(records))
         parts = {k: np.zeros(len(records)) for k in BREAKDOWN}
-        for su, steps, owner in self.group_inputs(records):
+        groups = list(self.group_inputs(records))
+        wp = max(g[1].prefill_new.shape[1] for g in groups)
+        wd = max(g[1].decode_ctx.shape[1] for g in groups)
+        for su, steps, owner in groups:
             p = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
-            t, br = _step_fn(su.static)(su.arrays, su.layout, p, steps)
+            f = batched_features(su.arrays, su.layout, steps, su.static, wp, wd)
+            t, br = _combine_fn(su.static)(f, su.layout, p)
             t = np.asarray(t, dtype=np.float64)
             if not np.all(np.isfinite(t)) or np.any(t <= 0):
                 bad = int(owner[np.argmax(~np.isfinite(t) | (t <= 0))])
@@ -154,6 +162,11 @@ class Predictor:
             for k in BREAKDOWN:
                 np.add.at(parts[k], owner, np.asarray(br[k], dtype=np.float64))
         return total, parts
+
+
+@functools.lru_cache(maxsize=None)
+def _combine_fn(static):
+    return jax.jit(jax.vmap(lambda f, lay, p: combine(f, lay, p, static), in_axes=(0, None, None)))
 
 
 def mape_table(records: list[Record], predicted: np.ndarray) -> list[dict]:

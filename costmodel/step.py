@@ -15,6 +15,7 @@ Composition per step (all times in µs):
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -182,6 +183,37 @@ def combine(f: Features, layout: Layout, params: Params, static: Static):
 def step_time(arrays: Arrays, layout: Layout, params: Params, step: Step, static: Static):
     """Predicted time of one step (µs) and its breakdown by operator class (dict of µs)."""
     return combine(features(arrays, layout, step, static), layout, params, static)
+
+
+@functools.lru_cache(maxsize=None)
+def _features_fn(static: Static):
+    return jax.jit(jax.vmap(lambda a, lay, s: features(a, lay, s, static), in_axes=(None, None, 0)))
+
+
+def pad_steps(steps: Step, n_prefill: int, n_decode: int) -> Step:
+    """Widen the padded request axes of a batch of steps to ``n_prefill`` / ``n_decode`` columns."""
+    def wide(a, n):
+        return jnp.pad(a, ((0, 0), (0, n - a.shape[1])))
+    return Step(wide(steps.prefill_new, n_prefill), wide(steps.prefill_cached, n_prefill),
+                wide(steps.prefill_mask, n_prefill), wide(steps.decode_ctx, n_decode),
+                wide(steps.decode_mask, n_decode))
+
+
+def batched_features(arrays: Arrays, layout: Layout, steps: Step, static: Static, n_prefill: int,
+                     n_decode: int, chunk: int = 4096) -> Features:
+    """`features` of many steps in fixed-size chunks of fixed width, so that every model, TP degree and
+    batch of one GPU reuses a single compilation."""
+    steps = pad_steps(steps, n_prefill, n_decode)
+    n = steps.prefill_new.shape[0]
+    fn = _features_fn(static)
+    out = []
+    for lo in range(0, n, chunk):
+        part = jax.tree_util.tree_map(lambda a: a[lo:lo + chunk], steps)
+        short = chunk - part.prefill_new.shape[0]
+        if short:  # repeat the first step to fill the chunk; the copies are dropped below
+            part = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], short, axis=0)]), part)
+        out.append(jax.tree_util.tree_map(lambda a: a[:chunk - short], fn(arrays, layout, part)))
+    return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out)
 
 
 def make_step_fn(static: Static):

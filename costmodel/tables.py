@@ -14,12 +14,14 @@ Off-grid policy (documented in the README, reported by `costmodel tables`):
 * ``latency_us`` is the measurement; ``mfu`` columns are ignored (derived and sometimes rounded to 0).
 * Noise: a time larger than one measured for strictly more work is lowered to it (lower envelope).
 * Ragged grids: a missing cell is filled along its work axis from its measured neighbours (log-log linear
-  between them, the first value below, time proportional to work above); a missing row from the nearest
-  measured row scaled by work.  Filled cells are flagged and never reported as measurements.
+  between them, time proportional to work above; below: the first value, or for decode time proportional
+  to kv length down to the layout's smallest measured time); a missing row from the nearest measured row
+  scaled by work.  Filled cells are flagged and never reported as measurements.
 * Between and beyond measured GEMM shapes (k, n): each measured shape's time is scaled by the work ratio
   k·n / (k_j·n_j) and the scaled logs are blended bilinearly in (log k, log n), held at the edge shapes.
 * m, kv_len, seq_len above the grid: time proportional to work (slope 1 in m and kv_len, 2 in seq_len);
-  below the grid: the first value (latency floor).  Batch beyond the grid: the extra sequences are folded
+  below the grid: the first value for GEMMs (latency floor); proportional to kv_len down to the layout's
+  smallest measured time for decode; proportional to seq_len for prefill (the step adds the kernel floor).  Batch beyond the grid: the extra sequences are folded
   into longer equivalent ones with the same total work.
 * Head layouts with no file: the nearest measured layout (same head_dim first), with the length rescaled so
   that the work matches: KV bytes for decode (bandwidth-bound), FLOPs for prefill (compute-bound).
@@ -257,9 +259,11 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment]):
     ci = [heads.index(h) for h in zip(g.hq, g.hkv, g.d)]
     raw[ci, _index(ll, g[length_col]), _index(lb, g.batch_size)] = g.latency_us
     grid = np.log(raw)
+    slope_lo = 1.0 if kind == "decode" else 0.0  # decode: kv-proportional down to the layout's floor
     for c in range(len(heads)):
+        floor = np.nanmin(grid[c])
         for j in range(len(lb)):
-            grid[c, :, j] = fill_work_axis(grid[c, :, j], ll, slope)
+            grid[c, :, j] = fill_work_axis(grid[c, :, j], ll, slope, slope_lo, floor)
         have = [j for j in range(len(lb)) if not np.isnan(grid[c, :, j]).all()]
         for j in range(len(lb)):  # batch rows never measured: nearest row, time proportional to batch
             if np.isnan(grid[c, :, j]).all():
