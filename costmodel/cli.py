@@ -102,6 +102,7 @@ def cmd_tables(args) -> int:
         by.setdefault(a.table, []).append(a.measured_us / a.used_us - 1)
     info["adjusted_points"] = {k: {"n": len(v), "median_pct": round(float(np.median(v)) * 100, 2),
                                    "max_pct": round(float(np.max(v)) * 100, 1)} for k, v in by.items()}
+    info["notes"] = t.notes
     print(json.dumps(info, indent=1))
     return 0
 

@@ -50,7 +50,8 @@ from .errors import InputError
 from .hardware import get_gpu
 from .model import DTYPE_BYTES
 from .params import Params
-from .tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce, load_attention, load_gemm, load_tables, nearest_layout)
+from .tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce,
+                     load_attention, load_gemm, load_tables, nearest_layout)
 
 PROG = "python -m costmodel.crossval"
 LENGTH = {"decode": "kv_len", "prefill": "seq_len"}
@@ -200,7 +201,14 @@ def loo_report(roots: list[Path], points: int = 300, seed: int = 0, log=None) ->
     for root in roots:
         for gpu, kinds in discover(root).items():
             for kind, path in kinds.items():
-                cells = measured_cells(kind, path)
+                try:
+                    cells = measured_cells(kind, path)
+                except InputError as e:  # one unreadable file: report it, go on with the other tables
+                    rows.append({"bench_data": _label(root), "gpu": gpu, "kernel": kind, "cells": 0,
+                                 "note": f"not loadable: {e}"})
+                    if log:
+                        log(f"  LOO {_label(root)} {gpu} {kind}: not loadable: {e}")
+                    continue
                 groups = cells.groupby("dtype") if kind == "gemm" else [(None, cells)]
                 for dtype, g in groups:
                     t0 = time.perf_counter()
@@ -231,20 +239,22 @@ def price_gemm(tables, m, k, n, dtype: str) -> np.ndarray:
 
 def price_attention(tables, kind: str, pts: pd.DataFrame) -> np.ndarray:
     """`kernel_queries` attention pricing of each row (hq, hkv, d per GPU, batch_size, kv_len|seq_len)."""
-    p, out = Params(), np.zeros(len(pts))
+    p = Params()
     table, layouts = getattr(tables, kind), getattr(tables, f"{kind}_heads")
-    col = LENGTH[kind]
-    for (hq, hkv, d), g in pts.groupby(["hq", "hkv", "d"]):
-        c, s = nearest_layout(layouts, float(hq), float(hkv), float(d), kind)
-        b = jnp.asarray(g.batch_size.to_numpy(np.float32))
-        L = jnp.asarray(g[col].to_numpy(np.float32))
-        if kind == "decode":
-            f = jax.vmap(lambda b, L: kernels.attn_decode_us(table, c, s, b, b * L, p))
-        else:
-            dims = ops.Dims(0.0, 0.0, float(hq), float(hkv), float(d), 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)
-            f = jax.vmap(lambda b, L: kernels.attn_prefill_us(table, c, s, b, ops.prefill_pairs(dims, L, 0.0) * b, p))
-        out[pts.index.get_indexer(g.index)] = np.asarray(jax.jit(f)(b, L), float)
-    return out
+    c, s = np.zeros(len(pts), np.int32), np.zeros(len(pts), np.float32)
+    for (hq, hkv, d), g in pts.groupby(["hq", "hkv", "d"]):  # nearest measured layout, as kernel_queries
+        i = pts.index.get_indexer(g.index)
+        c[i], s[i] = nearest_layout(layouts, float(hq), float(hkv), float(d), kind)
+    if kind == "decode":
+        def one(c, s, b, L):
+            return kernels.attn_decode_us(table, c, s, b, b * L, p)
+    else:
+        dims = ops.Dims(0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)  # pairs use the window only
+
+        def one(c, s, b, L):
+            return kernels.attn_prefill_us(table, c, s, b, ops.prefill_pairs(dims, L, 0.0) * b, p)
+    args = (c, s, pts.batch_size.to_numpy(np.float32), pts[LENGTH[kind]].to_numpy(np.float32))
+    return np.asarray(jax.jit(jax.vmap(one))(*(jnp.asarray(a) for a in args)), float)
 
 
 def _in_range_gemm(pts, ref):
@@ -267,24 +277,22 @@ def _in_range_attn(pts, ref, kind):
 def cross_source(root_a: Path, root_b: Path, gpu_name: str = "H100") -> list[dict]:
     """Points of each source priced from the other source's tables (both directions)."""
     gpu = get_gpu(gpu_name)
+    tables = {r: load_tables(r, gpu) for r in (root_a, root_b)}
+    cells = {r: {k: measured_cells(k, Path(t.sources[k])).reset_index(drop=True) for k in ("gemm", "decode", "prefill")}
+             for r, t in tables.items()}
     rows = []
     for pts_root, tab_root in ((root_a, root_b), (root_b, root_a)):
-        tables = load_tables(tab_root, gpu)
-        cells = {k: measured_cells(k, Path(tables.sources[k])) for k in ("gemm",)}
-        pts_tables = load_tables(pts_root, gpu)
-        pts = {k: measured_cells(k, Path(pts_tables.sources[k])) for k in ("gemm", "decode", "prefill")}
+        tab, pts, ref = tables[tab_root], cells[pts_root], cells[tab_root]
         for dtype, g in pts["gemm"].groupby("dtype"):
-            g = g.reset_index(drop=True)
-            pred = price_gemm(tables, g.m, g.k, g.n, dtype)
-            tdt = dtype if dtype in tables.gemm else sorted(tables.gemm)[0]
-            ok = _in_range_gemm(g, cells["gemm"][cells["gemm"].dtype == tdt])
+            pred = price_gemm(tab, g.m, g.k, g.n, dtype)
+            tdt = dtype if dtype in tab.gemm else sorted(tab.gemm)[0]
+            ok = _in_range_gemm(g, ref["gemm"][ref["gemm"].dtype == tdt])
             via = "" if tdt == dtype else f" (from {tdt} table)"
-            rows.append(_cross_row(pts_root, tab_root, f"gemm {dtype}{via}", pred / g.latency_us - 1, ok))
+            rows.append(_cross_row(pts_root, tab_root, f"gemm {dtype}{via}", pred / g.latency_us.to_numpy() - 1, ok))
         for kind in ("decode", "prefill"):
-            g = pts[kind].reset_index(drop=True)
-            pred = price_attention(tables, kind, g)
-            ref = measured_cells(kind, Path(tables.sources[kind]))
-            ok = _in_range_attn(g, ref, kind)
+            g = pts[kind]
+            pred = price_attention(tab, kind, g)
+            ok = _in_range_attn(g, ref[kind], kind)
             rows.append(_cross_row(pts_root, tab_root, kind, pred / g.latency_us.to_numpy() - 1, ok))
     return rows
 

@@ -95,6 +95,7 @@ class Tables:
     measured: dict[str, pd.DataFrame] = field(default_factory=dict)  # raw measured points per table
     adjustments: list[Adjustment] = field(default_factory=list)
     filled_cells: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # files read with a tolerance (e.g. a missing header)
 
 
 # ---------------------------------------------------------------- pure interpolants
@@ -103,16 +104,18 @@ def gemm_table_us(t: GemmTable, m, k, n):
     """Table GEMM latency (µs) of one call y[m,n] = x[m,k]·W[k,n] in the table's own dtype.
 
     Only the (at most 2x2) measured shapes around (k, n) are read: each one's m-series is interpolated,
-    scaled by the work ratio k·n / (k_j·n_j), and the scaled logs are blended bilinearly in (log k, log n).
+    scaled by the work ratio k·n / (k_j·n_j), and the scaled logs are blended bilinearly in (log k, log n);
+    the result is never below the table's fastest measured call.
     """
     lk, ln = jnp.log(k), jnp.log(n)
+    floor = jnp.min(t.log_t)  # no call is faster than the fastest one measured (launch cost)
     ik, wk = _bracket(t.log_k, lk)
     i_n, wn = _bracket(t.log_n, ln)
     series = t.log_t[ik[:, None], i_n[None, :], :].reshape(4, -1)  # [(k0n0, k0n1, k1n0, k1n1), Nm]
     vals = interp_work_axis(jnp.log(m), t.log_m, series.T, 1.0)  # [4]
     vals = vals + (lk - t.log_k[ik]).repeat(2) + jnp.tile(ln - t.log_n[i_n], 2)
     w = jnp.outer(jnp.stack([1.0 - wk, wk]), jnp.stack([1.0 - wn, wn])).reshape(4)
-    return jnp.exp(jnp.sum(w * vals))
+    return jnp.exp(jnp.maximum(jnp.sum(w * vals), floor))
 
 
 def _bracket(grid, x):
@@ -158,9 +161,22 @@ def find_gpu_dir(root: Path, kind: str, gpu: GPU) -> Path | None:
     return None
 
 
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+SCHEMAS = {  # InferSim column order, used to read a file whose header row is missing
+    "gemm": ("m", "k", "n", "latency_us", "mfu"),
+    "decode": ("dtype", "kv_dtype", "batch_size", "kv_len", "latency_us", "mfu"),
+    "prefill": ("dtype", "seq_len", "latency_us", "mfu"),
+}
+
+
+def _read_csv(path: Path, required: tuple[str, ...], schema: tuple[str, ...] | None = None,
+              notes: list[str] | None = None) -> pd.DataFrame:
     try:
         df = pd.read_csv(path)
+        if schema and not set(required) <= set(df.columns) and len(df.columns) == len(schema) and \
+                _looks_like_data(df.columns):
+            df = pd.read_csv(path, header=None, names=list(schema))
+            if notes is not None:
+                notes.append(f"{path}: no header row; read with InferSim's columns {','.join(schema)}")
     except Exception as e:  # pandas raises several types for malformed files
         raise InputError(f"cannot parse CSV: {e}", str(path)) from None
     missing = [c for c in required if c not in df.columns]
@@ -176,6 +192,16 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
             raise InputError(f"non-positive or non-numeric value {df[c].iloc[row]!r}", f"{path}:{row + 2}", c)
         df[c] = vals.astype(float)
     return df
+
+
+def _looks_like_data(header) -> bool:
+    """A header row that is really a data row: a dtype name or a number in its first cell."""
+    first = str(header[0]).strip().lower()
+    try:
+        float(first)
+        return True
+    except ValueError:
+        return first in ("bf16", "fp16", "fp8")
 
 
 def _log_grid(values) -> np.ndarray:
@@ -234,13 +260,13 @@ def _attn_files(folder: Path) -> list[tuple[tuple[int, int, int], Path]]:
     return files
 
 
-def load_attention(folder: Path, kind: str, adjustments: list[Adjustment]):
+def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes: list[str] | None = None):
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable."""
     length_col = "kv_len" if kind == "decode" else "seq_len"
     slope = 1.0 if kind == "decode" else 2.0
     frames = []
     for heads, f in _attn_files(folder):
-        df = _read_csv(f, (length_col, "latency_us"))
+        df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes)
         if "batch_size" not in df.columns:
             df["batch_size"] = 1.0
         df["batch_size"] = pd.to_numeric(df["batch_size"], errors="coerce")
@@ -335,7 +361,7 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
         d = find_gpu_dir(roots[kind], f"mha/{kind}", gpu)
         if d is None:
             continue
-        table, heads, df, nfill = load_attention(d, kind, adj)
+        table, heads, df, nfill = load_attention(d, kind, adj, tables.notes)
         if table is not None:
             setattr(tables, kind, table)
             setattr(tables, f"{kind}_heads", heads)

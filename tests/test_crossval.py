@@ -2,12 +2,10 @@
 full rebuild; the vectorized pricing is `costmodel kernels`' pricing."""
 import numpy as np
 import pandas as pd
-import pytest
 
 from costmodel import crossval as cv
 from costmodel.kernel_queries import predict_kernel_csv
-from costmodel.tables import default_bench_data, load_tables
-from costmodel import get_gpu
+from costmodel.tables import default_bench_data
 
 M = sorted({int(round(2 ** (j / 2))) for j in range(0, 27)})  # 1 .. 8192 in steps of about sqrt(2)
 
@@ -44,9 +42,10 @@ def _write_attention(root):
 def test_loo_small_on_smooth_gemm_table(tmp_path):
     _write_gemm(tmp_path)
     cells = cv.measured_cells("gemm", tmp_path / "gemm" / "h100_sxm" / "data.csv")
-    res = cv.leave_one_out("gemm", cells, points=None)
+    assert len(cells) == 4 * len(M)
+    res = cv.leave_one_out("gemm", cells, points=50, seed=0)
     s = cv.summarize(res.rel_err)
-    assert s["n"] == len(cells) == 4 * len(M)
+    assert s["n"] == 50
     assert s["median_abs"] < 0.01 and s["p90_abs"] < 0.03, s
     # interior points of a convex-in-log-log curve: linear interpolation between neighbours is close
     interior = res[(res.m > 1) & (res.m < M[-1])]
@@ -95,7 +94,7 @@ def test_report_and_cli_on_synthetic_folder(tmp_path, capsys):
     assert "| gemm bf16 |" in (tmp_path / "r.md").read_text()
 
 
-def test_vectorized_pricing_matches_kernel_queries(tmp_path):
+def test_vectorized_pricing_matches_kernel_queries(tmp_path, h100_repo):
     q = pd.DataFrame([
         dict(op="gemm", m=37, n=6144, k=4096, dtype="bf16"),
         dict(op="gemm", m=3000, n=5000, k=3000, dtype="fp8"),
@@ -106,7 +105,7 @@ def test_vectorized_pricing_matches_kernel_queries(tmp_path):
     ])
     q.to_csv(tmp_path / "q.csv", index=False)
     ref = predict_kernel_csv(tmp_path / "q.csv", "H100").predicted_us.to_numpy()
-    t = load_tables(default_bench_data(), get_gpu("H100"))
+    t = h100_repo
     got = [cv.price_gemm(t, [37], [4096], [6144], "bf16")[0], cv.price_gemm(t, [3000], [3000], [5000], "fp8")[0]]
     for kind, row, col in (("decode", q.iloc[2], "kv_len"), ("prefill", q.iloc[3], "seq_len")):
         pts = pd.DataFrame([dict(hq=row.num_heads, hkv=row.num_kv_heads, d=row.head_dim,
@@ -119,4 +118,10 @@ def test_cross_source_h100(shared):
     rows = {(r["points"], r["kernel"]): r for r in cv.cross_source(default_bench_data(), shared / "bench_data")}
     assert len(rows) == 7  # fp8 GEMM (InferSim) + bf16, fp8 GEMM (repo), decode and prefill both ways
     for r in rows.values():
-        assert r["n"] > 0 and np.isfinite(r["median_abs"])
+        assert r["n"] > 0 and r["n_in_range"] > 0 and np.isfinite(r["median_abs"])
+    infersim = {k: r for (p, k), r in rows.items() if p != "repo"}
+    # InferSim's DeepGEMM FP8 is faster than vLLM's per-tensor CUTLASS FP8 (AIConfigurator) on the same shapes
+    assert infersim["gemm fp8"]["in_range_bias"] > 0.0
+    # bandwidth-bound decode agrees where both measured; FA3 prefill at batch 1 is faster in InferSim's data
+    assert infersim["decode"]["in_range_median_abs"] < 0.1
+    assert infersim["prefill"]["in_range_bias"] > 0.05

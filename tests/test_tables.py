@@ -101,3 +101,21 @@ def test_unknown_table_kind():
     from costmodel import InputError, get_gpu, load_tables
     with pytest.raises(InputError, match="unknown table kind 'gemmm'"):
         load_tables("gemmm=/tmp", get_gpu("H100"))
+
+
+def test_headerless_attention_file_is_read_and_noted(tmp_path, shared):
+    import shutil
+    from costmodel import get_gpu, load_tables
+    for kind in ("gemm/h100", "mha/prefill/h100", "mha/decode/h100"):
+        shutil.copytree(shared / "bench_data" / kind, tmp_path / kind)
+    f = tmp_path / "mha/decode/h100/32-8-128-tp1.csv"
+    f.write_text("".join(f.read_text().splitlines(keepends=True)[1:]))  # drop the header row
+    t = load_tables(tmp_path, get_gpu("H100"))
+    assert any("32-8-128-tp1.csv: no header row" in n for n in t.notes)
+    assert (32, 8, 128) in t.decode_heads
+
+
+def test_gemm_never_faster_than_fastest_measured_call(h100_infersim):
+    g = h100_infersim.gemm["fp8"]
+    fastest = float(jnp.exp(jnp.min(g.log_t)))
+    assert float(gemm_table_us(g, 1.0, 64.0, 64.0)) == pytest.approx(fastest)

@@ -144,7 +144,7 @@ class JaxKernels:
         import jax
         import jax.numpy as jnp
         self.jax, self.jnp, self.device = jax, jnp, device
-        self.attn_impl = attn_impl  # 'cudnn' (with XLA fallback) or None (XLA)
+        self.attn_impl = attn_impl  # 'cudnn' (with XLA fallback) or None (XLA only)
         self.used_impl: dict[str, set] = {"decode": set(), "prefill": set()}
         self._key = jax.random.PRNGKey(0)
         self._dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16))
@@ -167,7 +167,7 @@ class JaxKernels:
     def _attention(self, kind, q, kv_shape, causal, repeats):
         jax = self.jax
         k, v = self._rand(kv_shape, self.jnp.bfloat16), self._rand(kv_shape, self.jnp.bfloat16)
-        impls = [self.attn_impl, None] if self.attn_impl else [None]
+        impls = [self.attn_impl, "xla"] if self.attn_impl else ["xla"]
         err = None
         for impl in impls:
             fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
@@ -177,7 +177,7 @@ class JaxKernels:
             except Exception as e:  # cuDNN refuses some shapes/versions: fall back to XLA
                 err = e
                 continue
-            self.used_impl[kind].add(impl or "xla")
+            self.used_impl[kind].add(f"jax.nn.dot_product_attention(implementation='{impl}')")
             return t
         raise err
 
