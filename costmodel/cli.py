@@ -49,7 +49,8 @@ def cmd_predict(args) -> int:
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
     gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
-    params, cal_name = resolve_calibration(args.calibration, gpus, allow_other_gpu=args.allow_other_gpu)
+    params, cal_name = resolve_calibration(args.calibration, gpus, allow_other_gpu=args.allow_other_gpu,
+                                           table_sources={g: pred._tables[g].sources for g in gpus})
     total, parts = pred.predict(records, params)
     if args.out:
         def write(fh):

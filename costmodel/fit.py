@@ -160,7 +160,15 @@ def load_calibration(path: str | Path) -> dict:
     return cal
 
 
-def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = False):
+def _table_kinds(sources: dict) -> dict:
+    """Which table set each kind came from: 'repo' for the repo's bench_data, else the folder's name."""
+    from .tables import default_bench_data
+    repo = str(default_bench_data())
+    return {k: "repo" if str(v).startswith(repo) else str(v) for k, v in sources.items()}
+
+
+def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = False,
+                        table_sources: dict | None = None):
     """({GPU name: Params}, description) for --calibration none | default | PATH.
 
     ``default`` applies the shipped calibration to the records on its GPU and the physical defaults to the
@@ -174,6 +182,10 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
         cal = load_calibration(DEFAULT_CALIBRATION)
         if allow_other_gpu:
             return {g: cal["_params"] for g in gpus}, f"default ({DEFAULT_CALIBRATION.name}) on all GPUs"
+        here = _table_kinds((table_sources or {}).get(cal["gpu"], {}))
+        if any(v != "repo" for v in here.values()):  # fitted on the repo's tables: meaningless on others
+            return {}, (f"none (the default calibration was fitted on the repo's bench_data; "
+                        f"{cal['gpu']} tables here come from elsewhere)")
         other = [g for g in gpus if g != cal["gpu"]]
         note = f"; physical defaults for {', '.join(other)}" if other else ""
         return {cal["gpu"]: cal["_params"]}, f"default ({DEFAULT_CALIBRATION.name}) for {cal['gpu']}{note}"

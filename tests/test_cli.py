@@ -105,3 +105,8 @@ def test_predict_records_table_sources(tmp_path, shared):
     src = meta["tables"]["H100-SXM"]
     assert src["gemm"].startswith(str(shared)) and "h100_sxm" in src["decode"]
     assert "gemm=" in r.stdout
+
+
+def test_default_calibration_not_applied_to_other_tables(tmp_path, shared):
+    r = run("predict", str(_write(tmp_path, [GOOD])), "--bench-data", str(shared / "bench_data"))
+    assert r.returncode == 0 and "calibration=none (the default calibration was fitted on the repo" in r.stdout
