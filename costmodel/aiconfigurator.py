@@ -523,21 +523,16 @@ def import_aiconfigurator(
 
     # attention --------------------------------------------------------
     bf16_peak = peaks["bf16"]
-    src = use("attention", "generation_attention_perf")
-    if src is not None:
-        tabs, st = convert_decode(src, bf16_peak, layouts)
+    for phase, table, convert in (("decode", "generation_attention_perf", convert_decode),
+                                  ("prefill", "context_attention_perf", convert_prefill)):
+        src = use("attention", table)
+        if src is None:
+            continue
+        tabs, st = convert(src, bf16_peak, layouts)
         st["layouts"] = sorted(tabs)
-        summary["stats"]["decode"] = st
+        summary["stats"][phase] = st
         for (hq, hkv, d), t in sorted(tabs.items()):
-            p = out / "mha" / "decode" / gpu / f"{hq}-{hkv}-{d}.csv"
-            record(p, _fmt_csv(t, p, {"latency_us": 4, "mfu": 3}), len(t))
-    src = use("attention", "context_attention_perf")
-    if src is not None:
-        tabs, st = convert_prefill(src, bf16_peak, layouts)
-        st["layouts"] = sorted(tabs)
-        summary["stats"]["prefill"] = st
-        for (hq, hkv, d), t in sorted(tabs.items()):
-            p = out / "mha" / "prefill" / gpu / f"{hq}-{hkv}-{d}.csv"
+            p = out / "mha" / phase / gpu / f"{hq}-{hkv}-{d}.csv"
             record(p, _fmt_csv(t, p, {"latency_us": 4, "mfu": 3}), len(t))
     if layouts != "all":
         for ph in ("decode", "prefill"):

@@ -12,15 +12,19 @@ def _cleaned_lookup(tables, table):
     return {a.where: a.used_us for a in tables.adjustments if a.table == table}
 
 
-def test_infersim_gemm_reproduces_every_measured_point(h100_infersim):
-    t = h100_infersim
-    df = t.measured["gemm"]
-    f = jax.jit(jax.vmap(lambda m, k, n: gemm_table_us(t.gemm["fp8"], m, k, n)))
+def _check_gemm_points(t, dtype, df):
+    """The interpolant returns every measured point (as kept by the noise policy)."""
+    f = jax.jit(jax.vmap(lambda m, k, n: gemm_table_us(t.gemm[dtype], m, k, n)))
     pred = np.asarray(f(*(df[c].to_numpy(np.float32) for c in "mkn")))
-    adj = _cleaned_lookup(t, "gemm/fp8")
+    adj = _cleaned_lookup(t, f"gemm/{dtype}")
     expect = np.array([adj.get(f"m={m:.0f} k={k:.0f} n={n:.0f}", lat)
                        for m, k, n, lat in zip(df.m, df.k, df.n, df.latency_us)])
     np.testing.assert_allclose(pred, expect, rtol=2e-5)
+
+
+def test_infersim_gemm_reproduces_every_measured_point(h100_infersim):
+    t = h100_infersim
+    _check_gemm_points(t, "fp8", t.measured["gemm"])
     # only noise in the flat, launch-bound small-m region is lowered, and by a few percent at most
     for a in (a for a in t.adjustments if a.table.startswith("gemm")):
         assert int(a.where.split()[0][2:]) <= 64 and a.measured_us / a.used_us < 1.05
@@ -47,13 +51,7 @@ def test_infersim_attention_reproduces_every_measured_point(h100_infersim):
 def test_repo_tables_reproduce_measured_points(h100_repo):
     t = h100_repo
     df = t.measured["gemm"]
-    df = df[df.dtype == "bf16"].sample(2000, random_state=0)
-    f = jax.jit(jax.vmap(lambda m, k, n: gemm_table_us(t.gemm["bf16"], m, k, n)))
-    pred = np.asarray(f(*(df[c].to_numpy(np.float32) for c in "mkn")))
-    adj = _cleaned_lookup(t, "gemm/bf16")
-    expect = np.array([adj.get(f"m={m:.0f} k={k:.0f} n={n:.0f}", lat)
-                       for m, k, n, lat in zip(df.m, df.k, df.n, df.latency_us)])
-    np.testing.assert_allclose(pred, expect, rtol=2e-5)
+    _check_gemm_points(t, "bf16", df[df.dtype == "bf16"].sample(2000, random_state=0))
 
 
 def test_gemm_beyond_grid_scales_with_work(h100_infersim):
