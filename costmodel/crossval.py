@@ -242,19 +242,24 @@ def price_attention(tables, kind: str, pts: pd.DataFrame) -> np.ndarray:
     p = Params()
     table, layouts = getattr(tables, kind), getattr(tables, f"{kind}_heads")
     c, s = np.zeros(len(pts), np.int32), np.zeros(len(pts), np.float32)
+    cd = np.zeros(len(pts), np.int32)  # decode layout: the attention kernel's fixed cost
     for (hq, hkv, d), g in pts.groupby(["hq", "hkv", "d"]):  # nearest measured layout, as kernel_queries
         i = pts.index.get_indexer(g.index)
         c[i], s[i] = nearest_layout(layouts, float(hq), float(hkv), float(d), kind)
+        cd[i] = nearest_layout(tables.decode_heads, float(hq), float(hkv), float(d), "decode")[0]
     if kind == "decode":
         def one(c, s, b, L):
             return kernels.attn_decode_us(table, c, s, b, b * L, p)
     else:
         dims = ops.Dims(0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)  # pairs use the window only
 
-        def one(c, s, b, L):
-            return kernels.attn_prefill_us(table, c, s, b, ops.prefill_pairs(dims, L, 0.0) * b, p)
+        def one(c, s, b, L, c_dec):
+            return kernels.attn_prefill_call_us(table, c, s, tables.decode, c_dec, b,
+                                                ops.prefill_pairs(dims, L, 0.0) * b, p)
     args = (c, s, pts.batch_size.to_numpy(np.float32), pts[LENGTH[kind]].to_numpy(np.float32))
-    return np.asarray(jax.jit(jax.vmap(one))(*(jnp.asarray(a) for a in args)), float)
+    if kind == "decode":
+        return np.asarray(jax.jit(jax.vmap(one))(*(jnp.asarray(a) for a in args)), float)
+    return np.asarray(jax.jit(jax.vmap(one))(*(jnp.asarray(a) for a in args + (cd,))), float)
 
 
 def _in_range_gemm(pts, ref):

@@ -70,10 +70,9 @@ def predict_kernel_csv(path: str | Path, gpu_name: str, bench_data=None) -> pd.D
                 cached = _num(df, i, "cached", str(path), 0) if has_cached else 0.0
                 c, s = nearest_layout(tables.prefill_heads, hq, hkv, d, "prefill")
                 pairs = float(ops.prefill_pairs(dims, v["seq_len"], cached)) * v["batch_size"]
-                t = float(kernels.attn_prefill_us(tables.prefill, c, s, v["batch_size"], pairs, p))
                 dc, _ = nearest_layout(tables.decode_heads, hq, hkv, d, "decode")
-                floor = float(kernels.attn_floor_us(tables.decode, dc)) * p.attn_decode_scale
-                out[i] = max(t, floor)  # the attention kernel's fixed cost, as in the step model
+                out[i] = float(kernels.attn_prefill_call_us(tables.prefill, c, s, tables.decode, dc,
+                                                            v["batch_size"], pairs, p))
     res = df.copy()
     res["predicted_us"] = np.round(out, 3)
     return res

@@ -116,6 +116,14 @@ def attn_prefill_us(table: AttnTable, c, len_scale, n_req, total_pairs, p: Param
     return attn_prefill_table_us(table, c, len_scale, n_req, total_pairs) * p.attn_prefill_scale
 
 
+def attn_prefill_call_us(prefill: AttnTable, c, len_scale, decode: AttnTable, c_dec, n_req, total_pairs,
+                         p: Params):
+    """One prefill attention call on its own (µs): the prefill table time, never below the attention
+    kernel's fixed cost (the decode table's floor for the same heads), as in the step model."""
+    return jnp.maximum(attn_prefill_us(prefill, c, len_scale, n_req, total_pairs, p),
+                       attn_floor_us(decode, c_dec) * p.attn_decode_scale)
+
+
 def allreduce_table_us(comm: CommTable | None, tp, nbytes):
     """Measured all-reduce time (µs) of ``nbytes`` over ``tp`` GPUs; 0 without a table or for tp = 1."""
     if comm is None:
