@@ -22,6 +22,9 @@ def _atomic_write(path: str | Path, write) -> None:
     try:
         with os.fdopen(fd, "w") as fh:
             write(fh)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -166,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--leave-one-run-out", action="store_true",
                     help="fit once per run without it and report held-out MAPE (writes the table to --out)")
     sp.set_defaults(func=cmd_fit)
+
+    from . import bench as _bench, sweep as _sweep
+    sp = sub.add_parser("sweep", help="evaluate a space of step configurations (YAML/JSON spec) to Parquet/CSV")
+    _sweep.add_sweep_arguments(sp)
+    sp.set_defaults(func=_sweep.run_sweep)
+    sp = sub.add_parser("bench", help="time the vectorized sweep against a per-configuration loop")
+    _bench.add_bench_arguments(sp)
+    sp.set_defaults(func=_bench.run_bench)
 
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
     from . import aiconfigurator

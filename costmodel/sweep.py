@@ -16,12 +16,22 @@ A *space* of configurations is either named axes (their Cartesian product) or a 
   - or, in a table, a ``step`` column with one step in the record schema
     ``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``, summarized exactly (`summarize_steps`).
 
-The space is evaluated in fixed-size chunks (bounded memory; the configuration axis sharded over all local
-devices), results streamed to Parquet or CSV chunk files written atomically, so an interrupted sweep resumes
-at the first missing chunk, and merged into one file at the end.  Per (model, GPU, TP) group each GEMM's
-m-series is precomputed once (the 2x2 shape blend of `tables.gemm_table_us` is linear in its cubic Hermite
-values and slopes), and attention/all-reduce tables are reduced to the group's head layout and TP, so one
-evaluation is a handful of 1-D cubic interpolations; `step.combine` then prices it exactly as `step_time`.
+The space is evaluated in fixed-size chunks (bounded memory; each kernel call's configuration axis sharded
+over the local devices), results streamed to Parquet or CSV chunk files written atomically, so that an
+interrupted sweep resumes at the missing chunks, and merged into one file at the end; a sweep may be split
+over processes/hosts by chunk (``process_index``/``process_count``, `merge_shards`).
+
+Exactness and speed (tests compare with `step.step_time` to float32 precision).  Per (model, GPU, TP) group:
+* each GEMM has a fixed (k, n), and the 2x2 shape blend of `tables.gemm_table_us` is linear in the monotone
+  cubic's node values and slopes, so each GEMM is one precomputed cubic in log m; for integer token counts
+  up to `TOKEN_TABLE` the GEMM and all-reduce times are read from per-token tables of those cubics;
+* the attention table of the group's head layout is split, per length cell, where two batch columns'
+  cubics cross, so the running max over batch sizes (`interp.blend_secondary_axis`) becomes a precomputed
+  choice of cubic and one evaluation reads two columns;
+* a cell is found by a lookup table on the float32 bucket of x plus comparisons (exactly the count of
+  grid nodes <= x), coefficients by 1-D gathers, all on scalars per configuration (XLA vectorizes those
+  loops on CPU; small per-configuration vectors and reductions over them it does not);
+* `step.combine` prices the features exactly as `step_time` does.
 
     import costmodel.sweep as sw
     df = sw.sweep({"model": "llama-3.1-8b", "gpu": "H100", "tp": [1, 2, 4, 8],
@@ -29,6 +39,8 @@ evaluation is a handful of 1-D cubic interpolations; `step.combine` then prices 
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import hashlib
 import json
@@ -38,9 +50,10 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import interpax
 import jax
@@ -48,12 +61,22 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import kernels, ops, tables as tables_mod
+from . import kernels, ops
+from . import tables as tables_mod
 from .errors import InputError
 from .hardware import get_gpu
 from .model import ModelConfig, load_model, normalize_dtype
 from .params import Params
-from .step import BREAKDOWN, Features, Layout, Setup, Static, combine, setup, validate_step
+from .step import (
+    BREAKDOWN,
+    Features,
+    Layout,
+    Setup,
+    Static,
+    combine,
+    setup,
+    validate_step,
+)
 
 GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype")
 GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None}
@@ -61,15 +84,19 @@ BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_
                  "prefill_tokens", "prefill_pairs")
 RESULT_COLUMNS = ("step_us",) + BREAKDOWN
 DEFAULT_CHUNK = 1 << 20
+DECODE_SLOPE_LO = getattr(kernels, "DECODE_SLOPE_LO", 0.0)  # as `kernels.attn_decode_table_us`
 _BIG = np.float32(3e38)  # padding of grid nodes: never <= a query
 
 
 # ---------------------------------------------------------------- per-group precomputation
 
+MAX_LUT = 1 << 16  # buckets of a grid's cell lookup table
+
+
 def _cells(x, y, s):
-    """Cubic Hermite cells of a series on grid ``x`` [N] with values ``y`` [N, ...] and slopes ``s``
-    (as interpax evaluates them): per cell i (between x[i] and x[i+1]) x0, 1/dx and the coefficients of
-    c0 + c1 t + c2 t^2 + c3 t^3 in t = (x - x0)/dx."""
+    """Cubic Hermite cells of a series on grid ``x`` [N] with values ``y`` [N, ...] and node slopes ``s``
+    (interpax's form): per cell i (x[i] .. x[i+1]) x0, 1/dx and the float64 coefficients of
+    c0 + c1 t + c2 t^2 + c3 t^3 in t = (x - x0)/dx, shape [N-1, ..., 4]."""
     x = np.asarray(x, np.float32)
     dx = x[1:] - x[:-1]
     dxi = np.where(dx == 0, np.float32(0), np.float32(1) / np.where(dx == 0, 1, dx)).astype(np.float32)
@@ -79,32 +106,185 @@ def _cells(x, y, s):
     fx0 = (s[:-1] * dx.reshape(shape)).astype(np.float64)
     fx1 = (s[1:] * dx.reshape(shape)).astype(np.float64)
     coef = np.stack([f0, fx0, -3 * f0 + 3 * f1 - 2 * fx0 - fx1, 2 * f0 - 2 * f1 + fx0 + fx1], axis=-1)
-    return x[:-1], dxi, coef.astype(np.float32)
+    return x[:-1], dxi, coef
+
+
+def _in_u(coef: np.ndarray, dxi: np.ndarray) -> np.ndarray:
+    """Coefficients in t = (x - x0) * dxi -> coefficients in u = x - x0 (one gather less per lookup)."""
+    scale = np.asarray(dxi, np.float64)[:, None] ** np.arange(4)  # [Nc, 4]
+    return coef * scale.reshape((scale.shape[0],) + (1,) * (coef.ndim - 2) + (4,))
+
+
+def _planes(coef: np.ndarray) -> np.ndarray:
+    """[Ncell, S, 4] -> [S, 4, Ncell] float32: one contiguous row per (series, coefficient) for 1-D gathers."""
+    return np.ascontiguousarray(np.moveaxis(coef, 0, -1)).astype(np.float32)
+
+
+def _safediv(a, b):
+    mask = np.abs(b) <= 0
+    return np.where(mask, 0, a) / np.where(mask, 1, b)
 
 
 def _slopes(x, f):
-    """interpax's monotone (PCHIP-type) node slopes along axis 0, as `interp.interp_work_axis` uses."""
-    return np.asarray(interpax.approx_df(jnp.asarray(x), jnp.asarray(f), "monotonic", axis=0))
+    """interpax's monotone (PCHIP-type) node slopes along axis 0, as `interp.interp_work_axis` uses them
+    (interpax's ``_monotonic``, replicated in numpy float32 so that no JAX compilation is needed)."""
+    x = np.asarray(x, np.float32)
+    f = np.asarray(f, np.float32)
+    if x.shape[0] < 3:
+        return np.asarray(interpax.approx_df(jnp.asarray(x), jnp.asarray(f), "monotonic", axis=0))
+    shape = f.shape
+    f = f.reshape(shape[0], -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        hk = x[1:] - x[:-1]
+        hki = np.where(hk == 0, np.float32(0), np.float32(1) / np.where(hk == 0, 1, hk)).astype(np.float32)[:, None]
+        mk = (hki * np.diff(f, axis=0)).astype(np.float32)
+        smk = np.sign(mk)
+        cond = (smk[1:] != smk[:-1]) | (mk[1:] == 0) | (mk[:-1] == 0)
+        w1 = (2 * hk[1:] + hk[:-1])[:, None].astype(np.float32)
+        w2 = (hk[1:] + 2 * hk[:-1])[:, None].astype(np.float32)
+        whmean = _safediv(_safediv(w1, mk[:-1]) + _safediv(w2, mk[1:]), w1 + w2).astype(np.float32)
+        dk = np.where(cond, np.float32(0), _safediv(np.float32(1), whmean)).astype(np.float32)
+        h = (np.float32(1) / hki[:, 0]).astype(np.float32)
+
+        def edge(h0, h1, m0, m1):
+            d = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
+            mask = np.sign(d) != np.sign(m0)
+            mask2 = (np.sign(m0) != np.sign(m1)) & (np.abs(d) > 3.0 * np.abs(m0))
+            d = np.where(mask, 0.0, d)
+            return np.where(~mask & mask2, 3.0 * m0, d).astype(np.float32)
+
+        d0 = edge(h[0], h[1], mk[0], mk[1])
+        d1 = edge(h[-1], h[-2], mk[-1], mk[-2])
+    return np.concatenate([d0[None], dk, d1[None]]).reshape(shape)
+
+
+def _finder(grid) -> dict:
+    """Cell lookup for a sorted float32 grid (first and last node = the clamping range): the kernel takes
+    bucket b = floor((x - lo) * inv) (float32, monotone in x), starts at lut[b] = the number of interior nodes
+    whose own bucket is below b (all < x), and adds ``k`` comparisons for the nodes sharing x's bucket.  The
+    result is exactly the number of interior nodes <= x."""
+    x = np.asarray(grid, np.float32)
+    lo, hi, interior = x[0], x[-1], x[1:-1]
+    if interior.size == 0:
+        return {"lut": np.zeros(1, np.int32), "nodes": np.full(1, _BIG, np.float32),
+                "sc": {"lo": lo, "hi": hi, "inv": 0.0, "lmax": 0.0}, "k": 0}
+    gaps = np.diff(x.astype(np.float64))
+    span = float(hi) - float(lo)
+    L = int(min(MAX_LUT, 2 ** math.ceil(math.log2(max(2.0, 2.0 * span / max(gaps[gaps > 0].min(), 1e-30))))))
+    inv = np.float32(L / span)
+    bn = np.clip(np.floor((interior - lo) * inv), 0, L - 1).astype(np.int64)  # float32 arithmetic as the kernel
+    lut = np.searchsorted(bn, np.arange(L), side="left").astype(np.int32)
+    k = int(np.bincount(bn).max())
+    return {"lut": lut, "nodes": np.concatenate([interior, np.full(1, _BIG, np.float32)]),
+            "sc": {"lo": lo, "hi": hi, "inv": inv, "lmax": float(L - 1)}, "k": k}
+
+
+def _bracket(grid: np.ndarray, x: np.float32):
+    """`tables._bracket` in numpy float32: the two grid nodes around x (clamped) and the upper one's weight."""
+    if grid.shape[0] == 1:
+        return np.zeros(2, np.int64), np.float32(0)
+    i = int(np.clip(np.searchsorted(grid, x, side="left") - 1, 0, grid.shape[0] - 2))
+    w = np.clip((x - grid[i]) / (grid[i + 1] - grid[i]), np.float32(0), np.float32(1)).astype(np.float32)
+    return np.array([i, i + 1]), w
 
 
 def _gemm_series(t: tables_mod.GemmTable, k: float, n: float):
-    """The (log m)-series of a GEMM of fixed (k, n): values and slopes of the blend in `gemm_table_us`."""
-    lk, ln = jnp.log(jnp.float32(k)), jnp.log(jnp.float32(n))
-    ik, wk = tables_mod._bracket(t.log_k, lk)
-    i_n, wn = tables_mod._bracket(t.log_n, ln)
-    series = np.asarray(t.log_t[ik[:, None], i_n[None, :], :].reshape(4, -1), np.float64)  # [4, Nm]
-    off = np.asarray((lk - t.log_k[ik]).repeat(2) + jnp.tile(ln - t.log_n[i_n], 2), np.float64)
-    w = np.asarray(jnp.outer(jnp.stack([1.0 - wk, wk]), jnp.stack([1.0 - wn, wn])).reshape(4), np.float64)
-    slopes = _slopes(t.log_m, jnp.asarray(series.T, jnp.float32)).astype(np.float64)  # [Nm, 4]
+    """The (log m)-series of a GEMM of fixed (k, n): values and slopes of the blend in `gemm_table_us`
+    (the blend is linear in the cubic Hermite values and slopes of the 2x2 neighbouring shapes)."""
+    log_k, log_n, log_t = (np.asarray(a, np.float32) for a in (t.log_k, t.log_n, t.log_t))
+    lk, ln = np.log(np.float32(k)), np.log(np.float32(n))
+    ik, wk = _bracket(log_k, lk)
+    i_n, wn = _bracket(log_n, ln)
+    series = log_t[ik[:, None], i_n[None, :], :].reshape(4, -1).astype(np.float64)  # [4, Nm]
+    off = ((lk - log_k[ik]).repeat(2) + np.tile(ln - log_n[i_n], 2)).astype(np.float64)
+    w = np.outer([1 - wk, wk], [1 - wn, wn]).reshape(4).astype(np.float64)
+    slopes = _slopes(t.log_m, series.T.astype(np.float32)).astype(np.float64)  # [Nm, 4]
     return (w[:, None] * (series + off[:, None])).sum(0), slopes @ w
 
 
-def _interp_weights(xq: float, xp) -> np.ndarray:
+def _interp_weights(xq, xp) -> np.ndarray:
     """Weights w with jnp.interp(xq, xp, fp) == w @ fp (clamped, as `tables._interp_clamped`)."""
-    xp = jnp.asarray(xp)
+    xp = np.asarray(xp, np.float32)
+    w = np.zeros(xp.shape[0])
     if xp.shape[0] == 1:
-        return np.ones(1)
-    return np.asarray(jax.vmap(lambda e: jnp.interp(jnp.float32(xq), xp, e))(jnp.eye(xp.shape[0])), np.float64)
+        return w + 1.0
+    xq = np.float32(xq)
+    if xq <= xp[0]:
+        w[0] = 1.0
+    elif xq >= xp[-1]:
+        w[-1] = 1.0
+    else:
+        i = int(np.clip(np.searchsorted(xp, xq, side="right"), 1, len(xp) - 1))
+        u = float((xq - xp[i - 1]) / (xp[i] - xp[i - 1]))
+        w[i - 1], w[i] = 1.0 - u, u
+    return w
+
+
+def _crossings(P: np.ndarray) -> list[float]:
+    """t in (0, 1) where two of the cubics P [Nb, 4] (coefficients in t) cross."""
+    out = []
+    for a in range(P.shape[0]):
+        for b in range(a + 1, P.shape[0]):
+            d = (P[a] - P[b])[::-1]  # highest power first
+            nz = np.nonzero(np.abs(d) > 1e-300)[0]
+            if nz.size == 0 or nz[0] == 3:
+                continue
+            r = np.roots(d[nz[0]:])
+            r = r[np.abs(r.imag) < 1e-9].real
+            out += [float(v) for v in r if 1e-9 < v < 1 - 1e-9]
+    return sorted(set(out))
+
+
+def _attn_refined(t: tables_mod.AttnTable, c: int):
+    """A head layout's table as exact piecewise cubics along log length, one per batch column, with the
+    running max over batch columns of `interp.blend_secondary_axis` resolved: each length cell is split where
+    two columns' cubics cross, and on each piece column j is the cubic of argmax_{k<=j} (precomputed)."""
+    x = np.asarray(t.log_len, np.float32)
+    f = np.asarray(t.log_t[c], np.float32)  # [Nl, Nb]
+    x0, dxi, coef = _cells(x, f, _slopes(x, f))  # coef [Nl-1, Nb, 4]
+    nodes, px0, pdxi, rc = [x[0]], [], [], []
+    for i in range(len(x) - 1):
+        P = coef[i]
+        cuts = [0.0] + _crossings(P) + [1.0]
+        segs = []
+        for lo_t, hi_t in zip(cuts[:-1], cuts[1:]):
+            m = 0.5 * (lo_t + hi_t)
+            v = P @ np.array([1.0, m, m * m, m ** 3])
+            am, best = [], 0
+            for j in range(len(v)):
+                if v[j] > v[best]:
+                    best = j
+                am.append(best)
+            if segs and segs[-1][1] == am:
+                segs[-1][0] = hi_t
+            else:
+                segs.append([hi_t, am])
+        dx = float(x[i + 1]) - float(x[i])
+        for hi_t, am in segs:
+            nodes.append(x[i + 1] if hi_t >= 1.0 else np.float32(float(x[i]) + hi_t * dx))
+            px0.append(x0[i])
+            pdxi.append(dxi[i])
+            rc.append(P[am])  # [Nb, 4]
+    lb = np.asarray(t.log_b, np.float32)
+    return {"nodes": np.asarray(nodes, np.float32), "x0": np.asarray(px0, np.float32),
+            "dxi": np.asarray(pdxi, np.float32), "coef": np.asarray(rc), "b": lb}
+
+
+TOKEN_TABLE = 1 << 15  # token counts tabulated per integer for GEMMs and all-reduces (`Mode.int_tokens`)
+
+
+def _per_token(grid, x0, coef_u, slope_hi, log_floor, scale=1.0) -> np.ndarray:
+    """The series of cells (``x0``, coefficients in x - x0, [Nc, S, 4]) on log grid ``grid`` at
+    x = log(m · scale) for every integer m in 0..TOKEN_TABLE (m = 0 unused), exp'd: [S, TOKEN_TABLE + 1]."""
+    grid = np.asarray(grid, np.float64)
+    x = np.log(np.arange(1, TOKEN_TABLE + 1, dtype=np.float64) * scale)
+    xc = np.clip(x, grid[0], grid[-1])
+    cell = np.searchsorted(grid[1:-1], xc, side="right")
+    u = (xc - np.asarray(x0, np.float64)[cell])[:, None]
+    c = np.asarray(coef_u, np.float64)[cell]  # [M, S, 4]
+    v = c[..., 0] + u * (c[..., 1] + u * (c[..., 2] + u * c[..., 3])) + slope_hi * np.maximum(x - grid[-1], 0)[:, None]
+    out = np.exp(np.maximum(v, log_floor)).T.astype(np.float32)
+    return np.concatenate([out[:, :1], out], axis=1)
 
 
 @dataclass
@@ -117,25 +297,25 @@ class Group:
     calibration: str  # description
 
 
-def _attn_tables(t: tables_mod.AttnTable, c: int):
-    x = np.asarray(t.log_len)
-    f = np.asarray(t.log_t[c], np.float32)  # [Nl, Nb]
-    x0, dxi, coef = _cells(x, f, _slopes(x, f))
-    lb = np.asarray(t.log_b, np.float32)
-    return dict(x=x, x0=x0, dxi=dxi, coef=coef, b=lb)  # coef [Nl-1, Nb, 4]
-
-
 def group_arrays(g: Group) -> dict:
-    """The per-group arrays and scalars the fast evaluation reads (numpy, unpadded)."""
+    """The per-group arrays (numpy, unpadded), scalars ("scal") and lookup depths ("k") the fast
+    evaluation reads."""
     su, p = g.setup, g.params
     d, hw = su.layout.dims, su.layout.hw
+    arr, sc, ks = {}, {}, {}
+
+    def finder(name, grid):
+        fd = _finder(grid)
+        arr[f"{name}_lut"], arr[f"{name}_nodes"], ks[name] = fd["lut"], fd["nodes"], fd["k"]
+        sc.update({f"{name}_{k}": v for k, v in fd["sc"].items()})
+
     gt = su.arrays.gemm
     gl = list(ops.layer_gemms(d, 1.0).values()) + [ops.lm_head_gemm(d, 1.0)]
     ser = [_gemm_series(gt, float(x.k), float(x.n)) for x in gl]
-    xm = np.asarray(gt.log_m)
+    xm = np.asarray(gt.log_m, np.float32)
+    finder("m", xm)
     x0, dxi, coef = _cells(xm, np.stack([s[0] for s in ser], 1), np.stack([s[1] for s in ser], 1))  # [Nc, 5, 4]
-    out = {"m_int": xm[1:-1], "m_x0": x0, "m_dxi": dxi, "gemm_coef": coef[:, :4], "head_coef": coef[:, 4]}
-    sc = {"m_lo": xm[0], "m_hi": xm[-1]}
+    arr.update(m_x0=x0, gemm_coef=_in_u(coef, dxi))  # [Nc, 5, 4]: qkv, o, gate_up, down, lm_head
     for f in ops.Dims._fields:
         sc["d_" + f] = getattr(d, f)
     for f in kernels.Hardware._fields:
@@ -145,33 +325,39 @@ def group_arrays(g: Group) -> dict:
     for i, x in enumerate(gl):
         sc[f"k{i}"], sc[f"n{i}"] = x.k, x.n
     sc["table_weight_bytes"] = su.static.table_weight_bytes
+    sc["gemm_log_floor"] = float(np.min(np.asarray(gt.log_t, np.float32)))
+    sc["log_msg_per_token"] = float(np.log(np.float32(ops.allreduce_bytes(d, 1.0))))
     for kind, t, c in (("dec", su.arrays.decode, int(su.layout.decode_layout)),
                        ("pre", su.arrays.prefill, int(su.layout.prefill_layout))):
-        a = _attn_tables(t, c)
-        out[f"{kind}_int"], out[f"{kind}_x0"], out[f"{kind}_dxi"] = a["x"][1:-1], a["x0"], a["dxi"]
-        out[f"{kind}_coef"] = a["coef"]
+        a = _attn_refined(t, c)
+        finder(kind, a["nodes"])
+        finder(kind + "b", a["b"])
         lb = a["b"]
-        out[f"{kind}_bint"], out[f"{kind}_bx0"] = lb[1:-1], lb[:-1]
-        out[f"{kind}_bdx"] = lb[1:] - lb[:-1]
-        sc.update({f"{kind}_lo": a["x"][0], f"{kind}_hi": a["x"][-1], f"{kind}_blo": lb[0], f"{kind}_bhi": lb[-1],
-                   f"{kind}_bmax": float(jnp.exp(jnp.float32(lb[-1])))})
+        arr.update({f"{kind}_x0": a["x0"], f"{kind}_coef": _in_u(a["coef"], a["dxi"]),
+                    f"{kind}_bx0": lb[:-1] if lb.size > 1 else lb[:1],
+                    f"{kind}_bdx": (lb[1:] - lb[:-1]) if lb.size > 1 else np.ones(1, np.float32)})
+        sc[f"{kind}_bmax"] = float(np.exp(np.float32(lb[-1])))
     sc["dec_scale"] = float(su.layout.decode_kv_scale)
     sc["pre_scale"] = float(su.layout.prefill_len_scale)
-    sc["attn_floor"] = float(kernels.attn_floor_us(su.arrays.decode, su.layout.decode_layout))
+    sc["attn_floor"] = float(np.exp(np.asarray(su.arrays.decode.log_t)[int(su.layout.decode_layout), 0, 0]))
+    arr["tok_gemm"] = _per_token(xm, x0, _in_u(coef, dxi), 1.0, float(np.min(np.asarray(gt.log_t, np.float32))))
     comm = su.arrays.comm
     if comm is not None:
-        xb = np.asarray(comm.log_bytes)
-        rows = np.asarray(jnp.moveaxis(comm.log_t, 1, 0), np.float32)  # [Nbytes, Ng]
-        w = _interp_weights(float(jnp.log(jnp.maximum(jnp.float32(d.tp), 2.0))), comm.log_gpus)
+        xb = np.asarray(comm.log_bytes, np.float32)
+        rows = np.ascontiguousarray(np.asarray(comm.log_t, np.float32).T)  # [Nbytes, Ng]
+        w = _interp_weights(np.log(np.float32(max(float(d.tp), 2.0))), comm.log_gpus)
         cx0, cdxi, ccoef = _cells(xb, rows.astype(np.float64) @ w, _slopes(xb, rows).astype(np.float64) @ w)
-        out.update(comm_int=xb[1:-1], comm_x0=cx0, comm_dxi=cdxi, comm_coef=ccoef)
-        sc.update(comm_lo=xb[0], comm_hi=xb[-1], comm_table=1.0)
+        finder("comm", xb)
+        arr.update(comm_x0=cx0, comm_coef=_in_u(ccoef[:, None, :], cdxi))
+        arr["tok_comm"] = _per_token(xb, cx0, _in_u(ccoef[:, None, :], cdxi), 1.0, -np.inf,
+                                     float(ops.allreduce_bytes(d, 1.0)))[0]
+        sc["comm_table"] = 1.0
     else:
-        out.update(comm_int=np.zeros(0, np.float32), comm_x0=np.zeros(1, np.float32),
-                   comm_dxi=np.zeros(1, np.float32), comm_coef=np.zeros((1, 4), np.float32))
-        sc.update(comm_lo=0.0, comm_hi=0.0, comm_table=0.0)
-    out["scal"] = sc
-    return out
+        finder("comm", np.zeros(1, np.float32))
+        arr.update(comm_x0=np.zeros(1, np.float32), comm_coef=np.zeros((1, 1, 4)),
+                   tok_comm=np.zeros(TOKEN_TABLE + 1, np.float32))
+        sc["comm_table"] = 0.0
+    return {"arrays": arr, "scal": sc, "k": ks}
 
 
 class GroupTables(NamedTuple):
@@ -181,97 +367,58 @@ class GroupTables(NamedTuple):
     arrays: dict  # name -> array
 
 
-def _pad_to(a: np.ndarray, shape, fill) -> np.ndarray:
-    out = np.full(shape, fill, np.float32)
-    out[tuple(slice(0, s) for s in a.shape)] = a
-    return out
+def _pad_axis(v: np.ndarray, axis: int, n: int) -> np.ndarray:
+    """Pad ``v`` to length ``n`` along ``axis`` by repeating its last entry."""
+    if v.shape[axis] >= n:
+        return v
+    last = np.take(v, [-1], axis=axis)
+    return np.concatenate([v] + [last] * (n - v.shape[axis]), axis=axis)
 
 
-def _planes(coef: np.ndarray) -> np.ndarray:
-    """[Ncell, ..., 4] -> [..., 4, Ncell]: one contiguous row per (series, coefficient), for 1-D gathers."""
-    return np.ascontiguousarray(np.moveaxis(coef, 0, -1))
-
-
-def stack_groups(groups: list[Group]) -> tuple[list[GroupTables], list[str]]:
-    """Per-group arrays (`group_arrays`), padded to common shapes: grids with _BIG (never counted), cells
-    and batch columns by repeating the last one."""
+def stack_groups(groups: list[Group]) -> tuple[list[GroupTables], Mode]:
+    """Per-group arrays padded to common shapes (lookup nodes with _BIG, which never count; everything else
+    by repeating the last entry, never read or equal to the last real one); attention coefficients
+    flattened to [4, cells * NB] planes with a common batch stride NB."""
     per = [group_arrays(g) for g in groups]
-    names = list(per[0]["scal"])
-    keys = [k for k in per[0] if k != "scal"]
+    names = tuple(per[0]["scal"])
+    ks = {k: max(a["k"][k] for a in per) for k in per[0]["k"]}
+    nb = {kind: max(2, max(a["arrays"][f"{kind}_coef"].shape[1] for a in per)) for kind in ("dec", "pre")}
+    nb["gemm"] = max(a["arrays"]["gemm_coef"].shape[0] for a in per)  # series stride of the GEMM planes
     for a in per:
-        for k in ("dec_coef", "pre_coef"):  # [Nc, Nb, 4]: at least 2 batch columns, the last repeated
-            v = a[k]
-            if v.shape[1] < 2:
-                a[k] = np.concatenate([v, v[:, -1:]], 1)
-        for k in ("dec_bx0", "pre_bx0"):
-            if a[k].size == 0:
-                a[k] = np.zeros(1, np.float32)
-        for k in ("dec_bdx", "pre_bdx"):
-            if a[k].size == 0:
-                a[k] = np.ones(1, np.float32)
-    shapes = {k: tuple(max(np.shape(a[k])[i] for a in per) for i in range(np.ndim(per[0][k]))) for k in keys}
+        A = a["arrays"]
+        for kind in ("dec", "pre"):
+            A[f"{kind}_coef"] = _pad_axis(A[f"{kind}_coef"], 1, nb[kind])  # [Nc, NB, 4]
+    keys = list(per[0]["arrays"])
+    shapes = {k: tuple(max(a["arrays"][k].shape[i] for a in per) for i in range(per[0]["arrays"][k].ndim))
+              for k in keys}
     out = []
     for a in per:
         arrs = {}
         for k in keys:
-            v = np.asarray(a[k], np.float32)
-            if k.endswith(("_int", "_bint")):
-                v = _pad_to(v, shapes[k], _BIG)
-            else:  # cells / batch columns: repeat the last (never selected, or equal to the last real one)
-                for ax, n in enumerate(shapes[k]):
-                    if v.shape[ax] < n:
-                        last = np.take(v, [-1], axis=ax) if v.shape[ax] else np.zeros_like(np.take(v, [0], axis=ax))
-                        v = np.concatenate([v] + [last] * (n - v.shape[ax]), axis=ax)
-            if k.endswith("_coef"):
+            v = a["arrays"][k]
+            if k.endswith("_nodes"):
+                v = np.concatenate([v, np.full(shapes[k][0] - v.shape[0], _BIG, np.float32)])
+            else:
+                v = _pad_axis(v, 0, shapes[k][0])
+            if k.endswith("_lut"):
+                v = v.astype(np.int32)
+            elif k in ("dec_coef", "pre_coef"):  # [Nc, NB, 4] -> [4, Nc * NB]: index cell * NB + column
+                v = np.ascontiguousarray(v.reshape(-1, 4).T).astype(np.float32)
+            elif k == "gemm_coef":  # [Nc, 5, 4] -> [4, 5 * Nc]: index series * Nc + cell
+                v = np.ascontiguousarray(np.moveaxis(v, 2, 0).transpose(0, 2, 1).reshape(4, -1)).astype(np.float32)
+            elif k.endswith("_coef"):  # [Nc, S, 4] -> [S, 4, Nc]
                 v = _planes(v)
+            else:
+                v = v.astype(np.float32)
             arrs[k] = v
         out.append(GroupTables(np.asarray([float(a["scal"][n]) for n in names], np.float32), arrs))
-    return out, names
+    return out, (names, tuple(sorted(ks.items())), tuple(sorted(nb.items())))
 
 
 # ---------------------------------------------------------------- the fast step function
 # XLA on CPU vectorizes elementwise loops over the configuration axis well and small per-configuration vectors
-# badly, so the evaluation below is written on scalars per configuration: unrolled comparisons find cells,
-# 1-D gathers read coefficients.
-
-def _cell(xc, interior):
-    """Index of the cell holding xc: the number of interior grid nodes <= xc (padding never counts)."""
-    c = jnp.zeros(jnp.shape(xc), jnp.int32)
-    for j in range(interior.shape[0]):
-        c = c + (interior[j] <= xc).astype(jnp.int32)
-    return c
-
-
-def _herm(xq, lo, hi, interior, x0, dxi, planes, slope_hi, slope_lo=0.0):
-    """Monotone cubic interpolation as `interp.interp_work_axis`, from precomputed cells.  ``planes``
-    [S..., 4, Ncell] holds S series on the same grid; returns a list (flattened S) of values."""
-    xc = jnp.clip(xq, lo, hi)
-    cell = _cell(xc, interior)
-    t = (xc - x0[cell]) * dxi[cell]
-    ext = slope_hi * jnp.maximum(xq - hi, 0.0) + slope_lo * jnp.minimum(xq - lo, 0.0)
-    flat = planes.reshape(-1, 4, planes.shape[-1])
-    return [c[0][cell] + t * (c[1][cell] + t * (c[2][cell] + t * c[3][cell])) + ext for c in flat]
-
-
-def _attn(T, S, kind, batch, length, slope_hi, slope_lo=0.0):
-    """`tables.attn_table_us` for the group's head layout."""
-    b = jnp.clip(batch, 1.0, S(f"{kind}_bmax"))
-    length = length * (batch / b) ** (1.0 / slope_hi)
-    rows = _herm(jnp.log(length), S(f"{kind}_lo"), S(f"{kind}_hi"), T[f"{kind}_int"], T[f"{kind}_x0"],
-                 T[f"{kind}_dxi"], T[f"{kind}_coef"], slope_hi, slope_lo)  # Nb values
-    vals = [rows[0]]
-    for r in rows[1:]:
-        vals.append(jnp.maximum(vals[-1], r))  # running max over batch sizes
-    lb = jnp.clip(jnp.log(b), S(f"{kind}_blo"), S(f"{kind}_bhi"))
-    j = _cell(lb, T[f"{kind}_bint"])
-    v0 = vals[0]
-    v1 = vals[1]
-    for i in range(1, len(vals) - 1):
-        v0 = jnp.where(j == i, vals[i], v0)
-        v1 = jnp.where(j == i, vals[i + 1], v1)
-    bx0, bdx = T[f"{kind}_bx0"][j], T[f"{kind}_bdx"][j]
-    return jnp.exp(v0 + (lb - bx0) / bdx * (v1 - v0))
-
+# (and reductions over them) badly, so the evaluation below is written on scalars per configuration: a lookup
+# table finds each cell, 1-D gathers read coefficients, and the features are combined by `step.combine`.
 
 @dataclass(frozen=True)
 class Mode:
@@ -280,12 +427,82 @@ class Mode:
     decode_total: bool  # batch gives decode_keys (else decode_ctx per request)
     prefill_total: bool  # batch gives prefill_tokens, prefill_pairs (else prefill_new, prefill_cached)
     names: tuple  # scalar names (GroupTables.scal)
+    ks: tuple  # (finder, comparisons after the table lookup)
+    nb: tuple  # (attention kind, batch stride of its coefficient planes)
+    int_tokens: bool = False  # every token count is an integer <= TOKEN_TABLE: GEMM and all-reduce times
+    #                           are read from per-token tables (exact: the same function at those points)
 
 
-def _features(mode: Mode, T: dict, S, b0, b1, b2, b3, b4) -> dict:
-    """`step.features` of one configuration from its batch summary (scalars; GEMM values per GEMM)."""
+class _Ctx:
+    def __init__(self, mode: Mode, T: dict, scal):
+        self.mode, self.T, self.scal = mode, T, scal
+        self.idx = {n: i for i, n in enumerate(mode.names)}
+        self.ks, self.nb = dict(mode.ks), dict(mode.nb)
+
+    def S(self, name):
+        return self.scal[self.idx[name]]
+
+    def find(self, name, xc):
+        """Number of interior nodes of grid ``name`` <= xc (xc within the grid's range)."""
+        b = jnp.clip(jnp.floor((xc - self.S(f"{name}_lo")) * self.S(f"{name}_inv")), 0.0, self.S(f"{name}_lmax"))
+        c = _take(self.T[f"{name}_lut"], b.astype(jnp.int32))
+        nodes = self.T[f"{name}_nodes"]
+        for _ in range(self.ks[name]):
+            c = c + (_take(nodes, c) <= xc).astype(jnp.int32)
+        return c
+
+
+_GATHER = jax.lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
+
+
+def _take(arr, i):
+    """arr[i] for a 1-D table and indices known to be in bounds (no clamping or negative-index code)."""
+    return jax.lax.gather(arr, jnp.expand_dims(i, -1), _GATHER, (1,),
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _poly(planes, i, t):
+    return _take(planes[0], i) + t * (_take(planes[1], i) + t * (_take(planes[2], i) + t * _take(planes[3], i)))
+
+
+def _locate(C: _Ctx, name, xq, slope_hi):
+    """Cell, position t in it and the log-log extension above the grid of `interp.interp_work_axis`."""
+    lo, hi = C.S(f"{name}_lo"), C.S(f"{name}_hi")
+    xc = jnp.clip(xq, lo, hi)
+    cell = C.find(name, xc)
+    t = xc - _take(C.T[f"{name}_x0"], cell)  # coefficients are in x - x0 (see `_in_u`)
+    return cell, t, slope_hi * jnp.maximum(xq - hi, 0.0)
+
+
+def _series(C: _Ctx, name, planes, xq, slope_hi):
+    """`interp.interp_work_axis` of the series in ``planes`` [S, 4, Ncell] at log value ``xq`` (list of S)."""
+    cell, t, ext = _locate(C, name, xq, slope_hi)
+    return [_poly(planes[s], cell, t) + ext for s in range(planes.shape[0])]
+
+
+def _attn(C: _Ctx, kind, batch, length, slope_hi, slope_lo=0.0):
+    """`tables.attn_table_us` for the group's head layout: two columns of the refined table, blended."""
+    b = jnp.clip(batch, 1.0, C.S(f"{kind}_bmax"))
+    ratio = batch / b  # (batch / b) ** (1 / slope_hi), without pow (a libm call, not vectorized)
+    length = length * (ratio if slope_hi == 1.0 else jnp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
+    xq = jnp.log(length)
+    lo, hi = C.S(f"{kind}_lo"), C.S(f"{kind}_hi")
+    xc = jnp.clip(xq, lo, hi)
+    cell = C.find(kind, xc)
+    t = xc - _take(C.T[f"{kind}_x0"], cell)
+    lb = jnp.clip(jnp.log(b), C.S(f"{kind}b_lo"), C.S(f"{kind}b_hi"))
+    j = C.find(kind + "b", lb)
+    base = cell * C.nb[kind] + j
+    planes = C.T[f"{kind}_coef"]
+    v0, v1 = _poly(planes, base, t), _poly(planes, base + 1, t)
+    ext = slope_hi * jnp.maximum(xq - hi, 0.0) + slope_lo * jnp.minimum(xq - lo, 0.0)
+    return jnp.exp(v0 + (lb - _take(C.T[f"{kind}_bx0"], j)) / _take(C.T[f"{kind}_bdx"], j) * (v1 - v0) + ext)
+
+
+def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
+    """`step.features` of one configuration from its batch summary (scalars; one entry per GEMM)."""
+    S, mode = C.S, C.mode
     d = ops.Dims(*(S("d_" + f) for f in ops.Dims._fields))
-    hw = kernels.Hardware(*(S("hw_" + f) for f in kernels.Hardware._fields))
     n_dec, n_pre = b0, b2
     keys = b1 if mode.decode_total else n_dec * ops.decode_keys(d, b1)
     if mode.prefill_total:
@@ -295,44 +512,64 @@ def _features(mode: Mode, T: dict, S, b0, b1, b2, b3, b4) -> dict:
     tokens = new_total + n_dec
     sampled = n_pre + n_dec
     out = {"tokens": tokens, "n_prefill": n_pre, "n_decode": n_dec}
-    # GEMMs: one cubic per GEMM on its precomputed (log m)-series
-    layer = _herm(jnp.log(tokens), S("m_lo"), S("m_hi"), T["m_int"], T["m_x0"], T["m_dxi"], T["gemm_coef"], 1.0)
-    head = _herm(jnp.log(sampled), S("m_lo"), S("m_hi"), T["m_int"], T["m_x0"], T["m_dxi"], T["head_coef"], 1.0)
-    for i, v in enumerate(layer + head):
-        g = ops.Gemm(sampled if i == 4 else tokens, S(f"k{i}"), S(f"n{i}"))
-        out[f"table_us{i}"] = jnp.exp(v)
-        out[f"flops{i}"] = ops.gemm_flops(g)
-        out[f"bytes{i}"] = ops.gemm_bytes(g, d.weight_bytes)
-        out[f"roof{i}"] = kernels.smooth_max(out[f"flops{i}"] / hw.table_peak_flops, ops.gemm_bytes(
-            g, S("table_weight_bytes")) / hw.hbm_bytes_per_s) * 1e6
-    # attention (`kernels.attn_*_table_us`)
+    # GEMMs: cells on the m grid for the layer GEMMs (m = tokens) and lm_head (m = sampled); the cubics are
+    # evaluated in `_gemm_features` over a [5, C] array
+    out["sampled"] = sampled
+    if mode.int_tokens:
+        ti, si = tokens.astype(jnp.int32), sampled.astype(jnp.int32)
+        out.update({f"tok_us{i}": _take(C.T["tok_gemm"][i], ti) for i in range(4)})
+        out["tok_us4"] = _take(C.T["tok_gemm"][4], si)
+    else:
+        lt = jnp.log(tokens)
+        out["m_cell"], out["m_t"], out["m_ext"] = _locate(C, "m", lt, 1.0)
+        out["h_cell"], out["h_t"], out["h_ext"] = _locate(C, "m", jnp.log(sampled), 1.0)
     nd = jnp.maximum(n_dec, 1.0)
-    t_dec = _attn(T, S, "dec", nd, jnp.maximum(keys / nd, 1.0) * S("dec_scale"), 1.0)
-    out["attn_decode_us"] = jnp.where(n_dec > 0, t_dec, 0.0)
+    t_dec = _attn(C, "dec", nd, jnp.maximum(keys / nd, 1.0) * S("dec_scale"), 1.0, DECODE_SLOPE_LO)
+    out["attn_decode_us"] = jnp.where(n_dec > 0, jnp.maximum(t_dec, S("attn_floor")), 0.0)
     npf = jnp.maximum(n_pre, 1.0)
     seq = jnp.sqrt(2.0 * jnp.maximum(pairs / npf, 0.5))
-    t_pre = _attn(T, S, "pre", npf, seq * S("pre_scale"), 2.0, kernels.PREFILL_SLOPE_LO)
+    t_pre = _attn(C, "pre", npf, seq * S("pre_scale"), 2.0, kernels.PREFILL_SLOPE_LO)
     out["attn_prefill_us"] = jnp.where(n_pre > 0, t_pre, 0.0)
     msg = ops.allreduce_bytes(d, tokens)
-    t_comm, = _herm(jnp.log(msg), S("comm_lo"), S("comm_hi"), T["comm_int"], T["comm_x0"], T["comm_dxi"],
-                    T["comm_coef"], 1.0)
-    out["comm_table_us"] = jnp.where((d.tp > 1.0) & (S("comm_table") > 0), jnp.exp(t_comm), 0.0)
+    if mode.int_tokens:
+        t_comm = _take(C.T["tok_comm"], ti)
+    else:
+        t_comm = jnp.exp(_series(C, "comm", C.T["comm_coef"], lt + S("log_msg_per_token"), 1.0)[0])  # one log less
+    out["comm_table_us"] = jnp.where((d.tp > 1.0) & (S("comm_table") > 0), t_comm, 0.0)
     out["comm_bytes"] = msg
     out["memory_bytes"] = sum(ops.memory_ops_bytes(d, tokens).values())
     out["head_bytes"] = ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled)
     return out
 
 
+def _gemm_features(C: _Ctx, f: dict) -> kernels.GemmFeatures:
+    """`kernels.gemm_features` of the 5 GEMMs of every configuration, as [5, C] arrays (rows: qkv, o,
+    gate_up, down at m = tokens, lm_head at m = sampled), each GEMM one cubic on its precomputed m-series."""
+    S = C.S
+    layer = (jnp.arange(5) < 4)[:, None]
+    if C.mode.int_tokens:
+        table_us = jnp.stack([f[f"tok_us{i}"] for i in range(5)])
+    else:
+        cell = jnp.where(layer, f["m_cell"], f["h_cell"])
+        t = jnp.where(layer, f["m_t"], f["h_t"])
+        ext = jnp.where(layer, f["m_ext"], f["h_ext"])
+        v = _poly(C.T["gemm_coef"], cell + jnp.arange(5)[:, None] * C.nb["gemm"], t) + ext
+        table_us = jnp.exp(jnp.maximum(v, S("gemm_log_floor")))  # never below the fastest measured call
+    g = ops.Gemm(jnp.where(layer, f["tokens"], f["sampled"]), jnp.stack([S(f"k{i}") for i in range(5)])[:, None],
+                 jnp.stack([S(f"n{i}") for i in range(5)])[:, None])
+    hw = kernels.Hardware(*(S("hw_" + n) for n in kernels.Hardware._fields))
+    flops = ops.gemm_flops(g)
+    roof = kernels.smooth_max(flops / hw.table_peak_flops,
+                              ops.gemm_bytes(g, S("table_weight_bytes")) / hw.hbm_bytes_per_s) * 1e6
+    return kernels.GemmFeatures(table_us, flops, ops.gemm_bytes(g, S("d_weight_bytes")), roof)
+
+
 def fast_chunk(mode: Mode, static: Static, T: dict, scal, b0, b1, b2, b3, b4):
-    """Step times of a chunk of configurations of one group: [8, C] = total and `BREAKDOWN` (µs)."""
-    idx = {n: i for i, n in enumerate(mode.names)}
-
-    def S(name):
-        return scal[idx[name]]
-
-    f = jax.vmap(lambda *b: _features(mode, T, S, *b))(b0, b1, b2, b3, b4)
-    gemm = kernels.GemmFeatures(*(jnp.stack([f[f"{n}{i}"] for i in range(5)]) for n in ("table_us", "flops", "bytes",
-                                                                                          "roof")))  # [5, C]
+    """Step times of a chunk of configurations of one group: a tuple (total, *`BREAKDOWN`) of [C] (µs)."""
+    C = _Ctx(mode, T, scal)
+    S = C.S
+    f = jax.vmap(lambda *b: _features(C, *b))(b0, b1, b2, b3, b4)
+    gemm = _gemm_features(C, f)  # [5, C]
     feats = Features(**{k: (gemm if k == "gemm" else S("attn_floor") if k == "attn_floor_us" else f[k])
                         for k in Features._fields})
     axes = Features(**{k: (kernels.GemmFeatures(1, 1, 1, 1) if k == "gemm" else None if k == "attn_floor_us" else 0)
@@ -344,21 +581,50 @@ def fast_chunk(mode: Mode, static: Static, T: dict, scal, b0, b1, b2, b3, b4):
     layout = Layout(d, hw, jnp.int32(0), zero, jnp.int32(0), zero)
     total, parts = jax.vmap(lambda x: combine(x, layout, p, static), in_axes=(axes,))(feats)
     ok = (b0 + b2) > 0
-    return jnp.stack([jnp.where(ok, v, jnp.nan) for v in [total] + [parts[k] for k in BREAKDOWN]])
+    return tuple(jnp.where(ok, v, jnp.nan) for v in [total] + [parts[k] for k in BREAKDOWN])
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled(mode: Mode, static: Static, n_devices: int):
-    """jit(fast_chunk); with several devices the configuration axis is sharded over them.
-    Returns (fn, replicated sharding, sharded sharding) (shardings None on one device)."""
-    fn = functools.partial(fast_chunk, mode, static)
-    if n_devices <= 1:
-        return jax.jit(fn), None, None
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("c",))
-    rep, sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("c"))
-    return (jax.jit(fn, in_shardings=(rep, rep) + (sh,) * 5, out_shardings=NamedSharding(mesh, P(None, "c"))),
-            rep, sh)
+# XLA:CPU's YNNPACK fusion would take over the reduction in `combine` and everything after it, op by op
+# (10x slower here); plain fused loops are used instead.
+COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+class _Compiled:
+    """fast_chunk compiled for one (mode, static, devices); with several devices the configuration axis is
+    sharded over them (`jax.shard_map` on a 1-D mesh of the local devices), group tables replicated."""
+
+    def __init__(self, mode: Mode, static: Static, n_devices: int):
+        fn = functools.partial(fast_chunk, mode, static)
+        self.rep = self.sh = None
+        if n_devices > 1:
+            from jax.sharding import Mesh, NamedSharding
+            from jax.sharding import PartitionSpec as P
+            mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("c",))
+            self.rep, self.sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("c"))
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P()) + (P("c"),) * 5, out_specs=P("c"))
+            self.jit = jax.jit(fn, in_shardings=(self.rep, self.rep) + (self.sh,) * 5, out_shardings=self.sh)
+        else:
+            self.jit = jax.jit(fn)
+        self._exe = {}
+
+    def __call__(self, arrays, scal, *b):
+        key = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves((arrays, scal, b)))
+        if key not in self._exe:
+            lowered = self.jit.lower(arrays, scal, *b)
+            try:
+                self._exe[key] = lowered.compile(compiler_options=COMPILER_OPTIONS if _on_cpu() else None)
+            except Exception:  # an XLA without the option: compile plainly
+                self._exe[key] = lowered.compile()
+        return self._exe[key](arrays, scal, *b)
+
+
+def _on_cpu() -> bool:
+    return jax.local_devices()[0].platform == "cpu"
+
+
+@functools.cache
+def _compiled(mode: Mode, static: Static, n_devices: int) -> _Compiled:
+    return _Compiled(mode, static, n_devices)
 
 
 # ---------------------------------------------------------------- groups
@@ -366,9 +632,9 @@ def _compiled(mode: Mode, static: Static, n_devices: int):
 class _Resolver:
     """Loads models, tables and calibrations once and builds `Group`s."""
 
-    def __init__(self, model_configs=None, bench_data=None, allow_other_gpu=False):
+    def __init__(self, model_configs=None, bench_data=None, allow_other_gpu=False, tables=None):
         self.model_configs, self.bench_data, self.allow_other_gpu = model_configs, bench_data, allow_other_gpu
-        self._tables, self._models = {}, {}
+        self._tables, self._models = dict(tables or {}), {}
 
     def model(self, name, dtype=None) -> ModelConfig:
         key = (str(name), dtype)
@@ -387,7 +653,8 @@ class _Resolver:
         m = self.model(model, normalize_dtype(dtype) if dtype else None)
         su = setup(m, self._tables[g.name], int(tp))
         from .fit import resolve_calibration
-        params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu)
+        params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
+                                           table_sources={g.name: self._tables[g.name].sources})
         return Group(key, su, params.get(g.name, Params()), desc)
 
 
@@ -514,6 +781,8 @@ class AxesSpace(Space):
         g = np.ravel_multi_index(digits[:ng], self.gshape).astype(np.int32) if ng else np.zeros(len(idx), np.int32)
         cols = {"config_id": idx}
         for (k, vals), dgt in zip(self.group_axes, digits[:ng]):
+            if k == "dtype" and vals == [None]:
+                continue
             if k == "tp":
                 cols[k] = np.asarray(vals, np.int32)[dgt]
             else:
@@ -530,6 +799,22 @@ class AxesSpace(Space):
         return json.dumps({"axes": {k: (v.tolist() if isinstance(v, np.ndarray) else v)
                                     for k, v in [(k, _axis_values(k, v)) for k, v in self._axes.items()]}},
                           sort_keys=True, default=str)
+
+
+def _group_columns(group_keys: list[tuple], g: np.ndarray, skip=()) -> dict:
+    """Output columns of the group axes (categoricals; tp as int32) for rows of groups ``g``; ``dtype``
+    only where some group overrides it."""
+    cols = {}
+    for i, k in enumerate(GROUP_AXES):
+        vals = [key[i] for key in group_keys]
+        if k in skip or (k == "dtype" and all(v is None for v in vals)):
+            continue
+        if k == "tp":
+            cols[k] = np.asarray(vals, np.int32)[g]
+        else:
+            codes, uniq = pd.factorize(pd.Index([("" if v is None else str(v)) for v in vals]))
+            cols[k] = pd.Categorical.from_codes(codes[g], categories=uniq)
+    return cols
 
 
 def summarize_steps(steps: list, model: ModelConfig | str, model_configs=None) -> dict[str, np.ndarray]:
@@ -551,7 +836,7 @@ def summarize_steps(steps: list, model: ModelConfig | str, model_configs=None) -
     po, do = np.asarray(po, np.int64), np.asarray(do, np.int64)
     pairs = np.asarray(ops.prefill_pairs_tiled(d, jnp.asarray(pn, jnp.float32), jnp.asarray(pc, jnp.float32)))
     keys = np.asarray(ops.decode_keys(d, jnp.asarray(dc, jnp.float32)))
-    f32 = lambda a: np.asarray(a, np.float32)  # noqa: E731
+    f32 = lambda a: np.asarray(a, np.float32)
     return {"n_decode": f32(np.bincount(do, minlength=n)), "decode_keys": f32(np.bincount(do, keys, n)),
             "n_prefill": f32(np.bincount(po, minlength=n)),
             "prefill_tokens": f32(np.bincount(po, np.asarray(pn, np.float64), n)),
@@ -609,6 +894,7 @@ class FrameSpace(Space):
             b = _batch_inputs({c: part[c].to_numpy(np.float64) for c in part.columns if c in BATCH_COLUMNS},
                               self.decode_total, self.prefill_total, k)
         cols = {"config_id": np.arange(start, stop, dtype=np.int64)}
+        cols.update(_group_columns(self.group_keys, g, skip=set(part.columns)))
         for c in part.columns:
             if c != "step":
                 cols[c] = part[c].to_numpy()
@@ -629,6 +915,39 @@ class FrameSpace(Space):
         return json.dumps({"frame": h.hexdigest(), "defaults": self._defaults}, sort_keys=True, default=str)
 
 
+class ArraySpace(Space):
+    """Configurations as arrays: ``groups`` (dicts with model, gpu[, tp, calibration, dtype]), the group of
+    each configuration (``group_index``) and the batch columns (same length)."""
+
+    def __init__(self, groups: list[dict], group_index, columns: dict):
+        self.group_keys = [_norm_key(*({**GROUP_DEFAULTS, **gr}[k] for k in GROUP_AXES)) for gr in groups]
+        self.g = np.asarray(group_index, np.int32)
+        self.columns = {k: np.asarray(v) for k, v in columns.items()}
+        unknown = set(self.columns) - set(BATCH_COLUMNS)
+        if unknown:
+            raise InputError(f"unknown batch column(s) {sorted(unknown)}", field="columns")
+        self.n = len(self.g)
+        if any(len(v) != self.n for v in self.columns.values()):
+            raise InputError("group_index and every column need the same length", field="columns")
+        if self.n and (self.g.min() < 0 or self.g.max() >= len(groups)):
+            raise InputError("group_index out of range", field="group_index")
+        self.decode_total, self.prefill_total = _batch_mode(self.columns)
+
+    def rows(self, start, stop):
+        g = self.g[start:stop]
+        part = {k: v[start:stop] for k, v in self.columns.items()}
+        cols = {"config_id": np.arange(start, stop, dtype=np.int64), **_group_columns(self.group_keys, g)}
+        cols.update(part)
+        return g, _batch_inputs(part, self.decode_total, self.prefill_total, stop - start), cols
+
+    def fingerprint(self):
+        h = hashlib.sha256(self.g.tobytes())
+        for k in sorted(self.columns):
+            h.update(k.encode())
+            h.update(np.ascontiguousarray(self.columns[k]).tobytes())
+        return json.dumps({"arrays": h.hexdigest(), "groups": self.group_keys}, default=str)
+
+
 def make_space(space, defaults: dict | None = None, model_configs=None) -> Space:
     if isinstance(space, Space):
         return space
@@ -641,7 +960,7 @@ def make_space(space, defaults: dict | None = None, model_configs=None) -> Space
 
 # ---------------------------------------------------------------- running
 
-DEFAULT_CALL = 1 << 16  # configurations per kernel call (cache-sized intermediates)
+DEFAULT_CALL = 1 << 17  # configurations per kernel call (intermediates of 512 KiB: fastest on a 2-core CPU)
 
 
 class Evaluator:
@@ -650,22 +969,24 @@ class Evaluator:
     devices); `fetch(handle)` returns [8, k]: ``step_us`` and the `BREAKDOWN` (µs)."""
 
     def __init__(self, space: Space, call_size: int = DEFAULT_CALL, model_configs=None, bench_data=None,
-                 allow_other_gpu=False, devices: int | None = None):
-        res = _Resolver(model_configs, bench_data, allow_other_gpu)
+                 allow_other_gpu=False, devices: int | None = None, tables: dict | None = None):
+        res = _Resolver(model_configs, bench_data, allow_other_gpu, tables)
         self.groups = [res.group(k) for k in space.group_keys]
-        tabs, names = stack_groups(self.groups)
-        self.mode = Mode(space.decode_total, space.prefill_total, tuple(names))
+        tabs, (names, ks, nb) = stack_groups(self.groups)
+        self.mode = Mode(space.decode_total, space.prefill_total, names, ks, nb)
         n_local = len(jax.local_devices())
         n_dev = n_local if devices is None else max(1, min(int(devices), n_local))
         self.n_devices = n_dev
         self.call_size = int(math.ceil(max(int(call_size), 1) / n_dev) * n_dev)
+        self.serial = _on_cpu()
         self._fns, self.tables = [], []
+        self.calls = {False: 0, True: 0}  # kernel calls by path (True: per-token tables)
+        int_mode = dataclasses.replace(self.mode, int_tokens=True)
         for gr, t in zip(self.groups, tabs):
-            fn, rep, sh = _compiled(self.mode, gr.setup.static, n_dev)
-            self._fns.append(fn)
-            self._sh = sh
-            self.tables.append(jax.device_put((t.arrays, t.scal), rep) if rep is not None
-                               else jax.device_put((t.arrays, t.scal)))
+            fn = _compiled(self.mode, gr.setup.static, n_dev)
+            self._fns.append((fn, _compiled(int_mode, gr.setup.static, n_dev)))
+            self._sh = fn.sh
+            self.tables.append(jax.device_put((t.arrays, t.scal), fn.rep))
 
     def _pad(self, a: np.ndarray, fill):
         if a.shape[0] == self.call_size:
@@ -675,33 +996,65 @@ class Evaluator:
         return out
 
     def submit(self, g: np.ndarray, batch: list[np.ndarray]):
+        """Dispatch rows (any groups; fastest when each group's rows are contiguous); returns a handle
+        for `fetch`."""
         g = np.asarray(g)
         k = g.shape[0]
         batch = [np.asarray(b, np.float32) for b in batch]
+        if k == 0:
+            return 0, []
+        cuts = np.flatnonzero(g[1:] != g[:-1]) + 1  # runs of one group
+        if len(cuts) <= 64:
+            segments = [(slice(lo, hi), int(g[lo])) for lo, hi in zip([0, *cuts.tolist()], [*cuts.tolist(), k])]
+        else:  # interleaved groups: gather each group's rows
+            segments = [(np.nonzero(g == gi)[0], int(gi)) for gi in np.unique(g)]
         calls = []
-        groups = np.unique(g) if k else []
-        for gi in groups:
-            sel = None if len(groups) == 1 else np.nonzero(g == gi)[0]
-            n = k if sel is None else len(sel)
+        for sel, gi in segments:
+            n = sel.stop - sel.start if isinstance(sel, slice) else len(sel)
             for lo in range(0, n, self.call_size):
                 hi = min(n, lo + self.call_size)
-                rows = slice(lo, hi) if sel is None else sel[lo:hi]
-                ins = [self._pad(b[rows], 1.0) for b in batch]
-                if self._sh is not None:
-                    ins = [jax.device_put(a, self._sh) for a in ins]
+                rows = slice(sel.start + lo, sel.start + hi) if isinstance(sel, slice) else sel[lo:hi]
+                part = [self._pad(b[rows], 1.0) for b in batch]
+                ins = jax.device_put(part, self._sh)
                 arrays, scal = self.tables[gi]
-                calls.append((rows, hi - lo, self._fns[gi](arrays, scal, *ins)))
+                integral = self._integral(part)
+                self.calls[integral] += 1
+                res = self._fns[gi][integral](arrays, scal, *ins)
+                if self.serial:  # one execution at a time: concurrent ones thrash the caches on CPU
+                    jax.block_until_ready(res)
+                calls.append((rows, hi - lo, res))
         return k, calls
 
-    def fetch(self, handle) -> np.ndarray:
-        k, calls = handle
-        out = np.empty((len(RESULT_COLUMNS), k), np.float32)
-        for rows, n, res in calls:
-            out[:, rows] = np.asarray(res)[:, :n]
+    def _integral(self, b: list[np.ndarray]) -> bool:
+        """Whether every token count (and requests sampled) is an integer within the per-token tables."""
+        tokens = (b[3] if self.mode.prefill_total else b[2] * b[3]) + b[0]
+        with np.errstate(invalid="ignore"):
+            return bool(tokens.max(initial=0) <= TOKEN_TABLE and (b[0] + b[2]).max(initial=0) <= TOKEN_TABLE
+                        and np.array_equal(tokens, np.floor(tokens)) and np.array_equal(b[0], np.floor(b[0]))
+                        and np.array_equal(b[2], np.floor(b[2])))
+
+    def fetch_parts(self, handle):
+        """Per dispatched call: (rows, [total, *breakdown] as numpy views of the results)."""
+        return [(rows, [np.asarray(r)[:n] for r in res]) for rows, n, res in handle[1]]
+
+    def fetch(self, handle) -> list[np.ndarray]:
+        """[step_us, *BREAKDOWN], each a float32 array over the submitted rows."""
+        k = handle[0]
+        parts = self.fetch_parts(handle)
+        if len(parts) == 1:
+            return parts[0][1]
+        if all(isinstance(rows, slice) for rows, _ in parts):  # one group, rows in order
+            return [np.concatenate([v[i] for _, v in parts]) for i in range(len(RESULT_COLUMNS))]
+        out = [np.empty(k, np.float32) for _ in RESULT_COLUMNS]
+        for rows, vals in parts:
+            for o, v in zip(out, vals):
+                o[rows] = v
         return out
 
     def __call__(self, g: np.ndarray, batch: list[np.ndarray]) -> np.ndarray:
-        return self.fetch(self.submit(g, batch))
+        """[8, k]: step_us and the breakdown."""
+        return np.stack(self.fetch(self.submit(g, batch))) if len(g) else np.zeros((len(RESULT_COLUMNS), 0),
+                                                                                      np.float32)
 
 
 def _fmt_of(path: Path) -> str:
@@ -714,11 +1067,15 @@ def _fmt_of(path: Path) -> str:
 
 
 def _write_atomic(path: Path, write: Callable[[str], None]):
+    """Write through a temporary file in the same folder, renamed when complete (never a partial file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the usual permissions of a new file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -816,12 +1173,13 @@ class SweepInfo:
     seconds: float
     out: str | None
     devices: int
+    calls: tuple = (0, 0)  # kernel calls (general path, per-token-table path)
 
 
 def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHUNK, defaults: dict | None = None,
           model_configs=None, bench_data=None, allow_other_gpu: bool = False, progress: bool = False,
           process_index: int | None = None, process_count: int | None = None, keep_parts: bool = False,
-          return_df: bool = True, devices: int | None = None,
+          return_df: bool = True, devices: int | None = None, tables: dict | None = None,
           on_chunk: Callable[[int], None] | None = None) -> pd.DataFrame | None:
     """Evaluate every configuration of ``space`` (dict of axes, DataFrame or `Space`).
 
@@ -833,12 +1191,13 @@ def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHU
     and writes `shard_path` (merge with `merge_shards`); by default both come from ``jax.process_index()``
     / ``jax.process_count()`` (one file per host under ``jax.distributed``).  ``on_chunk(k)`` is called
     after chunk k is stored.  ``devices``: how many local devices to shard each chunk over (default all).
+    ``tables``: already loaded `tables.Tables` by GPU name (default: loaded from ``bench_data``).
     """
     sp = make_space(space, defaults, model_configs)
     info = run(sp, out, chunk_size=chunk_size, model_configs=model_configs, bench_data=bench_data,
                allow_other_gpu=allow_other_gpu, progress=progress, process_index=process_index,
                process_count=process_count, keep_parts=keep_parts, devices=devices, on_chunk=on_chunk,
-               collect=return_df and out is None)
+               collect=return_df and out is None, tables=tables)
     if not return_df:
         return None
     if out is None:
@@ -852,7 +1211,7 @@ def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHU
 
 def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, bench_data=None,
         allow_other_gpu=False, progress=False, process_index=None, process_count=None, keep_parts=False,
-        devices=None, on_chunk=None, collect=False, call_size=DEFAULT_CALL) -> dict:
+        devices=None, on_chunk=None, collect=False, call_size=DEFAULT_CALL, tables=None) -> dict:
     """The chunk loop behind `sweep`; returns {"info": SweepInfo[, "frame": DataFrame]}."""
     t0 = time.perf_counter()
     if process_count is None:
@@ -862,7 +1221,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
     if not (0 <= process_index < process_count):
         raise InputError(f"process_index {process_index} not in [0, {process_count})", field="process_index")
     C = max(int(chunk_size), 1)
-    ev = Evaluator(sp, min(call_size, C), model_configs, bench_data, allow_other_gpu, devices)
+    ev = Evaluator(sp, min(call_size, C), model_configs, bench_data, allow_other_gpu, devices, tables)
     n_chunks = -(-sp.n // C)
     mine = [k for k in range(n_chunks) if k % process_count == process_index]
     target = parts_dir = fmt = None
@@ -937,7 +1296,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
         if not keep_parts:
             shutil.rmtree(parts_dir, ignore_errors=True)
     info = SweepInfo(sp.n, C, mine, computed, time.perf_counter() - t0, None if target is None else str(target),
-                     ev.n_devices)
+                     ev.n_devices, (ev.calls[False], ev.calls[True]))
     outd = {"info": info}
     if collect:
         if frames:
@@ -946,3 +1305,120 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
             g, b, cols = sp.rows(0, 0)
             outd["frame"] = pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS}})
     return outd
+
+
+# ---------------------------------------------------------------- spec files and the command line
+
+SPEC_KEYS = {"axes", "configs", "defaults", "chunk_size", "out", "model_configs", "bench_data", "allow_other_gpu"}
+
+
+def load_spec(path: str | Path) -> dict:
+    """Read a sweep spec (YAML or JSON): ``axes`` (named axes, their product) or ``configs`` (a CSV/Parquet
+    table, one configuration per row; paths relative to the spec), optional ``defaults`` (group columns
+    absent from the table or axes), ``chunk_size``, ``out``, ``model_configs``, ``bench_data``,
+    ``allow_other_gpu``."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such spec file", str(path))
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+            try:
+                spec = yaml.safe_load(text)
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+                raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", where) from None
+        else:
+            spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
+    if not isinstance(spec, dict):
+        raise InputError("a sweep spec is a mapping", str(path))
+    unknown = set(spec) - SPEC_KEYS
+    if unknown:
+        raise InputError(f"unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})", str(path))
+    if ("axes" in spec) == ("configs" in spec):
+        raise InputError("give exactly one of 'axes' and 'configs'", str(path))
+    for key in ("configs", "out", "model_configs", "bench_data"):
+        if spec.get(key) is not None and not Path(str(spec[key])).is_absolute():
+            spec[key] = str(path.parent / str(spec[key]))
+    spec["_where"] = str(path)
+    return spec
+
+
+def space_from_spec(spec: dict) -> Space:
+    where = spec.get("_where")
+    try:
+        if "axes" in spec:
+            if not isinstance(spec["axes"], dict):
+                raise InputError("'axes' must be a mapping of axis name to values", field="axes")
+            return make_space(spec["axes"], spec.get("defaults"), spec.get("model_configs"))
+        cfg = Path(spec["configs"])
+        if not cfg.is_file():
+            raise InputError("no such configs file", str(cfg), "configs")
+        df = pd.read_parquet(cfg) if cfg.suffix.lower() in (".parquet", ".pq") else pd.read_csv(cfg)
+        return make_space(df, spec.get("defaults"), spec.get("model_configs"))
+    except InputError as e:
+        if e.args and where and where not in str(e):
+            raise InputError(str(e), where) from None
+        raise
+
+
+def add_sweep_arguments(parser) -> None:
+    parser.add_argument("spec", help="sweep spec, YAML or JSON (axes or a configs table; see docs)")
+    parser.add_argument("--out", default=None, help="results file, .parquet or .csv (default: the spec's 'out')")
+    parser.add_argument("--chunk-size", type=int, default=None,
+                        help=f"configurations per chunk file (default: the spec's or {DEFAULT_CHUNK:,})")
+    parser.add_argument("--model-configs", default=None, help="folder of <model>/config.json")
+    parser.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
+    parser.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
+    parser.add_argument("--process-index", type=int, default=None,
+                        help="this process's share of a split sweep (default: jax.process_index())")
+    parser.add_argument("--process-count", type=int, default=None,
+                        help="processes the sweep is split over (default: jax.process_count())")
+    parser.add_argument("--merge", action="store_true",
+                        help="only merge the --process-count shard files of a split sweep into --out")
+    parser.add_argument("--devices", type=int, default=None, help="local devices to shard over (default: all)")
+    parser.add_argument("--keep-parts", action="store_true", help="keep the chunk files after merging")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
+                        default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+
+
+def run_sweep(args) -> int:
+    spec = load_spec(args.spec)
+    out = args.out or spec.get("out")
+    if not out:
+        raise InputError("no output file: pass --out or set 'out' in the spec", args.spec, "out")
+    _fmt_of(Path(out))
+    if args.merge:
+        if not args.process_count or args.process_count < 2:
+            raise InputError("--merge needs --process-count N (N >= 2)", field="process_count")
+        path = merge_shards(out, args.process_count)
+        print(f"costmodel sweep: merged {args.process_count} shards into {path}")
+        return 0
+    sp = space_from_spec(spec)
+    chunk = args.chunk_size or spec.get("chunk_size") or DEFAULT_CHUNK
+    if int(chunk) < 1:
+        raise InputError("must be a positive integer", args.spec, "chunk_size")
+    progress = sys.stderr.isatty() if args.progress is None else args.progress
+    stored = []
+    try:
+        r = run(sp, out, chunk_size=int(chunk), model_configs=args.model_configs or spec.get("model_configs"),
+                bench_data=args.bench_data or spec.get("bench_data"),
+                allow_other_gpu=args.allow_other_gpu or bool(spec.get("allow_other_gpu")), progress=progress,
+                process_index=args.process_index, process_count=args.process_count, keep_parts=args.keep_parts,
+                devices=args.devices, on_chunk=stored.append)
+    except KeyboardInterrupt:
+        print(f"costmodel sweep: interrupted; {len(stored)} chunk(s) stored this run; run the same command again "
+              f"to resume", file=sys.stderr)
+        return 130
+    info = r["info"]
+    n_mine = sum(min(info.chunk_size, info.n_configs - k * info.chunk_size) for k in info.chunks)
+    resumed = len(info.chunks) - len(info.computed)
+    print(f"costmodel sweep: {n_mine:,} of {info.n_configs:,} configurations ({len(sp.group_keys)} groups) in "
+          f"{info.seconds:.1f} s ({n_mine / max(info.seconds, 1e-9):,.0f}/s incl. setup and writing); "
+          f"chunks: {len(info.computed)} computed, {resumed} resumed; {info.devices} device(s)")
+    print(f"wrote {info.out}")
+    return 0

@@ -1,0 +1,199 @@
+"""`costmodel bench`: how fast the sweep evaluates step configurations, against a per-configuration loop.
+
+Configurations: mixed prefill/decode batches (0-256 decodes with 0-32k cached tokens each, 0-2 prefill
+chunks of 1-8192 new tokens after 0-16k cached, at least one request) of a dense 8B (``llama-3.1-8b``) and a
+70B (``llama-3.1-70b``) on H100 at TP 1, 2, 4 and 8, with the repo's tables and physical default parameters.
+
+Measured in one process on the same machine:
+* compile: building the per-group tables and compiling the vectorized function;
+* vectorized: `sweep.Evaluator` over all configurations after compilation, in chunks, inputs copied in and
+  results (total and breakdown, float32) copied out to numpy: evaluations per second, per model and overall;
+* loop: the un-vmapped jitted `step.step_time` called once per configuration from Python (padded `Step`
+  of the same batches, one compilation, warmed up), on a few hundred 8B configurations;
+* agreement: the vectorized results against the loop's, max relative difference;
+* peak memory: the process's peak resident set size (``resource.getrusage``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+MODELS = ("llama-3.1-8b", "llama-3.1-70b")
+TPS = (1, 2, 4, 8)
+GPU = "H100"
+
+
+def _use_all_cores(n: int | None = None):
+    """``n`` (default: one per core) CPU devices, set before JAX's backend starts, so that the sweep can shard
+    configurations over them; harmless where the backend is a GPU or already started."""
+    import jax
+    try:
+        jax.config.update("jax_num_cpu_devices", max(n or 0, os.cpu_count() or 1))
+    except Exception:  # backend already initialized, or an older JAX
+        pass
+
+
+def mixed_batches(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """``n`` random mixed prefill/decode batches as summary columns (float32)."""
+    n_decode = rng.integers(0, 257, n)
+    n_prefill = rng.integers(0, 3, n)
+    n_decode = np.where((n_decode == 0) & (n_prefill == 0), 1, n_decode)
+    return {"n_decode": n_decode.astype(np.float32),
+            "decode_ctx": rng.integers(0, 32768, n).astype(np.float32),
+            "n_prefill": n_prefill.astype(np.float32),
+            "prefill_new": rng.integers(1, 8193, n).astype(np.float32),
+            "prefill_cached": rng.integers(0, 16385, n).astype(np.float32)}
+
+
+def _padded_steps(cols: dict, idx: np.ndarray):
+    """The same batches as per-request `step.Step`s padded to fixed sizes (P=2 prefills, D=256 decodes)."""
+    from .step import Step
+    k = len(idx)
+    P, D = 2, 256
+    npre, ndec = cols["n_prefill"][idx], cols["n_decode"][idx]
+    pm = (np.arange(P)[None, :] < npre[:, None]).astype(np.float32)
+    dm = (np.arange(D)[None, :] < ndec[:, None]).astype(np.float32)
+    pn = pm * cols["prefill_new"][idx, None]
+    pc = pm * cols["prefill_cached"][idx, None]
+    dc = dm * cols["decode_ctx"][idx, None]
+    return [Step(pn[i], pc[i], pm[i], dc[i], dm[i]) for i in range(k)]
+
+
+def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 << 20, call_size: int | None = None,
+          devices: int | None = None, seed: int = 0, bench_data=None, progress: bool = False) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from . import sweep as sw
+    from .params import Params
+    from .step import step_time
+
+    rng = np.random.default_rng(seed)
+    groups = [{"model": m, "gpu": GPU, "tp": tp, "calibration": "none"} for m in MODELS for tp in TPS]
+    per = -(-n_configs // len(groups))
+    cols = mixed_batches(per * len(groups), rng)
+    gidx = np.repeat(np.arange(len(groups), dtype=np.int32), per)  # contiguous per group, as an axes sweep
+    space = sw.ArraySpace(groups, gidx, cols)
+
+    t0 = time.perf_counter()
+    ev = sw.Evaluator(space, call_size or min(chunk, sw.DEFAULT_CALL), bench_data=bench_data, devices=devices)
+    g, b, _ = space.rows(0, min(space.n, ev.call_size))
+    ev(g, b)  # compiles (one executable serves every group)
+    compile_s = time.perf_counter() - t0
+
+    # vectorized, after compilation
+    batch = _batch(space)
+    rates, total_n, total_s, checksum = {}, 0, 0.0, 0.0
+
+    def consume(h):
+        return sum(float(np.nansum(vals[0], dtype=np.float64)) for _, vals in ev.fetch_parts(h))
+
+    for mi, model in enumerate(MODELS):
+        lo, hi = mi * len(TPS) * per, (mi + 1) * len(TPS) * per
+        t0 = time.perf_counter()
+        for start in range(lo, hi, chunk):
+            stop = min(hi, start + chunk)
+            checksum += consume(ev.submit(gidx[start:stop], [x[start:stop] for x in batch]))
+        dt = time.perf_counter() - t0
+        rates[model] = (hi - lo) / dt
+        total_n += hi - lo
+        total_s += dt
+        if progress:
+            print(f"  {model}: {hi - lo:,} configurations in {dt:.2f} s", file=sys.stderr)
+
+    # the per-configuration loop: un-vmapped jitted step_time, one configuration per call, 8B over TP 1-8
+    from .hardware import get_gpu
+    from .model import load_model
+    from .step import setup
+    from .tables import load_tables
+    tables = load_tables(bench_data, get_gpu(GPU))
+    sus = {tp: setup(load_model(MODELS[0]), tables, tp) for tp in TPS}
+    fn = jax.jit(lambda a, lay, p, s, st: step_time(a, lay, p, s, st)[0], static_argnums=4)  # one compilation
+    idx = rng.choice(len(TPS) * per, size=min(loop_configs, len(TPS) * per), replace=False)  # 8B rows
+    steps = _padded_steps(cols, idx)
+    steps = [jax.tree_util.tree_map(jnp.asarray, s) for s in steps]
+    tps = [groups[gidx[i]]["tp"] for i in idx]
+    for tp in TPS:  # compile and warm up outside the timing
+        float(fn(sus[tp].arrays, sus[tp].layout, Params(), steps[0], sus[tp].static))
+    p = Params()
+    t0 = time.perf_counter()
+    loop = [float(fn(sus[tp].arrays, sus[tp].layout, p, s, sus[tp].static)) for tp, s in zip(tps, steps)]
+    loop_s = time.perf_counter() - t0
+    loop_rate = len(idx) / loop_s
+
+    # agreement of the vectorized evaluation with the loop on the same configurations
+    vec = ev(gidx[idx], [x[idx] for x in batch])[0]
+    max_rel = float(np.max(np.abs(vec / np.asarray(loop) - 1.0)))
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
+    if sys.platform == "darwin":
+        peak /= 1024.0
+    dev = jax.local_devices()
+    return {
+        "evals_per_s": total_n / total_s,
+        "evals_per_s_by_model": rates,
+        "loop_evals_per_s": loop_rate,
+        "speedup": rates[MODELS[0]] / loop_rate,
+        "compile_s": compile_s,
+        "peak_rss_mb": peak,
+        "n_configs": total_n,
+        "loop_configs": len(idx),
+        "max_rel_diff_vs_loop": max_rel,
+        "chunk": chunk,
+        "call_size": ev.call_size,
+        "devices": ev.n_devices,
+        "platform": f"{dev[0].platform} x{len(dev)}",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+        "checksum": checksum,
+    }
+
+
+def _batch(space):
+    from .sweep import _batch_inputs
+    return _batch_inputs(space.columns, space.decode_total, space.prefill_total, space.n)
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--configs", type=int, default=10_000_000,
+                        help="configurations to evaluate (split over 8B/70B x TP 1,2,4,8; default 10,000,000)")
+    parser.add_argument("--loop-configs", type=int, default=300, help="configurations for the per-call loop")
+    parser.add_argument("--chunk", type=int, default=1 << 20, help="configurations per chunk")
+    parser.add_argument("--call-size", type=int, default=None,
+                        help="configurations per kernel call (default: sweep.DEFAULT_CALL)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="local devices to shard over (default: all; on CPU one per core)")
+    parser.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run_bench(args) -> int:
+    if args.devices and args.devices > 1:
+        _use_all_cores(args.devices)  # CPU: by default one device (XLA already threads its loops)
+    if args.configs < 1 or args.loop_configs < 1 or args.chunk < 1:
+        from .errors import InputError
+        raise InputError("--configs, --loop-configs and --chunk must be positive")
+    r = bench(args.configs, args.loop_configs, args.chunk, call_size=args.call_size, devices=args.devices, seed=args.seed,
+              bench_data=args.bench_data, progress=not args.json)
+    if args.json:
+        print(json.dumps(r))
+        return 0
+    print(f"costmodel bench: {r['n_configs']:,} mixed prefill/decode steps of {' and '.join(MODELS)} on {GPU}, "
+          f"TP {', '.join(map(str, TPS))}; {r['platform']} ({r['cpu_count']} cores), chunk {r['chunk']:,}")
+    for m, v in r["evals_per_s_by_model"].items():
+        print(f"  vectorized {m:>14}: {v / 1e6:8.2f} M evaluations/s")
+    print(f"  vectorized {'all':>14}: {r['evals_per_s'] / 1e6:8.2f} M evaluations/s")
+    print(f"  python loop ({MODELS[0]}, {r['loop_configs']} calls of the jitted step function): "
+          f"{r['loop_evals_per_s']:,.0f} evaluations/s")
+    print(f"  speed-up ({MODELS[0]}): {r['speedup']:,.0f}x    compile: {r['compile_s']:.2f} s    "
+          f"peak RSS: {r['peak_rss_mb']:.0f} MB    max rel. diff vs loop: {r['max_rel_diff_vs_loop']:.1e}")
+    return 0
