@@ -226,14 +226,10 @@ def loo_report(roots: list[Path], points: int = 300, seed: int = 0, log=None) ->
 
 def price_gemm(tables, m, k, n, dtype: str) -> np.ndarray:
     """`kernel_queries._gemm` vectorized: GEMM time (µs) of each (m, k, n) in ``dtype``."""
-    gpu, p = tables.gpu, Params()
-    want = "bf16" if dtype == "fp16" else dtype
-    same = want in tables.gemm
-    tdt = want if same else sorted(tables.gemm)[0]
-    hw = kernels.Hardware(gpu.peak_flops(dtype), gpu.peak_flops(tdt), gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s)
-    ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((tdt, dtype), 1.0)
-    table, wb, twb = tables.gemm[tdt], float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[tdt])
-    f = jax.jit(jax.vmap(lambda m, k, n: kernels.gemm_us(table, ops.Gemm(m, k, n), wb, twb, hw, p, same, ratio)))
+    p, c = Params(), kernels.choose_gemm_table(tables, dtype)
+    table, wb, twb = tables.gemm[c.table_dtype], float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[c.table_dtype])
+    f = jax.jit(jax.vmap(lambda m, k, n: kernels.gemm_us(table, ops.Gemm(m, k, n), wb, twb, c.hw, p,
+                                                         c.same_dtype, c.compute_ratio)))
     return np.asarray(f(*(jnp.asarray(np.asarray(v, np.float32)) for v in (m, k, n))), float)
 
 

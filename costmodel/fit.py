@@ -26,15 +26,6 @@ HUBER_DELTA = 0.05  # log-ratio beyond which an error counts linearly (outlier s
 PRIOR_STRENGTH = 1e-3  # weight of the log-prior against the (weighted mean) data term
 
 
-def _groups(predictor, records):
-    """Per (model, GPU, TP) group: statics, and data (arrays, layout, steps, owner = record index)."""
-    statics, data = [], []
-    for su, steps, owner in predictor.group_inputs(records):
-        statics.append(su.static)
-        data.append((su.arrays, su.layout, steps, jnp.asarray(owner)))
-    return statics, data
-
-
 def _weights(records) -> np.ndarray:
     keys = [(r.source or r.where.rsplit(":", 1)[0], r.kind) for r in records]
     counts = {k: keys.count(k) for k in set(keys)}
@@ -47,12 +38,10 @@ def make_loss(predictor, records, prior_weight: float = 1.0):
 
     ``data`` holds each group's parameter-free step features (`step.features`, computed once here) and the
     measurements; per iteration only `step.combine` runs.  It is an argument, not a baked-in constant."""
-    from .step import batched_features, combine
-    statics, groups = _groups(predictor, records)
-    width_p = max(g[2].prefill_new.shape[1] for g in groups)
-    width_d = max(g[2].decode_ctx.shape[1] for g in groups)
-    feats = [(layout, batched_features(arrays, layout, steps, static, width_p, width_d), owner)
-             for static, (arrays, layout, steps, owner) in zip(statics, groups)]
+    from .step import combine
+    groups = predictor.features(records)
+    statics = [su.static for su, _, _ in groups]
+    feats = [(su.layout, f, jnp.asarray(owner)) for su, f, owner in groups]
     data = {"groups": feats, "meas": jnp.asarray([r.measured_us for r in records], jnp.float32),
             "w": jnp.asarray(_weights(records), jnp.float32)}
     mu, sig = prior_arrays()

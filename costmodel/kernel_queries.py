@@ -79,11 +79,7 @@ def predict_kernel_csv(path: str | Path, gpu_name: str, bench_data=None) -> pd.D
 
 
 def _gemm(tables, gpu, p, m, k, n, dtype):
-    want = "bf16" if dtype == "fp16" else dtype
-    same = want in tables.gemm
-    tdt = want if same else sorted(tables.gemm)[0]
-    hw = kernels.Hardware(gpu.peak_flops(dtype), gpu.peak_flops(tdt), gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s)
-    ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((tdt, dtype), 1.0)
+    c = kernels.choose_gemm_table(tables, dtype)
     g = ops.Gemm(jnp.float32(m), jnp.float32(k), jnp.float32(n))
-    return float(kernels.gemm_us(tables.gemm[tdt], g, float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[tdt]), hw, p,
-                                 same, ratio))
+    return float(kernels.gemm_us(tables.gemm[c.table_dtype], g, float(DTYPE_BYTES[dtype]),
+                                 float(DTYPE_BYTES[c.table_dtype]), c.hw, p, c.same_dtype, c.compute_ratio))

@@ -37,6 +37,27 @@ def memory_us(nbytes, hw: Hardware, p: Params):
     return nbytes / (hw.hbm_bytes_per_s * p.hbm_efficiency) * 1e6
 
 
+class GemmChoice(NamedTuple):
+    """Which GEMM table prices a dtype, and how (see `gemm_combine`)."""
+
+    table_dtype: str
+    same_dtype: bool  # the table was measured in the query dtype
+    compute_ratio: float  # CROSS_DTYPE_COMPUTE_RATIO when it was not
+    hw: Hardware
+
+
+def choose_gemm_table(tables, dtype: str) -> GemmChoice:
+    """The table of ``dtype`` (fp16 reads the bf16 table) if the GPU has one, else the other-dtype transfer
+    from the first available table."""
+    gpu = tables.gpu
+    want = "bf16" if dtype == "fp16" else dtype
+    same = want in tables.gemm
+    tdt = want if same else sorted(tables.gemm)[0]
+    hw = Hardware(gpu.peak_flops(dtype), gpu.peak_flops(tdt), gpu.hbm_bytes_per_s, gpu.nvlink_bytes_per_s)
+    ratio = 1.0 if same else CROSS_DTYPE_COMPUTE_RATIO.get((tdt, dtype), 1.0)
+    return GemmChoice(tdt, same, ratio, hw)
+
+
 class GemmFeatures(NamedTuple):
     """Parameter-free quantities of GEMM calls (any shape; arrays broadcast)."""
 

@@ -139,6 +139,15 @@ class Predictor:
                 owner += [i] * len(records[i].steps)
             yield su, pack_steps(flat), np.asarray(owner)
 
+    def features(self, records: list[Record]):
+        """Per (model, GPU, TP, dtype) group: (setup, parameter-free step features, record index per step),
+        in fixed chunks and common widths so that one compilation serves every group of a GPU."""
+        groups = list(self.group_inputs(records))
+        wp = max(g[1].prefill_new.shape[1] for g in groups)
+        wd = max(g[1].decode_ctx.shape[1] for g in groups)
+        return [(su, batched_features(su.arrays, su.layout, steps, su.static, wp, wd), owner)
+                for su, steps, owner in groups]
+
     def predict(self, records: list[Record], params: Params | dict | None = None):
         """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params`` is one `Params`
         for all records or a dict GPU name -> `Params` (GPUs not in it get the physical defaults).
@@ -147,12 +156,8 @@ class Predictor:
         table set), then combined with the parameters."""
         total = np.zeros(len(records))
         parts = {k: np.zeros(len(records)) for k in BREAKDOWN}
-        groups = list(self.group_inputs(records))
-        wp = max(g[1].prefill_new.shape[1] for g in groups)
-        wd = max(g[1].decode_ctx.shape[1] for g in groups)
-        for su, steps, owner in groups:
+        for su, f, owner in self.features(records):
             p = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
-            f = batched_features(su.arrays, su.layout, steps, su.static, wp, wd)
             t, br = _combine_fn(su.static)(f, su.layout, p)
             t = np.asarray(t, dtype=np.float64)
             if not np.all(np.isfinite(t)) or np.any(t <= 0):

@@ -91,21 +91,13 @@ class Setup:
 def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
     """Bind a model, a GPU's tables and a TP degree; pick the GEMM table and attention head layouts."""
     d = ops.dims(model, tp)
-    want = "bf16" if model.dtype == "fp16" else model.dtype
-    if want in tables.gemm:
-        gdtype, same = want, True
-    else:  # the other-dtype transfer policy of kernels.gemm_us
-        gdtype, same = sorted(tables.gemm)[0], False
+    g = kernels.choose_gemm_table(tables, model.dtype)
     dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
     pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
-    hw = kernels.Hardware(
-        peak_flops=tables.gpu.peak_flops(model.dtype), table_peak_flops=tables.gpu.peak_flops(gdtype),
-        hbm_bytes_per_s=tables.gpu.hbm_bytes_per_s, nvlink_bytes_per_s=tables.gpu.nvlink_bytes_per_s)
-    layout = Layout(d, hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
-    arrays = Arrays(tables.gemm[gdtype], tables.decode, tables.prefill, tables.allreduce)
-    ratio = 1.0 if same else kernels.CROSS_DTYPE_COMPUTE_RATIO.get((gdtype, model.dtype), 1.0)
-    static = Static(same, float(DTYPE_BYTES[gdtype]), ratio, tables.allreduce is not None)
-    return Setup(model, tables.gpu, tp, arrays, layout, static, gdtype)
+    layout = Layout(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
+    arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce)
+    static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None)
+    return Setup(model, tables.gpu, tp, arrays, layout, static, g.table_dtype)
 
 
 class Features(NamedTuple):
