@@ -18,7 +18,8 @@
    interpolates each series on the union grid independently of the other series' values, so the
    prediction is the one the full table minus the cell gives (checked in tests/test_crossval.py).
 
-2. **Cross-source error on H100**: InferSim's measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM,
+2. **Cross-source error** (``--gpu``, default H100; ``--cross A B`` picks the two folders, e.g. the repo's
+   tables and a folder written by ``python -m costmodel.benchmarks``).  By default, on H100: InferSim's measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM,
    FA3 decode and prefill, per-GPU heads = file heads / T) priced from the repo's AIConfigurator-derived
    tables, and the repo's points priced from InferSim's tables, with the pricing of ``costmodel kernels``
    (`kernel_queries`: `kernels.gemm_us` incl. the FP8-table -> BF16 transfer, `kernels.attn_decode_us`,
@@ -373,7 +374,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-loo", action="store_true")
     ap.add_argument("--no-cross", action="store_true")
     ap.add_argument("--cross", nargs=2, type=Path, metavar=("A", "B"),
-                    help="the two bench_data folders of the H100 cross-source check (default: the first two)")
+                    help="the two bench_data folders of the cross-source check (default: the first two)")
+    ap.add_argument("--gpu", default="H100", help="GPU of the cross-source check and kernel floors (default H100)")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
     roots = args.bench_data or [r for r in (default_bench_data(), _shared_bench_data()) if r is not None]
@@ -390,9 +392,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"type, seed {args.seed})\n\n", markdown(rows, PCT)]
         cross = args.cross or (roots[:2] if len(roots) >= 2 else None)
         if not args.no_cross and cross:
-            parts += ["\n### H100 cross-source error (points of one folder priced from the other's tables)\n\n",
-                      markdown(cross_source(*cross), PCT),
-                      "\n### Kernel floors (smallest measured µs)\n\n", markdown(floors(list(cross)))]
+            parts += [f"\n### {args.gpu} cross-source error (points of one folder priced from the other's "
+                      "tables)\n\n", markdown(cross_source(*cross, gpu_name=args.gpu), PCT),
+                      "\n### Kernel floors (smallest measured µs)\n\n", markdown(floors(list(cross), args.gpu))]
     except InputError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2

@@ -82,3 +82,52 @@ def test_gpu_small_grid(tmp_path):
     # a large bf16 GEMM reaches a sensible fraction of the (H100) peak; more is impossible
     assert (big.mfu > 0.05).all() and (big.mfu < 1.5).all(), dev.device_kind
     assert "decode" in t.sources and "prefill" in t.sources
+
+
+def test_shapes_of_models_by_hand():
+    from costmodel.benchmarks.harness import grid_for_models, parse_shapes_of
+    # Llama-3.1-8B: hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128
+    model, tps = parse_shapes_of("llama-3.1-8b:1,2")
+    assert tps == (1, 2) and parse_shapes_of("llama-3.1-8b")[1] == (1,)
+    g = grid_for_models(GRIDS["small"], [(model, tps)])
+    assert set(g.gemm_kn) == {(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096),  # TP1: QKV, O, gate_up, down
+                              (4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096)}  # TP2
+    assert g.decode_layouts == g.prefill_layouts == ((16, 4, 128), (32, 8, 128))
+    assert g.gemm_m == GRIDS["small"].gemm_m and g.decode_kv == GRIDS["small"].decode_kv
+    for bad in ("llama-3.1-8b:x", "llama-3.1-8b:0"):
+        with pytest.raises(ValueError, match="TP degrees"):
+            parse_shapes_of(bad)
+
+
+def test_replicas_share_one_gib():
+    from costmodel.benchmarks.harness import MAX_REPLICAS, replicas
+    assert replicas(1e3) == MAX_REPLICAS == 8
+    assert replicas(2 ** 28) == 4 and replicas(2 ** 30) == 1 and replicas(2 ** 34) == 1
+
+
+def test_kernels_flag_measures_only_those(tmp_path, capsys):
+    if HAS_GPU:
+        pytest.skip("a GPU is present")
+    assert main(["--out", str(tmp_path), "--gpu-name", "h100_sxm", "--allow-cpu", "--repeats", "1",
+                 "--kernels", "gemm"]) == 0
+    assert (tmp_path / "gemm" / "h100_sxm" / "data.csv").is_file() and not (tmp_path / "mha").exists()
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--gpu-name", "h100_sxm", "--kernels", "gemm,moe"])
+    assert main(["--out", str(tmp_path / "x"), "--gpu-name", "h100_sxm", "--allow-cpu",
+                 "--shapes-of", "no-such-model:1"]) == 2
+    assert "--shapes-of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("folder,gpu", [("h100_sxm_2026-11-26", "H100"), ("h200_sxm_2026-11-26", "H200")])
+def test_measured_bf16_gemm_agrees_with_imported_tables(folder, gpu):
+    """Two independent measurements of cuBLAS BF16 GEMMs (this harness on a lent GPU, AIConfigurator's
+    database in bench_data/) agree: the imported tables price the measured points within 10 % (median)."""
+    from pathlib import Path
+
+    from costmodel.crossval import measured_cells, price_gemm
+    repo = Path(__file__).resolve().parent.parent / "bench_data"
+    pts = measured_cells("gemm", repo / "measured" / folder / "gemm" / f"{gpu.lower()}_sxm" / "data.csv")
+    pts = pts[pts.dtype == "bf16"]
+    assert len(pts) >= 32
+    rel = price_gemm(load_tables(repo, get_gpu(gpu)), pts.m, pts.k, pts.n, "bf16") / pts.latency_us.to_numpy() - 1
+    assert np.isfinite(rel).all() and np.median(np.abs(rel)) < 0.10

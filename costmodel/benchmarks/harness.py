@@ -1,14 +1,19 @@
 """Measure GEMM and attention kernels on the local GPU and write bench_data tables.
 
     python -m costmodel.benchmarks --out DIR --gpu-name NAME [--grid tiny|small|full]
-                                   [--attn-backend auto|jax|flash-attn] [--repeats N] [--allow-cpu]
+                                   [--shapes-of MODEL:TP[,TP]]... [--gemm-backend auto|jax|torch-graph]
+                                   [--hot-weights] [--attn-backend auto|jax|flash-attn]
+                                   [--kernels gemm,decode,prefill]
+                                   [--repeats N] [--allow-cpu]
 
 Writes, in the schema `costmodel.tables.load_tables` reads (see bench_data/README.md):
 
-* ``DIR/gemm/NAME/data.csv``  ``m,k,n,latency_us,mfu,dtype`` — y[m,n] = x[m,k]·W[k,n] with JAX
-  (``jnp.dot(..., preferred_element_type=bfloat16)``: cuBLAS(Lt) through XLA); ``bf16`` always, ``fp8``
-  (e4m3 × e4m3 -> bf16, no scaling or activation quantization) on GPUs with FP8 tensor cores
-  (compute capability >= 8.9).
+* ``DIR/gemm/NAME/data.csv``  ``m,k,n,latency_us,mfu,dtype`` — y[m,n] = x[m,k]·W[k,n]; ``bf16`` always,
+  ``fp8`` (e4m3 × e4m3 -> bf16, unit scales, no activation quantization) on GPUs with FP8 tensor cores
+  (compute capability >= 8.9).  ``--gemm-backend auto`` (default) uses PyTorch (cuBLAS(Lt):
+  ``F.linear``, ``torch._scaled_mm``) timed from CUDA-graph replays with weights rotated past the L2 cache
+  (`TorchGraphGemm`, `time_graph`) when torch sees a GPU — the conditions of vLLM's decode steps;
+  otherwise JAX (``jnp.dot(..., preferred_element_type=bfloat16)`` through XLA), dispatched eagerly.
 * ``DIR/mha/decode/NAME/{hq}-{hkv}-{d}.csv``  ``dtype,kv_dtype,batch_size,kv_len,latency_us,mfu`` — one
   query token per sequence attending over ``kv_len`` keys (per-GPU head counts, bf16, contiguous KV).
 * ``DIR/mha/prefill/NAME/{hq}-{hkv}-{d}.csv``  ``dtype,batch_size,seq_len,latency_us,mfu`` — causal
@@ -20,12 +25,16 @@ importable and CUDA is available (``--attn-backend auto``, the default, or ``fla
 ``jax.nn.dot_product_attention(implementation='cudnn')`` on GPU, falling back to the plain XLA
 implementation where cuDNN refuses a shape (and always on CPU).
 
-Timing (`time_call`): the first calls compile and warm up; then ``repeats`` times, ``number`` back-to-back
-calls are issued and the device is synchronized once after the last one (``block_until_ready`` /
-``torch.cuda.synchronize``); ``number`` is chosen so that one repeat lasts about 2 ms.  The table value is
-the median over repeats of the time per call, in µs.  Calls are dispatched eagerly from Python (no CUDA
-graph), so kernels shorter than the host dispatch cost (a few µs for a jitted JAX call) are measured at
-that cost: small-m GEMMs and short attention calls read higher than under vLLM's CUDA graphs.
+Timing, eager (`time_call`; JAX and flash-attn kernels): the first calls compile and warm up; then
+``repeats`` times, ``number`` back-to-back calls are issued and the device is synchronized once after the
+last one; ``number`` is chosen so that one repeat lasts about 2 ms.  The table value is the median over
+repeats of the time per call, in µs.  A JAX call is one jitted program running the kernel on up to
+``MAX_REPLICAS`` distinct input sets (`replicas`), so the host dispatch cost is shared by that many kernels
+and inputs are not re-read from L2; the value is per kernel.  flash-attn calls are single kernels, so
+kernels shorter than the host dispatch cost (a few µs) read as that cost.
+
+Timing, CUDA graph (`time_graph`; the PyTorch GEMM backend): ``number`` calls captured in one graph and
+replayed between CUDA events; no host cost is included, as under vLLM's CUDA graphs.
 
 Without a GPU nothing is measured: the command prints "no GPU found, nothing measured" and exits 0;
 ``--allow-cpu`` runs the tiny grid on the CPU instead (to test the writer; the numbers mean nothing).
@@ -79,6 +88,33 @@ def _dense_gemm_shapes(hidden, inter, hq, hkv, d, tps):
 
 def _layouts(models, tps):
     return tuple(sorted({(hq // tp, max(hkv // tp, 1), d) for hq, hkv, d in models for tp in tps if hq % tp == 0}))
+
+
+def parse_shapes_of(value: str):
+    """``MODEL:TP[,TP...]`` -> (ModelConfig, (tp, ...)); MODEL is a config.json, its folder or a packaged name."""
+    from ..model import load_model
+    name, _, tps = value.rpartition(":")
+    if not name:
+        name, tps = value, "1"
+    try:
+        tp = tuple(int(t) for t in tps.split(","))
+    except ValueError:
+        raise ValueError(f"TP degrees must be integers, got {tps!r} in {value!r}") from None
+    if not tp or min(tp) < 1:
+        raise ValueError(f"TP degrees must be >= 1, got {tps!r} in {value!r}")
+    return load_model(name), tp
+
+
+def grid_for_models(grid: Grid, models) -> Grid:
+    """``grid`` with the GEMM (k, n) shapes and head layouts of ``models`` [(ModelConfig, tps)]."""
+    from dataclasses import replace
+    kn, layouts = set(), set()
+    for m, tps in models:
+        kn |= set(_dense_gemm_shapes(m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim,
+                                     tps))
+        layouts |= set(_layouts([(m.num_heads, m.num_kv_heads, m.head_dim)], tps))
+    layouts = tuple(sorted(layouts))
+    return replace(grid, gemm_kn=tuple(sorted(kn)), decode_layouts=layouts, prefill_layouts=layouts)
 
 
 # (hidden, intermediate, heads, kv_heads, head_dim): Llama-3-8B, Llama-3-70B, Qwen2.5-32B
@@ -137,6 +173,15 @@ def time_call(fn: Callable, args=(), *, sync: Callable | None = None, repeats: i
 
 # ---------------------------------------------------------------- kernels
 
+MAX_REPLICAS = 8
+REPLICA_BYTES = 2 ** 30
+
+
+def replicas(copy_bytes: float) -> int:
+    """Input sets one JAX timing program rotates over: up to ``MAX_REPLICAS`` within ``REPLICA_BYTES``."""
+    return int(min(MAX_REPLICAS, max(1, REPLICA_BYTES // max(copy_bytes, 1))))
+
+
 class JaxKernels:
     """GEMM and attention with JAX on one device."""
 
@@ -147,7 +192,6 @@ class JaxKernels:
         self.attn_impl = attn_impl  # 'cudnn' (with XLA fallback) or None (XLA only)
         self.used_impl: dict[str, set] = {"decode": set(), "prefill": set()}
         self._key = jax.random.PRNGKey(0)
-        self._dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.bfloat16))
 
     def _rand(self, shape, dtype):
         jax, jnp = self.jax, self.jnp
@@ -159,21 +203,34 @@ class JaxKernels:
             x = jax.random.normal(k, shape, dtype=jnp.bfloat16)
             return x.astype(dtype) if dtype != jnp.bfloat16 else x
 
+    def _timed_replicas(self, op, make_inputs, copy_bytes, repeats):
+        """Median µs of one ``op(*inputs)``: ``R`` calls on ``R`` distinct input sets run in one jitted
+        program, so the host dispatch cost is shared by ``R`` kernels and inputs are not re-read from L2."""
+        r = replicas(copy_bytes)
+        sets = tuple(make_inputs() for _ in range(r))
+        fn = self.jax.jit(lambda sets: tuple(op(*xs) for xs in sets))
+        return time_call(fn, (sets,), repeats=repeats) / r
+
     def gemm(self, m, k, n, dtype, repeats):
         dt = {"bf16": self.jnp.bfloat16, "fp8": self.jnp.float8_e4m3fn}[dtype]
-        x, w = self._rand((m, k), dt), self._rand((k, n), dt)
-        return time_call(self._dot, (x, w), repeats=repeats)
+        el = 1 if dtype == "fp8" else 2
+        return self._timed_replicas(self._dot_op, lambda: (self._rand((m, k), dt), self._rand((k, n), dt)),
+                                    (m * k + k * n) * el + 2 * m * n, repeats)
 
-    def _attention(self, kind, q, kv_shape, causal, repeats):
-        jax = self.jax
-        k, v = self._rand(kv_shape, self.jnp.bfloat16), self._rand(kv_shape, self.jnp.bfloat16)
+    def _dot_op(self, x, w):
+        return self.jnp.dot(x, w, preferred_element_type=self.jnp.bfloat16)
+
+    def _attention(self, kind, q_shape, kv_shape, causal, repeats):
+        jax, bf16 = self.jax, self.jnp.bfloat16
         impls = [self.attn_impl, "xla"] if self.attn_impl else ["xla"]
+        copy_bytes = 2 * (2 * math.prod(q_shape) + 2 * math.prod(kv_shape))
         err = None
         for impl in impls:
-            fn = jax.jit(lambda q, k, v, impl=impl: jax.nn.dot_product_attention(
-                q, k, v, is_causal=causal, implementation=impl))
+            def op(q, k, v, impl=impl):
+                return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
             try:
-                t = time_call(fn, (q, k, v), repeats=repeats)
+                t = self._timed_replicas(op, lambda: (self._rand(q_shape, bf16), self._rand(kv_shape, bf16),
+                                                      self._rand(kv_shape, bf16)), copy_bytes, repeats)
             except Exception as e:  # cuDNN refuses some shapes/versions: fall back to XLA
                 err = e
                 continue
@@ -182,16 +239,104 @@ class JaxKernels:
         raise err
 
     def decode(self, b, kv, hq, hkv, d, repeats):
-        q = self._rand((b, 1, hq, d), self.jnp.bfloat16)
         # a single query row attends to every key: the causal mask is irrelevant
-        return self._attention("decode", q, (b, kv, hkv, d), False, repeats)
+        return self._attention("decode", (b, 1, hq, d), (b, kv, hkv, d), False, repeats)
 
     def prefill(self, b, s, hq, hkv, d, repeats):
-        q = self._rand((b, s, hq, d), self.jnp.bfloat16)
-        return self._attention("prefill", q, (b, s, hkv, d), True, repeats)
+        return self._attention("prefill", (b, s, hq, d), (b, s, hkv, d), True, repeats)
 
     def materializes_scores(self):
         return self.attn_impl is None
+
+
+def time_graph(fn: Callable[[int], object], *, repeats: int = 7, warmup: int = 3, target_s: float = 2e-3,
+               max_number: int = 200, max_out_bytes: float = 4 * 2 ** 30, out_bytes: float = 0.0) -> float:
+    """Median time of one call ``fn(i)`` in µs, replayed from a CUDA graph (PyTorch).
+
+    ``number`` calls ``fn(0) … fn(number-1)`` are captured into one graph (``fn`` may use ``i`` to rotate
+    among input buffers); the graph is replayed ``repeats`` times between CUDA events and the table value is
+    the median replay time over ``number``.  No host dispatch cost is included, as under vLLM's CUDA graphs.
+    ``out_bytes`` (per call) caps ``number`` so that the graph's outputs stay under ``max_out_bytes``."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (cuBLAS handles, autotuning) off the capture stream
+        for i in range(warmup):
+            fn(i)
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn(0)
+    end.record()
+    end.synchronize()
+    one_s = start.elapsed_time(end) * 1e-3
+    number = int(min(max_number, max(1, target_s / max(one_s, 1e-7))))
+    if out_bytes > 0:
+        number = int(max(1, min(number, max_out_bytes // out_bytes)))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(number):
+            fn(i)
+    graph.replay()
+    torch.cuda.synchronize()
+    per_call = []
+    for _ in range(max(repeats, 1)):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        per_call.append(start.elapsed_time(end) * 1e-3 / number)
+    del graph
+    return statistics.median(per_call) * 1e6
+
+
+class TorchGraphGemm:
+    """GEMM with PyTorch on the current CUDA device, timed from CUDA-graph replays (`time_graph`).
+
+    y = x W^T as in ``torch.nn.functional.linear`` (bf16) or ``torch._scaled_mm`` with unit per-tensor scales
+    (fp8 e4m3, bf16 output).  Weights rotate among enough copies that together they exceed twice the L2
+    cache, because in the engine consecutive GEMMs read different layers' weights from HBM."""
+
+    def __init__(self, hot_weights: bool = False):
+        import torch
+        self.torch, self.hot = torch, hot_weights
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        self.l2_bytes = float(getattr(props, "L2_cache_size", 50 * 2 ** 20) or 50 * 2 ** 20)
+        weights = ("one weight matrix per shape (hot: L2-resident where it fits)" if hot_weights else
+                   f"weights rotated over >= 2x L2 ({self.l2_bytes / 2 ** 20:.0f} MiB)")
+        self.kernel = ("torch.nn.functional.linear (bf16), torch._scaled_mm (fp8, unit per-tensor scales); "
+                       f"CUDA-graph replay, {weights}")
+
+    def gemm(self, m, k, n, dtype, repeats):
+        torch = self.torch
+        if dtype == "fp8" and m % 16:
+            raise ValueError(f"torch._scaled_mm needs m % 16 == 0 (m={m})")
+        el = 1 if dtype == "fp8" else 2
+        n_w = 1 if self.hot else int(min(64, max(1, math.ceil(2 * self.l2_bytes / (k * n * el)))))
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+        ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(n_w)]
+        if dtype == "fp8":
+            x = x.to(torch.float8_e4m3fn)
+            ws = [w.to(torch.float8_e4m3fn) for w in ws]
+            one = torch.ones((), device="cuda", dtype=torch.float32)
+
+            def fn(i):
+                return torch._scaled_mm(x, ws[i % n_w].t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        else:
+            def fn(i):
+                return torch.nn.functional.linear(x, ws[i % n_w])
+        t = time_graph(fn, repeats=repeats, out_bytes=2.0 * m * n)
+        del x, ws
+        return t
+
+
+def _torch_cuda_available() -> bool:
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
 
 
 class FlashAttnKernels:
@@ -278,13 +423,21 @@ def _memory_budget(device) -> float:
     return 0.3 * limit if limit > 0 else 16 * 2 ** 30
 
 
-def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "auto", repeats: int = 7,
-                   dtypes: tuple[str, ...] | None = None, log=print) -> Results:
-    """Measure every cell of ``grid`` on ``device`` (a JAX device) and return the rows to write."""
+def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "auto", gemm_backend: str = "auto",
+                   hot_weights: bool = False, repeats: int = 7, dtypes: tuple[str, ...] | None = None,
+                   kinds: tuple[str, ...] = ("gemm", "decode", "prefill"), log=print) -> Results:
+    """Measure every cell of ``grid`` of the kernel ``kinds`` on ``device`` (a JAX device)."""
     import jax
     res = Results()
     on_gpu = device.platform in ("gpu", "cuda")
     jk = JaxKernels(device, "cudnn" if on_gpu else None)
+    if gemm_backend == "torch-graph" or (gemm_backend == "auto" and on_gpu and _torch_cuda_available()):
+        gk = TorchGraphGemm(hot_weights)
+        gemm_kernel = gk.kernel
+    else:
+        gk = jk
+        gemm_kernel = ("jnp.dot(x, w, preferred_element_type=bfloat16), up to "
+                       f"{MAX_REPLICAS} independent calls per jitted program, dispatched eagerly")
     if attn_backend == "flash-attn" or (attn_backend == "auto" and on_gpu and _flash_attn_available()):
         attn = FlashAttnKernels()
     else:
@@ -298,7 +451,7 @@ def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "au
                              f"(or this is not a CUDA device)")
 
     # GEMM
-    for dtype in dtypes:
+    for dtype in (dtypes if "gemm" in kinds else ()):
         for k, n in grid.gemm_kn:
             for m in grid.gemm_m:
                 nbytes = (m * k + k * n) * (1 if dtype == "fp8" else 2) + 2 * m * n
@@ -306,7 +459,7 @@ def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "au
                     res.skipped.append(f"gemm {dtype} m={m} k={k} n={n}: {nbytes / 2**30:.1f} GiB > budget")
                     continue
                 try:
-                    t = jk.gemm(m, k, n, dtype, repeats)
+                    t = gk.gemm(m, k, n, dtype, repeats)
                 except Exception as e:  # e.g. an fp8 dot XLA cannot lower, or out of memory
                     res.skipped.append(f"gemm {dtype} m={m} k={k} n={n}: {_first_line(e)}")
                     continue
@@ -318,7 +471,7 @@ def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "au
     for kind, layouts, batches, lengths in (("decode", grid.decode_layouts, grid.decode_batch, grid.decode_kv),
                                             ("prefill", grid.prefill_layouts, grid.prefill_batch,
                                              grid.prefill_seq)):
-        for hq, hkv, d in layouts:
+        for hq, hkv, d in (layouts if kind in kinds else ()):
             rows = []
             for b in batches:
                 for L in lengths:
@@ -345,17 +498,18 @@ def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "au
                 getattr(res, kind)[(hq, hkv, d)] = rows
             log(f"  {kind} {hq}-{hkv}-{d}: {len(rows)} cells")
     res.kernels = {
-        "gemm": f"jax.jit(jnp.dot(x, w, preferred_element_type=bfloat16)), dtypes {', '.join(dtypes)} "
-                f"(fp8 = float8_e4m3fn x float8_e4m3fn, no scales)",
+        "gemm": f"{gemm_kernel}; dtypes {', '.join(dtypes)} (fp8 = float8_e4m3fn x float8_e4m3fn, unit scales)",
         "decode": ", ".join(sorted(attn.used_impl["decode"])) or "-",
         "prefill": ", ".join(sorted(attn.used_impl["prefill"])) or "-",
         "attention backend": type(attn).__name__,
         "jax": jax.__version__,
     }
+    if isinstance(attn, FlashAttnKernels) or isinstance(gk, TorchGraphGemm):
+        import torch
+        res.kernels["torch"] = torch.__version__
     if isinstance(attn, FlashAttnKernels):
         import flash_attn
-        import torch
-        res.kernels["torch"], res.kernels["flash_attn"] = torch.__version__, flash_attn.__version__
+        res.kernels["flash_attn"] = flash_attn.__version__
     _fp8_check(res)
     return res
 
@@ -443,10 +597,15 @@ def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats,
         "## Method",
         "",
         "* One call of the kernel on random bf16 (or fp8) inputs already on the device.",
-        f"* Timing: compile + 2 warm-up calls, then {repeats} repeats of N back-to-back calls followed by one "
-        "device synchronization (N chosen for about 2 ms per repeat); `latency_us` = median over repeats of the "
-        "time per call.  Calls are dispatched eagerly from Python (no CUDA graph): kernels shorter than the host "
+        f"* Timing (eager: JAX and flash-attn kernels): compile + 2 warm-up calls, then {repeats} repeats of N "
+        "back-to-back calls followed by one device synchronization (N chosen for about 2 ms per repeat); "
+        "`latency_us` = median over repeats of the time per kernel.  A JAX call runs the kernel on up to "
+        f"{MAX_REPLICAS} distinct input sets (within {REPLICA_BYTES / 2 ** 30:.0f} GiB) in one jitted program, "
+        "sharing the host dispatch cost; a flash-attn call is one kernel, so kernels shorter than the host "
         "dispatch cost read as that cost.",
+        f"* Timing (CUDA graph: the PyTorch GEMM backend): N calls captured in one graph, {repeats} replays "
+        "between CUDA events, `latency_us` = median replay time / N; weights rotate over at least twice the L2 "
+        "cache so that each call reads its weights from HBM, as consecutive layers do in the engine.",
         "* GEMM: y[m,n] = x[m,k] W[k,n], output bf16, fp32 accumulation; `mfu` = 2mkn / (t * peak[dtype]).",
         "* Decode: one query token per sequence over `kv_len` keys in a contiguous (not paged) bf16 KV cache; "
         "`mfu` = 4 hq d kv_len batch / (t * bf16 peak).",
@@ -495,17 +654,32 @@ def main(argv: list[str] | None = None) -> int:
                     help="table folder name, e.g. h100_sxm (must be one of costmodel.hardware's table_dirs "
                          "for the loader to find it)")
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
+    ap.add_argument("--shapes-of", action="append", default=[], metavar="MODEL:TP[,TP...]",
+                    help="measure the GEMM shapes and per-GPU head layouts of this model (config.json folder or "
+                         "packaged name) at these TP degrees instead of the grid's (repeatable); the grid still "
+                         "gives m, batch and lengths")
     ap.add_argument("--attn-backend", choices=("auto", "jax", "flash-attn"), default="auto",
                     help="auto: PyTorch + flash-attn when importable, else JAX (cuDNN, XLA fallback)")
+    ap.add_argument("--gemm-backend", choices=("auto", "jax", "torch-graph"), default="auto",
+                    help="auto: PyTorch timed from CUDA-graph replays when torch sees a GPU, else JAX (eager)")
+    ap.add_argument("--hot-weights", action="store_true",
+                    help="torch-graph GEMMs reuse one weight matrix (L2-hot where it fits) instead of rotating "
+                         "weights past the L2 cache, as many isolated benchmarks do")
+    ap.add_argument("--kernels", default="gemm,decode,prefill",
+                    help="comma-separated kernel types to measure (default: gemm,decode,prefill)")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--allow-cpu", action="store_true",
                     help="without a GPU, run the tiny grid on the CPU (tests the writer; numbers are meaningless)")
     args = ap.parse_args(argv)
+    kinds = tuple(k.strip() for k in args.kernels.split(",") if k.strip())
+    if not kinds or set(kinds) - {"gemm", "decode", "prefill"}:
+        ap.error(f"--kernels takes gemm, decode and/or prefill, got {args.kernels!r}")
     if not args.gpu_name or "/" in args.gpu_name or args.gpu_name.startswith("."):
         ap.error(f"--gpu-name must be a plain folder name, got {args.gpu_name!r}")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to PyTorch / big cells
     import jax
 
+    from ..errors import InputError
     gpus = gpu_devices()
     grid_name = args.grid
     if gpus:
@@ -526,11 +700,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: warning: '{args.gpu_name}' is not a GPU costmodel.hardware knows: mfu left empty and "
               f"the loader will not find these tables under that name", file=sys.stderr)
     desc = f"{device.device_kind} ({device.platform}, {device})"
-    print(f"{PROG}: measuring grid '{grid_name}' on {desc} -> {args.out} (gpu folder {args.gpu_name})")
     grid = GRIDS[grid_name]
+    if args.shapes_of:
+        try:
+            grid = grid_for_models(grid, [parse_shapes_of(v) for v in args.shapes_of])
+        except (InputError, ValueError) as e:
+            print(f"{PROG}: error: --shapes-of: {e}", file=sys.stderr)
+            return 2
+        grid_name += " + " + " ".join(args.shapes_of)
+    print(f"{PROG}: measuring grid '{grid_name}' on {desc} -> {args.out} (gpu folder {args.gpu_name})")
     t0 = time.perf_counter()
+    if args.gemm_backend == "torch-graph" and not (gpus and _torch_cuda_available()):
+        print(f"{PROG}: error: --gemm-backend torch-graph needs torch with CUDA", file=sys.stderr)
+        return 2
     res = run_benchmarks(grid, device, gpu_name=args.gpu_name, attn_backend=args.attn_backend,
-                         repeats=args.repeats, log=lambda s: print(s, flush=True))
+                         gemm_backend=args.gemm_backend, hot_weights=args.hot_weights, repeats=args.repeats,
+                         kinds=kinds, log=lambda s: print(s, flush=True))
     command = " ".join([PROG] + (argv if argv is not None else sys.argv[1:]))
     files = write_tables(Path(args.out), args.gpu_name, res, device_desc=desc, grid_name=grid_name, grid=grid,
                          repeats=args.repeats, command=command)
