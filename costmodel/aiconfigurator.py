@@ -38,6 +38,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from .errors import InputError
+
 __all__ = [
     "DEFAULT_HEAD_LAYOUTS",
     "GPU_ALIASES",
@@ -429,6 +431,67 @@ def finish_allreduce(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 # --------------------------------------------------------------------------
 
 
+SOURCE_DTYPE = {"bf16": "bfloat16", "fp8": "fp8"}
+
+
+def gemm_collections(gpu: str, dtype: str = "bf16", systems_dir: Path | None = None) -> pd.DataFrame:
+    """Every engine collection's GEMM latency (µs) of ``dtype`` on ``gpu``: one column per 'engine/version',
+    rows indexed by (m, n, k), repeated rows reduced to their median, NaN where a collection lacks the shape."""
+    systems_dir = Path(systems_dir) if systems_dir else _locate_systems_dir()[0]
+    cols = {}
+    for edir in sorted((systems_dir / "data" / gpu / "gemm").glob("*/*")):
+        path = _table_path(edir, "gemm_perf") if edir.is_dir() else None
+        if path is None:
+            continue
+        df = _read_table(path)
+        df = df[df["gemm_dtype"] == SOURCE_DTYPE[dtype]]
+        if len(df):
+            cols[f"{edir.parent.name}/{edir.name}"] = df.groupby(["m", "n", "k"])["latency"].median() * 1e3
+    if not cols:
+        raise InputError(f"no {dtype} GEMM table for '{gpu}'", str(systems_dir / "data" / gpu / "gemm"), "gpu")
+    return pd.DataFrame(cols)
+
+
+def bf16_gemm_consensus(src: pd.DataFrame, src_key: str, sysdata: Path, systems_dir: Path,
+                        summary: dict) -> pd.DataFrame:
+    """``src`` (the gemm_perf rows of collection ``src_key`` = 'engine/version') with each BF16 row's latency
+    replaced by the median, at that (m, n, k), over ``src`` and the newest BF16 GEMM collection of every other
+    engine that measured the shape.  The grid stays ``src``'s.
+
+    Every engine times the same kernel for BF16 (``torch`` linear, i.e. cuBLAS) but on its own machine and
+    day; the collections differ by a few per cent in the median (vLLM's the fastest on
+    all four GPUs; ``python -m costmodel.crossval --collections GPU``), and the median is the estimate least
+    moved by one machine's offset.  Adds the collections and each one's median ratio to the consensus to
+    ``summary``."""
+    own = src[src["gemm_dtype"] == "bfloat16"]
+    if own.empty:
+        return src
+    per = {src_key: (own.groupby(["m", "n", "k"])["latency"].median(), None)}
+    for eng in ("vllm", "sglang", "trtllm"):
+        if eng == src_key.split("/", 1)[0]:
+            continue
+        hit = _find_table(sysdata, "gemm", eng, "gemm_perf", None)
+        if hit is None or hit[0] != eng:  # _find_table falls back to other engines; we want each one once
+            continue
+        df = _read_table(hit[2])
+        df = df[df["gemm_dtype"] == "bfloat16"]
+        if len(df):
+            per[f"{eng}/{hit[1]}"] = (df.groupby(["m", "n", "k"])["latency"].median(), hit[2])
+    if len(per) < 2:
+        return src
+    wide = pd.DataFrame({k: v[0] for k, v in per.items()}).loc[per[src_key][0].index]
+    med = wide.median(axis=1, skipna=True)
+    cons = med.rename("latency").reset_index().assign(gemm_dtype="bfloat16")
+    summary["bf16_consensus"] = {
+        "collections": {k: {"file": str(v[1].relative_to(systems_dir.parent)) if v[1] else
+                            summary["sources"]["gemm_perf"]["file"], "shapes": int(wide[k].notna().sum()),
+                            "median_ratio_to_consensus": float((wide[k] / med).median())}
+                        for k, v in per.items()},
+        "shapes": int(len(cons)),
+    }
+    return pd.concat([src[src["gemm_dtype"] != "bfloat16"], cons], ignore_index=True)
+
+
 def _locate_systems_dir() -> tuple[Path, str]:
     try:
         import aiconfigurator_core  # noqa: F401
@@ -453,6 +516,7 @@ def import_aiconfigurator(
     systems_dir: str | Path | None = None,
     package_version: str | None = None,
     tol: float | None = 0.015,
+    bf16_consensus: bool = True,
 ) -> dict:
     """Convert one GPU's AIConfigurator tables into ``out_dir`` (InferSim schema).
 
@@ -465,7 +529,9 @@ def import_aiconfigurator(
     or ``None`` for :data:`DEFAULT_HEAD_LAYOUTS`.  systems_dir: a directory
     laid out like ``aiconfigurator_core/systems`` (for tests); if omitted the
     installed package is used.  tol: relative tolerance of the GEMM m-grid
-    subsampling (``None`` disables it).
+    subsampling (``None`` disables it).  bf16_consensus: BF16 GEMM latency = per-shape median over the
+    newest collection of every engine (each times the same cuBLAS call through ``torch`` linear; see
+    `bf16_gemm_consensus`) instead of the requested engine's alone.
 
     Returns a summary dict (files written, sizes, versions, stats)."""
     if systems_dir is None:
@@ -515,6 +581,9 @@ def import_aiconfigurator(
 
     # GEMM -------------------------------------------------------------
     src = use("gemm", "gemm_perf")
+    if src is not None and bf16_consensus:
+        used = summary["sources"]["gemm_perf"]
+        src = bf16_gemm_consensus(src, f"{used['engine']}/{used['version']}", sysdata, systems_dir, summary)
     if src is not None:
         g, st = convert_gemm(src, peaks, tol)
         summary["stats"]["gemm"] = st
@@ -599,6 +668,16 @@ def _source_md(s: dict, layouts) -> str:
             f"{', '.join(m['kernels'])} | {', '.join(m['device'])} | `{m['file']}` |"
         )
     L += ["", f"Peak FLOP/s for `mfu`: {s['peaks']} (from {s['peak_source']}).", ""]
+    c = s.get("bf16_consensus")
+    if c:
+        L += ["BF16 GEMM (`bfloat16` rows): on the requested engine's grid of {c['shapes']} shapes, each "
+              "latency is the median over these collections of the same `torch` linear (cuBLAS) call that "
+              "measured the shape, not the requested engine's alone (they differ by a constant few per cent; "
+              "`--no-bf16-consensus` turns this off):", "",
+              "| collection | shapes on that grid | median latency / consensus | file |", "|---|---|---|---|"]
+        L += [f"| {k} | {v['shapes']} | {v['median_ratio_to_consensus']:.3f} | `{v['file']}` |"
+              for k, v in c["collections"].items()]
+        L += [""]
     if s["notes"]:
         L += ["## Notes", ""] + [f"* {n}" for n in s["notes"]] + [""]
     L += ["## Conversion", ""]
@@ -656,6 +735,9 @@ def add_arguments(parser) -> None:
                         help="write every measured attention head layout instead of the common-model set")
     parser.add_argument("--tol", type=float, default=0.015,
                         help="GEMM m-grid subsampling tolerance (relative; 0 disables)")
+    parser.add_argument("--no-bf16-consensus", action="store_true",
+                        help="take BF16 GEMMs from the requested engine's collection alone instead of the "
+                             "per-shape median over every engine's collection")
     parser.add_argument("--systems-dir", default=None,
                         help="read a directory laid out like aiconfigurator_core/systems instead of the installed package")
 
@@ -667,6 +749,7 @@ def run(args) -> int:
             head_layouts="all" if getattr(args, "all_head_layouts", False) else None,
             tol=(getattr(args, "tol", 0.015) or None),
             systems_dir=getattr(args, "systems_dir", None),
+            bf16_consensus=not getattr(args, "no_bf16_consensus", False),
         )
     except (RuntimeError, ValueError) as e:
         import sys

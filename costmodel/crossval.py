@@ -326,6 +326,31 @@ def floors(roots: list[Path], gpu_name: str = "H100") -> list[dict]:
     return rows
 
 
+def collection_report(gpu: str, measured: list[Path] = (), dtype: str = "bf16",
+                      systems_dir: Path | None = None) -> list[dict]:
+    """AIConfigurator's engine collections of one GPU's ``dtype`` GEMM against the newest vLLM one (the
+    default import), and ``measured`` bench_data folders against every collection, at shapes both hold.
+    Each row: latency ratio (row's source / ``over``), median and 10th/90th percentiles, as text."""
+    from .aiconfigurator import _safe_version_key, gemm_collections
+    cols = gemm_collections(gpu, dtype, systems_dir)
+    vllm = sorted((c for c in cols if c.startswith("vllm/")), key=lambda c: _safe_version_key(c.split("/", 1)[1]))
+    ref = vllm[-1] if vllm else cols.columns[0]
+
+    def row(what, against, num, den):
+        r = (num / den).dropna()
+        q = [f"{r.quantile(x):.3f}" if len(r) else "–" for x in (0.5, 0.1, 0.9)]
+        return {"gpu": gpu, "latency of": what, "over": against, "shapes": int(len(r)),
+                "median": q[0], "p10": q[1], "p90": q[2]}
+
+    rows = [row(c, ref, cols[c], cols[ref]) for c in cols if c != ref]
+    for root in measured:
+        path = Path(root) / "gemm" / gpu / "data.csv"
+        pts = measured_cells("gemm", path)
+        pts = pts[pts.dtype == dtype].set_index(["m", "n", "k"]).latency_us
+        rows += [row(_label(root), c, pts, cols[c].reindex(pts.index)) for c in cols]
+    return rows
+
+
 # ---------------------------------------------------------------- output
 
 def _label(root: Path) -> str:
@@ -376,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cross", nargs=2, type=Path, metavar=("A", "B"),
                     help="the two bench_data folders of the cross-source check (default: the first two)")
     ap.add_argument("--gpu", default="H100", help="GPU of the cross-source check and kernel floors (default H100)")
+    ap.add_argument("--collections", action="append", default=[], metavar="GPU",
+                    help="compare AIConfigurator's engine collections of this GPU's bf16 GEMM (e.g. h100_sxm; "
+                         "needs aiconfigurator-core) with each other and with bench_data/measured/*")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
     roots = args.bench_data or [r for r in (default_bench_data(), _shared_bench_data()) if r is not None]
@@ -395,7 +423,12 @@ def main(argv: list[str] | None = None) -> int:
             parts += [f"\n### {args.gpu} cross-source error (points of one folder priced from the other's "
                       "tables)\n\n", markdown(cross_source(*cross, gpu_name=args.gpu), PCT),
                       "\n### Kernel floors (smallest measured µs)\n\n", markdown(floors(list(cross), args.gpu))]
-    except InputError as e:
+        for gpu in args.collections:
+            measured = sorted(p for p in (default_bench_data() / "measured").glob("*")
+                              if (p / "gemm" / gpu / "data.csv").is_file())
+            parts += [f"\n### {gpu}: bf16 GEMM, engine collections and our measurements (latency ratios)\n\n",
+                      markdown(collection_report(gpu, measured))]
+    except (InputError, RuntimeError) as e:  # RuntimeError: aiconfigurator-core not installed
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     text = "".join(parts)

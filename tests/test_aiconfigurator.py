@@ -221,3 +221,42 @@ def test_real_package_h100(tmp_path):
     assert list(dec.columns) == DECODE_COLS and (dec.kv_len == 4095).any()
     ar = pd.read_csv(out / "allreduce/h100_sxm/data.csv")
     assert set(ar.kernel) >= {"custom_allreduce", "nccl"}
+
+
+def _add_engine(systems: Path, engine: str, version: str, factor: float, ms, extra_m=()):
+    """A BF16 GEMM collection of another engine: the vLLM fixture curve times ``factor``."""
+    base = dict(zip([1, 2, 4, 8, 16, 32, 64, 128], [0.01] * 6 + [0.05, 0.1]))
+    rows = _gemm_rows("bfloat16", 2048, 4096, list(ms), [base[m] * factor for m in ms])
+    rows += _gemm_rows("bfloat16", 2048, 4096, list(extra_m), [1.0] * len(extra_m))
+    _write(systems / "data/h100_sxm/gemm" / engine / version / "gemm_perf.txt", rows)
+
+
+def test_bf16_gemm_consensus_is_the_per_shape_median_on_the_engines_grid(systems, tmp_path):
+    all_m = [1, 2, 4, 8, 16, 32, 64, 128]
+    _add_engine(systems, "sglang", "0.5.0", 1.10, all_m, extra_m=[256])  # 256: not on vLLM's grid
+    _add_engine(systems, "trtllm", "1.0.0", 1.04, [1, 64])
+    s = aic.import_aiconfigurator("h100_sxm", out_dir=tmp_path / "c", systems_dir=systems, tol=None)
+    g = pd.read_csv(tmp_path / "c/gemm/h100_sxm/data.csv")
+    bf = g[g.dtype == "bf16"].set_index("m").latency_us
+    assert sorted(bf.index) == all_m
+    base = dict(zip(all_m, [10.0] * 6 + [50.0, 100.0]))  # µs
+    for m in all_m:  # median of (1, 1.10, 1.04) where trtllm measured, else of (1, 1.10)
+        assert bf[m] == pytest.approx(base[m] * (1.04 if m in (1, 64) else 1.05), rel=1e-3), m
+    fp8 = g[(g.dtype == "fp8") & (g.m == 128)].latency_us.iloc[0]
+    assert fp8 == pytest.approx(50.0)  # other dtypes stay the requested engine's
+    c = s["bf16_consensus"]["collections"]
+    assert set(c) == {"vllm/0.10.0", "sglang/0.5.0", "trtllm/1.0.0"} and c["trtllm/1.0.0"]["shapes"] == 2
+    assert "median over these collections" in (tmp_path / "c/SOURCE_h100_sxm.md").read_text()
+    s = aic.import_aiconfigurator("h100_sxm", out_dir=tmp_path / "v", systems_dir=systems, tol=None,
+                                  bf16_consensus=False)
+    g = pd.read_csv(tmp_path / "v/gemm/h100_sxm/data.csv")
+    assert g[(g.dtype == "bf16") & (g.m == 64)].latency_us.iloc[0] == pytest.approx(50.0)
+    assert "bf16_consensus" not in s
+
+
+def test_collection_report_ratios(systems):
+    from costmodel.crossval import collection_report
+    _add_engine(systems, "sglang", "0.5.0", 1.10, [1, 2, 4, 8, 16, 32, 64, 128])
+    rows = {r["latency of"]: r for r in collection_report("h100_sxm", systems_dir=systems)}
+    assert rows["sglang/0.5.0"]["over"] == "vllm/0.10.0" and rows["sglang/0.5.0"]["median"] == "1.100"
+    assert rows["sglang/0.5.0"]["shapes"] == 8 and rows["vllm/0.9.0"]["shapes"] == 2
