@@ -1,6 +1,7 @@
 """Cross-validation of the kernel tables.
 
-    python -m costmodel.crossval [--bench-data DIR ...] [--points 300] [--seed 0] [--no-cross] [--out FILE.md]
+    python -m costmodel.crossval [--bench-data DIR ...] [--points 300] [--seed 0] [--no-loo] [--no-cross]
+                                 [--cross A B] [--gpu H100] [--collections GPU]... [--out FILE.md]
 
 1. **Leave-one-out (LOO) interpolation error**, per bench_data folder, GPU and kernel type (GEMM per dtype,
    decode, prefill, all-reduce): one measured cell is removed, the table is rebuilt by the loader's own
@@ -19,13 +20,17 @@
    prediction is the one the full table minus the cell gives (checked in tests/test_crossval.py).
 
 2. **Cross-source error** (``--gpu``, default H100; ``--cross A B`` picks the two folders, e.g. the repo's
-   tables and a folder written by ``python -m costmodel.benchmarks``).  By default, on H100: InferSim's measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM,
-   FA3 decode and prefill, per-GPU heads = file heads / T) priced from the repo's AIConfigurator-derived
+   tables and a folder written by ``python -m costmodel.benchmarks``).  By default, on H100: InferSim's
+   measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM, FA3 decode and prefill, per-GPU heads = file heads / T) priced from the repo's AIConfigurator-derived
    tables, and the repo's points priced from InferSim's tables, with the pricing of ``costmodel kernels``
    (`kernel_queries`: `kernels.gemm_us` incl. the FP8-table -> BF16 transfer, `kernels.attn_decode_us`,
    `kernels.attn_prefill_us` on the nearest head layout, default `Params`).  "in range" restricts to
    points inside the predicting table's measured range (GEMM m, k, n; attention: same per-GPU layout
    measured, length and batch within that layout's range).
+
+3. **Engine collections** (``--collections GPU``, needs ``aiconfigurator-core``): AIConfigurator's BF16 GEMM
+   collections of one GPU (one per engine and version, the same cuBLAS call) as latency ratios to the newest
+   vLLM one, and the folders under ``bench_data/measured/`` against each collection (`collection_report`).
 
 Errors are relative, pred / measured - 1: median and 90th percentile of |err|, and the signed median
 (bias; > 0 = over-predicted).

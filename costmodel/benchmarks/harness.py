@@ -331,9 +331,14 @@ class TorchGraphGemm:
         return t
 
 
-def _torch_cuda_available() -> bool:
+def _torch_cuda_available(*also: str) -> bool:
+    """PyTorch sees a CUDA device (and the modules ``also`` import)."""
     try:
+        import importlib
+
         import torch
+        for mod in also:
+            importlib.import_module(mod)
         return bool(torch.cuda.is_available())
     except Exception:
         return False
@@ -365,15 +370,6 @@ class FlashAttnKernels:
         return time_call(lambda: self.func(q, k, v, causal=True), sync=self._sync, repeats=repeats)
 
     def materializes_scores(self):
-        return False
-
-
-def _flash_attn_available() -> bool:
-    try:
-        import flash_attn  # noqa: F401
-        import torch
-        return bool(torch.cuda.is_available())
-    except Exception:
         return False
 
 
@@ -438,7 +434,7 @@ def run_benchmarks(grid: Grid, device, *, gpu_name: str, attn_backend: str = "au
         gk = jk
         gemm_kernel = ("jnp.dot(x, w, preferred_element_type=bfloat16), up to "
                        f"{MAX_REPLICAS} independent calls per jitted program, dispatched eagerly")
-    if attn_backend == "flash-attn" or (attn_backend == "auto" and on_gpu and _flash_attn_available()):
+    if attn_backend == "flash-attn" or (attn_backend == "auto" and on_gpu and _torch_cuda_available("flash_attn")):
         attn = FlashAttnKernels()
     else:
         attn = jk
@@ -693,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         if grid_name != "tiny":
             print(f"{PROG}: no GPU found; --allow-cpu runs the tiny grid on the CPU (not {grid_name})")
         grid_name = "tiny"
-    if args.attn_backend == "flash-attn" and not (gpus and _flash_attn_available()):
+    if args.attn_backend == "flash-attn" and not (gpus and _torch_cuda_available("flash_attn")):
         print(f"{PROG}: error: --attn-backend flash-attn needs torch, flash_attn and CUDA", file=sys.stderr)
         return 2
     if _peaks(args.gpu_name) is None:
