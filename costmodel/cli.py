@@ -47,14 +47,14 @@ def _fmt(v) -> str:
 
 def cmd_predict(args) -> int:
     from .fit import resolve_calibration
-    from .records import Predictor, mape_table, read_records
+    from .records import Predictor, below_floor_warning, mape_table, read_records
 
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
     gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
     params, cal_name = resolve_calibration(args.calibration, gpus, allow_other_gpu=args.allow_other_gpu,
                                            table_sources={g: pred._tables[g].sources for g in gpus})
-    total, parts = pred.predict(records, params)
+    total, parts, floor = pred.predict(records, params, with_floor=True)
     if args.out:
         def write(fh):
             for i, r in enumerate(records):
@@ -73,6 +73,9 @@ def cmd_predict(args) -> int:
     if rows:
         print("MAPE against measured_us:")
         _print_table(rows)
+    warning = below_floor_warning(records, floor)
+    if warning:
+        print(warning, file=sys.stderr)
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -188,7 +189,7 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
 
 def run_fit_cli(args) -> int:
     from .cli import _atomic_write, _print_table
-    from .records import Predictor, read_records
+    from .records import Predictor, below_floor_warning, read_records
 
     records = [r for f in args.records for r in read_records(f)]
     if args.leave_one_run_out:
@@ -214,7 +215,10 @@ def run_fit_cli(args) -> int:
     summary = {}
     for name, subset in (("train", train), ("held-out", test)):
         if subset:
-            total, _ = pred.predict(subset, params)
+            total, _, floor = pred.predict(subset, params, with_floor=True)
+            warning = below_floor_warning(subset, floor)
+            if warning:
+                print(f"{name} records: {warning}", file=sys.stderr)
             rows = [dict(r, source=name) for r in mape_by_source(subset, total)]
             print(f"{name} MAPE:")
             _print_table(rows)

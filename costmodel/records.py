@@ -148,15 +148,17 @@ class Predictor:
         return [(su, batched_features(su.arrays, su.layout, steps, su.static, wp, wd), owner)
                 for su, steps, owner in groups]
 
-    def predict(self, records: list[Record], params: Params | dict | None = None):
+    def predict(self, records: list[Record], params: Params | dict | None = None, with_floor: bool = False):
         """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params`` is one `Params`
         for all records or a dict GPU name -> `Params` (GPUs not in it get the physical defaults).
+        ``with_floor`` appends `roofline_floor_us` of each record.
 
         Steps are evaluated as parameter-free features in fixed-size chunks (one compilation per GPU
         table set), then combined with the parameters."""
         total = np.zeros(len(records))
         parts = {k: np.zeros(len(records)) for k in BREAKDOWN}
-        for su, f, owner in self.features(records):
+        groups = self.features(records)
+        for su, f, owner in groups:
             p = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
             t, br = _combine_fn(su.static)(f, su.layout, p)
             t = np.asarray(t, dtype=np.float64)
@@ -166,7 +168,32 @@ class Predictor:
             np.add.at(total, owner, t)
             for k in BREAKDOWN:
                 np.add.at(parts[k], owner, np.asarray(br[k], dtype=np.float64))
-        return total, parts
+        return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
+
+
+def roofline_floor_us(groups, n_records: int) -> np.ndarray:
+    """Per record: the least time (µs) its GEMMs alone can take — each GEMM at its roofline with the GPU's
+    peak FLOP/s and peak HBM bandwidth, summed over layers and steps.  No kernel beats its roofline and a
+    step's GEMMs run one after another, so a measured time below this is physically impossible (a
+    mis-timed or mis-attributed record).  ``groups``: `Predictor.features` of the records."""
+    floor = np.zeros(n_records)
+    for su, f, owner in groups:
+        hw = su.layout.hw
+        g = np.maximum(np.asarray(f.gemm.flops, np.float64) / float(hw.peak_flops),
+                       np.asarray(f.gemm.bytes, np.float64) / float(hw.hbm_bytes_per_s)) * 1e6  # [steps, 5]
+        np.add.at(floor, owner, float(su.layout.dims.layers) * g[:, :4].sum(axis=1) + g[:, 4])
+    return floor
+
+
+def below_floor_warning(records: list[Record], floor: np.ndarray, shown: int = 5) -> str | None:
+    """One line naming the records measured faster than `roofline_floor_us`, or None."""
+    bad = [(r, fl) for r, fl in zip(records, floor) if r.measured_us is not None and r.measured_us < fl]
+    if not bad:
+        return None
+    listed = ", ".join(f"{r.where} ({r.measured_us:.0f} < {fl:.0f} µs)" for r, fl in bad[:shown])
+    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    return (f"warning: {len(bad)} record(s) measured faster than their GEMMs' roofline at peak, which is "
+            f"physically impossible (mis-timed or mis-attributed steps?): {listed}{more}")
 
 
 @functools.lru_cache(maxsize=None)

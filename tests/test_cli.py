@@ -110,3 +110,20 @@ def test_predict_records_table_sources(tmp_path, shared):
 def test_default_calibration_not_applied_to_other_tables(tmp_path, shared):
     r = run("predict", str(_write(tmp_path, [GOOD])), "--bench-data", str(shared / "bench_data"))
     assert r.returncode == 0 and "calibration=none (the default calibration was fitted on the repo" in r.stdout
+
+
+def test_roofline_floor_by_hand_and_impossible_records_are_named(tmp_path, capsys):
+    from costmodel.records import Predictor, parse_record, roofline_floor_us
+    # Llama-3.1-8B, TP1, one decode token: the GEMMs must at least read every weight once at 3.35 TB/s.
+    # Per layer: QKV 4096x6144 + O 4096x4096 + gate_up 4096x28672 + down 14336x4096 = 218,103,808 weights;
+    # x 32 layers, + lm_head 4096 x 128256, x 2 bytes = 14,982,053,888 bytes -> 4472.25 µs (activations add ~0)
+    rec = parse_record({"id": "d", "model": "llama-3.1-8b", "gpu": "H100", "tp": 1,
+                        "steps": [{"prefill": [], "decode": [100]}]}, "x:1")
+    pred = Predictor()
+    floor = roofline_floor_us(pred.features([rec]), 1)
+    assert floor[0] == pytest.approx((32 * 218_103_808 + 4096 * 128_256) * 2 / 3.35e12 * 1e6, rel=2e-3)
+    decode = '{"id": "%s", "model": "llama-3.1-8b", "gpu": "H100", "tp": 1, "steps": [{"decode": [100]}], "measured_us": %d}'
+    p = _write(tmp_path, [decode % ("ok", 7000), decode % ("fast", 3000)])
+    assert main(["predict", str(p), "--calibration", "none"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "1 record(s)" in err[0] and f"{p}:2" in err[0] and f"{p}:1" not in err[0]
