@@ -434,6 +434,11 @@ def finish_allreduce(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
 SOURCE_DTYPE = {"bf16": "bfloat16", "fp8": "fp8"}
 
 
+def _latency_by_shape(df: pd.DataFrame, source_dtype: str) -> pd.Series:
+    """gemm_perf rows of one source dtype -> latency (source ms) per (m, n, k), repeated rows by median."""
+    return df[df["gemm_dtype"] == source_dtype].groupby(["m", "n", "k"])["latency"].median()
+
+
 def gemm_collections(gpu: str, dtype: str = "bf16", systems_dir: Path | None = None) -> pd.DataFrame:
     """Every engine collection's GEMM latency (µs) of ``dtype`` on ``gpu``: one column per 'engine/version',
     rows indexed by (m, n, k), repeated rows reduced to their median, NaN where a collection lacks the shape."""
@@ -443,10 +448,9 @@ def gemm_collections(gpu: str, dtype: str = "bf16", systems_dir: Path | None = N
         path = _table_path(edir, "gemm_perf") if edir.is_dir() else None
         if path is None:
             continue
-        df = _read_table(path)
-        df = df[df["gemm_dtype"] == SOURCE_DTYPE[dtype]]
-        if len(df):
-            cols[f"{edir.parent.name}/{edir.name}"] = df.groupby(["m", "n", "k"])["latency"].median() * 1e3
+        lat = _latency_by_shape(_read_table(path), SOURCE_DTYPE[dtype])
+        if len(lat):
+            cols[f"{edir.parent.name}/{edir.name}"] = lat * 1e3
     if not cols:
         raise InputError(f"no {dtype} GEMM table for '{gpu}'", str(systems_dir / "data" / gpu / "gemm"), "gpu")
     return pd.DataFrame(cols)
@@ -463,20 +467,19 @@ def bf16_gemm_consensus(src: pd.DataFrame, src_key: str, sysdata: Path, systems_
     all four GPUs; ``python -m costmodel.crossval --collections GPU``), and the median is the estimate least
     moved by one machine's offset.  Adds the collections and each one's median ratio to the consensus to
     ``summary``."""
-    own = src[src["gemm_dtype"] == "bfloat16"]
+    own = _latency_by_shape(src, "bfloat16")
     if own.empty:
         return src
-    per = {src_key: (own.groupby(["m", "n", "k"])["latency"].median(), None)}
+    per = {src_key: (own, None)}
     for eng in ("vllm", "sglang", "trtllm"):
         if eng == src_key.split("/", 1)[0]:
             continue
         hit = _find_table(sysdata, "gemm", eng, "gemm_perf", None)
         if hit is None or hit[0] != eng:  # _find_table falls back to other engines; we want each one once
             continue
-        df = _read_table(hit[2])
-        df = df[df["gemm_dtype"] == "bfloat16"]
-        if len(df):
-            per[f"{eng}/{hit[1]}"] = (df.groupby(["m", "n", "k"])["latency"].median(), hit[2])
+        lat = _latency_by_shape(_read_table(hit[2]), "bfloat16")
+        if len(lat):
+            per[f"{eng}/{hit[1]}"] = (lat, hit[2])
     if len(per) < 2:
         return src
     wide = pd.DataFrame({k: v[0] for k, v in per.items()}).loc[per[src_key][0].index]
@@ -670,9 +673,9 @@ def _source_md(s: dict, layouts) -> str:
     L += ["", f"Peak FLOP/s for `mfu`: {s['peaks']} (from {s['peak_source']}).", ""]
     c = s.get("bf16_consensus")
     if c:
-        L += ["BF16 GEMM (`bfloat16` rows): on the requested engine's grid of {c['shapes']} shapes, each "
+        L += [f"BF16 GEMM (`bfloat16` rows): on the requested engine's grid of {c['shapes']} shapes, each "
               "latency is the median over these collections of the same `torch` linear (cuBLAS) call that "
-              "measured the shape, not the requested engine's alone (they differ by a constant few per cent; "
+              "measured the shape, not the requested engine's alone (they differ by a few per cent in the median; "
               "`--no-bf16-consensus` turns this off):", "",
               "| collection | shapes on that grid | median latency / consensus | file |", "|---|---|---|---|"]
         L += [f"| {k} | {v['shapes']} | {v['median_ratio_to_consensus']:.3f} | `{v['file']}` |"

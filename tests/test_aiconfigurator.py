@@ -246,7 +246,8 @@ def test_bf16_gemm_consensus_is_the_per_shape_median_on_the_engines_grid(systems
     assert fp8 == pytest.approx(50.0)  # other dtypes stay the requested engine's
     c = s["bf16_consensus"]["collections"]
     assert set(c) == {"vllm/0.10.0", "sglang/0.5.0", "trtllm/1.0.0"} and c["trtllm/1.0.0"]["shapes"] == 2
-    assert "median over these collections" in (tmp_path / "c/SOURCE_h100_sxm.md").read_text()
+    md = (tmp_path / "c/SOURCE_h100_sxm.md").read_text()
+    assert "median over these collections" in md and "grid of 8 shapes" in md
     s = aic.import_aiconfigurator("h100_sxm", out_dir=tmp_path / "v", systems_dir=systems, tol=None,
                                   bf16_consensus=False)
     g = pd.read_csv(tmp_path / "v/gemm/h100_sxm/data.csv")
