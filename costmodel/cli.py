@@ -145,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("predict", help="predict step records")
     common(sp)
-    sp.add_argument("--calibration", default="default", help="none | default | PATH to a calibration JSON")
+    sp.add_argument("--calibration", default="default",
+                    help="none | default | PATH to a calibration JSON; append @VERSION (e.g. default@0.15) to use "
+                         "that engine version's parameters for every record instead of each record's vllm_version")
     sp.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
     sp.add_argument("--out", default=None, help="write one JSON line per record here")
     sp.set_defaults(func=cmd_predict)
@@ -171,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
     sp.add_argument("--leave-one-run-out", action="store_true",
                     help="fit once per run without it and report held-out MAPE (writes the table to --out)")
+    sp.add_argument("--pooled", action="store_true",
+                    help="one parameter set for all records, not one per engine version (vllm_version)")
     sp.set_defaults(func=cmd_fit)
 
     from . import bench as _bench, sweep as _sweep

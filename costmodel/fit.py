@@ -4,6 +4,13 @@ Loss: a Huber loss on log(predicted / measured) per record (records are sums of 
 group weighted equally so that one large run does not dominate, plus the Gaussian log-prior of every
 parameter (`params.PRIORS`).  Parameters are optimized in log space (positive by construction) with optax's
 L-BFGS, the whole loop jitted (`jax.lax.scan`), deterministic for the same inputs.
+
+First one pooled parameter set is fitted to all records.  When the records come from more than one engine
+version (`params.engine_key` of ``vllm_version``), each version then also gets its own parameters, fitted
+jointly as shared values plus a per-version deviation in log space with a zero-mean prior
+(`ENGINE_SPREAD`): a version's data moves only the terms it constrains; the rest (e.g. all-reduce terms for
+a version seen only at TP 1) stay shared.  The pooled set serves records of other or unstated versions.
+The result is a `params.Calibration`.
 """
 from __future__ import annotations
 
@@ -20,11 +27,15 @@ import numpy as np
 import optax
 
 from .errors import InputError
-from .params import FIELDS, PRIORS, Params, from_log, prior_arrays, to_log
+from .params import FIELDS, PRIORS, Calibration, Params, engine_key, from_log, prior_arrays, to_log
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration_h100_vllm.json"
-HUBER_DELTA = 0.05  # log-ratio beyond which an error counts linearly (outlier steps)
+# Log-ratio beyond which an error counts linearly.  Step-time noise is a ~1 % core with a tail of slow steps
+# (host stalls, up to +25 %); a delta near the core's width makes the fit follow the median, not the tail.
+HUBER_DELTA = 0.02
 PRIOR_STRENGTH = 1e-3  # weight of the log-prior against the (weighted mean) data term
+ENGINE_SPREAD = 1.0  # prior σ of an engine version's log-deviation from the pooled value, in units of the
+#                      parameter's own prior σ: versions may differ as much as the prior's plausible range
 
 
 def _weights(records) -> np.ndarray:
@@ -34,46 +45,57 @@ def _weights(records) -> np.ndarray:
     return w / w.sum()
 
 
-def make_loss(predictor, records, prior_weight: float = 1.0):
-    """(loss(theta, data), predict(theta, data), data) over all records at once; theta = log parameters.
+def fit_engines(records, per_engine: bool = True) -> list[str]:
+    """Engine versions that get their own parameters: those of the records, when there are at least two."""
+    keys = sorted({r.engine for r in records if r.engine})
+    return keys if per_engine and len(keys) > 1 else []
 
-    ``data`` holds each group's parameter-free step features (`step.features`, computed once here) and the
-    measurements; per iteration only `step.combine` runs.  It is an argument, not a baked-in constant."""
+
+def make_loss(predictor, records, engines=(), groups=None):
+    """(loss(theta, data), predict(theta, data), data) over all records at once.
+
+    theta = the shared log parameters (under their prior), followed by one log-deviation vector per engine
+    in ``engines`` (zero-mean prior); records of other engines get the shared values.  ``data`` holds each
+    group's parameter-free step features (`step.features`, computed once: pass ``groups`` =
+    `Predictor.features` to reuse them), each step's engine row, the measurements and ``per_engine`` (1.0;
+    0.0 switches the deviations off, so the same compiled loss fits the pooled set); per iteration only
+    `step.combine` runs.  It is an argument, not a baked-in constant."""
     from .step import combine
-    groups = predictor.features(records)
+    engines = list(engines)
+    row = np.array([1 + engines.index(r.engine) if r.engine in engines else 0 for r in records])
+    groups = predictor.features(records) if groups is None else groups
     statics = [su.static for su, _, _ in groups]
-    feats = [(su.layout, f, jnp.asarray(owner)) for su, f, owner in groups]
+    feats = [(su.layout, f, jnp.asarray(owner), jnp.asarray(row[owner])) for su, f, owner in groups]
     data = {"groups": feats, "meas": jnp.asarray([r.measured_us for r in records], jnp.float32),
-            "w": jnp.asarray(_weights(records), jnp.float32)}
+            "w": jnp.asarray(_weights(records), jnp.float32), "per_engine": jnp.float32(1.0)}
     mu, sig = prior_arrays()
-    n = len(records)
+    n, V, P = len(records), len(engines), len(FIELDS)
+
+    def deviations(theta, data):
+        return theta[P:].reshape(V, P) * data["per_engine"]
 
     def predict(theta, data):
-        p = from_log(theta)
+        rows_params = theta[None, :P] + jnp.concatenate([jnp.zeros((1, P)), deviations(theta, data)])
         total = jnp.zeros(n, jnp.float32)
-        for static, (layout, f, owner) in zip(statics, data["groups"]):
-            t = jax.vmap(lambda x: combine(x, layout, p, static)[0])(f)
+        for static, (layout, f, owner, rows) in zip(statics, data["groups"]):
+            th = jnp.exp(rows_params[rows])  # [steps, P]
+            p = Params(*(th[:, i] for i in range(P)))
+            t = jax.vmap(lambda x, q: combine(x, layout, q, static)[0])(f, p)
             total = total + jax.ops.segment_sum(t, owner, num_segments=n)
         return total
 
     def loss(theta, data):
         r = jnp.log(predict(theta, data) / data["meas"])
         fit_term = jnp.sum(data["w"] * optax.huber_loss(r, delta=HUBER_DELTA) / HUBER_DELTA)
-        prior = 0.5 * jnp.sum(((theta - mu) / sig) ** 2)
-        return fit_term + prior_weight * PRIOR_STRENGTH * prior
+        prior = jnp.sum(((theta[:P] - mu) / sig) ** 2) + jnp.sum((deviations(theta, data) / (ENGINE_SPREAD * sig)) ** 2)
+        return fit_term + PRIOR_STRENGTH * 0.5 * prior
 
     return loss, predict, data
 
 
-def fit(predictor, records, steps: int = 100, init: Params | None = None):
-    """Fit the residual parameters with optax's L-BFGS; returns (Params, report dict)."""
-    if any(r.measured_us is None for r in records):
-        raise InputError("every record used for fitting needs measured_us", field="measured_us")
-    t0 = time.perf_counter()
-    loss, predict, data = make_loss(predictor, records)
-    jax.block_until_ready(data)
-    t_features = time.perf_counter() - t0
-    theta0 = to_log(init or Params())
+def _lbfgs(loss, steps: int):
+    """A jitted run of optax's L-BFGS for ``steps`` iterations (one `lax.scan`):
+    run(theta, data) -> (theta, loss history, final |grad|)."""
     opt = optax.lbfgs()
 
     @jax.jit
@@ -89,31 +111,58 @@ def fit(predictor, records, steps: int = 100, init: Params | None = None):
         (th, _), hist = jax.lax.scan(body, (theta, opt.init(theta)), None, length=steps)
         return th, hist, jnp.linalg.norm(jax.grad(fn)(th))
 
-    theta, hist, gnorm = run(theta0, data)
-    hist = np.asarray(hist)
+    return run
+
+
+def fit(predictor, records, steps: int = 100, init: Params | None = None, per_engine: bool = True):
+    """Fit the residual parameters with optax's L-BFGS; returns (`Calibration`, report dict).
+
+    ``pooled``: one parameter set for all records.  With ``per_engine`` and records of two or more engine
+    versions, also one set per version, fitted jointly as shared values plus per-version log-deviations
+    under a zero-mean prior (`ENGINE_SPREAD`), so a version's data moves only the terms it constrains.  The
+    pooled set serves records of other or unstated versions."""
+    if any(r.measured_us is None for r in records):
+        raise InputError("every record used for fitting needs measured_us", field="measured_us")
+    t0 = time.perf_counter()
+    engines = fit_engines(records, per_engine)
+    loss, _, data = make_loss(predictor, records, engines)
+    jax.block_until_ready(data)
+    t_features = time.perf_counter() - t0
+    P, dev0 = len(FIELDS), jnp.zeros(len(engines) * len(FIELDS))
+    run = _lbfgs(loss, steps)  # one compilation for both fits
+    theta, hist, gnorm = run(jnp.concatenate([to_log(init or Params()), dev0]), dict(data, per_engine=jnp.float32(0.0)))
+    pooled = theta[:P]
     report = {"optimizer": "optax.lbfgs", "iterations": steps, "loss_start": float(hist[0]),
               "loss_end": float(hist[-1]), "loss_change_last_10pct": float(hist[int(steps * 0.9)] - hist[-1]),
-              "grad_norm_end": float(gnorm), "features_seconds": round(t_features, 2),
-              "seconds": round(time.perf_counter() - t0, 2)}
-    return from_log(theta), report
+              "grad_norm_end": float(gnorm), "engines": engines}
+    by_engine = {}
+    if engines:  # start at the pooled fit
+        theta, hist_e, gnorm_e = run(jnp.concatenate([pooled, dev0]), data)
+        by_engine = {e: from_log(theta[:P] + theta[P * (i + 1):P * (i + 2)]) for i, e in enumerate(engines)}
+        report.update(engine_loss_start=float(hist_e[0]), engine_loss_end=float(hist_e[-1]),
+                      engine_grad_norm_end=float(gnorm_e))
+    report.update(features_seconds=round(t_features, 2), seconds=round(time.perf_counter() - t0, 2))
+    return Calibration(from_log(pooled), by_engine), report
 
 
-def leave_one_run_out(predictor, records, steps: int = 100) -> list[dict]:
+def leave_one_run_out(predictor, records, steps: int = 100, per_engine: bool = True) -> list[dict]:
     """For each run (``source``): fit on all other runs, report MAPE on the held-out run per kind, next to the
-    uncalibrated and the all-runs-fitted MAPE of the same records."""
+    uncalibrated and the all-runs-fitted MAPE of the same records.  ``params`` says which of the held-out
+    fit's parameter sets the run got: its engine version's, or the pooled ones (its version unseen)."""
     sources = sorted({r.source or "-" for r in records})
-    full, _ = fit(predictor, records, steps=steps)
+    full, _ = fit(predictor, records, steps=steps, per_engine=per_engine)
     rows = []
     for src in sources:
         test = [r for r in records if (r.source or "-") == src]
         train = [r for r in records if (r.source or "-") != src]
-        held, _ = fit(predictor, train, steps=steps)
+        held, _ = fit(predictor, train, steps=steps, per_engine=per_engine)
+        engines = sorted({r.engine for r in test if r.engine in held.by_engine})
         preds = {name: predictor.predict(test, p)[0] for name, p in
                  (("none", Params()), ("held_out", held), ("all_runs", full))}
         for kind in sorted({r.kind or "-" for r in test}):
             idx = [i for i, r in enumerate(test) if (r.kind or "-") == kind]
             meas = np.array([test[i].measured_us for i in idx])
-            row = {"held_out_run": src, "kind": kind, "n": len(idx)}
+            row = {"held_out_run": src, "kind": kind, "n": len(idx), "params": ",".join(engines) or "pooled"}
             for name, pr in preds.items():
                 row[f"mape_{name}_pct"] = float(np.mean(np.abs(pr[idx] / meas - 1)) * 100)
             rows.append(row)
@@ -136,7 +185,12 @@ def params_from_dict(d: dict, where: str) -> Params:
     return Params(**vals)
 
 
+def calibration_to_dict(c: Calibration) -> dict:
+    return {"params": params_to_dict(c.pooled), "by_engine": {e: params_to_dict(p) for e, p in c.by_engine.items()}}
+
+
 def load_calibration(path: str | Path) -> dict:
+    """A calibration JSON with its parameters parsed into ``cal["_calibration"]`` (a `Calibration`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError("no such calibration file", str(path))
@@ -146,8 +200,29 @@ def load_calibration(path: str | Path) -> dict:
         raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
     if not isinstance(cal, dict) or "params" not in cal or "gpu" not in cal:
         raise InputError("a calibration needs 'gpu' and 'params'", str(path))
-    cal["_params"] = params_from_dict(cal["params"], str(path))
+    by_engine = cal.get("by_engine") or {}
+    if not isinstance(by_engine, dict):
+        raise InputError("must map engine versions to parameters", str(path), "by_engine")
+    for e in by_engine:
+        if engine_key(e) != e:
+            raise InputError(f"engine version must be major.minor (e.g. 0.15), got {e!r}", str(path), "by_engine")
+    cal["_calibration"] = Calibration(params_from_dict(cal["params"], str(path)),
+                                      {e: params_from_dict(v, f"{path} by_engine.{e}") for e, v in by_engine.items()})
     return cal
+
+
+def _select_engine(c: Calibration, engine: str | None, where: str) -> Calibration:
+    """``c`` as is, or with one engine version's parameters for every record (``CHOICE@VERSION``)."""
+    if engine is None:
+        return c
+    if engine not in c.by_engine:
+        have = ", ".join(sorted(c.by_engine)) or "none"
+        raise InputError(f"no parameters for engine version {engine} (has: {have})", where, "calibration")
+    return Calibration(c.by_engine[engine], {})
+
+
+def _describe(c: Calibration) -> str:
+    return f"; per engine version: {', '.join(sorted(c.by_engine))} (others pooled)" if c.by_engine else ""
 
 
 def _table_kinds(sources: dict) -> dict:
@@ -159,32 +234,43 @@ def _table_kinds(sources: dict) -> dict:
 
 def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = False,
                         table_sources: dict | None = None):
-    """({GPU name: Params}, description) for --calibration none | default | PATH.
+    """({GPU name: Calibration}, description) for --calibration none | default | PATH, each optionally
+    followed by ``@VERSION`` (e.g. ``default@0.15``) to use that engine version's parameters for every
+    record instead of each record's own ``vllm_version``.
 
     ``default`` applies the shipped calibration to the records on its GPU and the physical defaults to the
     others; a calibration file named by PATH is refused for records on another GPU unless
     ``allow_other_gpu``, which applies it to every GPU."""
+    choice, engine = str(choice), None
+    if "@" in choice and engine_key(choice.rsplit("@", 1)[1]) == choice.rsplit("@", 1)[1]:
+        choice, engine = choice.rsplit("@", 1)
+    at = f" @ engine {engine}" if engine else ""
     if choice == "none":
+        if engine:
+            raise InputError("'none' has no engine versions", choice, "calibration")
         return {}, "none (physical defaults)"
     if choice == "default":
         if not DEFAULT_CALIBRATION.is_file():
             return {}, "default = none (no calibration shipped)"
         cal = load_calibration(DEFAULT_CALIBRATION)
+        c = _select_engine(cal["_calibration"], engine, str(DEFAULT_CALIBRATION))
+        name = f"default ({DEFAULT_CALIBRATION.name}){at}"
         if allow_other_gpu:
-            return {g: cal["_params"] for g in gpus}, f"default ({DEFAULT_CALIBRATION.name}) on all GPUs"
+            return {g: c for g in gpus}, f"{name} on all GPUs{_describe(c)}"
         here = _table_kinds((table_sources or {}).get(cal["gpu"], {}))
         if any(v != "repo" for v in here.values()):  # fitted on the repo's tables: meaningless on others
             return {}, (f"none (the default calibration was fitted on the repo's bench_data; "
                         f"{cal['gpu']} tables here come from elsewhere)")
         other = [g for g in gpus if g != cal["gpu"]]
         note = f"; physical defaults for {', '.join(other)}" if other else ""
-        return {cal["gpu"]: cal["_params"]}, f"default ({DEFAULT_CALIBRATION.name}) for {cal['gpu']}{note}"
+        return {cal["gpu"]: c}, f"{name} for {cal['gpu']}{_describe(c)}{note}"
     cal = load_calibration(choice)
+    c = _select_engine(cal["_calibration"], engine, choice)
     other = [g for g in gpus if g != cal["gpu"]]
     if other and not allow_other_gpu:
         raise InputError(f"calibration was fitted on {cal['gpu']}, records are on {', '.join(other)}; pass "
                          f"--allow-other-gpu to use it anyway", choice, "gpu")
-    return {g: cal["_params"] for g in gpus}, f"{choice} (fitted on {cal['gpu']})"
+    return {g: c for g in gpus}, f"{choice}{at} (fitted on {cal['gpu']}){_describe(c)}"
 
 
 def run_fit_cli(args) -> int:
@@ -193,7 +279,8 @@ def run_fit_cli(args) -> int:
 
     records = [r for f in args.records for r in read_records(f)]
     if args.leave_one_run_out:
-        rows = leave_one_run_out(Predictor(args.model_configs, args.bench_data), records, steps=args.steps)
+        rows = leave_one_run_out(Predictor(args.model_configs, args.bench_data), records, steps=args.steps,
+                                 per_engine=not args.pooled)
         print("leave-one-run-out MAPE (%): uncalibrated, fitted without the run, fitted on all runs")
         _print_table(rows)
         _atomic_write(args.out, lambda fh: json.dump(rows, fh, indent=1))
@@ -206,12 +293,17 @@ def run_fit_cli(args) -> int:
         raise InputError("--holdout leaves no records to fit on", field="holdout")
     pred = Predictor(args.model_configs, args.bench_data)
     gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
-    params, report = fit(pred, train, steps=args.steps)
+    params, report = fit(pred, train, steps=args.steps, per_engine=not args.pooled)
     print(f"fit: {len(train)} records, {report['iterations']} iterations, loss {report['loss_start']:.4f} -> "
-          f"{report['loss_end']:.4f}, |grad| {report['grad_norm_end']:.2e}, {report['seconds']} s")
-    print("parameters (fitted vs prior):")
-    _print_table([{"name": k, "fitted": float(v), "prior": PRIORS[k].default,
-                   "range": f"{PRIORS[k].low:g}..{PRIORS[k].high:g}"} for k, v in zip(FIELDS, params)])
+          f"{report['loss_end']:.4f}, |grad| {report['grad_norm_end']:.2e}" + (
+              f"; per engine version ({', '.join(report['engines'])}): loss {report['engine_loss_start']:.4f} -> "
+              f"{report['engine_loss_end']:.4f}, |grad| {report['engine_grad_norm_end']:.2e}"
+              if report["engines"] else "") + f"; {report['seconds']} s")
+    print("parameters (fitted vs prior" + (", pooled and per engine version):" if params.by_engine else "):"))
+    _print_table([{"name": k, "fitted" if not params.by_engine else "pooled": float(params.pooled[i]),
+                   **{f"vLLM {e}": float(p[i]) for e, p in params.by_engine.items()},
+                   "prior": PRIORS[k].default, "range": f"{PRIORS[k].low:g}..{PRIORS[k].high:g}"}
+                  for i, k in enumerate(FIELDS)])
     summary = {}
     for name, subset in (("train", train), ("held-out", test)):
         if subset:
@@ -227,7 +319,7 @@ def run_fit_cli(args) -> int:
     cal = {"gpu": gpus[0] if len(gpus) == 1 else gpus, "engine": sorted({str(r.extra.get("vllm_version", "?"))
                                                                           for r in train}),
            "tables": tabs, "data": [str(f) for f in args.records], "holdout": sorted(hold),
-           "fitted_on": date.today().isoformat(), "params": params_to_dict(params),
+           "fitted_on": date.today().isoformat(), **calibration_to_dict(params),
            "priors": {k: PRIORS[k]._asdict() for k in FIELDS}, "report": report, "mape": summary}
     _atomic_write(args.out, lambda fh: json.dump(cal, fh, indent=1))
     print(f"wrote {args.out}")

@@ -37,9 +37,10 @@ class Dims(NamedTuple):
 def dims(cfg: ModelConfig, tp: int) -> Dims:
     """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp``."""
     from .errors import InputError
-    if tp < 1 or cfg.num_heads % tp or cfg.intermediate_size % tp:
-        raise InputError(f"tp={tp} does not divide num_attention_heads={cfg.num_heads} and "
-                         f"intermediate_size={cfg.intermediate_size} of {cfg.name}", field="tp")
+    bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
+                                    ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
+    if bad:
+        raise InputError(f"tp={tp} must divide {' and '.join(bad)} of {cfg.name}", field="tp")
     return Dims(
         hidden=float(cfg.hidden_size), layers=float(cfg.num_layers), q_heads=cfg.num_heads / tp,
         kv_heads=float(max(cfg.num_kv_heads // tp, 1)), head_dim=float(cfg.head_dim),

@@ -7,9 +7,11 @@ prior (default and a plausible range, read as ±2σ in log space) that regulariz
 from __future__ import annotations
 
 import math
+import re
 from typing import NamedTuple
 
 import jax.numpy as jnp
+import numpy as np
 
 
 class Params(NamedTuple):
@@ -62,7 +64,8 @@ def to_log(p: Params) -> jnp.ndarray:
 
 
 def from_log(v) -> Params:
-    return Params(*[jnp.exp(v[i]) for i in range(len(FIELDS))])
+    """Inverse of `to_log`, as Python floats."""
+    return Params(*(float(x) for x in np.exp(np.asarray(v, np.float64))))
 
 
 def prior_arrays(names=FIELDS):
@@ -70,3 +73,22 @@ def prior_arrays(names=FIELDS):
     mu = [math.log(PRIORS[n].default) for n in names]
     sig = [(math.log(PRIORS[n].high) - math.log(PRIORS[n].low)) / 4 for n in names]
     return jnp.asarray(mu, jnp.float32), jnp.asarray(sig, jnp.float32)
+
+
+def engine_key(version) -> str | None:
+    """The engine version a calibration is keyed by: ``major.minor`` of a version string ("0.15.1 (fork)"
+    -> "0.15"), or None when there is none."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)", str(version)) if version is not None else None
+    return f"{m.group(1)}.{m.group(2)}" if m else None
+
+
+class Calibration(NamedTuple):
+    """Fitted parameters of one GPU: ``pooled`` over all the data, and per engine version (`engine_key`)
+    where the fit had records of more than one version.  A record of an engine not in ``by_engine``, or of
+    no stated engine, gets the pooled values."""
+
+    pooled: Params
+    by_engine: dict  # engine key -> Params
+
+    def params_for(self, engine: str | None) -> Params:
+        return self.by_engine.get(engine, self.pooled) if engine else self.pooled

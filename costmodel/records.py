@@ -18,7 +18,7 @@ import numpy as np
 from .errors import InputError
 from .hardware import get_gpu
 from .model import load_model, normalize_dtype
-from .params import Params
+from .params import Calibration, Params, engine_key
 from .step import BREAKDOWN, batched_features, combine, make_step_fn, pack_steps, setup, validate_step
 from .tables import Tables, load_tables
 
@@ -36,6 +36,11 @@ class Record:
     source: str | None = None
     dtype: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def engine(self) -> str | None:
+        """The engine version (``major.minor`` of ``vllm_version``) that picks a calibration's parameters."""
+        return engine_key(self.extra.get("vllm_version"))
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -148,9 +153,10 @@ class Predictor:
         return [(su, batched_features(su.arrays, su.layout, steps, su.static, wp, wd), owner)
                 for su, steps, owner in groups]
 
-    def predict(self, records: list[Record], params: Params | dict | None = None, with_floor: bool = False):
-        """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params`` is one `Params`
-        for all records or a dict GPU name -> `Params` (GPUs not in it get the physical defaults).
+    def predict(self, records: list[Record], params=None, with_floor: bool = False):
+        """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params``: one `Params` or
+        `Calibration` for all records, or a dict GPU name -> either (GPUs not in it get the physical
+        defaults); a `Calibration` gives each record the parameters of its engine version.
         ``with_floor`` appends `roofline_floor_us` of each record.
 
         Steps are evaluated as parameter-free features in fixed-size chunks (one compilation per GPU
@@ -159,15 +165,23 @@ class Predictor:
         parts = {k: np.zeros(len(records)) for k in BREAKDOWN}
         groups = self.features(records)
         for su, f, owner in groups:
-            p = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
-            t, br = _combine_fn(su.static)(f, su.layout, p)
-            t = np.asarray(t, dtype=np.float64)
-            if not np.all(np.isfinite(t)) or np.any(t <= 0):
-                bad = int(owner[np.argmax(~np.isfinite(t) | (t <= 0))])
-                raise InputError("model produced a non-finite or non-positive time", records[bad].where)
-            np.add.at(total, owner, t)
-            for k in BREAKDOWN:
-                np.add.at(parts[k], owner, np.asarray(br[k], dtype=np.float64))
+            spec = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
+            if isinstance(spec, Calibration):
+                step_params = [spec.params_for(records[i].engine) for i in owner]
+            else:
+                step_params = [spec] * len(owner)
+            distinct = list({id(p): p for p in step_params}.values())
+            for p in distinct:
+                sel = np.array([q is p for q in step_params]) if len(distinct) > 1 else slice(None)
+                t, br = _combine_fn(su.static)(jax.tree_util.tree_map(lambda a: a[sel], f), su.layout, p)
+                t = np.asarray(t, dtype=np.float64)
+                own = owner[sel]
+                if not np.all(np.isfinite(t)) or np.any(t <= 0):
+                    bad = int(own[np.argmax(~np.isfinite(t) | (t <= 0))])
+                    raise InputError("model produced a non-finite or non-positive time", records[bad].where)
+                np.add.at(total, own, t)
+                for k in BREAKDOWN:
+                    np.add.at(parts[k], own, np.asarray(br[k], dtype=np.float64))
         return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
 
 

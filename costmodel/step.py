@@ -111,6 +111,7 @@ class Features(NamedTuple):
     attn_prefill_us: jax.Array  # prefill attention table time per layer
     attn_decode_us: jax.Array  # decode attention table time per layer
     attn_floor_us: jax.Array  # fixed cost of the attention kernel (decode table floor)
+    kv_bytes: jax.Array  # KV-cache bytes the decodes read per layer
     memory_bytes: jax.Array  # bandwidth-bound kernels of one layer
     head_bytes: jax.Array  # embedding, final norm, logits and sampler traffic
     comm_table_us: jax.Array  # one all-reduce from the measured table (0 without one)
@@ -140,6 +141,7 @@ def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Feat
         attn_decode_us=kernels.attn_decode_table_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale,
                                                     n_dec, keys),
         attn_floor_us=kernels.attn_floor_us(arrays.decode, layout.decode_layout),
+        kv_bytes=ops.kv_read_bytes(d, keys),
         memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
         comm_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg)
@@ -153,7 +155,8 @@ def combine(f: Features, layout: Layout, params: Params, static: Static):
     # One varlen kernel per layer serves prefills and decodes; its fixed cost is the decode table's floor.
     # Decode-only: t_dec.  Prefill-only: max(t_pre, floor).  Both: t_dec + what prefill adds above the floor.
     floor = f.attn_floor_us * p.attn_decode_scale
-    t_dec = jnp.where(has_dec, f.attn_decode_us * p.attn_decode_scale, jnp.where(has_pre, floor, 0.0))
+    t_dec = jnp.where(has_dec, kernels.decode_cold_us(f.attn_decode_us, floor, f.kv_bytes, hw, p),
+                      jnp.where(has_pre, floor, 0.0))
     t_pre = jnp.where(has_pre, jnp.maximum(f.attn_prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
     memory = kernels.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
     comm = kernels.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)

@@ -4,7 +4,8 @@ A *space* of configurations is either named axes (their Cartesian product) or a 
 
 * group columns, fixed per (model, GPU, TP, calibration, dtype): ``model`` (packaged name or path), ``gpu``,
   ``tp`` (default 1), ``calibration`` (``none`` | ``default`` | PATH, default ``default`` as in
-  ``costmodel predict``), ``dtype`` (default: the model config's);
+  ``costmodel predict``: the pooled parameters; ``default@0.15`` those fitted for vLLM 0.15), ``dtype``
+  (default: the model config's);
 * the batch, summarized (decode attention is priced from the batch size and the total keys, prefill
   attention from the number of chunks and the total query-key pairs, GEMMs from the token count, so these
   summaries are exact):
@@ -526,6 +527,7 @@ def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
     nd = jnp.maximum(n_dec, 1.0)
     t_dec = _attn(C, "dec", nd, jnp.maximum(keys / nd, 1.0) * S("dec_scale"), 1.0, DECODE_SLOPE_LO)
     out["attn_decode_us"] = jnp.where(n_dec > 0, jnp.maximum(t_dec, S("attn_floor")), 0.0)
+    out["kv_bytes"] = ops.kv_read_bytes(d, keys)
     npf = jnp.maximum(n_pre, 1.0)
     seq = jnp.sqrt(2.0 * jnp.maximum(pairs / npf, 0.5))
     t_pre = _attn(C, "pre", npf, seq * S("pre_scale"), 2.0, kernels.PREFILL_SLOPE_LO)
@@ -655,7 +657,8 @@ class _Resolver:
         from .fit import resolve_calibration
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
-        return Group(key, su, params.get(g.name, Params()), desc)
+        cal = params.get(g.name)
+        return Group(key, su, cal.pooled if cal else Params(), desc)
 
 
 def _norm_key(model, gpu, tp, cal, dtype) -> tuple:

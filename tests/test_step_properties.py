@@ -101,3 +101,25 @@ def test_breakdown_sums_to_total(su):
                          jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])), su.static)
     assert float(sum(parts.values())) == pytest.approx(float(t), rel=1e-6)
     assert float(parts["communication"]) > 0 and float(parts["attn_prefill"]) >= 0
+
+
+def test_decode_attention_cold_kv_bound_by_hand(h100_repo):
+    """Llama-3.1-70B at TP 4 (2 KV heads of 128 per GPU), 40 decodes with 640 cached tokens each, on H100:
+    the KV cache read per layer is 40 · 641 keys · 2 (K, V) · 2 heads · 128 · 2 bytes = 26,255,360 bytes,
+    7.837 µs at 3.35 TB/s.  The table (a benchmark that re-reads one cache, L2-resident at 26 MB) prices the
+    call below the table floor + 7.837 µs, so the step takes the bound; 8x the batch (210 MB, read from HBM
+    in the benchmark too) keeps the table time."""
+    from costmodel import kernels
+    su = setup(load_model("llama-3.1-70b"), h100_repo, 4)
+    c, s = su.layout.decode_layout, su.layout.decode_kv_scale
+    floor = float(kernels.attn_floor_us(su.arrays.decode, c))
+    for batch, bound_wins in ((40, True), (320, False)):
+        kv_bytes = batch * 641 * 2 * 2 * 128 * 2
+        assert batch != 40 or kv_bytes == 26_255_360
+        table = float(kernels.attn_decode_table_us(su.arrays.decode, c, s, batch, batch * 641.0))
+        bound = floor + kv_bytes / 3350e9 * 1e6
+        assert (bound > table) == bound_wins, (table, bound)
+        _, parts = step_time(su.arrays, su.layout, Params(),
+                             jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [640] * batch}])),
+                             su.static)
+        assert float(parts["attn_decode"]) == pytest.approx(80 * max(table, bound), rel=1e-5)

@@ -145,7 +145,7 @@ def test_sweep_predict_and_loop_agree(h100):
     pred = Predictor()
     pred._tables["H100-SXM"] = h100
     predicted, _ = pred.predict(records, params)
-    p = params.get("H100-SXM", Params())
+    p = params["H100-SXM"].pooled  # records without vllm_version get the pooled parameters, as the sweep does
     fn = jax.jit(lambda a, lay, pp, s, st: cm.step_time(a, lay, pp, s, st)[0], static_argnums=4)
     packed = cm.pack_steps(_as_steps(df))  # common widths: one compilation for the loop
     sus = {tp: cm.setup(cm.load_model("llama-3.1-8b"), h100, int(tp)) for tp in df.tp.unique()}
@@ -156,6 +156,26 @@ def test_sweep_predict_and_loop_agree(h100):
         loop.append(float(fn(su.arrays, su.layout, p, one, su.static)))
     np.testing.assert_allclose(got.step_us, predicted, rtol=RTOL)
     np.testing.assert_allclose(got.step_us, loop, rtol=RTOL)
+
+
+def test_sweep_engine_version_calibration(h100):
+    """`calibration: default@0.15` sweeps with the set the shipped calibration holds for vLLM 0.15, as
+    `predict` gives records that say vllm_version 0.15.x; plain `default` is the pooled set."""
+    from costmodel.records import Predictor, parse_record
+    df = _random_batches(np.random.default_rng(5), 12, tps=(2,)).assign(model="llama-3.1-8b", gpu="H100")
+    records = [parse_record({"id": str(i), "model": "llama-3.1-8b", "gpu": "H100", "tp": 2, "steps": [s],
+                             "vllm_version": v}, f"row {i}")
+               for v in ("0.15.1", None) for i, s in enumerate(_as_steps(df))]
+    pred = Predictor()
+    pred._tables["H100-SXM"] = h100
+    from costmodel.fit import resolve_calibration
+    cal, _ = resolve_calibration("default", ["H100-SXM"], table_sources={"H100-SXM": h100.sources})
+    assert "0.15" in cal["H100-SXM"].by_engine
+    predicted, _ = pred.predict(records, cal)
+    for choice, want in (("default@0.15", predicted[:12]), ("default", predicted[12:])):
+        got = sw.sweep(df, defaults={"calibration": choice}, tables={"H100-SXM": h100})
+        np.testing.assert_allclose(got.step_us, want, rtol=RTOL)
+    assert not np.allclose(predicted[:12], predicted[12:], rtol=0.01)
 
 
 AXES = {"model": ["llama-3.1-8b", "llama-3.1-70b"], "gpu": "H100", "tp": [2, 8], "calibration": "none",
