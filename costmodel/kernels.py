@@ -113,13 +113,13 @@ def attn_decode_table_us(table: AttnTable, c, kv_scale, n_req, total_keys):
     return jnp.where(n_req > 0, jnp.maximum(t, attn_floor_us(table, c)), 0.0)
 
 
-def decode_cold_us(table_us, floor_us, kv_bytes, hw: Hardware, p: Params):
+def decode_cold_us(table_us, fixed_us, kv_bytes, hw: Hardware, p: Params):
     """Decode attention in the engine (µs): the table time times ``attn_decode_scale``, but never less than
-    the kernel's fixed cost (``floor_us``, scaled) plus the KV-cache bytes at the GPU's peak HBM bandwidth.
-    The engine reads each layer's KV cache once per step, from HBM; a benchmark that repeats one call over
-    the same cache finds it in L2 when it fits (up to ~50 MB on H100) and times those points below what HBM
-    allows.  Peak, not sustained, bandwidth: the bound never overrides a measurement made from HBM."""
-    return jnp.maximum(table_us * p.attn_decode_scale, floor_us + kv_bytes / hw.hbm_bytes_per_s * 1e6)
+    the call's fixed cost in the engine (``fixed_us``) plus the KV-cache bytes at the GPU's peak HBM
+    bandwidth.  The engine reads each layer's KV cache once per step, from HBM; a benchmark that repeats one
+    call over the same cache finds it in L2 when it fits (up to ~50 MB on H100) and times those points below
+    what HBM allows.  Peak, not sustained, bandwidth: the bound never overrides a measurement made from HBM."""
+    return jnp.maximum(table_us * p.attn_decode_scale, fixed_us + kv_bytes / hw.hbm_bytes_per_s * 1e6)
 
 
 def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):

@@ -30,6 +30,7 @@ class Params(NamedTuple):
     nvlink_efficiency: float = 0.7  # achieved / peak NVLink bandwidth in an all-reduce
     comm_scale: float = 1.0  # multiplies all-reduce time (measured table or analytic)
     prefill_layer_overhead_us: float = 2.0  # extra per layer in steps with prefill tokens (piecewise graphs)
+    attn_fixed_scale: float = 1.0  # fixed cost of an attention call in the engine / the table's smallest time
 
 
 class Prior(NamedTuple):
@@ -53,6 +54,7 @@ PRIORS: dict[str, Prior] = {
     "nvlink_efficiency": Prior(0.7, 0.4, 0.95, "all-reduce bus bandwidth / NVLink peak"),
     "comm_scale": Prior(1.0, 0.7, 1.6, "all-reduce in the engine vs its isolated benchmark"),
     "prefill_layer_overhead_us": Prior(2.0, 0.2, 40.0, "attention outside CUDA graphs in mixed steps"),
+    "attn_fixed_scale": Prior(1.0, 0.5, 3.0, "InferSim's H100 decode tables start 1.8x higher than AIConfigurator's"),
 }
 
 FIELDS = Params._fields

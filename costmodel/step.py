@@ -152,11 +152,13 @@ def combine(f: Features, layout: Layout, params: Params, static: Static):
     d, hw, p = layout.dims, layout.hw, params
     g = kernels.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5]
     has_pre, has_dec = f.n_prefill > 0, f.n_decode > 0
-    # One varlen kernel per layer serves prefills and decodes; its fixed cost is the decode table's floor.
-    # Decode-only: t_dec.  Prefill-only: max(t_pre, floor).  Both: t_dec + what prefill adds above the floor.
+    # One varlen kernel per layer serves prefills and decodes.  Its fixed cost in the engine is the decode
+    # table's floor (smallest time) times attn_fixed_scale.  Decode-only: t_dec (`kernels.decode_cold_us`).
+    # Prefill-only: the fixed cost + what the prefill table adds above its floor.  Both: t_dec + that.
     floor = f.attn_floor_us * p.attn_decode_scale
-    t_dec = jnp.where(has_dec, kernels.decode_cold_us(f.attn_decode_us, floor, f.kv_bytes, hw, p),
-                      jnp.where(has_pre, floor, 0.0))
+    fixed = f.attn_floor_us * p.attn_fixed_scale
+    t_dec = jnp.where(has_dec, kernels.decode_cold_us(f.attn_decode_us, fixed, f.kv_bytes, hw, p),
+                      jnp.where(has_pre, fixed, 0.0))
     t_pre = jnp.where(has_pre, jnp.maximum(f.attn_prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
     memory = kernels.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
     comm = kernels.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)

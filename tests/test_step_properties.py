@@ -123,3 +123,7 @@ def test_decode_attention_cold_kv_bound_by_hand(h100_repo):
                              jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [640] * batch}])),
                              su.static)
         assert float(parts["attn_decode"]) == pytest.approx(80 * max(table, bound), rel=1e-5)
+    # attn_fixed_scale: the engine's fixed cost of the call as a multiple of the table's floor
+    _, parts = step_time(su.arrays, su.layout, Params(attn_fixed_scale=2.0),
+                         jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [640] * 40}])), su.static)
+    assert float(parts["attn_decode"]) == pytest.approx(80 * (2 * floor + 26_255_360 / 3350e9 * 1e6), rel=1e-5)
