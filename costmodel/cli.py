@@ -46,7 +46,7 @@ def _fmt(v) -> str:
 
 
 def cmd_predict(args) -> int:
-    from .fit import resolve_calibration
+    from .fit import parameter_sets_used, resolve_calibration
     from .records import Predictor, below_floor_warning, mape_table, read_records
 
     records = read_records(args.records)
@@ -55,18 +55,20 @@ def cmd_predict(args) -> int:
     params, cal_name = resolve_calibration(args.calibration, gpus, allow_other_gpu=args.allow_other_gpu,
                                            table_sources={g: pred._tables[g].sources for g in gpus})
     total, parts, floor = pred.predict(records, params, with_floor=True)
+    used = parameter_sets_used(records, params)
     if args.out:
         def write(fh):
             for i, r in enumerate(records):
                 fh.write(json.dumps({"id": r.id, "predicted_us": round(float(total[i]), 3),
                                      "breakdown_us": {k: round(float(v[i]), 3) for k, v in parts.items()}}) + "\n")
         tabs = {g: pred._tables[g] for g in gpus}
-        meta = {"records": str(args.records), "calibration": cal_name,
+        meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used,
                 "tables": {g: t.sources for g, t in tabs.items()}}
         _atomic_write(str(args.out) + ".meta.json", lambda fh: json.dump(meta, fh, indent=1))
         _atomic_write(args.out, write)
     tabs = {g: pred._tables[g] for g in gpus}
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
+    print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
     for g, t in tabs.items():
         print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in t.sources.items()))
     rows = mape_table(records, total)

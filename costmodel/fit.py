@@ -225,6 +225,19 @@ def _describe(c: Calibration) -> str:
     return f"; per engine version: {', '.join(sorted(c.by_engine))} (others pooled)" if c.by_engine else ""
 
 
+def parameter_sets_used(records, cals: dict) -> dict[str, int]:
+    """How many records get each parameter set of ``cals`` ({GPU name: Calibration}, as from
+    `resolve_calibration`): keys 'GPU: vLLM X.Y', 'GPU: pooled' or 'GPU: physical defaults'."""
+    from .hardware import get_gpu
+    used: dict[str, int] = {}
+    for r in records:
+        g = get_gpu(r.gpu).name
+        c = cals.get(g)
+        kind = "physical defaults" if c is None else f"vLLM {r.engine}" if r.engine in c.by_engine else "pooled"
+        used[f"{g}: {kind}"] = used.get(f"{g}: {kind}", 0) + 1
+    return used
+
+
 def _table_kinds(sources: dict) -> dict:
     """Which table set each kind came from: 'repo' for the repo's bench_data, else the folder's name."""
     from .tables import default_bench_data

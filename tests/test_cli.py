@@ -127,3 +127,15 @@ def test_roofline_floor_by_hand_and_impossible_records_are_named(tmp_path, capsy
     assert main(["predict", str(p), "--calibration", "none"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "1 record(s)" in err[0] and f"{p}:2" in err[0] and f"{p}:1" not in err[0]
+
+
+def test_predict_reports_parameter_sets(tmp_path):
+    """Each record gets its engine version's parameters from the shipped calibration; the output says which."""
+    p = _write(tmp_path, [GOOD[:-1] + ', "vllm_version": "0.15.1"}', GOOD.replace('"a"', '"b"'),
+                          GOOD.replace('"a"', '"c"').replace("h100_sxm", "H200")])
+    out = tmp_path / "o.jsonl"
+    assert main(["predict", str(p), "--out", str(out)]) == 0
+    meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
+    assert meta["parameter_sets"] == {"H100-SXM: vLLM 0.15": 1, "H100-SXM: pooled": 1, "H200-SXM: physical defaults": 1}
+    pred = [json.loads(x)["predicted_us"] for x in out.read_text().splitlines()]
+    assert pred[0] != pytest.approx(pred[1], rel=1e-3)  # same step, different parameter sets
