@@ -156,7 +156,7 @@ def leave_one_run_out(predictor, records, steps: int = 100, per_engine: bool = T
         test = [r for r in records if (r.source or "-") == src]
         train = [r for r in records if (r.source or "-") != src]
         held, _ = fit(predictor, train, steps=steps, per_engine=per_engine)
-        engines = sorted({r.engine for r in test if r.engine in held.by_engine})
+        engines = sorted({held.set_for(r.engine) for r in test} - {None})
         preds = {name: predictor.predict(test, p)[0] for name, p in
                  (("none", Params()), ("held_out", held), ("all_runs", full))}
         for kind in sorted({r.kind or "-" for r in test}):
@@ -233,7 +233,8 @@ def parameter_sets_used(records, cals: dict) -> dict[str, int]:
     for r in records:
         g = get_gpu(r.gpu).name
         c = cals.get(g)
-        kind = "physical defaults" if c is None else f"vLLM {r.engine}" if r.engine in c.by_engine else "pooled"
+        key = c.set_for(r.engine) if c is not None else None
+        kind = "physical defaults" if c is None else f"vLLM {key}" if key else "pooled"
         used[f"{g}: {kind}"] = used.get(f"{g}: {kind}", 0) + 1
     return used
 
@@ -255,8 +256,9 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
     others; a calibration file named by PATH is refused for records on another GPU unless
     ``allow_other_gpu``, which applies it to every GPU."""
     choice, engine = str(choice), None
-    if "@" in choice and engine_key(choice.rsplit("@", 1)[1]) == choice.rsplit("@", 1)[1]:
-        choice, engine = choice.rsplit("@", 1)
+    base, _, suffix = choice.rpartition("@")
+    if base and engine_key(suffix) == suffix:
+        choice, engine = base, suffix
     at = f" @ engine {engine}" if engine else ""
     if choice == "none":
         if engine:

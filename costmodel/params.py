@@ -92,5 +92,10 @@ class Calibration(NamedTuple):
     pooled: Params
     by_engine: dict  # engine key -> Params
 
+    def set_for(self, engine: str | None) -> str | None:
+        """Which set a record of ``engine`` gets: the engine key when there is one for it, else None (pooled)."""
+        return engine if engine in self.by_engine else None
+
     def params_for(self, engine: str | None) -> Params:
-        return self.by_engine.get(engine, self.pooled) if engine else self.pooled
+        key = self.set_for(engine)
+        return self.pooled if key is None else self.by_engine[key]

@@ -166,14 +166,12 @@ class Predictor:
         groups = self.features(records)
         for su, f, owner in groups:
             spec = params.get(su.gpu.name, Params()) if isinstance(params, dict) else (params or Params())
-            if isinstance(spec, Calibration):
-                step_params = [spec.params_for(records[i].engine) for i in owner]
-            else:
-                step_params = [spec] * len(owner)
-            distinct = list({id(p): p for p in step_params}.values())
-            for p in distinct:
-                sel = np.array([q is p for q in step_params]) if len(distinct) > 1 else slice(None)
-                t, br = _combine_fn(su.static)(jax.tree_util.tree_map(lambda a: a[sel], f), su.layout, p)
+            cal = spec if isinstance(spec, Calibration) else Calibration(spec, {})
+            sets = np.array([cal.set_for(records[i].engine) or "" for i in owner])
+            for key in np.unique(sets):  # "" = pooled
+                sel = sets == key
+                fs = f if sel.all() else jax.tree_util.tree_map(lambda a: a[sel], f)
+                t, br = _combine_fn(su.static)(fs, su.layout, cal.by_engine[key] if key else cal.pooled)
                 t = np.asarray(t, dtype=np.float64)
                 own = owner[sel]
                 if not np.all(np.isfinite(t)) or np.any(t <= 0):
