@@ -92,8 +92,10 @@ def prefill_pairs(d: Dims, new, cached):
 
 def prefill_pairs_tiled(d: Dims, new, cached):
     """Query-key pairs the attention kernel computes: like `prefill_pairs` but a chunk shorter than one
-    query tile still fills a whole tile of ``QUERY_TILE`` rows (padding rows cost compute)."""
-    return prefill_pairs(d, jnp.maximum(new, QUERY_TILE), cached)
+    query tile still fills a whole tile of ``QUERY_TILE`` rows (padding rows cost compute).  With paged KV,
+    FlashAttention-3 packs the query heads that share a KV head into the tile's rows (PackGQA), so a tile
+    holds ``QUERY_TILE / (q_heads / kv_heads)`` tokens."""
+    return prefill_pairs(d, jnp.maximum(new, QUERY_TILE * d.kv_heads / d.q_heads), cached)
 
 
 def decode_keys(d: Dims, ctx):

@@ -55,3 +55,15 @@ def test_sliding_window_caps_keys(shared):
     assert float(ops.decode_keys(d, 10000.0)) == 4096
     assert float(ops.prefill_pairs(d, 100.0, 10000.0)) == 100 * 4096
     assert math.isinf(load_model("llama-2-7b").sliding_window)
+
+
+def test_prefill_tile_padding_counts_packed_gqa_heads():
+    # A chunk shorter than a 128-row FA3 query tile pads it.  Llama-2-7B is MHA (one query head per KV
+    # head), so 64 new tokens after 1000 cached are computed as 128 rows: 128*1000 + 128*129/2 pairs.
+    mha = ops.dims(load_model("llama-2-7b"), 1)
+    assert float(ops.prefill_pairs_tiled(mha, 64.0, 1000.0)) == 128 * 1000 + 8256
+    # Llama-3.1-8B has 4 query heads per KV head; packed, a tile holds 128/4 = 32 tokens, so a 64-token
+    # chunk fills two tiles with no padding, and a 20-token chunk is padded to 32.
+    gqa = ops.dims(load_model("llama-3.1-8b"), 1)
+    assert float(ops.prefill_pairs_tiled(gqa, 64.0, 1000.0)) == 64 * 1000 + 2080
+    assert float(ops.prefill_pairs_tiled(gqa, 20.0, 1000.0)) == 32 * 1000 + 528
