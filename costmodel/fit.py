@@ -246,6 +246,15 @@ def _table_kinds(sources: dict) -> dict:
     return {k: "repo" if str(v).startswith(repo) else str(v) for k, v in sources.items()}
 
 
+def _portable_sources(sources: dict) -> dict:
+    """Table sources as a calibration file records them: the repo's own tables relative to the repo
+    (``bench_data/...``, the same on every machine), others as given."""
+    from .tables import default_bench_data
+    root = default_bench_data().parent
+    full = {k: Path(v).resolve() for k, v in sources.items()}
+    return {k: str(p.relative_to(root)) if p.is_relative_to(root) else str(sources[k]) for k, p in full.items()}
+
+
 def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = False,
                         table_sources: dict | None = None):
     """({GPU name: Calibration}, description) for --calibration none | default | PATH, each optionally
@@ -330,7 +339,7 @@ def run_fit_cli(args) -> int:
             print(f"{name} MAPE:")
             _print_table(rows)
             summary[name] = rows
-    tabs = {g: pred._tables[g].sources for g in gpus}
+    tabs = {g: _portable_sources(pred._tables[g].sources) for g in gpus}
     cal = {"gpu": gpus[0] if len(gpus) == 1 else gpus, "engine": sorted({str(r.extra.get("vllm_version", "?"))
                                                                           for r in train}),
            "tables": tabs, "data": [str(f) for f in args.records], "holdout": sorted(hold),

@@ -93,3 +93,14 @@ def test_calibration_file_per_engine_and_selection(tmp_path):
     path.write_text(json.dumps({"gpu": "H100-SXM", "params": {}, "by_engine": {"0.15.1": {}}}))
     with pytest.raises(InputError, match="by_engine"):
         resolve_calibration(str(path), ["H100-SXM"])
+
+
+def test_calibration_records_repo_tables_portably(tmp_path):
+    from costmodel.fit import DEFAULT_CALIBRATION, _portable_sources
+    from costmodel.tables import default_bench_data
+    repo = default_bench_data()
+    got = _portable_sources({"gemm": str(repo / "gemm" / "h100_sxm" / "data.csv"), "decode": str(tmp_path / "d")})
+    assert got == {"gemm": "bench_data/gemm/h100_sxm/data.csv", "decode": str(tmp_path / "d")}
+    # the shipped calibration names its tables the same way on every machine
+    shipped = json.loads(DEFAULT_CALIBRATION.read_text())["tables"]
+    assert all(v.startswith("bench_data/") for t in shipped.values() for v in t.values())
