@@ -146,8 +146,10 @@ def embedding_bytes(d: Dims, tokens):
 
 
 def sampling_bytes(d: Dims, sampled):
-    """Logits written by lm_head and read by the sampler (fp32, a few passes)."""
-    return 3.0 * sampled * d.vocab * 4.0
+    """Logits traffic after lm_head: three fp32 passes over the full vocabulary per sampled request.  Under
+    TP, vLLM V1 all-gathers the vocab-parallel logits and every rank runs the sampler on all of them, so
+    the passes cover ``vocab · tp`` entries, not one GPU's shard."""
+    return 3.0 * sampled * d.vocab * d.tp * 4.0
 
 
 def weight_bytes_per_gpu(d: Dims):

@@ -42,6 +42,9 @@ def test_qwen3_14b_tp2_uses_explicit_head_dim(shared):
     assert float(ops.gemm_flops(g["down_proj"])) == pytest.approx(2 * 10 * 8704 * 5120)
     # Qwen3 q/k RMSNorm: read + write (20 + 4) heads * 128 per token in bf16
     assert float(ops.memory_ops_bytes(d, 10.0)["qk_norm"]) == 2 * 10 * 24 * 128 * 2
+    # lm_head is split (75968 rows here), but the sampler runs on the all-gathered logits of the full
+    # 151936-token vocabulary: 3 fp32 passes for each of 8 sampled requests
+    assert float(ops.sampling_bytes(d, 8.0)) == 3 * 8 * 151936 * 4
 
 
 def test_kv_heads_replicated_beyond_tp():
