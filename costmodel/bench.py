@@ -108,6 +108,8 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
         if progress:
             print(f"  {model}: {hi - lo:,} configurations in {dt:.2f} s", file=sys.stderr)
 
+    split = _call_split(ev, gidx, batch, len(groups) - 1)
+
     # the per-configuration loop: un-vmapped jitted step_time, one configuration per call, 8B over TP 1-8
     from .hardware import get_gpu
     from .model import load_model
@@ -154,7 +156,32 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
         "machine": platform.processor() or platform.machine(),
         "jax": jax.__version__,
         "checksum": checksum,
+        "call_split": split,
     }
+
+
+def _call_split(ev, gidx, batch, group: int, reps: int = 5) -> dict:
+    """Where the time of one full kernel call of ``group``'s rows goes (median seconds of ``reps``): copying
+    its inputs to the device, evaluating them there, and copying the step times and breakdown back."""
+    import jax
+    rows = np.flatnonzero(gidx == group)[:ev.call_size]
+    part = [ev._pad(np.asarray(b[rows], np.float32), 1.0) for b in batch]
+    fn, (arrays, scal) = ev._fns[group][ev._integral(part)], ev.tables[group]
+    ins = jax.block_until_ready(jax.device_put(part, ev._sh))
+    res = jax.block_until_ready(fn(arrays, scal, *ins))
+    t_in, t_eval, t_out = [], [], []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        ins = jax.block_until_ready(jax.device_put(part, ev._sh))
+        t1 = time.perf_counter()
+        res = jax.block_until_ready(fn(arrays, scal, *ins))
+        t2 = time.perf_counter()
+        host = [np.array(r) for r in res]
+        t3 = time.perf_counter()
+        t_in.append(t1 - t0), t_eval.append(t2 - t1), t_out.append(t3 - t2)
+    med = lambda v: float(np.median(v))  # noqa: E731
+    return {"configs": int(ev.call_size), "copy_in_s": med(t_in), "eval_s": med(t_eval), "copy_out_s": med(t_out),
+            "in_bytes": int(sum(p.nbytes for p in part)), "out_bytes": int(sum(h.nbytes for h in host))}
 
 
 def _batch(space):
@@ -196,4 +223,9 @@ def run_bench(args) -> int:
           f"{r['loop_evals_per_s']:,.0f} evaluations/s")
     print(f"  speed-up ({MODELS[0]}): {r['speedup']:,.0f}x    compile: {r['compile_s']:.2f} s    "
           f"peak RSS: {r['peak_rss_mb']:.0f} MB    max rel. diff vs loop: {r['max_rel_diff_vs_loop']:.1e}")
+    c = r["call_split"]
+    print(f"  one call of {c['configs']:,} ({MODELS[-1]}, TP {TPS[-1]}): copy in {c['copy_in_s'] * 1e3:.2f} ms "
+          f"({c['in_bytes'] / 1e6:.0f} MB), evaluate {c['eval_s'] * 1e3:.2f} ms "
+          f"({c['configs'] / c['eval_s'] / 1e6:,.0f} M/s), copy out {c['copy_out_s'] * 1e3:.2f} ms "
+          f"({c['out_bytes'] / 1e6:.0f} MB)")
     return 0

@@ -1025,6 +1025,9 @@ class Evaluator:
                 res = self._fns[gi][integral](arrays, scal, *ins)
                 if self.serial:  # one execution at a time: concurrent ones thrash the caches on CPU
                     jax.block_until_ready(res)
+                else:  # start the device-to-host copies now, so they overlap later calls
+                    for r in res:
+                        r.copy_to_host_async()
                 calls.append((rows, hi - lo, res))
         return k, calls
 

@@ -311,3 +311,6 @@ def test_bench_json(capsys):
     for k in ("evals_per_s", "loop_evals_per_s", "compile_s", "peak_rss_mb"):
         assert r[k] > 0
     assert r["max_rel_diff_vs_loop"] < RTOL and r["n_configs"] >= 20000
+    c = r["call_split"]
+    assert c["configs"] == r["call_size"] and min(c["copy_in_s"], c["eval_s"], c["copy_out_s"]) > 0
+    assert c["in_bytes"] == 5 * 4 * c["configs"] and c["out_bytes"] == 8 * 4 * c["configs"]  # float32 columns
