@@ -140,6 +140,15 @@ def allreduce_bytes(d: Dims, tokens):
     return tokens * d.hidden * ACT_BYTES
 
 
+def logits_gather_message(d: Dims, sampled):
+    """The logits all-gather of one step under TP, as the all-reduce message that moves the same bytes
+    (bytes per GPU; 0 at TP 1).  vLLM V1 all-gathers lm_head's vocab-parallel logits (model dtype) so that
+    every rank holds ``vocab · tp`` logits per sampled request, S bytes in all.  A ring all-gather moves
+    (tp-1)/tp · S bytes per GPU, half of what an all-reduce of S bytes moves (2 (tp-1)/tp · S), so it is
+    priced as an all-reduce of S/2 bytes."""
+    return jnp.where(d.tp > 1.0, sampled * d.vocab * d.tp * ACT_BYTES / 2.0, 0.0)
+
+
 def embedding_bytes(d: Dims, tokens):
     """Embedding gather (read rows, write activations) plus the final RMSNorm."""
     return 2.0 * tokens * d.hidden * ACT_BYTES + 2.0 * tokens * d.hidden * ACT_BYTES

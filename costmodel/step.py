@@ -116,6 +116,8 @@ class Features(NamedTuple):
     head_bytes: jax.Array  # embedding, final norm, logits and sampler traffic
     comm_table_us: jax.Array  # one all-reduce from the measured table (0 without one)
     comm_bytes: jax.Array  # one all-reduce message
+    gather_table_us: jax.Array  # the logits all-gather, from the all-reduce table (0 without one or at TP 1)
+    gather_bytes: jax.Array  # its all-reduce-equivalent message (`ops.logits_gather_message`)
 
 
 def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Features:
@@ -134,6 +136,7 @@ def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Feat
     pairs = jnp.sum(ops.prefill_pairs_tiled(d, new, step.prefill_cached) * step.prefill_mask)
     keys = jnp.sum(ops.decode_keys(d, step.decode_ctx) * step.decode_mask)
     msg = ops.allreduce_bytes(d, tokens)
+    gather = ops.logits_gather_message(d, sampled)
     return Features(
         tokens=tokens, n_prefill=n_pre, n_decode=n_dec, gemm=gf,
         attn_prefill_us=kernels.attn_prefill_table_us(arrays.prefill, layout.prefill_layout,
@@ -144,7 +147,8 @@ def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Feat
         kv_bytes=ops.kv_read_bytes(d, keys),
         memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
-        comm_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg)
+        comm_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg,
+        gather_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, jnp.maximum(gather, 1.0)), gather_bytes=gather)
 
 
 def combine(f: Features, layout: Layout, params: Params, static: Static):
@@ -162,6 +166,7 @@ def combine(f: Features, layout: Layout, params: Params, static: Static):
     t_pre = jnp.where(has_pre, jnp.maximum(f.attn_prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
     memory = kernels.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
     comm = kernels.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)
+    gather = kernels.allreduce_combine(f.gather_table_us, static.has_comm_table, d.tp, f.gather_bytes, hw, p)
     head = g[4] + kernels.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
     per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
     overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
@@ -170,7 +175,7 @@ def combine(f: Features, layout: Layout, params: Params, static: Static):
         "attn_prefill": d.layers * t_pre,
         "attn_decode": d.layers * t_dec,
         "memory_ops": d.layers * memory,
-        "communication": (2.0 * d.layers + 1.0) * comm,
+        "communication": (2.0 * d.layers + 1.0) * comm + gather,
         "lm_head_sampling": head,
         "overhead": overhead,
     }

@@ -352,11 +352,13 @@ def group_arrays(g: Group) -> dict:
         arr.update(comm_x0=cx0, comm_coef=_in_u(ccoef[:, None, :], cdxi))
         arr["tok_comm"] = _per_token(xb, cx0, _in_u(ccoef[:, None, :], cdxi), 1.0, -np.inf,
                                      float(ops.allreduce_bytes(d, 1.0)))[0]
+        arr["tok_gather"] = _per_token(xb, cx0, _in_u(ccoef[:, None, :], cdxi), 1.0, -np.inf,
+                                       max(float(ops.logits_gather_message(d, 1.0)), 1.0))[0]
         sc["comm_table"] = 1.0
     else:
         finder("comm", np.zeros(1, np.float32))
         arr.update(comm_x0=np.zeros(1, np.float32), comm_coef=np.zeros((1, 1, 4)),
-                   tok_comm=np.zeros(TOKEN_TABLE + 1, np.float32))
+                   tok_comm=np.zeros(TOKEN_TABLE + 1, np.float32), tok_gather=np.zeros(TOKEN_TABLE + 1, np.float32))
         sc["comm_table"] = 0.0
     return {"arrays": arr, "scal": sc, "k": ks}
 
@@ -539,6 +541,13 @@ def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
         t_comm = jnp.exp(_series(C, "comm", C.T["comm_coef"], lt + S("log_msg_per_token"), 1.0)[0])  # one log less
     out["comm_table_us"] = jnp.where((d.tp > 1.0) & (S("comm_table") > 0), t_comm, 0.0)
     out["comm_bytes"] = msg
+    gather = ops.logits_gather_message(d, sampled)
+    if mode.int_tokens:
+        t_gather = _take(C.T["tok_gather"], si)
+    else:
+        t_gather = jnp.exp(_series(C, "comm", C.T["comm_coef"], jnp.log(jnp.maximum(gather, 1.0)), 1.0)[0])
+    out["gather_table_us"] = jnp.where((d.tp > 1.0) & (S("comm_table") > 0), t_gather, 0.0)
+    out["gather_bytes"] = gather
     out["memory_bytes"] = sum(ops.memory_ops_bytes(d, tokens).values())
     out["head_bytes"] = ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled)
     return out

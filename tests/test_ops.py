@@ -45,6 +45,10 @@ def test_qwen3_14b_tp2_uses_explicit_head_dim(shared):
     # lm_head is split (75968 rows here), but the sampler runs on the all-gathered logits of the full
     # 151936-token vocabulary: 3 fp32 passes for each of 8 sampled requests
     assert float(ops.sampling_bytes(d, 8.0)) == 3 * 8 * 151936 * 4
+    # that all-gather: 8 requests x 151936 bf16 logits = 2,430,976 bytes gathered on each GPU, priced as an
+    # all-reduce of half of it; no gather at TP 1
+    assert float(ops.logits_gather_message(d, 8.0)) == 8 * 151936 * 2 / 2
+    assert float(ops.logits_gather_message(ops.dims(m, 1), 8.0)) == 0.0
 
 
 def test_kv_heads_replicated_beyond_tp():

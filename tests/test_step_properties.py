@@ -103,6 +103,19 @@ def test_breakdown_sums_to_total(su):
     assert float(parts["communication"]) > 0 and float(parts["attn_prefill"]) >= 0
 
 
+def test_communication_counts_layer_allreduces_and_logits_gather(h100_repo):
+    """Llama-3.1-8B at TP 2, 3 decodes: 2 all-reduces per layer plus the embedding's, each of 3 tokens x 4096
+    x 2 bytes, and one all-gather of 3 x 128256 bf16 logits (769,536 bytes), priced as an all-reduce of
+    384,768 bytes."""
+    from costmodel import kernels
+    su2 = setup(load_model("llama-3.1-8b"), h100_repo, 2)
+    s = jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [100, 200, 300]}]))
+    comm = step_time(su2.arrays, su2.layout, Params(), s, su2.static)[1]["communication"]
+    ar = lambda nbytes: float(kernels.allreduce_us(su2.arrays.comm, 2.0, nbytes, su2.layout.hw, Params()))  # noqa: E731
+    assert float(comm) == pytest.approx(65 * ar(3 * 4096 * 2) + ar(3 * 128256 * 2 / 2), rel=1e-5)
+    assert ar(3 * 128256 * 2 / 2) > ar(3 * 4096 * 2)
+
+
 def test_decode_attention_cold_kv_bound_by_hand(h100_repo):
     """Llama-3.1-70B at TP 4 (2 KV heads of 128 per GPU), 40 decodes with 640 cached tokens each, on H100:
     the KV cache read per layer is 40 · 641 keys · 2 (K, V) · 2 heads · 128 · 2 bytes = 26,255,360 bytes,
