@@ -349,11 +349,10 @@ def group_arrays(g: Group) -> dict:
         w = _interp_weights(np.log(np.float32(max(float(d.tp), 2.0))), comm.log_gpus)
         cx0, cdxi, ccoef = _cells(xb, rows.astype(np.float64) @ w, _slopes(xb, rows).astype(np.float64) @ w)
         finder("comm", xb)
-        arr.update(comm_x0=cx0, comm_coef=_in_u(ccoef[:, None, :], cdxi))
-        arr["tok_comm"] = _per_token(xb, cx0, _in_u(ccoef[:, None, :], cdxi), 1.0, -np.inf,
-                                     float(ops.allreduce_bytes(d, 1.0)))[0]
-        arr["tok_gather"] = _per_token(xb, cx0, _in_u(ccoef[:, None, :], cdxi), 1.0, -np.inf,
-                                       max(float(ops.logits_gather_message(d, 1.0)), 1.0))[0]
+        cu = _in_u(ccoef[:, None, :], cdxi)
+        arr.update(comm_x0=cx0, comm_coef=cu)
+        arr["tok_comm"] = _per_token(xb, cx0, cu, 1.0, -np.inf, float(ops.allreduce_bytes(d, 1.0)))[0]
+        arr["tok_gather"] = _per_token(xb, cx0, cu, 1.0, -np.inf, max(float(ops.logits_gather_message(d, 1.0)), 1.0))[0]
         sc["comm_table"] = 1.0
     else:
         finder("comm", np.zeros(1, np.float32))
@@ -539,14 +538,15 @@ def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
         t_comm = _take(C.T["tok_comm"], ti)
     else:
         t_comm = jnp.exp(_series(C, "comm", C.T["comm_coef"], lt + S("log_msg_per_token"), 1.0)[0])  # one log less
-    out["comm_table_us"] = jnp.where((d.tp > 1.0) & (S("comm_table") > 0), t_comm, 0.0)
+    has_comm = (d.tp > 1.0) & (S("comm_table") > 0)
+    out["comm_table_us"] = jnp.where(has_comm, t_comm, 0.0)
     out["comm_bytes"] = msg
     gather = ops.logits_gather_message(d, sampled)
     if mode.int_tokens:
         t_gather = _take(C.T["tok_gather"], si)
     else:
         t_gather = jnp.exp(_series(C, "comm", C.T["comm_coef"], jnp.log(jnp.maximum(gather, 1.0)), 1.0)[0])
-    out["gather_table_us"] = jnp.where((d.tp > 1.0) & (S("comm_table") > 0), t_gather, 0.0)
+    out["gather_table_us"] = jnp.where(has_comm, t_gather, 0.0)
     out["gather_bytes"] = gather
     out["memory_bytes"] = sum(ops.memory_ops_bytes(d, tokens).values())
     out["head_bytes"] = ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled)
