@@ -59,8 +59,11 @@ def cmd_predict(args) -> int:
     if args.out:
         def write(fh):
             for i, r in enumerate(records):
-                fh.write(json.dumps({"id": r.id, "predicted_us": round(float(total[i]), 3),
-                                     "breakdown_us": {k: round(float(v[i]), 3) for k, v in parts.items()}}) + "\n")
+                row = {"id": r.id, "predicted_us": round(float(total[i]), 3),
+                       "breakdown_us": {k: round(float(v[i]), 3) for k, v in parts.items()}}
+                if r.times_previous_step:
+                    row["timed_steps"] = r.timed_steps
+                fh.write(json.dumps(row) + "\n")
         tabs = {g: pred._tables[g] for g in gpus}
         meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used,
                 "tables": {g: t.sources for g, t in tabs.items()}}
@@ -69,6 +72,10 @@ def cmd_predict(args) -> int:
     tabs = {g: pred._tables[g] for g in gpus}
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
+    lagged = sum(r.times_previous_step for r in records)
+    if lagged:
+        print(f"  {lagged} step records timed as intervals under async scheduling: each predicted as the step "
+              "before it (records.previous_step)")
     for g, t in tabs.items():
         print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in t.sources.items()))
     rows = mape_table(records, total)

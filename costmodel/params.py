@@ -77,11 +77,17 @@ def prior_arrays(names=FIELDS):
     return jnp.asarray(mu, jnp.float32), jnp.asarray(sig, jnp.float32)
 
 
+def engine_version(version) -> tuple[int, int] | None:
+    """(major, minor) of an engine version string ("0.15.1 (fork)" -> (0, 15)), or None when there is none."""
+    m = re.match(r"\s*v?(\d+)\.(\d+)", str(version)) if version is not None else None
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
 def engine_key(version) -> str | None:
     """The engine version a calibration is keyed by: ``major.minor`` of a version string ("0.15.1 (fork)"
     -> "0.15"), or None when there is none."""
-    m = re.match(r"\s*v?(\d+)\.(\d+)", str(version)) if version is not None else None
-    return f"{m.group(1)}.{m.group(2)}" if m else None
+    v = engine_version(version)
+    return f"{v[0]}.{v[1]}" if v else None
 
 
 class Calibration(NamedTuple):

@@ -1,8 +1,9 @@
 """Step records (JSON Lines): reading, validation and batched prediction.
 
 Record schema (one JSON object a line): required ``id``, ``model``, ``gpu``, ``tp``, ``steps``; optional
-``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype) and anything else
-(ignored).  Each step is ``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``.
+``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype), ``vllm_version``,
+``timing`` and ``async_scheduling`` (see `Record.timed_steps`) and anything else (ignored).  Each step is
+``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``.
 """
 from __future__ import annotations
 
@@ -18,9 +19,29 @@ import numpy as np
 from .errors import InputError
 from .hardware import get_gpu
 from .model import load_model, normalize_dtype
-from .params import Calibration, Params, engine_key
+from .params import Calibration, Params, engine_key, engine_version
 from .step import BREAKDOWN, batched_features, combine, make_step_fn, pack_steps, setup, validate_step
 from .tables import Tables, load_tables
+
+
+# vLLM schedules step N+1 while step N runs ("async scheduling") by default from v0.14.0 on (its release notes;
+# pipeline parallelism excepted).  Older engines schedule each step after the previous one has finished.
+ASYNC_SCHEDULING_SINCE = (0, 14)
+TIMINGS = ("interval", "own")
+
+
+def previous_step(step: dict) -> dict:
+    """The engine step before ``step``, as far as ``step`` tells (record schema, µs-free).
+
+    Under async scheduling vLLM schedules a request's first decode before its prompt's last chunk has
+    produced a token, and step traces list such a request as prefilling one token ([1, cached]); so a
+    one-token prefill entry was prefilling in the step before (its chunk length is not recorded: it is priced
+    as one token).  Requests prefilling more than one token start in this step and were not in the one before;
+    decoding requests were there with one KV token fewer.  A step with nothing left is returned unchanged
+    (nothing is known about the step before it)."""
+    pre = [[1, int(c)] for n, c in (step.get("prefill") or []) if int(n) == 1]
+    dec = [max(int(c) - 1, 0) for c in (step.get("decode") or [])]
+    return {"prefill": pre, "decode": dec} if pre or dec else step
 
 
 @dataclass
@@ -35,12 +56,36 @@ class Record:
     kind: str | None = None
     source: str | None = None
     dtype: str | None = None
+    timing: str | None = None  # "interval" or "own"; None: "interval" for kind "step", else "own"
+    async_scheduling: bool | None = None  # None: from vllm_version (`ASYNC_SCHEDULING_SINCE`)
     extra: dict = field(default_factory=dict)
 
     @property
     def engine(self) -> str | None:
         """The engine version (``major.minor`` of ``vllm_version``) that picks a calibration's parameters."""
         return engine_key(self.extra.get("vllm_version"))
+
+    @property
+    def times_previous_step(self) -> bool:
+        """Whether ``measured_us`` times the steps before the listed ones: a ``kind: "step"`` record timed as
+        step intervals (this step's start to the next one's, the default for step records) on an engine
+        with async scheduling.  With the scheduler one step ahead, step N+1 starts once step N-1's output is
+        back, so in steady state the interval from the start of N to that of N+1 is step N-1's GPU time."""
+        timing = self.timing or ("interval" if self.kind == "step" else "own")
+        if self.async_scheduling is not None:
+            is_async = self.async_scheduling
+        else:
+            v = engine_version(self.extra.get("vllm_version"))
+            is_async = v is not None and v >= ASYNC_SCHEDULING_SINCE
+        return self.kind == "step" and timing == "interval" and is_async
+
+    @property
+    def timed_steps(self) -> list:
+        """The steps whose times add up to ``measured_us``: ``steps``, or, when the record
+        `times_previous_step`, the step before the first (`previous_step`) and all but the last."""
+        if not self.times_previous_step:
+            return self.steps
+        return [previous_step(self.steps[0])] + self.steps[:-1]
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -91,11 +136,18 @@ def parse_record(obj, where: str) -> Record:
         get_gpu(obj["gpu"])
     except InputError as e:
         raise InputError(str(e), where) from None
-    known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype"}
+    timing = obj.get("timing")
+    if timing is not None and timing not in TIMINGS:
+        raise InputError(f"must be one of {', '.join(TIMINGS)}, got {timing!r}", where, "timing")
+    is_async = obj.get("async_scheduling")
+    if is_async is not None and not isinstance(is_async, bool):
+        raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
+    known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
+             "async_scheduling"}
     return Record(id=str(obj["id"]), model=str(obj["model"]), gpu=str(obj["gpu"]), tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
-                  kind=obj.get("kind"), source=obj.get("source"), dtype=dtype,
-                  extra={k: v for k, v in obj.items() if k not in known})
+                  kind=obj.get("kind"), source=obj.get("source"), dtype=dtype, timing=timing,
+                  async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known})
 
 
 @functools.lru_cache(maxsize=None)
@@ -133,15 +185,17 @@ class Predictor:
         return self._setups[key]
 
     def group_inputs(self, records: list[Record]):
-        """Group records by (model, GPU, TP, dtype): yields (setup, packed steps, record index per step)."""
+        """Group records by (model, GPU, TP, dtype): yields (setup, packed steps, record index per step).
+        The steps are each record's `Record.timed_steps`."""
         groups: dict = {}
         for i, r in enumerate(records):
             groups.setdefault(id(self.setup_for(r)), (self.setup_for(r), []))[1].append(i)
         for su, idx in groups.values():
             flat, owner = [], []
             for i in idx:
-                flat += records[i].steps
-                owner += [i] * len(records[i].steps)
+                steps = records[i].timed_steps
+                flat += steps
+                owner += [i] * len(steps)
             yield su, pack_steps(flat), np.asarray(owner)
 
     def features(self, records: list[Record]):

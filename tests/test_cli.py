@@ -38,6 +38,10 @@ GOOD = '{"id": "a", "model": "llama-2-7b", "gpu": "h100_sxm", "tp": 1, "steps": 
     ('{"id": "b", "model": "llama-2-7b", "gpu": "V100", "tp": 1, "steps": [{"decode": [1]}]}', "V100"),
     ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "steps": [{"decode": [1]}]}', "'tp'"),
     ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [', "malformed JSON"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [{"decode": [1]}], "timing": "gpu"}',
+     "'timing'"),
+    ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [{"decode": [1]}], '
+     '"async_scheduling": "yes"}', "'async_scheduling'"),
 ])
 def test_bad_records(tmp_path, bad, needle):
     p = _write(tmp_path, [GOOD, bad])

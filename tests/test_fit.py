@@ -23,7 +23,7 @@ def _synthetic(pred, truth, seed=0, engines=(None,)):
             steps.append({"prefill": pre, "decode": dec})
         version = engines[i % len(engines)]
         recs.append(Record(id=str(i), model=model, gpu="H100", tp=tp, steps=steps, where=f"synthetic:{i}",
-                           source=f"run{i % 2}-{version}", kind="step",
+                           source=f"run{i % 2}-{version}", kind="step", timing="own",  # each its own steps
                            extra={"vllm_version": version} if version else {}))
     total, _ = pred.predict(recs, truth)
     for r, t in zip(recs, total):
