@@ -104,3 +104,37 @@ def test_calibration_records_repo_tables_portably(tmp_path):
     # the shipped calibration names its tables the same way on every machine
     shipped = json.loads(DEFAULT_CALIBRATION.read_text())["tables"]
     assert all(v.startswith("bench_data/") for t in shipped.values() for v in t.values())
+
+
+def test_fit_cli_holdout_and_calibration_file(tmp_path, capsys):
+    """`costmodel fit` with --holdout: trains on the other runs, prints train and held-out MAPE and the fitted
+    values beside their priors, and writes a calibration file that says what it was fitted on; `predict`
+    then uses it."""
+    from costmodel.cli import main
+    from costmodel.records import parse_record
+    pred = Predictor()
+    objs = [{"id": r.id, "model": r.model, "gpu": r.gpu, "tp": r.tp, "steps": r.steps, "kind": "step",
+             "source": r.source, "vllm_version": "0.15.1"}
+            for r in _synthetic(pred, Params(), seed=3, engines=("0.15.1",))]
+    for o in objs[::3]:
+        o["timing"] = "own"  # the rest: step intervals of an async engine, fitted as the step before
+    recs = [parse_record(o, f"r:{i}") for i, o in enumerate(objs)]
+    truth, _ = pred.predict(recs, Params(gemm_scale=1.1, step_overhead_us=500.0))  # each as it is timed
+    for o, t in zip(objs, truth):
+        o["measured_us"] = float(t)
+    path = tmp_path / "r.jsonl"
+    path.write_text("\n".join(json.dumps(o) for o in objs) + "\n")
+    out = tmp_path / "cal.json"
+    assert main(["fit", str(path), "--holdout", "run1-0.15.1", "--steps", "40", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "train MAPE" in text and "held-out MAPE" in text and "gemm_scale" in text and "prior" in text
+    cal = json.loads(out.read_text())
+    n_lagged = sum(1 for r in recs if r.times_previous_step and r.source != "run1-0.15.1")
+    assert cal["gpu"] == "H100-SXM" and cal["engine"] == ["0.15.1"] and cal["holdout"] == ["run1-0.15.1"]
+    assert cal["data"] == [str(path)] and set(cal["tables"]["H100-SXM"]) >= {"gemm", "decode", "prefill"}
+    assert cal["report"]["records_timed_as_previous_step"] == n_lagged > 0
+    assert {m["source"] for m in cal["mape"]["held-out"]} == {"held-out"}
+    assert all(m["run"] == "run1-0.15.1" for m in cal["mape"]["held-out"])
+    assert cal["params"]["gemm_scale"] == pytest.approx(1.1, rel=0.05)
+    assert main(["predict", str(path), "--calibration", str(out)]) == 0
+    assert "MAPE" in capsys.readouterr().out
