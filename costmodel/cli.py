@@ -47,7 +47,7 @@ def _fmt(v) -> str:
 
 def cmd_predict(args) -> int:
     from .fit import parameter_sets_used, resolve_calibration
-    from .records import Predictor, below_floor_warning, mape_table, read_records
+    from .records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
 
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
@@ -72,10 +72,9 @@ def cmd_predict(args) -> int:
     tabs = {g: pred._tables[g] for g in gpus}
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
-    lagged = sum(r.times_previous_step for r in records)
-    if lagged:
-        print(f"  {lagged} step records timed as intervals under async scheduling: each predicted as the step "
-              "before it (records.previous_step)")
+    note = previous_step_note(records)[1]
+    if note:
+        print(note)
     for g, t in tabs.items():
         print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in t.sources.items()))
     rows = mape_table(records, total)

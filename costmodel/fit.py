@@ -299,7 +299,7 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
 
 def run_fit_cli(args) -> int:
     from .cli import _atomic_write, _print_table
-    from .records import Predictor, below_floor_warning, read_records
+    from .records import Predictor, below_floor_warning, previous_step_note, read_records
 
     records = [r for f in args.records for r in read_records(f)]
     if args.leave_one_run_out:
@@ -318,15 +318,14 @@ def run_fit_cli(args) -> int:
     pred = Predictor(args.model_configs, args.bench_data)
     gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
     params, report = fit(pred, train, steps=args.steps, per_engine=not args.pooled)
-    report["records_timed_as_previous_step"] = sum(r.times_previous_step for r in train)
+    report["records_timed_as_previous_step"], note = previous_step_note(train)
     print(f"fit: {len(train)} records, {report['iterations']} iterations, loss {report['loss_start']:.4f} -> "
           f"{report['loss_end']:.4f}, |grad| {report['grad_norm_end']:.2e}" + (
               f"; per engine version ({', '.join(report['engines'])}): loss {report['engine_loss_start']:.4f} -> "
               f"{report['engine_loss_end']:.4f}, |grad| {report['engine_grad_norm_end']:.2e}"
               if report["engines"] else "") + f"; {report['seconds']} s")
-    if report["records_timed_as_previous_step"]:
-        print(f"  {report['records_timed_as_previous_step']} step records timed as intervals under async scheduling "
-              "were fitted as the step before each (records.previous_step)")
+    if note:
+        print(note)
     print("parameters (fitted vs prior" + (", pooled and per engine version):" if params.by_engine else "):"))
     _print_table([{"name": k, "fitted" if not params.by_engine else "pooled": float(params.pooled[i]),
                    **{f"vLLM {e}": float(p[i]) for e, p in params.by_engine.items()},

@@ -88,6 +88,13 @@ class Record:
         return [previous_step(self.steps[0])] + self.steps[:-1]
 
 
+def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
+    """How many records `Record.times_previous_step`, and a line saying so (None when none do)."""
+    n = sum(r.times_previous_step for r in records)
+    return n, (f"  {n} step records timed as intervals under async scheduling: each priced as the step before "
+               "it (records.previous_step)" if n else None)
+
+
 def read_records(path: str | Path) -> list[Record]:
     """Parse and validate a JSONL file; raises InputError naming file:line and field."""
     path = Path(path)
