@@ -46,8 +46,8 @@ def _fmt(v) -> str:
 
 
 def cmd_predict(args) -> int:
-    from .fit import parameter_sets_used, resolve_calibration
-    from .records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
+    from .apps.fit import parameter_sets_used, resolve_calibration
+    from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
 
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
@@ -90,7 +90,7 @@ def cmd_predict(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    from .kernel_queries import predict_kernel_csv
+    from .apps.kernel_calls import predict_kernel_csv
     df = predict_kernel_csv(args.queries, args.gpu, args.bench_data)
     _atomic_write(args.out, lambda fh: df.to_csv(fh, index=False))
     print(f"wrote {len(df)} rows to {args.out}")
@@ -128,12 +128,12 @@ def _span(log_grid) -> str:
 
 
 def cmd_fit(args) -> int:
-    from .fit import run_fit_cli
+    from .apps.fit import run_fit_cli
     return run_fit_cli(args)
 
 
 def cmd_import(args) -> int:
-    from . import aiconfigurator
+    from .tabletools import importer as aiconfigurator
     return aiconfigurator.run(args)
 
 
@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one parameter set for all records, not one per engine version (vllm_version)")
     sp.set_defaults(func=cmd_fit)
 
-    from . import bench as _bench, sweep as _sweep
+    from .apps import bench as _bench
+    from .apps import sweep as _sweep
     sp = sub.add_parser("sweep", help="evaluate a space of step configurations (YAML/JSON spec) to Parquet/CSV")
     _sweep.add_sweep_arguments(sp)
     sp.set_defaults(func=_sweep.run_sweep)
@@ -194,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=_bench.run_bench)
 
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
-    from . import aiconfigurator
+    from .tabletools import importer as aiconfigurator
     aiconfigurator.add_arguments(sp)
     sp.set_defaults(func=cmd_import)
     return p

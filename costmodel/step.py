@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import kernels, ops
+from . import kernel_time as kt
+from . import ops
 from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
@@ -58,7 +59,7 @@ class Layout(NamedTuple):
     """Model x GPU x TP specifics as numbers (a pytree: may be vmapped in sweeps)."""
 
     dims: ops.Dims
-    hw: kernels.Hardware
+    hw: kt.Hardware
     decode_layout: jax.Array  # int index into the decode table's head layouts
     decode_kv_scale: jax.Array  # kv length factor matching KV bytes of the chosen layout
     prefill_layout: jax.Array
@@ -71,7 +72,7 @@ class Static:
 
     gemm_same_dtype: bool
     table_weight_bytes: float
-    compute_ratio: float = 1.0  # kernels.CROSS_DTYPE_COMPUTE_RATIO for the (table, model) dtypes
+    compute_ratio: float = 1.0  # kt.CROSS_DTYPE_COMPUTE_RATIO for the (table, model) dtypes
     has_comm_table: bool = False  # all-reduce from a measured table (else analytic)
 
 
@@ -91,7 +92,7 @@ class Setup:
 def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
     """Bind a model, a GPU's tables and a TP degree; pick the GEMM table and attention head layouts."""
     d = ops.dims(model, tp)
-    g = kernels.choose_gemm_table(tables, model.dtype)
+    g = kt.choose_gemm_table(tables, model.dtype)
     dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
     pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
     layout = Layout(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
@@ -107,7 +108,7 @@ class Features(NamedTuple):
     tokens: jax.Array  # tokens computed this step (prefill new + one per decode)
     n_prefill: jax.Array
     n_decode: jax.Array
-    gemm: kernels.GemmFeatures  # [5]: qkv, o, gate_up, down (per layer), lm_head
+    gemm: kt.GemmFeatures  # [5]: qkv, o, gate_up, down (per layer), lm_head
     attn_prefill_us: jax.Array  # prefill attention table time per layer
     attn_decode_us: jax.Array  # decode attention table time per layer
     attn_floor_us: jax.Array  # fixed cost of the attention kernel (decode table floor)
@@ -130,44 +131,44 @@ def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Feat
     gl = list(ops.layer_gemms(d, tokens).values()) + [ops.lm_head_gemm(d, sampled)]
     # A Python loop, not a nested vmap: XLA:CPU (jax 0.10.2) returned wrong table values for a vmap over
     # the five GEMMs inside a vmap over more than ~6500 steps (tests/test_step_batching.py guards this).
-    per = [kernels.gemm_features(arrays.gemm, x, d.weight_bytes, static.table_weight_bytes, hw) for x in gl]
-    gf = kernels.GemmFeatures(*(jnp.stack([jnp.asarray(getattr(p_, f), jnp.float32) for p_ in per])
-                                for f in kernels.GemmFeatures._fields))
+    per = [kt.gemm_features(arrays.gemm, x, d.weight_bytes, static.table_weight_bytes, hw) for x in gl]
+    gf = kt.GemmFeatures(*(jnp.stack([jnp.asarray(getattr(p_, f), jnp.float32) for p_ in per])
+                                for f in kt.GemmFeatures._fields))
     pairs = jnp.sum(ops.prefill_pairs_tiled(d, new, step.prefill_cached) * step.prefill_mask)
     keys = jnp.sum(ops.decode_keys(d, step.decode_ctx) * step.decode_mask)
     msg = ops.allreduce_bytes(d, tokens)
     gather = ops.logits_gather_message(d, sampled)
     return Features(
         tokens=tokens, n_prefill=n_pre, n_decode=n_dec, gemm=gf,
-        attn_prefill_us=kernels.attn_prefill_table_us(arrays.prefill, layout.prefill_layout,
+        attn_prefill_us=kt.attn_prefill_table_us(arrays.prefill, layout.prefill_layout,
                                                       layout.prefill_len_scale, n_pre, pairs),
-        attn_decode_us=kernels.attn_decode_table_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale,
+        attn_decode_us=kt.attn_decode_table_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale,
                                                     n_dec, keys),
-        attn_floor_us=kernels.attn_floor_us(arrays.decode, layout.decode_layout),
+        attn_floor_us=kt.attn_floor_us(arrays.decode, layout.decode_layout),
         kv_bytes=ops.kv_read_bytes(d, keys),
         memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
-        comm_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg,
-        gather_table_us=kernels.allreduce_table_us(arrays.comm, d.tp, jnp.maximum(gather, 1.0)), gather_bytes=gather)
+        comm_table_us=kt.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg,
+        gather_table_us=kt.allreduce_table_us(arrays.comm, d.tp, jnp.maximum(gather, 1.0)), gather_bytes=gather)
 
 
 def combine(f: Features, layout: Layout, params: Params, static: Static):
     """Step time (µs) and breakdown from the step's features and the residual parameters."""
     d, hw, p = layout.dims, layout.hw, params
-    g = kernels.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5]
+    g = kt.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5]
     has_pre, has_dec = f.n_prefill > 0, f.n_decode > 0
     # One varlen kernel per layer serves prefills and decodes.  Its fixed cost in the engine is the decode
-    # table's floor (smallest time) times attn_fixed_scale.  Decode-only: t_dec (`kernels.decode_cold_us`).
+    # table's floor (smallest time) times attn_fixed_scale.  Decode-only: t_dec (`kt.decode_cold_us`).
     # Prefill-only: the fixed cost + what the prefill table adds above its floor.  Both: t_dec + that.
     floor = f.attn_floor_us * p.attn_decode_scale
     fixed = f.attn_floor_us * p.attn_fixed_scale
-    t_dec = jnp.where(has_dec, kernels.decode_cold_us(f.attn_decode_us, fixed, f.kv_bytes, hw, p),
+    t_dec = jnp.where(has_dec, kt.decode_cold_us(f.attn_decode_us, fixed, f.kv_bytes, hw, p),
                       jnp.where(has_pre, fixed, 0.0))
     t_pre = jnp.where(has_pre, jnp.maximum(f.attn_prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
-    memory = kernels.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
-    comm = kernels.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)
-    gather = kernels.allreduce_combine(f.gather_table_us, static.has_comm_table, d.tp, f.gather_bytes, hw, p)
-    head = g[4] + kernels.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
+    memory = kt.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
+    comm = kt.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)
+    gather = kt.allreduce_combine(f.gather_table_us, static.has_comm_table, d.tp, f.gather_bytes, hw, p)
+    head = g[4] + kt.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
     per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
     overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
     parts = {

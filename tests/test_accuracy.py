@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from costmodel.fit import resolve_calibration
-from costmodel.records import Predictor, mape_table, read_records
+from costmodel.apps.fit import resolve_calibration
+from costmodel.apps.records import Predictor, mape_table, read_records
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from costmodel import aiconfigurator as aic
+from costmodel.tabletools import importer as aic
 
 GEMM_COLS = ["m", "k", "n", "latency_us", "mfu", "dtype"]
 DECODE_COLS = ["dtype", "kv_dtype", "batch_size", "kv_len", "latency_us", "mfu"]
@@ -256,7 +256,7 @@ def test_bf16_gemm_consensus_is_the_per_shape_median_on_the_engines_grid(systems
 
 
 def test_collection_report_ratios(systems):
-    from costmodel.crossval import collection_report
+    from costmodel.tabletools.crossval import collection_report
     _add_engine(systems, "sglang", "0.5.0", 1.10, [1, 2, 4, 8, 16, 32, 64, 128])
     rows = {r["latency of"]: r for r in collection_report("h100_sxm", systems_dir=systems)}
     assert rows["sglang/0.5.0"]["over"] == "vllm/0.10.0" and rows["sglang/0.5.0"]["median"] == "1.100"

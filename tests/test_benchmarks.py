@@ -4,8 +4,8 @@ import pandas as pd
 import pytest
 
 from costmodel import get_gpu, load_tables
-from costmodel.benchmarks import GRIDS, main, time_call
-from costmodel.benchmarks.harness import NO_GPU_MESSAGE, gpu_devices
+from costmodel.tabletools.measure import GRIDS, main, time_call
+from costmodel.tabletools.measure import NO_GPU_MESSAGE, gpu_devices
 from costmodel.tables import attn_table_us, gemm_table_us
 
 HAS_GPU = bool(gpu_devices())
@@ -85,7 +85,7 @@ def test_gpu_small_grid(tmp_path):
 
 
 def test_shapes_of_models_by_hand():
-    from costmodel.benchmarks.harness import grid_for_models, parse_shapes_of
+    from costmodel.tabletools.measure import grid_for_models, parse_shapes_of
     # Llama-3.1-8B: hidden 4096, intermediate 14336, 32 heads, 8 KV heads, head_dim 128
     model, tps = parse_shapes_of("llama-3.1-8b:1,2")
     assert tps == (1, 2) and parse_shapes_of("llama-3.1-8b")[1] == (1,)
@@ -100,7 +100,7 @@ def test_shapes_of_models_by_hand():
 
 
 def test_replicas_share_one_gib():
-    from costmodel.benchmarks.harness import MAX_REPLICAS, replicas
+    from costmodel.tabletools.measure import MAX_REPLICAS, replicas
     assert replicas(1e3) == MAX_REPLICAS == 8
     assert replicas(2 ** 28) == 4 and replicas(2 ** 30) == 1 and replicas(2 ** 34) == 1
 
@@ -124,7 +124,7 @@ def test_measured_bf16_gemm_agrees_with_imported_tables(folder, gpu):
     database in bench_data/) agree: the imported tables price the measured points within 10 % (median)."""
     from pathlib import Path
 
-    from costmodel.crossval import measured_cells, price_gemm
+    from costmodel.tabletools.crossval import measured_cells, price_gemm
     repo = Path(__file__).resolve().parent.parent / "bench_data"
     pts = measured_cells("gemm", repo / "measured" / folder / "gemm" / f"{gpu.lower()}_sxm" / "data.csv")
     pts = pts[pts.dtype == "bf16"]

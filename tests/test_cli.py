@@ -117,7 +117,7 @@ def test_default_calibration_not_applied_to_other_tables(tmp_path, shared):
 
 
 def test_roofline_floor_by_hand_and_impossible_records_are_named(tmp_path, capsys):
-    from costmodel.records import Predictor, parse_record, roofline_floor_us
+    from costmodel.apps.records import Predictor, parse_record, roofline_floor_us
     # Llama-3.1-8B, TP1, one decode token: the GEMMs must at least read every weight once at 3.35 TB/s.
     # Per layer: QKV 4096x6144 + O 4096x4096 + gate_up 4096x28672 + down 14336x4096 = 218,103,808 weights;
     # x 32 layers, + lm_head 4096 x 128256, x 2 bytes = 14,982,053,888 bytes -> 4472.25 µs (activations add ~0)

@@ -3,8 +3,8 @@ full rebuild; the vectorized pricing is `costmodel kernels`' pricing."""
 import numpy as np
 import pandas as pd
 
-from costmodel import crossval as cv
-from costmodel.kernel_queries import predict_kernel_csv
+from costmodel.tabletools import crossval as cv
+from costmodel.apps.kernel_calls import predict_kernel_csv
 from costmodel.tables import default_bench_data
 
 M = sorted({int(round(2 ** (j / 2))) for j in range(0, 27)})  # 1 .. 8192 in steps of about sqrt(2)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from costmodel.errors import InputError
-from costmodel.fit import fit, resolve_calibration
+from costmodel.apps.fit import fit, resolve_calibration
 from costmodel.params import Calibration, Params, engine_key
-from costmodel.records import Predictor, Record
+from costmodel.apps.records import Predictor, Record
 
 
 def _synthetic(pred, truth, seed=0, engines=(None,)):
@@ -96,7 +96,7 @@ def test_calibration_file_per_engine_and_selection(tmp_path):
 
 
 def test_calibration_records_repo_tables_portably(tmp_path):
-    from costmodel.fit import DEFAULT_CALIBRATION, _portable_sources
+    from costmodel.apps.fit import DEFAULT_CALIBRATION, _portable_sources
     from costmodel.tables import default_bench_data
     repo = default_bench_data()
     got = _portable_sources({"gemm": str(repo / "gemm" / "h100_sxm" / "data.csv"), "decode": str(tmp_path / "d")})
@@ -111,7 +111,7 @@ def test_fit_cli_holdout_and_calibration_file(tmp_path, capsys):
     values beside their priors, and writes a calibration file that says what it was fitted on; `predict`
     then uses it."""
     from costmodel.cli import main
-    from costmodel.records import parse_record
+    from costmodel.apps.records import parse_record
     pred = Predictor()
     objs = [{"id": r.id, "model": r.model, "gpu": r.gpu, "tp": r.tp, "steps": r.steps, "kind": "step",
              "source": r.source, "vllm_version": "0.15.1"}

@@ -5,7 +5,7 @@ import pytest
 
 from costmodel.errors import InputError
 from costmodel.params import Params
-from costmodel.records import Predictor, parse_record, previous_step
+from costmodel.apps.records import Predictor, parse_record, previous_step
 
 STEP = {"prefill": [[1, 0], [37, 0], [1, 500]], "decode": [640, 0, 12]}
 

@@ -2,7 +2,7 @@
 import numpy as np
 
 from costmodel.params import Params
-from costmodel.records import Predictor, Record
+from costmodel.apps.records import Predictor, Record
 
 
 def test_same_time_alone_and_in_a_large_mixed_batch():

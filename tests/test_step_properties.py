@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from costmodel import Params, load_model, pack_steps, setup, step_time
-from costmodel.records import _step_fn
+from costmodel.apps.records import _step_fn
 from costmodel.step import pad_steps
 
 SET = dict(max_examples=15, deadline=None)
@@ -107,7 +107,7 @@ def test_communication_counts_layer_allreduces_and_logits_gather(h100_repo):
     """Llama-3.1-8B at TP 2, 3 decodes: 2 all-reduces per layer plus the embedding's, each of 3 tokens x 4096
     x 2 bytes, and one all-gather of 3 x 128256 bf16 logits (769,536 bytes), priced as an all-reduce of
     384,768 bytes."""
-    from costmodel import kernels
+    from costmodel import kernel_time as kernels
     su2 = setup(load_model("llama-3.1-8b"), h100_repo, 2)
     s = jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [100, 200, 300]}]))
     comm = step_time(su2.arrays, su2.layout, Params(), s, su2.static)[1]["communication"]
@@ -122,7 +122,7 @@ def test_decode_attention_cold_kv_bound_by_hand(h100_repo):
     7.837 µs at 3.35 TB/s.  The table (a benchmark that re-reads one cache, L2-resident at 26 MB) prices the
     call below the table floor + 7.837 µs, so the step takes the bound; 8x the batch (210 MB, read from HBM
     in the benchmark too) keeps the table time."""
-    from costmodel import kernels
+    from costmodel import kernel_time as kernels
     su = setup(load_model("llama-3.1-70b"), h100_repo, 4)
     c, s = su.layout.decode_layout, su.layout.decode_kv_scale
     floor = float(kernels.attn_floor_us(su.arrays.decode, c))

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 
 import costmodel as cm
-from costmodel import sweep as sw
+from costmodel.apps import sweep as sw
 from costmodel.errors import InputError
 from costmodel.params import Params
-from costmodel.records import _step_fn
+from costmodel.apps.records import _step_fn
 from costmodel.step import pad_steps
 
 RTOL = 1e-5  # float32: the two paths round differently (float32 sums over requests, log/exp order)
@@ -135,8 +135,8 @@ def test_summarized_equals_per_request(h100):
 def test_sweep_predict_and_loop_agree(h100):
     """`sweep`, `records.Predictor.predict` and a Python loop of jitted `step_time` calls, with the shipped
     calibration on H100."""
-    from costmodel.fit import resolve_calibration
-    from costmodel.records import Predictor, parse_record
+    from costmodel.apps.fit import resolve_calibration
+    from costmodel.apps.records import Predictor, parse_record
     df = _random_batches(np.random.default_rng(4), 60, tps=(1, 2, 4, 8)).assign(model="llama-3.1-8b", gpu="H100")
     got = sw.sweep(df, defaults={"calibration": "default"}, tables={"H100-SXM": h100})
     records = [parse_record({"id": str(i), "model": r.model, "gpu": r.gpu, "tp": int(r.tp), "steps": [s]}, f"row {i}")
@@ -161,14 +161,14 @@ def test_sweep_predict_and_loop_agree(h100):
 def test_sweep_engine_version_calibration(h100):
     """`calibration: default@0.15` sweeps with the set the shipped calibration holds for vLLM 0.15, as
     `predict` gives records that say vllm_version 0.15.x; plain `default` is the pooled set."""
-    from costmodel.records import Predictor, parse_record
+    from costmodel.apps.records import Predictor, parse_record
     df = _random_batches(np.random.default_rng(5), 12, tps=(2,)).assign(model="llama-3.1-8b", gpu="H100")
     records = [parse_record({"id": str(i), "model": "llama-3.1-8b", "gpu": "H100", "tp": 2, "steps": [s],
                              "vllm_version": v}, f"row {i}")
                for v in ("0.15.1", None) for i, s in enumerate(_as_steps(df))]
     pred = Predictor()
     pred._tables["H100-SXM"] = h100
-    from costmodel.fit import resolve_calibration
+    from costmodel.apps.fit import resolve_calibration
     cal, _ = resolve_calibration("default", ["H100-SXM"], table_sources={"H100-SXM": h100.sources})
     assert "0.15" in cal["H100-SXM"].by_engine
     predicted, _ = pred.predict(records, cal)
@@ -248,7 +248,7 @@ def test_sharded_over_four_cpu_devices(tmp_path):
     """The configuration axis sharded over 4 (forced host) devices gives the single-device results."""
     script = textwrap.dedent("""
         import json, numpy as np, jax
-        from costmodel import sweep as sw
+        from costmodel.apps import sweep as sw
         axes = {"model": "llama-3.1-8b", "gpu": "H100", "tp": [1, 4], "calibration": "none",
                 "n_decode": [1, 7, 64], "decode_ctx": [10, 5000], "n_prefill": [0, 2], "prefill_new": [300]}
         sp = sw.make_space(axes)
@@ -304,7 +304,7 @@ def test_cli_spec_yaml_and_json(tmp_path, capsys):
 
 
 def test_bench_json(capsys):
-    from costmodel import bench
+    from costmodel.apps import bench
     assert _cli(bench.add_bench_arguments, bench.run_bench,
                 ["--configs", "20000", "--loop-configs", "20", "--json"]) == 0
     r = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -34,7 +34,7 @@ Exactness and speed (tests compare with `step.step_time` to float32 precision). 
   loops on CPU; small per-configuration vectors and reductions over them it does not);
 * `step.combine` prices the features exactly as `step_time` does.
 
-    import costmodel.sweep as sw
+    import costmodel.apps.sweep as sw
     df = sw.sweep({"model": "llama-3.1-8b", "gpu": "H100", "tp": [1, 2, 4, 8],
                    "n_decode": [1, 8, 64, 256], "decode_ctx": [1024, 8192]})
 """
@@ -62,13 +62,14 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import kernels, ops
-from . import tables as tables_mod
-from .errors import InputError
-from .hardware import get_gpu
-from .model import ModelConfig, load_model, normalize_dtype
-from .params import Params
-from .step import (
+from .. import kernel_time as kt
+from .. import ops
+from .. import tables as tables_mod
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..model import ModelConfig, load_model, normalize_dtype
+from ..params import Params
+from ..step import (
     BREAKDOWN,
     Features,
     Layout,
@@ -85,7 +86,7 @@ BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_
                  "prefill_tokens", "prefill_pairs")
 RESULT_COLUMNS = ("step_us",) + BREAKDOWN
 DEFAULT_CHUNK = 1 << 20
-DECODE_SLOPE_LO = getattr(kernels, "DECODE_SLOPE_LO", 0.0)  # as `kernels.attn_decode_table_us`
+DECODE_SLOPE_LO = kt.DECODE_SLOPE_LO  # as `kt.attn_decode_table_us`
 _BIG = np.float32(3e38)  # padding of grid nodes: never <= a query
 
 
@@ -319,7 +320,7 @@ def group_arrays(g: Group) -> dict:
     arr.update(m_x0=x0, gemm_coef=_in_u(coef, dxi))  # [Nc, 5, 4]: qkv, o, gate_up, down, lm_head
     for f in ops.Dims._fields:
         sc["d_" + f] = getattr(d, f)
-    for f in kernels.Hardware._fields:
+    for f in kt.Hardware._fields:
         sc["hw_" + f] = getattr(hw, f)
     for f in Params._fields:
         sc["p_" + f] = getattr(p, f)
@@ -531,7 +532,7 @@ def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
     out["kv_bytes"] = ops.kv_read_bytes(d, keys)
     npf = jnp.maximum(n_pre, 1.0)
     seq = jnp.sqrt(2.0 * jnp.maximum(pairs / npf, 0.5))
-    t_pre = _attn(C, "pre", npf, seq * S("pre_scale"), 2.0, kernels.PREFILL_SLOPE_LO)
+    t_pre = _attn(C, "pre", npf, seq * S("pre_scale"), 2.0, kt.PREFILL_SLOPE_LO)
     out["attn_prefill_us"] = jnp.where(n_pre > 0, t_pre, 0.0)
     msg = ops.allreduce_bytes(d, tokens)
     if mode.int_tokens:
@@ -553,8 +554,8 @@ def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
     return out
 
 
-def _gemm_features(C: _Ctx, f: dict) -> kernels.GemmFeatures:
-    """`kernels.gemm_features` of the 5 GEMMs of every configuration, as [5, C] arrays (rows: qkv, o,
+def _gemm_features(C: _Ctx, f: dict) -> kt.GemmFeatures:
+    """`kt.gemm_features` of the 5 GEMMs of every configuration, as [5, C] arrays (rows: qkv, o,
     gate_up, down at m = tokens, lm_head at m = sampled), each GEMM one cubic on its precomputed m-series."""
     S = C.S
     layer = (jnp.arange(5) < 4)[:, None]
@@ -568,11 +569,11 @@ def _gemm_features(C: _Ctx, f: dict) -> kernels.GemmFeatures:
         table_us = jnp.exp(jnp.maximum(v, S("gemm_log_floor")))  # never below the fastest measured call
     g = ops.Gemm(jnp.where(layer, f["tokens"], f["sampled"]), jnp.stack([S(f"k{i}") for i in range(5)])[:, None],
                  jnp.stack([S(f"n{i}") for i in range(5)])[:, None])
-    hw = kernels.Hardware(*(S("hw_" + n) for n in kernels.Hardware._fields))
+    hw = kt.Hardware(*(S("hw_" + n) for n in kt.Hardware._fields))
     flops = ops.gemm_flops(g)
-    roof = kernels.smooth_max(flops / hw.table_peak_flops,
+    roof = kt.smooth_max(flops / hw.table_peak_flops,
                               ops.gemm_bytes(g, S("table_weight_bytes")) / hw.hbm_bytes_per_s) * 1e6
-    return kernels.GemmFeatures(table_us, flops, ops.gemm_bytes(g, S("d_weight_bytes")), roof)
+    return kt.GemmFeatures(table_us, flops, ops.gemm_bytes(g, S("d_weight_bytes")), roof)
 
 
 def fast_chunk(mode: Mode, static: Static, T: dict, scal, b0, b1, b2, b3, b4):
@@ -583,10 +584,10 @@ def fast_chunk(mode: Mode, static: Static, T: dict, scal, b0, b1, b2, b3, b4):
     gemm = _gemm_features(C, f)  # [5, C]
     feats = Features(**{k: (gemm if k == "gemm" else S("attn_floor") if k == "attn_floor_us" else f[k])
                         for k in Features._fields})
-    axes = Features(**{k: (kernels.GemmFeatures(1, 1, 1, 1) if k == "gemm" else None if k == "attn_floor_us" else 0)
+    axes = Features(**{k: (kt.GemmFeatures(1, 1, 1, 1) if k == "gemm" else None if k == "attn_floor_us" else 0)
                        for k in Features._fields})
     d = ops.Dims(*(S("d_" + n) for n in ops.Dims._fields))
-    hw = kernels.Hardware(*(S("hw_" + n) for n in kernels.Hardware._fields))
+    hw = kt.Hardware(*(S("hw_" + n) for n in kt.Hardware._fields))
     p = Params(*(S("p_" + n) for n in Params._fields))
     zero = jnp.float32(0)
     layout = Layout(d, hw, jnp.int32(0), zero, jnp.int32(0), zero)

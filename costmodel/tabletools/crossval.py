@@ -1,6 +1,6 @@
 """Cross-validation of the kernel tables.
 
-    python -m costmodel.crossval [--bench-data DIR ...] [--points 300] [--seed 0] [--no-loo] [--no-cross]
+    python -m costmodel.tabletools.crossval [--bench-data DIR ...] [--points 300] [--seed 0] [--no-loo] [--no-cross]
                                  [--cross A B] [--gpu H100] [--collections GPU]... [--out FILE.md]
 
 1. **Leave-one-out (LOO) interpolation error**, per bench_data folder, GPU and kernel type (GEMM per dtype,
@@ -20,11 +20,11 @@
    prediction is the one the full table minus the cell gives (checked in tests/test_crossval.py).
 
 2. **Cross-source error** (``--gpu``, default H100; ``--cross A B`` picks the two folders, e.g. the repo's
-   tables and a folder written by ``python -m costmodel.benchmarks``).  By default, on H100: InferSim's
+   tables and a folder written by ``python -m costmodel.tabletools.measure``).  By default, on H100: InferSim's
    measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM, FA3 decode and prefill, per-GPU heads = file heads / T) priced from the repo's AIConfigurator-derived
    tables, and the repo's points priced from InferSim's tables, with the pricing of ``costmodel kernels``
-   (`kernel_queries`: `kernels.gemm_us` incl. the FP8-table -> BF16 transfer, `kernels.attn_decode_us`,
-   `kernels.attn_prefill_us` on the nearest head layout, default `Params`).  "in range" restricts to
+   (`kernel_queries`: `kt.gemm_us` incl. the FP8-table -> BF16 transfer, `kt.attn_decode_us`,
+   `kt.attn_prefill_us` on the nearest head layout, default `Params`).  "in range" restricts to
    points inside the predicting table's measured range (GEMM m, k, n; attention: same per-GPU layout
    measured, length and batch within that layout's range).
 
@@ -51,17 +51,18 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import kernels, ops
-from .errors import InputError
-from .hardware import get_gpu
-from .model import DTYPE_BYTES
-from .params import Params
-from .tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce,
+from .. import kernel_time as kt
+from .. import ops
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..model import DTYPE_BYTES
+from ..params import Params
+from ..tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce,
                      load_attention, load_gemm, load_tables, nearest_layout)
 
-PROG = "python -m costmodel.crossval"
+PROG = "python -m costmodel.tabletools.crossval"
 LENGTH = {"decode": "kv_len", "prefill": "seq_len"}
-SLOPES = {"decode": (1.0, 0.0), "prefill": (2.0, kernels.PREFILL_SLOPE_LO)}  # as kernels.attn_*_us use them
+SLOPES = {"decode": (1.0, 0.0), "prefill": (2.0, kt.PREFILL_SLOPE_LO)}  # as kt.attn_*_us use them
 
 
 # ---------------------------------------------------------------- measured cells
@@ -232,9 +233,9 @@ def loo_report(roots: list[Path], points: int = 300, seed: int = 0, log=None) ->
 
 def price_gemm(tables, m, k, n, dtype: str) -> np.ndarray:
     """`kernel_queries._gemm` vectorized: GEMM time (µs) of each (m, k, n) in ``dtype``."""
-    p, c = Params(), kernels.choose_gemm_table(tables, dtype)
+    p, c = Params(), kt.choose_gemm_table(tables, dtype)
     table, wb, twb = tables.gemm[c.table_dtype], float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[c.table_dtype])
-    f = jax.jit(jax.vmap(lambda m, k, n: kernels.gemm_us(table, ops.Gemm(m, k, n), wb, twb, c.hw, p,
+    f = jax.jit(jax.vmap(lambda m, k, n: kt.gemm_us(table, ops.Gemm(m, k, n), wb, twb, c.hw, p,
                                                          c.same_dtype, c.compute_ratio)))
     return np.asarray(f(*(jnp.asarray(np.asarray(v, np.float32)) for v in (m, k, n))), float)
 
@@ -251,12 +252,12 @@ def price_attention(tables, kind: str, pts: pd.DataFrame) -> np.ndarray:
         cd[i] = nearest_layout(tables.decode_heads, float(hq), float(hkv), float(d), "decode")[0]
     if kind == "decode":
         def one(c, s, b, L):
-            return kernels.attn_decode_us(table, c, s, b, b * L, p)
+            return kt.attn_decode_us(table, c, s, b, b * L, p)
     else:
         dims = ops.Dims(0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)  # pairs use the window only
 
         def one(c, s, b, L, c_dec):
-            return kernels.attn_prefill_call_us(table, c, s, tables.decode, c_dec, b,
+            return kt.attn_prefill_call_us(table, c, s, tables.decode, c_dec, b,
                                                 ops.prefill_pairs(dims, L, 0.0) * b, p)
     args = (c, s, pts.batch_size.to_numpy(np.float32), pts[LENGTH[kind]].to_numpy(np.float32))
     if kind == "decode":
@@ -336,7 +337,7 @@ def collection_report(gpu: str, measured: list[Path] = (), dtype: str = "bf16",
     """AIConfigurator's engine collections of one GPU's ``dtype`` GEMM against the newest vLLM one (the
     default import), and ``measured`` bench_data folders against every collection, at shapes both hold.
     Each row: latency ratio (row's source / ``over``), median and 10th/90th percentiles, as text."""
-    from .aiconfigurator import _safe_version_key, gemm_collections
+    from .importer import _safe_version_key, gemm_collections
     cols = gemm_collections(gpu, dtype, systems_dir)
     vllm = sorted((c for c in cols if c.startswith("vllm/")), key=lambda c: _safe_version_key(c.split("/", 1)[1]))
     ref = vllm[-1] if vllm else cols.columns[0]

@@ -12,12 +12,13 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import kernels, ops
-from .errors import InputError
-from .hardware import get_gpu
-from .model import DTYPE_BYTES, normalize_dtype
-from .params import Params
-from .tables import load_tables, nearest_layout
+from .. import kernel_time as kt
+from .. import ops
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..model import DTYPE_BYTES, normalize_dtype
+from ..params import Params
+from ..tables import load_tables, nearest_layout
 
 NEEDS = {
     "gemm": ("m", "n", "k"),
@@ -63,7 +64,7 @@ def predict_kernel_csv(path: str | Path, gpu_name: str, bench_data=None) -> pd.D
             dims = ops.Dims(0.0, 0.0, hq, hkv, d, 0.0, 0.0, 1.0, 2.0, ops.NO_WINDOW, 0.0)
             if op == "attn_decode":
                 c, s = nearest_layout(tables.decode_heads, hq, hkv, d, "decode")
-                out[i] = float(kernels.attn_decode_us(tables.decode, c, s, v["batch_size"],
+                out[i] = float(kt.attn_decode_us(tables.decode, c, s, v["batch_size"],
                                                       v["batch_size"] * v["kv_len"], p))
             else:
                 has_cached = "cached" in df.columns and df.at[i, "cached"].strip() != ""
@@ -71,7 +72,7 @@ def predict_kernel_csv(path: str | Path, gpu_name: str, bench_data=None) -> pd.D
                 c, s = nearest_layout(tables.prefill_heads, hq, hkv, d, "prefill")
                 pairs = float(ops.prefill_pairs(dims, v["seq_len"], cached)) * v["batch_size"]
                 dc, _ = nearest_layout(tables.decode_heads, hq, hkv, d, "decode")
-                out[i] = float(kernels.attn_prefill_call_us(tables.prefill, c, s, tables.decode, dc,
+                out[i] = float(kt.attn_prefill_call_us(tables.prefill, c, s, tables.decode, dc,
                                                             v["batch_size"], pairs, p))
     res = df.copy()
     res["predicted_us"] = np.round(out, 3)
@@ -79,7 +80,7 @@ def predict_kernel_csv(path: str | Path, gpu_name: str, bench_data=None) -> pd.D
 
 
 def _gemm(tables, gpu, p, m, k, n, dtype):
-    c = kernels.choose_gemm_table(tables, dtype)
+    c = kt.choose_gemm_table(tables, dtype)
     g = ops.Gemm(jnp.float32(m), jnp.float32(k), jnp.float32(n))
-    return float(kernels.gemm_us(tables.gemm[c.table_dtype], g, float(DTYPE_BYTES[dtype]),
+    return float(kt.gemm_us(tables.gemm[c.table_dtype], g, float(DTYPE_BYTES[dtype]),
                                  float(DTYPE_BYTES[c.table_dtype]), c.hw, p, c.same_dtype, c.compute_ratio))

@@ -1,6 +1,6 @@
 """Measure GEMM and attention kernels on the local GPU and write bench_data tables.
 
-    python -m costmodel.benchmarks --out DIR --gpu-name NAME [--grid tiny|small|full]
+    python -m costmodel.tabletools.measure --out DIR --gpu-name NAME [--grid tiny|small|full]
                                    [--shapes-of MODEL:TP[,TP]]... [--gemm-backend auto|jax|torch-graph]
                                    [--hot-weights] [--attn-backend auto|jax|flash-attn]
                                    [--kernels gemm,decode,prefill]
@@ -57,7 +57,7 @@ from typing import Callable
 import numpy as np
 
 NO_GPU_MESSAGE = "no GPU found, nothing measured"
-PROG = "python -m costmodel.benchmarks"
+PROG = "python -m costmodel.tabletools.measure"
 
 
 # ---------------------------------------------------------------- grids
@@ -582,7 +582,7 @@ def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats,
     lines = [
         f"# Provenance of `{gpu_name}` tables",
         "",
-        f"Measured on {now} by `{command}` (`costmodel/benchmarks/harness.py`).",
+        f"Measured on {now} by `{command}` (`costmodel/tabletools/measure.py`).",
         "",
         f"* Device: {device_desc}",
         f"* Host: {platform.node() or '?'}, {platform.platform()}, Python {platform.python_version()}",
@@ -721,3 +721,8 @@ def main(argv: list[str] | None = None) -> int:
           f"({len(res.gemm)} GEMM points, {sum(map(len, res.decode.values()))} decode, "
           f"{sum(map(len, res.prefill.values()))} prefill; {len(res.skipped)} cells skipped)")
     return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .errors import InputError
-from .params import FIELDS, PRIORS, Calibration, Params, engine_key, from_log, prior_arrays, to_log
+from ..errors import InputError
+from ..params import FIELDS, PRIORS, Calibration, Params, engine_key, from_log, prior_arrays, to_log
 
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration_h100_vllm.json"
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration_h100_vllm.json"
 # Log-ratio beyond which an error counts linearly.  Step-time noise is a ~1 % core with a tail of slow steps
 # (host stalls, up to +25 %); a delta near the core's width makes the fit follow the median, not the tail.
 HUBER_DELTA = 0.02
@@ -60,7 +60,7 @@ def make_loss(predictor, records, engines=(), groups=None):
     `Predictor.features` to reuse them), each step's engine row, the measurements and ``per_engine`` (1.0;
     0.0 switches the deviations off, so the same compiled loss fits the pooled set); per iteration only
     `step.combine` runs.  It is an argument, not a baked-in constant."""
-    from .step import combine
+    from ..step import combine
     engines = list(engines)
     row = np.array([1 + engines.index(r.engine) if r.engine in engines else 0 for r in records])
     groups = predictor.features(records) if groups is None else groups
@@ -228,7 +228,7 @@ def _describe(c: Calibration) -> str:
 def parameter_sets_used(records, cals: dict) -> dict[str, int]:
     """How many records get each parameter set of ``cals`` ({GPU name: Calibration}, as from
     `resolve_calibration`): keys 'GPU: vLLM X.Y', 'GPU: pooled' or 'GPU: physical defaults'."""
-    from .hardware import get_gpu
+    from ..hardware import get_gpu
     used: dict[str, int] = {}
     for r in records:
         g = get_gpu(r.gpu).name
@@ -241,7 +241,7 @@ def parameter_sets_used(records, cals: dict) -> dict[str, int]:
 
 def _table_kinds(sources: dict) -> dict:
     """Which table set each kind came from: 'repo' for the repo's bench_data, else the folder's name."""
-    from .tables import default_bench_data
+    from ..tables import default_bench_data
     repo = str(default_bench_data())
     return {k: "repo" if str(v).startswith(repo) else str(v) for k, v in sources.items()}
 
@@ -249,7 +249,7 @@ def _table_kinds(sources: dict) -> dict:
 def _portable_sources(sources: dict) -> dict:
     """Table sources as a calibration file records them: the repo's own tables relative to the repo
     (``bench_data/...``, the same on every machine), others as given."""
-    from .tables import default_bench_data
+    from ..tables import default_bench_data
     root = default_bench_data().parent
     full = {k: Path(v).resolve() for k, v in sources.items()}
     return {k: str(p.relative_to(root)) if p.is_relative_to(root) else str(sources[k]) for k, p in full.items()}
@@ -298,7 +298,7 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
 
 
 def run_fit_cli(args) -> int:
-    from .cli import _atomic_write, _print_table
+    from ..cli import _atomic_write, _print_table
     from .records import Predictor, below_floor_warning, previous_step_note, read_records
 
     records = [r for f in args.records for r in read_records(f)]

@@ -16,12 +16,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from .errors import InputError
-from .hardware import get_gpu
-from .model import load_model, normalize_dtype
-from .params import Calibration, Params, engine_key, engine_version
-from .step import BREAKDOWN, batched_features, combine, make_step_fn, pack_steps, setup, validate_step
-from .tables import Tables, load_tables
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..model import load_model, normalize_dtype
+from ..params import Calibration, Params, engine_key, engine_version
+from ..step import BREAKDOWN, batched_features, combine, make_step_fn, pack_steps, setup, validate_step
+from ..tables import Tables, load_tables
 
 
 # vLLM schedules step N+1 while step N runs ("async scheduling") by default from v0.14.0 on (its release notes;

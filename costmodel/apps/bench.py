@@ -54,7 +54,7 @@ def mixed_batches(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def _padded_steps(cols: dict, idx: np.ndarray):
     """The same batches as per-request `step.Step`s padded to fixed sizes (P=2 prefills, D=256 decodes)."""
-    from .step import Step
+    from ..step import Step
     k = len(idx)
     P, D = 2, 256
     npre, ndec = cols["n_prefill"][idx], cols["n_decode"][idx]
@@ -72,8 +72,8 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
     import jax.numpy as jnp
 
     from . import sweep as sw
-    from .params import Params
-    from .step import step_time
+    from ..params import Params
+    from ..step import step_time
 
     rng = np.random.default_rng(seed)
     groups = [{"model": m, "gpu": GPU, "tp": tp, "calibration": "none"} for m in MODELS for tp in TPS]
@@ -111,10 +111,10 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
     split = _call_split(ev, gidx, batch, len(groups) - 1)
 
     # the per-configuration loop: un-vmapped jitted step_time, one configuration per call, 8B over TP 1-8
-    from .hardware import get_gpu
-    from .model import load_model
-    from .step import setup
-    from .tables import load_tables
+    from ..hardware import get_gpu
+    from ..model import load_model
+    from ..step import setup
+    from ..tables import load_tables
     tables = load_tables(bench_data, get_gpu(GPU))
     sus = {tp: setup(load_model(MODELS[0]), tables, tp) for tp in TPS}
     fn = jax.jit(lambda a, lay, p, s, st: step_time(a, lay, p, s, st)[0], static_argnums=4)  # one compilation
@@ -207,7 +207,7 @@ def run_bench(args) -> int:
     if args.devices and args.devices > 1:
         _use_all_cores(args.devices)  # CPU: by default one device (XLA already threads its loops)
     if args.configs < 1 or args.loop_configs < 1 or args.chunk < 1:
-        from .errors import InputError
+        from ..errors import InputError
         raise InputError("--configs, --loop-configs and --chunk must be positive")
     r = bench(args.configs, args.loop_configs, args.chunk, call_size=args.call_size, devices=args.devices, seed=args.seed,
               bench_data=args.bench_data, progress=not args.json)

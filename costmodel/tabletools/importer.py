@@ -38,7 +38,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = [
     "DEFAULT_HEAD_LAYOUTS",
@@ -464,7 +464,7 @@ def bf16_gemm_consensus(src: pd.DataFrame, src_key: str, sysdata: Path, systems_
 
     Every engine times the same kernel for BF16 (``torch`` linear, i.e. cuBLAS) but on its own machine and
     day; the collections differ by a few per cent in the median (vLLM's the fastest on
-    all four GPUs; ``python -m costmodel.crossval --collections GPU``), and the median is the estimate least
+    all four GPUs; ``python -m costmodel.tabletools.crossval --collections GPU``), and the median is the estimate least
     moved by one machine's offset.  Adds the collections and each one's median ratio to the consensus to
     ``summary``."""
     own = _latency_by_shape(src, "bfloat16")
