@@ -23,7 +23,19 @@ def interp_work_axis(xq, x, f, slope_hi, slope_lo=0.0):
     """
     xc = jnp.clip(xq, x[0], x[-1])
     inside = interpax.interp1d(jnp.reshape(xc, (1,)), x, f, method="monotonic")[0]
-    return inside + slope_hi * jnp.maximum(xq - x[-1], 0.0) + slope_lo * jnp.minimum(xq - x[0], 0.0)
+    return inside + extension(xq, x[0], x[-1], slope_hi, slope_lo)
+
+
+def extension(xq, lo, hi, slope_hi, slope_lo=0.0):
+    """What `interp_work_axis` adds outside the grid [lo, hi] (log units): log-log slopes beyond its ends."""
+    return slope_hi * jnp.maximum(xq - hi, 0.0) + slope_lo * jnp.minimum(xq - lo, 0.0)
+
+
+def monotone_spline(x, f) -> interpax.CubicHermiteSpline:
+    """The interpolant of `interp_work_axis` inside the grid as a piecewise polynomial (data): interpax's
+    cubic Hermite spline with its monotone node slopes, along axis 0 of ``f``.  ``.c`` [4, Nx-1, ...] holds
+    the coefficients of (x - x_i)^3 .. (x - x_i)^0 per cell."""
+    return interpax.CubicHermiteSpline(x, f, interpax.approx_df(x, f, "monotonic", axis=0), axis=0, check=False)
 
 
 def blend_secondary_axis(bq, b, values):

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 
 from . import ops
 from .params import Params
-from .tables import AttnTable, CommTable, GemmTable, attn_table_us, comm_table_us, gemm_table_us
+from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, attn_table_us, comm_table_us,
+                     gemm_table_us)
 
 SMOOTH_P = 4.0  # order of the smooth max joining compute- and memory-bound times
 # Compute-bound efficiency of a query dtype relative to a table of another dtype.  Measured, not fitted: at
@@ -15,6 +16,11 @@ SMOOTH_P = 4.0  # order of the smooth max joining compute- and memory-bound time
 # reach 1.11-1.31x (median 1.20x) the roofline efficiency of InferSim's FP8 DeepGEMM table.
 CROSS_DTYPE_COMPUTE_RATIO = {("fp8", "bf16"): 1.2, ("fp8", "fp16"): 1.2}
 MAX_COMPUTE_EFFICIENCY = 0.95
+# Log-log slopes of attention time below a table's length grid (above it: `tables.DECODE_SLOPE_HI` and
+# `tables.PREFILL_SLOPE_HI`): decode time falls in proportion to kv length (down to the kernel floor), prefill
+# time in proportion to the sequence length (MFU falls with it).
+DECODE_SLOPE_LO = 1.0
+PREFILL_SLOPE_LO = 1.0
 
 
 class Hardware(NamedTuple):
@@ -67,11 +73,12 @@ class GemmFeatures(NamedTuple):
     roof_table_us: jnp.ndarray  # roofline time in the table dtype (peak FLOP/s and bandwidth)
 
 
-def gemm_features(table: GemmTable, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware) -> GemmFeatures:
+def gemm_features(table_us, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware) -> GemmFeatures:
+    """The features of GEMM ``g`` whose table time is ``table_us``."""
     flops = ops.gemm_flops(g)
     roof = smooth_max(flops / hw.table_peak_flops,
                       ops.gemm_bytes(g, table_weight_bytes) / hw.hbm_bytes_per_s) * 1e6
-    return GemmFeatures(gemm_table_us(table, g.m, g.k, g.n), flops, ops.gemm_bytes(g, weight_bytes), roof)
+    return GemmFeatures(table_us, flops, ops.gemm_bytes(g, weight_bytes), roof)
 
 
 def gemm_combine(f: GemmFeatures, hw: Hardware, p: Params, same_dtype: bool, compute_ratio: float = 1.0):
@@ -95,7 +102,8 @@ def gemm_combine(f: GemmFeatures, hw: Hardware, p: Params, same_dtype: bool, com
 def gemm_us(table: GemmTable, g: ops.Gemm, weight_bytes, table_weight_bytes, hw: Hardware, p: Params,
             same_dtype: bool, compute_ratio: float = 1.0):
     """GEMM latency (µs) of one call; see `gemm_combine`."""
-    return gemm_combine(gemm_features(table, g, weight_bytes, table_weight_bytes, hw), hw, p, same_dtype,
+    return gemm_combine(gemm_features(gemm_table_us(table, g.m, g.k, g.n), g, weight_bytes, table_weight_bytes, hw),
+                        hw, p, same_dtype,
                         compute_ratio)
 
 
@@ -105,12 +113,24 @@ def attn_floor_us(table: AttnTable, c):
 
 
 def attn_decode_table_us(table: AttnTable, c, kv_scale, n_req, total_keys):
-    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all, table time (µs).
-    Below the table's kv grid the time falls in proportion to kv length (bandwidth-bound work), never below
-    the layout's smallest measured time (the kernel's fixed cost)."""
+    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all, table time (µs),
+    on head layout ``c`` of ``table`` (see `decode_table_us`)."""
+    return decode_table_us(attn_on(table, c), attn_floor_us(table, c), kv_scale, n_req, total_keys)
+
+
+def attn_on(table: AttnTable, c):
+    """Head layout ``c`` of an attention table as a function (batch, length, slope_hi, slope_lo) -> µs."""
+    return lambda batch, length, slope_hi, slope_lo: attn_table_us(table, c, batch, length, slope_hi, slope_lo)
+
+
+def decode_table_us(attn, floor_us, kv_scale, n_req, total_keys):
+    """Paged decode attention for ``n_req`` sequences reading ``total_keys`` keys in all (µs), from a
+    table function ``attn`` (`attn_on`) whose kv lengths are scaled by ``kv_scale``.  Below the table's
+    kv grid the time falls in proportion to kv length (bandwidth-bound work), never below ``floor_us``
+    (the layout's smallest measured time: the kernel's fixed cost)."""
     n = jnp.maximum(n_req, 1.0)
-    t = attn_table_us(table, c, n, jnp.maximum(total_keys / n, 1.0) * kv_scale, 1.0, DECODE_SLOPE_LO)
-    return jnp.where(n_req > 0, jnp.maximum(t, attn_floor_us(table, c)), 0.0)
+    t = attn(n, jnp.maximum(total_keys / n, 1.0) * kv_scale, DECODE_SLOPE_HI, DECODE_SLOPE_LO)
+    return jnp.where(n_req > 0, jnp.maximum(t, floor_us), 0.0)
 
 
 def decode_cold_us(table_us, fixed_us, kv_bytes, hw: Hardware, p: Params):
@@ -128,17 +148,20 @@ def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):
     return attn_decode_table_us(table, c, kv_scale, n_req, total_keys) * p.attn_decode_scale
 
 
-DECODE_SLOPE_LO = 1.0  # below the decode grid, time proportional to kv length, down to the kernel floor
-PREFILL_SLOPE_LO = 1.0  # below the prefill grid, time proportional to sequence length (MFU falls with it)
-
-
 def attn_prefill_table_us(table: AttnTable, c, len_scale, n_req, total_pairs):
     """Causal prefill attention of ``n_req`` chunks with ``total_pairs`` query-key pairs per head, table
-    time (µs); each chunk is priced as the uncached sequence with the same mean number of pairs.  Below
-    the grid the time falls in proportion to the length, down to the kernel floor applied by the caller."""
+    time (µs), on head layout ``c`` of ``table`` (see `prefill_table_us`)."""
+    return prefill_table_us(attn_on(table, c), len_scale, n_req, total_pairs)
+
+
+def prefill_table_us(attn, len_scale, n_req, total_pairs):
+    """Causal prefill attention of ``n_req`` chunks with ``total_pairs`` query-key pairs per head (µs), from
+    a table function ``attn`` (`attn_on`) whose sequence lengths are scaled by ``len_scale``: each chunk is
+    priced as the uncached sequence with the same mean number of pairs.  Below the grid the time falls in
+    proportion to the length, down to the kernel floor applied by the caller."""
     n = jnp.maximum(n_req, 1.0)
     seq = jnp.sqrt(2.0 * jnp.maximum(total_pairs / n, 0.5))
-    t = attn_table_us(table, c, n, seq * len_scale, 2.0, PREFILL_SLOPE_LO)
+    t = attn(n, seq * len_scale, PREFILL_SLOPE_HI, PREFILL_SLOPE_LO)
     return jnp.where(n_req > 0, t, 0.0)
 
 

@@ -29,7 +29,7 @@ from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
-from .tables import AttnTable, CommTable, GemmTable, Tables, nearest_layout
+from .tables import AttnTable, CommTable, GemmTable, Tables, gemm_table_us, nearest_layout
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
@@ -46,6 +46,50 @@ class Step(NamedTuple):
     decode_mask: jax.Array  # [D]
 
 
+class Batch(NamedTuple):
+    """A batch as the step model prices it, summarized exactly: GEMMs read token counts, decode attention
+    the batch size and the keys attended in all, prefill attention the number of chunks and the query-key
+    pairs the kernel computes in all.  This is the one interface between "a batch" and "its time"
+    (`summarize` builds it from a padded `Step`; `decode_keys_of_means` and `prefill_of_means` from
+    per-request means)."""
+
+    n_decode: jax.Array  # decoding requests
+    decode_keys: jax.Array  # keys the decodes attend in all (`ops.decode_keys` summed)
+    n_prefill: jax.Array  # prefill chunks
+    prefill_tokens: jax.Array  # new tokens of the prefill chunks in all
+    prefill_pairs: jax.Array  # query-key pairs per head in all (`ops.prefill_pairs_tiled` summed)
+
+    @property
+    def tokens(self):
+        """Tokens computed this step: prefill new tokens + one per decode."""
+        return self.prefill_tokens + self.n_decode
+
+    @property
+    def sampled(self):
+        """Requests whose last position goes through lm_head and the sampler."""
+        return self.n_prefill + self.n_decode
+
+
+def summarize(d: ops.Dims, step: Step) -> Batch:
+    """The `Batch` of one padded step."""
+    new = step.prefill_new * step.prefill_mask
+    return Batch(n_decode=jnp.sum(step.decode_mask),
+                 decode_keys=jnp.sum(ops.decode_keys(d, step.decode_ctx) * step.decode_mask),
+                 n_prefill=jnp.sum(step.prefill_mask), prefill_tokens=jnp.sum(new),
+                 prefill_pairs=jnp.sum(ops.prefill_pairs_tiled(d, new, step.prefill_cached) * step.prefill_mask))
+
+
+def decode_keys_of_means(d: ops.Dims, n_decode, decode_ctx):
+    """`Batch.decode_keys` of ``n_decode`` decodes with ``decode_ctx`` cached tokens each."""
+    return n_decode * ops.decode_keys(d, decode_ctx)
+
+
+def prefill_of_means(d: ops.Dims, n_prefill, prefill_new, prefill_cached):
+    """`Batch.prefill_tokens` and `Batch.prefill_pairs` of ``n_prefill`` chunks of ``prefill_new`` tokens
+    after ``prefill_cached`` cached tokens each."""
+    return n_prefill * prefill_new, n_prefill * ops.prefill_pairs_tiled(d, prefill_new, prefill_cached)
+
+
 class Arrays(NamedTuple):
     """The table arrays one step evaluation reads (a pytree: differentiable)."""
 
@@ -55,8 +99,9 @@ class Arrays(NamedTuple):
     comm: CommTable | None
 
 
-class Layout(NamedTuple):
-    """Model x GPU x TP specifics as numbers (a pytree: may be vmapped in sweeps)."""
+class ModelOnGPU(NamedTuple):
+    """One model on one GPU at one TP degree, as numbers (a pytree: may vary across sweeps): the per-GPU
+    shapes, the GPU's rates, and which attention-table head layouts price the model's heads."""
 
     dims: ops.Dims
     hw: kt.Hardware
@@ -84,7 +129,7 @@ class Setup:
     gpu: GPU
     tp: int
     arrays: Arrays
-    layout: Layout
+    on_gpu: ModelOnGPU
     static: Static
     gemm_table_dtype: str
 
@@ -95,10 +140,49 @@ def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
     g = kt.choose_gemm_table(tables, model.dtype)
     dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
     pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
-    layout = Layout(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
+    on_gpu = ModelOnGPU(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
     arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce)
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None)
-    return Setup(model, tables.gpu, tp, arrays, layout, static, g.table_dtype)
+    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype)
+
+
+def step_gemms(d: ops.Dims, batch: Batch) -> list[ops.Gemm]:
+    """The five GEMMs of a step: qkv, o, gate_up, down (per layer, M = tokens) and lm_head (M = sampled)."""
+    return list(ops.layer_gemms(d, batch.tokens).values()) + [ops.lm_head_gemm(d, batch.sampled)]
+
+
+class TableLookup(NamedTuple):
+    """The table times a step needs, for one `ModelOnGPU`, interpolated from the table arrays at each call
+    (differentiable in the table values).  `fastlookup.FastLookup` is the same lookup specialised to fixed
+    shapes; both provide the methods below."""
+
+    arrays: Arrays
+    on: ModelOnGPU
+
+    def gemm_us(self, gemms: list[ops.Gemm]) -> list:
+        """Table time (µs) of each of `step_gemms`."""
+        return [gemm_table_us(self.arrays.gemm, g.m, g.k, g.n) for g in gemms]
+
+    def attn_decode_us(self, n_req, total_keys):
+        return kt.attn_decode_table_us(self.arrays.decode, self.on.decode_layout, self.on.decode_kv_scale,
+                                       n_req, total_keys)
+
+    def attn_prefill_us(self, n_req, total_pairs):
+        return kt.attn_prefill_table_us(self.arrays.prefill, self.on.prefill_layout, self.on.prefill_len_scale,
+                                        n_req, total_pairs)
+
+    def attn_floor_us(self):
+        return kt.attn_floor_us(self.arrays.decode, self.on.decode_layout)
+
+    def layer_allreduce_us(self, tokens):
+        """One all-reduce of the hidden states of ``tokens`` tokens over the TP group, table time (µs; 0
+        without a table or at TP 1)."""
+        return kt.allreduce_table_us(self.arrays.comm, self.on.dims.tp, ops.allreduce_bytes(self.on.dims, tokens))
+
+    def logits_gather_us(self, sampled):
+        """The logits all-gather for ``sampled`` requests, table time (µs; `ops.logits_gather_message`)."""
+        d = self.on.dims
+        return kt.allreduce_table_us(self.arrays.comm, d.tp, jnp.maximum(ops.logits_gather_message(d, sampled), 1.0))
 
 
 class Features(NamedTuple):
@@ -121,40 +205,40 @@ class Features(NamedTuple):
     gather_bytes: jax.Array  # its all-reduce-equivalent message (`ops.logits_gather_message`)
 
 
-def features(arrays: Arrays, layout: Layout, step: Step, static: Static) -> Features:
-    d, hw = layout.dims, layout.hw
-    n_pre = jnp.sum(step.prefill_mask)
-    n_dec = jnp.sum(step.decode_mask)
-    new = step.prefill_new * step.prefill_mask
-    tokens = jnp.sum(new) + n_dec
-    sampled = n_pre + n_dec  # each request's last position goes through lm_head and the sampler
-    gl = list(ops.layer_gemms(d, tokens).values()) + [ops.lm_head_gemm(d, sampled)]
+def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Features:
+    """The features of a summarized batch, its table times read through ``lookup`` (`TableLookup` or
+    `fastlookup.FastLookup`)."""
+    d, hw = on.dims, on.hw
+    tokens, sampled = batch.tokens, batch.sampled
+    gl = step_gemms(d, batch)
     # A Python loop, not a nested vmap: XLA:CPU (jax 0.10.2) returned wrong table values for a vmap over
     # the five GEMMs inside a vmap over more than ~6500 steps (tests/test_step_batching.py guards this).
-    per = [kt.gemm_features(arrays.gemm, x, d.weight_bytes, static.table_weight_bytes, hw) for x in gl]
+    per = [kt.gemm_features(t, g, d.weight_bytes, static.table_weight_bytes, hw)
+           for t, g in zip(lookup.gemm_us(gl), gl)]
     gf = kt.GemmFeatures(*(jnp.stack([jnp.asarray(getattr(p_, f), jnp.float32) for p_ in per])
-                                for f in kt.GemmFeatures._fields))
-    pairs = jnp.sum(ops.prefill_pairs_tiled(d, new, step.prefill_cached) * step.prefill_mask)
-    keys = jnp.sum(ops.decode_keys(d, step.decode_ctx) * step.decode_mask)
+                           for f in kt.GemmFeatures._fields))
     msg = ops.allreduce_bytes(d, tokens)
     gather = ops.logits_gather_message(d, sampled)
     return Features(
-        tokens=tokens, n_prefill=n_pre, n_decode=n_dec, gemm=gf,
-        attn_prefill_us=kt.attn_prefill_table_us(arrays.prefill, layout.prefill_layout,
-                                                      layout.prefill_len_scale, n_pre, pairs),
-        attn_decode_us=kt.attn_decode_table_us(arrays.decode, layout.decode_layout, layout.decode_kv_scale,
-                                                    n_dec, keys),
-        attn_floor_us=kt.attn_floor_us(arrays.decode, layout.decode_layout),
-        kv_bytes=ops.kv_read_bytes(d, keys),
+        tokens=tokens, n_prefill=batch.n_prefill, n_decode=batch.n_decode, gemm=gf,
+        attn_prefill_us=lookup.attn_prefill_us(batch.n_prefill, batch.prefill_pairs),
+        attn_decode_us=lookup.attn_decode_us(batch.n_decode, batch.decode_keys),
+        attn_floor_us=lookup.attn_floor_us(),
+        kv_bytes=ops.kv_read_bytes(d, batch.decode_keys),
         memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
-        comm_table_us=kt.allreduce_table_us(arrays.comm, d.tp, msg), comm_bytes=msg,
-        gather_table_us=kt.allreduce_table_us(arrays.comm, d.tp, jnp.maximum(gather, 1.0)), gather_bytes=gather)
+        comm_table_us=lookup.layer_allreduce_us(tokens), comm_bytes=msg,
+        gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather)
 
 
-def combine(f: Features, layout: Layout, params: Params, static: Static):
+def features(arrays: Arrays, on: ModelOnGPU, step: Step, static: Static) -> Features:
+    """The features of one padded step, from the table arrays."""
+    return batch_features(TableLookup(arrays, on), on, summarize(on.dims, step), static)
+
+
+def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     """Step time (µs) and breakdown from the step's features and the residual parameters."""
-    d, hw, p = layout.dims, layout.hw, params
+    d, hw, p = on.dims, on.hw, params
     g = kt.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5]
     has_pre, has_dec = f.n_prefill > 0, f.n_decode > 0
     # One varlen kernel per layer serves prefills and decodes.  Its fixed cost in the engine is the decode
@@ -183,14 +267,14 @@ def combine(f: Features, layout: Layout, params: Params, static: Static):
     return sum(parts.values()), parts
 
 
-def step_time(arrays: Arrays, layout: Layout, params: Params, step: Step, static: Static):
+def step_time(arrays: Arrays, on: ModelOnGPU, params: Params, step: Step, static: Static):
     """Predicted time of one step (µs) and its breakdown by operator class (dict of µs)."""
-    return combine(features(arrays, layout, step, static), layout, params, static)
+    return combine(features(arrays, on, step, static), on, params, static)
 
 
 @functools.lru_cache(maxsize=None)
 def _features_fn(static: Static):
-    return jax.jit(jax.vmap(lambda a, lay, s: features(a, lay, s, static), in_axes=(None, None, 0)))
+    return jax.jit(jax.vmap(lambda a, on, s: features(a, on, s, static), in_axes=(None, None, 0)))
 
 
 def pad_steps(steps: Step, n_prefill: int, n_decode: int) -> Step:
@@ -202,7 +286,7 @@ def pad_steps(steps: Step, n_prefill: int, n_decode: int) -> Step:
                 wide(steps.decode_mask, n_decode))
 
 
-def batched_features(arrays: Arrays, layout: Layout, steps: Step, static: Static, n_prefill: int,
+def batched_features(arrays: Arrays, on: ModelOnGPU, steps: Step, static: Static, n_prefill: int,
                      n_decode: int, chunk: int = 4096) -> Features:
     """`features` of many steps in fixed-size chunks of fixed width, so that every model, TP degree and
     batch of one GPU reuses a single compilation."""
@@ -215,15 +299,15 @@ def batched_features(arrays: Arrays, layout: Layout, steps: Step, static: Static
         short = chunk - part.prefill_new.shape[0]
         if short:  # repeat the first step to fill the chunk; the copies are dropped below
             part = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], short, axis=0)]), part)
-        out.append(jax.tree_util.tree_map(lambda a: a[:chunk - short], fn(arrays, layout, part)))
+        out.append(jax.tree_util.tree_map(lambda a: a[:chunk - short], fn(arrays, on, part)))
     return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out)
 
 
 def make_step_fn(static: Static):
     """A jitted, vmapped step-time function over a leading axis of steps:
-    f(arrays, layout, params, steps) -> (total_us [S], breakdown {name: [S]})."""
-    def one(arrays, layout, params, step):
-        return step_time(arrays, layout, params, step, static)
+    f(arrays, on, params, steps) -> (total_us [S], breakdown {name: [S]})."""
+    def one(arrays, on, params, step):
+        return step_time(arrays, on, params, step, static)
     return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 
 

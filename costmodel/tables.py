@@ -44,6 +44,11 @@ from .hardware import GPU
 from .interp import blend_secondary_axis, fill_work_axis, interp_work_axis, suffix_min
 
 
+# Log-log slope of attention time in length above a table's grid: decode work grows with kv length, prefill
+# work with the square of the sequence length.
+DECODE_SLOPE_HI, PREFILL_SLOPE_HI = 1.0, 2.0
+
+
 class GemmTable(NamedTuple):
     """GEMM latency grid of one dtype: log_t[k, n, m] = log(latency_us) on log-scaled axes."""
 
@@ -107,15 +112,26 @@ def gemm_table_us(t: GemmTable, m, k, n):
     scaled by the work ratio k·n / (k_j·n_j), and the scaled logs are blended bilinearly in (log k, log n);
     the result is never below the table's fastest measured call.
     """
+    series, offset, w = gemm_shape_blend(t, k, n)
+    vals = interp_work_axis(jnp.log(m), t.log_m, series.T, 1.0) + offset  # [4]
+    return jnp.exp(jnp.maximum(jnp.sum(w * vals), gemm_log_floor(t)))
+
+
+def gemm_log_floor(t: GemmTable):
+    """Log of the table's fastest measured call: no GEMM is priced below it (launch cost)."""
+    return jnp.min(t.log_t)
+
+
+def gemm_shape_blend(t: GemmTable, k, n):
+    """The measured shapes around (k, n) and how `gemm_table_us` blends them: their log-time m-series
+    [4, Nm] (k0n0, k0n1, k1n0, k1n1), the log work ratio added to each [4], and the bilinear weights [4]."""
     lk, ln = jnp.log(k), jnp.log(n)
-    floor = jnp.min(t.log_t)  # no call is faster than the fastest one measured (launch cost)
     ik, wk = _bracket(t.log_k, lk)
     i_n, wn = _bracket(t.log_n, ln)
-    series = t.log_t[ik[:, None], i_n[None, :], :].reshape(4, -1)  # [(k0n0, k0n1, k1n0, k1n1), Nm]
-    vals = interp_work_axis(jnp.log(m), t.log_m, series.T, 1.0)  # [4]
-    vals = vals + (lk - t.log_k[ik]).repeat(2) + jnp.tile(ln - t.log_n[i_n], 2)
+    series = t.log_t[ik[:, None], i_n[None, :], :].reshape(4, -1)
+    offset = (lk - t.log_k[ik]).repeat(2) + jnp.tile(ln - t.log_n[i_n], 2)
     w = jnp.outer(jnp.stack([1.0 - wk, wk]), jnp.stack([1.0 - wn, wn])).reshape(4)
-    return jnp.exp(jnp.maximum(jnp.sum(w * vals), floor))
+    return series, offset, w
 
 
 def _bracket(grid, x):
@@ -129,19 +145,31 @@ def _bracket(grid, x):
 
 def attn_table_us(t: AttnTable, c, batch, length, slope_hi, slope_lo=0.0):
     """Attention latency (µs) of head layout ``c`` for ``batch`` sequences of ``length`` (kv_len for
-    decode, seq_len for prefill).  Batches beyond the grid fold into longer equivalent sequences;
-    lengths beyond the grid follow log-log slopes ``slope_hi`` above and ``slope_lo`` below."""
-    b_max = jnp.exp(t.log_b[-1])
-    b = jnp.clip(batch, 1.0, b_max)
-    length = length * (batch / b) ** (1.0 / slope_hi)  # same total work with at most b_max sequences
+    decode, seq_len for prefill).  Batches beyond the grid fold into longer equivalent sequences
+    (`fold_batch`); lengths beyond the grid follow log-log slopes ``slope_hi`` above and ``slope_lo`` below."""
+    b, length = fold_batch(batch, jnp.exp(t.log_b[-1]), length, slope_hi)
     rows = interp_work_axis(jnp.log(length), t.log_len, t.log_t[c], slope_hi, slope_lo)  # [Nb]
     return jnp.exp(blend_secondary_axis(jnp.log(b), t.log_b, rows))
+
+
+def fold_batch(batch, b_max, length, slope_hi):
+    """``batch`` sequences of ``length`` as at most ``b_max`` sequences of the same total work, where work
+    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length)."""
+    b = jnp.clip(batch, 1.0, b_max)
+    ratio = batch / b  # ratio ** (1 / slope_hi), without pow for the usual slopes (pow is a libm call)
+    return b, length * (ratio if slope_hi == 1.0 else jnp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
 
 
 def comm_table_us(t: CommTable, gpus, nbytes):
     """Measured all-reduce latency (µs) of ``nbytes`` per GPU over ``gpus`` GPUs."""
     rows = interp_work_axis(jnp.log(nbytes), t.log_bytes, jnp.moveaxis(t.log_t, 1, 0), 1.0)  # [Ng]
     return jnp.exp(_interp_clamped(jnp.log(gpus), t.log_gpus, rows))
+
+
+def comm_gpu_weights(t: CommTable, gpus):
+    """Weights w [Ng] with `comm_table_us`'s blend over GPU counts == w @ rows (clamped, linear in log gpus)."""
+    eye = jnp.eye(t.log_gpus.shape[0], dtype=jnp.float32)
+    return jax.vmap(lambda col: _interp_clamped(jnp.log(gpus), t.log_gpus, col), in_axes=1)(eye)
 
 
 def _interp_clamped(x, xp, fp):
@@ -263,7 +291,7 @@ def _attn_files(folder: Path) -> list[tuple[tuple[int, int, int], Path]]:
 def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes: list[str] | None = None):
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable."""
     length_col = "kv_len" if kind == "decode" else "seq_len"
-    slope = 1.0 if kind == "decode" else 2.0
+    slope = DECODE_SLOPE_HI if kind == "decode" else PREFILL_SLOPE_HI
     frames = []
     for heads, f in _attn_files(folder):
         df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes)

@@ -29,7 +29,7 @@ steps_st = st.fixed_dictionaries({
 
 
 def _time(su, s, params=Params()):
-    return float(step_time(su.arrays, su.layout, params, jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])),
+    return float(step_time(su.arrays, su.on_gpu, params, jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])),
                            su.static)[0])
 
 
@@ -66,10 +66,10 @@ def test_monotone_in_tokens_and_context(su, s, more_new, more_ctx):
 def test_vmap_equals_python_loop(su_repo, steps):
     # fixed shapes (6 steps, 4 prefill and 64 decode slots) so that both sides compile once
     packed = pad_steps(pack_steps(steps + [steps[0]] * (6 - len(steps))), 4, 64)
-    batched, _ = _step_fn(su_repo.static)(su_repo.arrays, su_repo.layout, Params(), packed)
+    batched, _ = _step_fn(su_repo.static)(su_repo.arrays, su_repo.on_gpu, Params(), packed)
     batched = np.asarray(batched)[:len(steps)]
     one = _single_fn(su_repo.static)
-    loop = [float(one(su_repo.arrays, su_repo.layout, Params(), jax.tree_util.tree_map(lambda a: a[i], packed)))
+    loop = [float(one(su_repo.arrays, su_repo.on_gpu, Params(), jax.tree_util.tree_map(lambda a: a[i], packed)))
             for i in range(len(steps))]
     np.testing.assert_allclose(np.asarray(batched), loop, rtol=1e-5)
 
@@ -88,7 +88,7 @@ def _single_fn(static):
 @given(steps_st)
 def test_gradients_finite(su, s):
     step = jax.tree_util.tree_map(lambda a: a[0], pack_steps([s]))
-    f = lambda p, arrays, st_: step_time(arrays, su.layout, p, st_, su.static)[0]
+    f = lambda p, arrays, st_: step_time(arrays, su.on_gpu, p, st_, su.static)[0]
     gp, ga, gs = jax.grad(f, argnums=(0, 1, 2))(Params(), su.arrays, step)
     for leaf in jax.tree_util.tree_leaves((gp, ga, gs)):
         assert np.isfinite(np.asarray(leaf)).all()
@@ -97,7 +97,7 @@ def test_gradients_finite(su, s):
 
 def test_breakdown_sums_to_total(su):
     s = {"prefill": [[300, 100]], "decode": [100, 2000]}
-    t, parts = step_time(su.arrays, su.layout, Params(),
+    t, parts = step_time(su.arrays, su.on_gpu, Params(),
                          jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])), su.static)
     assert float(sum(parts.values())) == pytest.approx(float(t), rel=1e-6)
     assert float(parts["communication"]) > 0 and float(parts["attn_prefill"]) >= 0
@@ -110,8 +110,8 @@ def test_communication_counts_layer_allreduces_and_logits_gather(h100_repo):
     from costmodel import kernel_time as kernels
     su2 = setup(load_model("llama-3.1-8b"), h100_repo, 2)
     s = jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [100, 200, 300]}]))
-    comm = step_time(su2.arrays, su2.layout, Params(), s, su2.static)[1]["communication"]
-    ar = lambda nbytes: float(kernels.allreduce_us(su2.arrays.comm, 2.0, nbytes, su2.layout.hw, Params()))  # noqa: E731
+    comm = step_time(su2.arrays, su2.on_gpu, Params(), s, su2.static)[1]["communication"]
+    ar = lambda nbytes: float(kernels.allreduce_us(su2.arrays.comm, 2.0, nbytes, su2.on_gpu.hw, Params()))  # noqa: E731
     assert float(comm) == pytest.approx(65 * ar(3 * 4096 * 2) + ar(3 * 128256 * 2 / 2), rel=1e-5)
     assert ar(3 * 128256 * 2 / 2) > ar(3 * 4096 * 2)
 
@@ -124,7 +124,7 @@ def test_decode_attention_cold_kv_bound_by_hand(h100_repo):
     in the benchmark too) keeps the table time."""
     from costmodel import kernel_time as kernels
     su = setup(load_model("llama-3.1-70b"), h100_repo, 4)
-    c, s = su.layout.decode_layout, su.layout.decode_kv_scale
+    c, s = su.on_gpu.decode_layout, su.on_gpu.decode_kv_scale
     floor = float(kernels.attn_floor_us(su.arrays.decode, c))
     for batch, bound_wins in ((40, True), (320, False)):
         kv_bytes = batch * 641 * 2 * 2 * 128 * 2
@@ -132,11 +132,11 @@ def test_decode_attention_cold_kv_bound_by_hand(h100_repo):
         table = float(kernels.attn_decode_table_us(su.arrays.decode, c, s, batch, batch * 641.0))
         bound = floor + kv_bytes / 3350e9 * 1e6
         assert (bound > table) == bound_wins, (table, bound)
-        _, parts = step_time(su.arrays, su.layout, Params(),
+        _, parts = step_time(su.arrays, su.on_gpu, Params(),
                              jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [640] * batch}])),
                              su.static)
         assert float(parts["attn_decode"]) == pytest.approx(80 * max(table, bound), rel=1e-5)
     # attn_fixed_scale: the engine's fixed cost of the call as a multiple of the table's floor
-    _, parts = step_time(su.arrays, su.layout, Params(attn_fixed_scale=2.0),
+    _, parts = step_time(su.arrays, su.on_gpu, Params(attn_fixed_scale=2.0),
                          jax.tree_util.tree_map(lambda a: a[0], pack_steps([{"decode": [640] * 40}])), su.static)
     assert float(parts["attn_decode"]) == pytest.approx(80 * (2 * floor + 26_255_360 / 3350e9 * 1e6), rel=1e-5)

@@ -52,7 +52,7 @@ def _ref_fn(su, steps, params=None, rows=1024):
     n = steps.prefill_new.shape[0]
     steps = pad_steps(steps, 4, 64)
     steps = jax.tree_util.tree_map(lambda a: np.pad(np.asarray(a), ((0, rows - n), (0, 0)), mode="edge"), steps)
-    t, br = _step_fn(su.static)(su.arrays, su.layout, params or Params(), steps)
+    t, br = _step_fn(su.static)(su.arrays, su.on_gpu, params or Params(), steps)
     return np.asarray(t)[:n], {k: np.asarray(v)[:n] for k, v in br.items()}
 
 
@@ -153,7 +153,7 @@ def test_sweep_predict_and_loop_agree(h100):
     for i, r in enumerate(df.itertuples()):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], packed)
         su = sus[r.tp]
-        loop.append(float(fn(su.arrays, su.layout, p, one, su.static)))
+        loop.append(float(fn(su.arrays, su.on_gpu, p, one, su.static)))
     np.testing.assert_allclose(got.step_us, predicted, rtol=RTOL)
     np.testing.assert_allclose(got.step_us, loop, rtol=RTOL)
 

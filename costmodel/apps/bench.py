@@ -123,10 +123,10 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
     steps = [jax.tree_util.tree_map(jnp.asarray, s) for s in steps]
     tps = [groups[gidx[i]]["tp"] for i in idx]
     for tp in TPS:  # compile and warm up outside the timing
-        float(fn(sus[tp].arrays, sus[tp].layout, Params(), steps[0], sus[tp].static))
+        float(fn(sus[tp].arrays, sus[tp].on_gpu, Params(), steps[0], sus[tp].static))
     p = Params()
     t0 = time.perf_counter()
-    loop = [float(fn(sus[tp].arrays, sus[tp].layout, p, s, sus[tp].static)) for tp, s in zip(tps, steps)]
+    loop = [float(fn(sus[tp].arrays, sus[tp].on_gpu, p, s, sus[tp].static)) for tp, s in zip(tps, steps)]
     loop_s = time.perf_counter() - t0
     loop_rate = len(idx) / loop_s
 
@@ -166,15 +166,15 @@ def _call_split(ev, gidx, batch, group: int, reps: int = 5) -> dict:
     import jax
     rows = np.flatnonzero(gidx == group)[:ev.call_size]
     part = [ev._pad(np.asarray(b[rows], np.float32), 1.0) for b in batch]
-    fn, (arrays, scal) = ev._fns[group][ev._integral(part)], ev.tables[group]
+    fn, args = ev._fns[group], ev.tables[group][ev._integral(part)]
     ins = jax.block_until_ready(jax.device_put(part, ev._sh))
-    res = jax.block_until_ready(fn(arrays, scal, *ins))
+    res = jax.block_until_ready(fn(*args, *ins))
     t_in, t_eval, t_out = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         ins = jax.block_until_ready(jax.device_put(part, ev._sh))
         t1 = time.perf_counter()
-        res = jax.block_until_ready(fn(arrays, scal, *ins))
+        res = jax.block_until_ready(fn(*args, *ins))
         t2 = time.perf_counter()
         host = [np.array(r) for r in res]
         t3 = time.perf_counter()

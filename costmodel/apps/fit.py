@@ -65,7 +65,7 @@ def make_loss(predictor, records, engines=(), groups=None):
     row = np.array([1 + engines.index(r.engine) if r.engine in engines else 0 for r in records])
     groups = predictor.features(records) if groups is None else groups
     statics = [su.static for su, _, _ in groups]
-    feats = [(su.layout, f, jnp.asarray(owner), jnp.asarray(row[owner])) for su, f, owner in groups]
+    feats = [(su.on_gpu, f, jnp.asarray(owner), jnp.asarray(row[owner])) for su, f, owner in groups]
     data = {"groups": feats, "meas": jnp.asarray([r.measured_us for r in records], jnp.float32),
             "w": jnp.asarray(_weights(records), jnp.float32), "per_engine": jnp.float32(1.0)}
     mu, sig = prior_arrays()

@@ -211,7 +211,7 @@ class Predictor:
         groups = list(self.group_inputs(records))
         wp = max(g[1].prefill_new.shape[1] for g in groups)
         wd = max(g[1].decode_ctx.shape[1] for g in groups)
-        return [(su, batched_features(su.arrays, su.layout, steps, su.static, wp, wd), owner)
+        return [(su, batched_features(su.arrays, su.on_gpu, steps, su.static, wp, wd), owner)
                 for su, steps, owner in groups]
 
     def predict(self, records: list[Record], params=None, with_floor: bool = False):
@@ -232,7 +232,7 @@ class Predictor:
             for key in np.unique(sets):  # "" = pooled
                 sel = sets == key
                 fs = f if sel.all() else jax.tree_util.tree_map(lambda a: a[sel], f)
-                t, br = _combine_fn(su.static)(fs, su.layout, cal.by_engine[key] if key else cal.pooled)
+                t, br = _combine_fn(su.static)(fs, su.on_gpu, cal.by_engine[key] if key else cal.pooled)
                 t = np.asarray(t, dtype=np.float64)
                 own = owner[sel]
                 if not np.all(np.isfinite(t)) or np.any(t <= 0):
@@ -251,10 +251,10 @@ def roofline_floor_us(groups, n_records: int) -> np.ndarray:
     mis-timed or mis-attributed record).  ``groups``: `Predictor.features` of the records."""
     floor = np.zeros(n_records)
     for su, f, owner in groups:
-        hw = su.layout.hw
+        hw = su.on_gpu.hw
         g = np.maximum(np.asarray(f.gemm.flops, np.float64) / float(hw.peak_flops),
                        np.asarray(f.gemm.bytes, np.float64) / float(hw.hbm_bytes_per_s)) * 1e6  # [steps, 5]
-        np.add.at(floor, owner, float(su.layout.dims.layers) * g[:, :4].sum(axis=1) + g[:, 4])
+        np.add.at(floor, owner, float(su.on_gpu.dims.layers) * g[:, :4].sum(axis=1) + g[:, 4])
     return floor
 
 

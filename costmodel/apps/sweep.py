@@ -22,17 +22,10 @@ over the local devices), results streamed to Parquet or CSV chunk files written 
 interrupted sweep resumes at the missing chunks, and merged into one file at the end; a sweep may be split
 over processes/hosts by chunk (``process_index``/``process_count``, `merge_shards`).
 
-Exactness and speed (tests compare with `step.step_time` to float32 precision).  Per (model, GPU, TP) group:
-* each GEMM has a fixed (k, n), and the 2x2 shape blend of `tables.gemm_table_us` is linear in the monotone
-  cubic's node values and slopes, so each GEMM is one precomputed cubic in log m; for integer token counts
-  up to `TOKEN_TABLE` the GEMM and all-reduce times are read from per-token tables of those cubics;
-* the attention table of the group's head layout is split, per length cell, where two batch columns'
-  cubics cross, so the running max over batch sizes (`interp.blend_secondary_axis`) becomes a precomputed
-  choice of cubic and one evaluation reads two columns;
-* a cell is found by a lookup table on the float32 bucket of x plus comparisons (exactly the count of
-  grid nodes <= x), coefficients by 1-D gathers, all on scalars per configuration (XLA vectorizes those
-  loops on CPU; small per-configuration vectors and reductions over them it does not);
-* `step.combine` prices the features exactly as `step_time` does.
+Each group is priced by the step model itself (`step.batch_features` and `step.combine` on the batch
+summary `step.Batch`), with the group's kernel tables specialised to its fixed shapes once at setup
+(`fastlookup.FastLookup`: per-GEMM cubics, per-token tables, resolved attention maxima, lookup-table cell
+finders); tests compare sweeps with `step.step_time` to float32 precision.
 
     import costmodel.apps.sweep as sw
     df = sw.sweep({"model": "llama-3.1-8b", "gpu": "H100", "tp": [1, 2, 4, 8],
@@ -54,30 +47,32 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import interpax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import kernel_time as kt
 from .. import ops
 from .. import tables as tables_mod
 from ..errors import InputError
+from ..fastlookup import TOKEN_TABLE, FastLookup, common_shapes, specialise
 from ..hardware import get_gpu
 from ..model import ModelConfig, load_model, normalize_dtype
 from ..params import Params
 from ..step import (
     BREAKDOWN,
-    Features,
-    Layout,
+    Batch,
+    ModelOnGPU,
     Setup,
     Static,
+    batch_features,
     combine,
+    decode_keys_of_means,
+    pack_steps,
+    prefill_of_means,
     setup,
-    validate_step,
+    summarize,
 )
 
 GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype")
@@ -86,208 +81,9 @@ BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_
                  "prefill_tokens", "prefill_pairs")
 RESULT_COLUMNS = ("step_us",) + BREAKDOWN
 DEFAULT_CHUNK = 1 << 20
-DECODE_SLOPE_LO = kt.DECODE_SLOPE_LO  # as `kt.attn_decode_table_us`
-_BIG = np.float32(3e38)  # padding of grid nodes: never <= a query
 
 
-# ---------------------------------------------------------------- per-group precomputation
-
-MAX_LUT = 1 << 16  # buckets of a grid's cell lookup table
-
-
-def _cells(x, y, s):
-    """Cubic Hermite cells of a series on grid ``x`` [N] with values ``y`` [N, ...] and node slopes ``s``
-    (interpax's form): per cell i (x[i] .. x[i+1]) x0, 1/dx and the float64 coefficients of
-    c0 + c1 t + c2 t^2 + c3 t^3 in t = (x - x0)/dx, shape [N-1, ..., 4]."""
-    x = np.asarray(x, np.float32)
-    dx = x[1:] - x[:-1]
-    dxi = np.where(dx == 0, np.float32(0), np.float32(1) / np.where(dx == 0, 1, dx)).astype(np.float32)
-    y, s = np.asarray(y, np.float64), np.asarray(s, np.float32)
-    shape = (-1,) + (1,) * (y.ndim - 1)
-    f0, f1 = y[:-1], y[1:]
-    fx0 = (s[:-1] * dx.reshape(shape)).astype(np.float64)
-    fx1 = (s[1:] * dx.reshape(shape)).astype(np.float64)
-    coef = np.stack([f0, fx0, -3 * f0 + 3 * f1 - 2 * fx0 - fx1, 2 * f0 - 2 * f1 + fx0 + fx1], axis=-1)
-    return x[:-1], dxi, coef
-
-
-def _in_u(coef: np.ndarray, dxi: np.ndarray) -> np.ndarray:
-    """Coefficients in t = (x - x0) * dxi -> coefficients in u = x - x0 (one gather less per lookup)."""
-    scale = np.asarray(dxi, np.float64)[:, None] ** np.arange(4)  # [Nc, 4]
-    return coef * scale.reshape((scale.shape[0],) + (1,) * (coef.ndim - 2) + (4,))
-
-
-def _planes(coef: np.ndarray) -> np.ndarray:
-    """[Ncell, S, 4] -> [S, 4, Ncell] float32: one contiguous row per (series, coefficient) for 1-D gathers."""
-    return np.ascontiguousarray(np.moveaxis(coef, 0, -1)).astype(np.float32)
-
-
-def _safediv(a, b):
-    mask = np.abs(b) <= 0
-    return np.where(mask, 0, a) / np.where(mask, 1, b)
-
-
-def _slopes(x, f):
-    """interpax's monotone (PCHIP-type) node slopes along axis 0, as `interp.interp_work_axis` uses them
-    (interpax's ``_monotonic``, replicated in numpy float32 so that no JAX compilation is needed)."""
-    x = np.asarray(x, np.float32)
-    f = np.asarray(f, np.float32)
-    if x.shape[0] < 3:
-        return np.asarray(interpax.approx_df(jnp.asarray(x), jnp.asarray(f), "monotonic", axis=0))
-    shape = f.shape
-    f = f.reshape(shape[0], -1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hk = x[1:] - x[:-1]
-        hki = np.where(hk == 0, np.float32(0), np.float32(1) / np.where(hk == 0, 1, hk)).astype(np.float32)[:, None]
-        mk = (hki * np.diff(f, axis=0)).astype(np.float32)
-        smk = np.sign(mk)
-        cond = (smk[1:] != smk[:-1]) | (mk[1:] == 0) | (mk[:-1] == 0)
-        w1 = (2 * hk[1:] + hk[:-1])[:, None].astype(np.float32)
-        w2 = (hk[1:] + 2 * hk[:-1])[:, None].astype(np.float32)
-        whmean = _safediv(_safediv(w1, mk[:-1]) + _safediv(w2, mk[1:]), w1 + w2).astype(np.float32)
-        dk = np.where(cond, np.float32(0), _safediv(np.float32(1), whmean)).astype(np.float32)
-        h = (np.float32(1) / hki[:, 0]).astype(np.float32)
-
-        def edge(h0, h1, m0, m1):
-            d = ((2 * h0 + h1) * m0 - h0 * m1) / (h0 + h1)
-            mask = np.sign(d) != np.sign(m0)
-            mask2 = (np.sign(m0) != np.sign(m1)) & (np.abs(d) > 3.0 * np.abs(m0))
-            d = np.where(mask, 0.0, d)
-            return np.where(~mask & mask2, 3.0 * m0, d).astype(np.float32)
-
-        d0 = edge(h[0], h[1], mk[0], mk[1])
-        d1 = edge(h[-1], h[-2], mk[-1], mk[-2])
-    return np.concatenate([d0[None], dk, d1[None]]).reshape(shape)
-
-
-def _finder(grid) -> dict:
-    """Cell lookup for a sorted float32 grid (first and last node = the clamping range): the kernel takes
-    bucket b = floor((x - lo) * inv) (float32, monotone in x), starts at lut[b] = the number of interior nodes
-    whose own bucket is below b (all < x), and adds ``k`` comparisons for the nodes sharing x's bucket.  The
-    result is exactly the number of interior nodes <= x."""
-    x = np.asarray(grid, np.float32)
-    lo, hi, interior = x[0], x[-1], x[1:-1]
-    if interior.size == 0:
-        return {"lut": np.zeros(1, np.int32), "nodes": np.full(1, _BIG, np.float32),
-                "sc": {"lo": lo, "hi": hi, "inv": 0.0, "lmax": 0.0}, "k": 0}
-    gaps = np.diff(x.astype(np.float64))
-    span = float(hi) - float(lo)
-    L = int(min(MAX_LUT, 2 ** math.ceil(math.log2(max(2.0, 2.0 * span / max(gaps[gaps > 0].min(), 1e-30))))))
-    inv = np.float32(L / span)
-    bn = np.clip(np.floor((interior - lo) * inv), 0, L - 1).astype(np.int64)  # float32 arithmetic as the kernel
-    lut = np.searchsorted(bn, np.arange(L), side="left").astype(np.int32)
-    k = int(np.bincount(bn).max())
-    return {"lut": lut, "nodes": np.concatenate([interior, np.full(1, _BIG, np.float32)]),
-            "sc": {"lo": lo, "hi": hi, "inv": inv, "lmax": float(L - 1)}, "k": k}
-
-
-def _bracket(grid: np.ndarray, x: np.float32):
-    """`tables._bracket` in numpy float32: the two grid nodes around x (clamped) and the upper one's weight."""
-    if grid.shape[0] == 1:
-        return np.zeros(2, np.int64), np.float32(0)
-    i = int(np.clip(np.searchsorted(grid, x, side="left") - 1, 0, grid.shape[0] - 2))
-    w = np.clip((x - grid[i]) / (grid[i + 1] - grid[i]), np.float32(0), np.float32(1)).astype(np.float32)
-    return np.array([i, i + 1]), w
-
-
-def _gemm_series(t: tables_mod.GemmTable, k: float, n: float):
-    """The (log m)-series of a GEMM of fixed (k, n): values and slopes of the blend in `gemm_table_us`
-    (the blend is linear in the cubic Hermite values and slopes of the 2x2 neighbouring shapes)."""
-    log_k, log_n, log_t = (np.asarray(a, np.float32) for a in (t.log_k, t.log_n, t.log_t))
-    lk, ln = np.log(np.float32(k)), np.log(np.float32(n))
-    ik, wk = _bracket(log_k, lk)
-    i_n, wn = _bracket(log_n, ln)
-    series = log_t[ik[:, None], i_n[None, :], :].reshape(4, -1).astype(np.float64)  # [4, Nm]
-    off = ((lk - log_k[ik]).repeat(2) + np.tile(ln - log_n[i_n], 2)).astype(np.float64)
-    w = np.outer([1 - wk, wk], [1 - wn, wn]).reshape(4).astype(np.float64)
-    slopes = _slopes(t.log_m, series.T.astype(np.float32)).astype(np.float64)  # [Nm, 4]
-    return (w[:, None] * (series + off[:, None])).sum(0), slopes @ w
-
-
-def _interp_weights(xq, xp) -> np.ndarray:
-    """Weights w with jnp.interp(xq, xp, fp) == w @ fp (clamped, as `tables._interp_clamped`)."""
-    xp = np.asarray(xp, np.float32)
-    w = np.zeros(xp.shape[0])
-    if xp.shape[0] == 1:
-        return w + 1.0
-    xq = np.float32(xq)
-    if xq <= xp[0]:
-        w[0] = 1.0
-    elif xq >= xp[-1]:
-        w[-1] = 1.0
-    else:
-        i = int(np.clip(np.searchsorted(xp, xq, side="right"), 1, len(xp) - 1))
-        u = float((xq - xp[i - 1]) / (xp[i] - xp[i - 1]))
-        w[i - 1], w[i] = 1.0 - u, u
-    return w
-
-
-def _crossings(P: np.ndarray) -> list[float]:
-    """t in (0, 1) where two of the cubics P [Nb, 4] (coefficients in t) cross."""
-    out = []
-    for a in range(P.shape[0]):
-        for b in range(a + 1, P.shape[0]):
-            d = (P[a] - P[b])[::-1]  # highest power first
-            nz = np.nonzero(np.abs(d) > 1e-300)[0]
-            if nz.size == 0 or nz[0] == 3:
-                continue
-            r = np.roots(d[nz[0]:])
-            r = r[np.abs(r.imag) < 1e-9].real
-            out += [float(v) for v in r if 1e-9 < v < 1 - 1e-9]
-    return sorted(set(out))
-
-
-def _attn_refined(t: tables_mod.AttnTable, c: int):
-    """A head layout's table as exact piecewise cubics along log length, one per batch column, with the
-    running max over batch columns of `interp.blend_secondary_axis` resolved: each length cell is split where
-    two columns' cubics cross, and on each piece column j is the cubic of argmax_{k<=j} (precomputed)."""
-    x = np.asarray(t.log_len, np.float32)
-    f = np.asarray(t.log_t[c], np.float32)  # [Nl, Nb]
-    x0, dxi, coef = _cells(x, f, _slopes(x, f))  # coef [Nl-1, Nb, 4]
-    nodes, px0, pdxi, rc = [x[0]], [], [], []
-    for i in range(len(x) - 1):
-        P = coef[i]
-        cuts = [0.0] + _crossings(P) + [1.0]
-        segs = []
-        for lo_t, hi_t in zip(cuts[:-1], cuts[1:]):
-            m = 0.5 * (lo_t + hi_t)
-            v = P @ np.array([1.0, m, m * m, m ** 3])
-            am, best = [], 0
-            for j in range(len(v)):
-                if v[j] > v[best]:
-                    best = j
-                am.append(best)
-            if segs and segs[-1][1] == am:
-                segs[-1][0] = hi_t
-            else:
-                segs.append([hi_t, am])
-        dx = float(x[i + 1]) - float(x[i])
-        for hi_t, am in segs:
-            nodes.append(x[i + 1] if hi_t >= 1.0 else np.float32(float(x[i]) + hi_t * dx))
-            px0.append(x0[i])
-            pdxi.append(dxi[i])
-            rc.append(P[am])  # [Nb, 4]
-    lb = np.asarray(t.log_b, np.float32)
-    return {"nodes": np.asarray(nodes, np.float32), "x0": np.asarray(px0, np.float32),
-            "dxi": np.asarray(pdxi, np.float32), "coef": np.asarray(rc), "b": lb}
-
-
-TOKEN_TABLE = 1 << 15  # token counts tabulated per integer for GEMMs and all-reduces (`Mode.int_tokens`)
-
-
-def _per_token(grid, x0, coef_u, slope_hi, log_floor, scale=1.0) -> np.ndarray:
-    """The series of cells (``x0``, coefficients in x - x0, [Nc, S, 4]) on log grid ``grid`` at
-    x = log(m · scale) for every integer m in 0..TOKEN_TABLE (m = 0 unused), exp'd: [S, TOKEN_TABLE + 1]."""
-    grid = np.asarray(grid, np.float64)
-    x = np.log(np.arange(1, TOKEN_TABLE + 1, dtype=np.float64) * scale)
-    xc = np.clip(x, grid[0], grid[-1])
-    cell = np.searchsorted(grid[1:-1], xc, side="right")
-    u = (xc - np.asarray(x0, np.float64)[cell])[:, None]
-    c = np.asarray(coef_u, np.float64)[cell]  # [M, S, 4]
-    v = c[..., 0] + u * (c[..., 1] + u * (c[..., 2] + u * c[..., 3])) + slope_hi * np.maximum(x - grid[-1], 0)[:, None]
-    out = np.exp(np.maximum(v, log_floor)).T.astype(np.float32)
-    return np.concatenate([out[:, :1], out], axis=1)
-
+# ---------------------------------------------------------------- the fast step function
 
 @dataclass
 class Group:
@@ -298,302 +94,33 @@ class Group:
     params: Params
     calibration: str  # description
 
+    def lookup(self) -> FastLookup:
+        a = self.setup.arrays
+        return specialise(a.gemm, a.decode, a.prefill, a.comm, self.setup.on_gpu)
 
-def group_arrays(g: Group) -> dict:
-    """The per-group arrays (numpy, unpadded), scalars ("scal") and lookup depths ("k") the fast
-    evaluation reads."""
-    su, p = g.setup, g.params
-    d, hw = su.layout.dims, su.layout.hw
-    arr, sc, ks = {}, {}, {}
-
-    def finder(name, grid):
-        fd = _finder(grid)
-        arr[f"{name}_lut"], arr[f"{name}_nodes"], ks[name] = fd["lut"], fd["nodes"], fd["k"]
-        sc.update({f"{name}_{k}": v for k, v in fd["sc"].items()})
-
-    gt = su.arrays.gemm
-    gl = list(ops.layer_gemms(d, 1.0).values()) + [ops.lm_head_gemm(d, 1.0)]
-    ser = [_gemm_series(gt, float(x.k), float(x.n)) for x in gl]
-    xm = np.asarray(gt.log_m, np.float32)
-    finder("m", xm)
-    x0, dxi, coef = _cells(xm, np.stack([s[0] for s in ser], 1), np.stack([s[1] for s in ser], 1))  # [Nc, 5, 4]
-    arr.update(m_x0=x0, gemm_coef=_in_u(coef, dxi))  # [Nc, 5, 4]: qkv, o, gate_up, down, lm_head
-    for f in ops.Dims._fields:
-        sc["d_" + f] = getattr(d, f)
-    for f in kt.Hardware._fields:
-        sc["hw_" + f] = getattr(hw, f)
-    for f in Params._fields:
-        sc["p_" + f] = getattr(p, f)
-    for i, x in enumerate(gl):
-        sc[f"k{i}"], sc[f"n{i}"] = x.k, x.n
-    sc["table_weight_bytes"] = su.static.table_weight_bytes
-    sc["gemm_log_floor"] = float(np.min(np.asarray(gt.log_t, np.float32)))
-    sc["log_msg_per_token"] = float(np.log(np.float32(ops.allreduce_bytes(d, 1.0))))
-    for kind, t, c in (("dec", su.arrays.decode, int(su.layout.decode_layout)),
-                       ("pre", su.arrays.prefill, int(su.layout.prefill_layout))):
-        a = _attn_refined(t, c)
-        finder(kind, a["nodes"])
-        finder(kind + "b", a["b"])
-        lb = a["b"]
-        arr.update({f"{kind}_x0": a["x0"], f"{kind}_coef": _in_u(a["coef"], a["dxi"]),
-                    f"{kind}_bx0": lb[:-1] if lb.size > 1 else lb[:1],
-                    f"{kind}_bdx": (lb[1:] - lb[:-1]) if lb.size > 1 else np.ones(1, np.float32)})
-        sc[f"{kind}_bmax"] = float(np.exp(np.float32(lb[-1])))
-    sc["dec_scale"] = float(su.layout.decode_kv_scale)
-    sc["pre_scale"] = float(su.layout.prefill_len_scale)
-    sc["attn_floor"] = float(np.exp(np.asarray(su.arrays.decode.log_t)[int(su.layout.decode_layout), 0, 0]))
-    arr["tok_gemm"] = _per_token(xm, x0, _in_u(coef, dxi), 1.0, float(np.min(np.asarray(gt.log_t, np.float32))))
-    comm = su.arrays.comm
-    if comm is not None:
-        xb = np.asarray(comm.log_bytes, np.float32)
-        rows = np.ascontiguousarray(np.asarray(comm.log_t, np.float32).T)  # [Nbytes, Ng]
-        w = _interp_weights(np.log(np.float32(max(float(d.tp), 2.0))), comm.log_gpus)
-        cx0, cdxi, ccoef = _cells(xb, rows.astype(np.float64) @ w, _slopes(xb, rows).astype(np.float64) @ w)
-        finder("comm", xb)
-        cu = _in_u(ccoef[:, None, :], cdxi)
-        arr.update(comm_x0=cx0, comm_coef=cu)
-        arr["tok_comm"] = _per_token(xb, cx0, cu, 1.0, -np.inf, float(ops.allreduce_bytes(d, 1.0)))[0]
-        arr["tok_gather"] = _per_token(xb, cx0, cu, 1.0, -np.inf, max(float(ops.logits_gather_message(d, 1.0)), 1.0))[0]
-        sc["comm_table"] = 1.0
-    else:
-        finder("comm", np.zeros(1, np.float32))
-        arr.update(comm_x0=np.zeros(1, np.float32), comm_coef=np.zeros((1, 1, 4)),
-                   tok_comm=np.zeros(TOKEN_TABLE + 1, np.float32), tok_gather=np.zeros(TOKEN_TABLE + 1, np.float32))
-        sc["comm_table"] = 0.0
-    return {"arrays": arr, "scal": sc, "k": ks}
-
-
-class GroupTables(NamedTuple):
-    """One group's arrays, padded to the shapes common to a sweep (so one compilation serves all groups)."""
-
-    scal: jax.Array  # [K] scalars named by `Mode.names`
-    arrays: dict  # name -> array
-
-
-def _pad_axis(v: np.ndarray, axis: int, n: int) -> np.ndarray:
-    """Pad ``v`` to length ``n`` along ``axis`` by repeating its last entry."""
-    if v.shape[axis] >= n:
-        return v
-    last = np.take(v, [-1], axis=axis)
-    return np.concatenate([v] + [last] * (n - v.shape[axis]), axis=axis)
-
-
-def stack_groups(groups: list[Group]) -> tuple[list[GroupTables], Mode]:
-    """Per-group arrays padded to common shapes (lookup nodes with _BIG, which never count; everything else
-    by repeating the last entry, never read or equal to the last real one); attention coefficients
-    flattened to [4, cells * NB] planes with a common batch stride NB."""
-    per = [group_arrays(g) for g in groups]
-    names = tuple(per[0]["scal"])
-    ks = {k: max(a["k"][k] for a in per) for k in per[0]["k"]}
-    nb = {kind: max(2, max(a["arrays"][f"{kind}_coef"].shape[1] for a in per)) for kind in ("dec", "pre")}
-    nb["gemm"] = max(a["arrays"]["gemm_coef"].shape[0] for a in per)  # series stride of the GEMM planes
-    for a in per:
-        A = a["arrays"]
-        for kind in ("dec", "pre"):
-            A[f"{kind}_coef"] = _pad_axis(A[f"{kind}_coef"], 1, nb[kind])  # [Nc, NB, 4]
-    keys = list(per[0]["arrays"])
-    shapes = {k: tuple(max(a["arrays"][k].shape[i] for a in per) for i in range(per[0]["arrays"][k].ndim))
-              for k in keys}
-    out = []
-    for a in per:
-        arrs = {}
-        for k in keys:
-            v = a["arrays"][k]
-            if k.endswith("_nodes"):
-                v = np.concatenate([v, np.full(shapes[k][0] - v.shape[0], _BIG, np.float32)])
-            else:
-                v = _pad_axis(v, 0, shapes[k][0])
-            if k.endswith("_lut"):
-                v = v.astype(np.int32)
-            elif k in ("dec_coef", "pre_coef"):  # [Nc, NB, 4] -> [4, Nc * NB]: index cell * NB + column
-                v = np.ascontiguousarray(v.reshape(-1, 4).T).astype(np.float32)
-            elif k == "gemm_coef":  # [Nc, 5, 4] -> [4, 5 * Nc]: index series * Nc + cell
-                v = np.ascontiguousarray(np.moveaxis(v, 2, 0).transpose(0, 2, 1).reshape(4, -1)).astype(np.float32)
-            elif k.endswith("_coef"):  # [Nc, S, 4] -> [S, 4, Nc]
-                v = _planes(v)
-            else:
-                v = v.astype(np.float32)
-            arrs[k] = v
-        out.append(GroupTables(np.asarray([float(a["scal"][n]) for n in names], np.float32), arrs))
-    return out, (names, tuple(sorted(ks.items())), tuple(sorted(nb.items())))
-
-
-# ---------------------------------------------------------------- the fast step function
-# XLA on CPU vectorizes elementwise loops over the configuration axis well and small per-configuration vectors
-# (and reductions over them) badly, so the evaluation below is written on scalars per configuration: a lookup
-# table finds each cell, 1-D gathers read coefficients, and the features are combined by `step.combine`.
 
 @dataclass(frozen=True)
 class Mode:
-    """Static choices of one compiled sweep function."""
+    """How a sweep gives its batches (static per compiled function)."""
 
     decode_total: bool  # batch gives decode_keys (else decode_ctx per request)
     prefill_total: bool  # batch gives prefill_tokens, prefill_pairs (else prefill_new, prefill_cached)
-    names: tuple  # scalar names (GroupTables.scal)
-    ks: tuple  # (finder, comparisons after the table lookup)
-    nb: tuple  # (attention kind, batch stride of its coefficient planes)
-    int_tokens: bool = False  # every token count is an integer <= TOKEN_TABLE: GEMM and all-reduce times
-    #                           are read from per-token tables (exact: the same function at those points)
 
 
-class _Ctx:
-    def __init__(self, mode: Mode, T: dict, scal):
-        self.mode, self.T, self.scal = mode, T, scal
-        self.idx = {n: i for i, n in enumerate(mode.names)}
-        self.ks, self.nb = dict(mode.ks), dict(mode.nb)
+def fast_chunk(mode: Mode, static: Static, lookup: FastLookup, on: ModelOnGPU, params: Params, b0, b1, b2, b3, b4):
+    """Step times of a chunk of configurations of one group: a tuple (total, *`BREAKDOWN`) of [C] (µs);
+    the batch columns b0..b4 are read as `Mode` says.  The step model itself (`step.batch_features`,
+    `step.combine`), with the group's tables specialised (`fastlookup`)."""
+    def one(n_dec, dec, n_pre, pre_a, pre_b):
+        d = on.dims
+        keys = dec if mode.decode_total else decode_keys_of_means(d, n_dec, dec)
+        tokens, pairs = (pre_a, pre_b) if mode.prefill_total else prefill_of_means(d, n_pre, pre_a, pre_b)
+        total, parts = combine(batch_features(lookup, on, Batch(n_dec, keys, n_pre, tokens, pairs), static),
+                               on, params, static)
+        return [total] + [parts[k] for k in BREAKDOWN]
 
-    def S(self, name):
-        return self.scal[self.idx[name]]
-
-    def find(self, name, xc):
-        """Number of interior nodes of grid ``name`` <= xc (xc within the grid's range)."""
-        b = jnp.clip(jnp.floor((xc - self.S(f"{name}_lo")) * self.S(f"{name}_inv")), 0.0, self.S(f"{name}_lmax"))
-        c = _take(self.T[f"{name}_lut"], b.astype(jnp.int32))
-        nodes = self.T[f"{name}_nodes"]
-        for _ in range(self.ks[name]):
-            c = c + (_take(nodes, c) <= xc).astype(jnp.int32)
-        return c
-
-
-_GATHER = jax.lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
-
-
-def _take(arr, i):
-    """arr[i] for a 1-D table and indices known to be in bounds (no clamping or negative-index code)."""
-    return jax.lax.gather(arr, jnp.expand_dims(i, -1), _GATHER, (1,),
-                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
-
-
-def _poly(planes, i, t):
-    return _take(planes[0], i) + t * (_take(planes[1], i) + t * (_take(planes[2], i) + t * _take(planes[3], i)))
-
-
-def _locate(C: _Ctx, name, xq, slope_hi):
-    """Cell, position t in it and the log-log extension above the grid of `interp.interp_work_axis`."""
-    lo, hi = C.S(f"{name}_lo"), C.S(f"{name}_hi")
-    xc = jnp.clip(xq, lo, hi)
-    cell = C.find(name, xc)
-    t = xc - _take(C.T[f"{name}_x0"], cell)  # coefficients are in x - x0 (see `_in_u`)
-    return cell, t, slope_hi * jnp.maximum(xq - hi, 0.0)
-
-
-def _series(C: _Ctx, name, planes, xq, slope_hi):
-    """`interp.interp_work_axis` of the series in ``planes`` [S, 4, Ncell] at log value ``xq`` (list of S)."""
-    cell, t, ext = _locate(C, name, xq, slope_hi)
-    return [_poly(planes[s], cell, t) + ext for s in range(planes.shape[0])]
-
-
-def _attn(C: _Ctx, kind, batch, length, slope_hi, slope_lo=0.0):
-    """`tables.attn_table_us` for the group's head layout: two columns of the refined table, blended."""
-    b = jnp.clip(batch, 1.0, C.S(f"{kind}_bmax"))
-    ratio = batch / b  # (batch / b) ** (1 / slope_hi), without pow (a libm call, not vectorized)
-    length = length * (ratio if slope_hi == 1.0 else jnp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
-    xq = jnp.log(length)
-    lo, hi = C.S(f"{kind}_lo"), C.S(f"{kind}_hi")
-    xc = jnp.clip(xq, lo, hi)
-    cell = C.find(kind, xc)
-    t = xc - _take(C.T[f"{kind}_x0"], cell)
-    lb = jnp.clip(jnp.log(b), C.S(f"{kind}b_lo"), C.S(f"{kind}b_hi"))
-    j = C.find(kind + "b", lb)
-    base = cell * C.nb[kind] + j
-    planes = C.T[f"{kind}_coef"]
-    v0, v1 = _poly(planes, base, t), _poly(planes, base + 1, t)
-    ext = slope_hi * jnp.maximum(xq - hi, 0.0) + slope_lo * jnp.minimum(xq - lo, 0.0)
-    return jnp.exp(v0 + (lb - _take(C.T[f"{kind}_bx0"], j)) / _take(C.T[f"{kind}_bdx"], j) * (v1 - v0) + ext)
-
-
-def _features(C: _Ctx, b0, b1, b2, b3, b4) -> dict:
-    """`step.features` of one configuration from its batch summary (scalars; one entry per GEMM)."""
-    S, mode = C.S, C.mode
-    d = ops.Dims(*(S("d_" + f) for f in ops.Dims._fields))
-    n_dec, n_pre = b0, b2
-    keys = b1 if mode.decode_total else n_dec * ops.decode_keys(d, b1)
-    if mode.prefill_total:
-        new_total, pairs = b3, b4
-    else:
-        new_total, pairs = n_pre * b3, n_pre * ops.prefill_pairs_tiled(d, b3, b4)
-    tokens = new_total + n_dec
-    sampled = n_pre + n_dec
-    out = {"tokens": tokens, "n_prefill": n_pre, "n_decode": n_dec}
-    # GEMMs: cells on the m grid for the layer GEMMs (m = tokens) and lm_head (m = sampled); the cubics are
-    # evaluated in `_gemm_features` over a [5, C] array
-    out["sampled"] = sampled
-    if mode.int_tokens:
-        ti, si = tokens.astype(jnp.int32), sampled.astype(jnp.int32)
-        out.update({f"tok_us{i}": _take(C.T["tok_gemm"][i], ti) for i in range(4)})
-        out["tok_us4"] = _take(C.T["tok_gemm"][4], si)
-    else:
-        lt = jnp.log(tokens)
-        out["m_cell"], out["m_t"], out["m_ext"] = _locate(C, "m", lt, 1.0)
-        out["h_cell"], out["h_t"], out["h_ext"] = _locate(C, "m", jnp.log(sampled), 1.0)
-    nd = jnp.maximum(n_dec, 1.0)
-    t_dec = _attn(C, "dec", nd, jnp.maximum(keys / nd, 1.0) * S("dec_scale"), 1.0, DECODE_SLOPE_LO)
-    out["attn_decode_us"] = jnp.where(n_dec > 0, jnp.maximum(t_dec, S("attn_floor")), 0.0)
-    out["kv_bytes"] = ops.kv_read_bytes(d, keys)
-    npf = jnp.maximum(n_pre, 1.0)
-    seq = jnp.sqrt(2.0 * jnp.maximum(pairs / npf, 0.5))
-    t_pre = _attn(C, "pre", npf, seq * S("pre_scale"), 2.0, kt.PREFILL_SLOPE_LO)
-    out["attn_prefill_us"] = jnp.where(n_pre > 0, t_pre, 0.0)
-    msg = ops.allreduce_bytes(d, tokens)
-    if mode.int_tokens:
-        t_comm = _take(C.T["tok_comm"], ti)
-    else:
-        t_comm = jnp.exp(_series(C, "comm", C.T["comm_coef"], lt + S("log_msg_per_token"), 1.0)[0])  # one log less
-    has_comm = (d.tp > 1.0) & (S("comm_table") > 0)
-    out["comm_table_us"] = jnp.where(has_comm, t_comm, 0.0)
-    out["comm_bytes"] = msg
-    gather = ops.logits_gather_message(d, sampled)
-    if mode.int_tokens:
-        t_gather = _take(C.T["tok_gather"], si)
-    else:
-        t_gather = jnp.exp(_series(C, "comm", C.T["comm_coef"], jnp.log(jnp.maximum(gather, 1.0)), 1.0)[0])
-    out["gather_table_us"] = jnp.where(has_comm, t_gather, 0.0)
-    out["gather_bytes"] = gather
-    out["memory_bytes"] = sum(ops.memory_ops_bytes(d, tokens).values())
-    out["head_bytes"] = ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled)
-    return out
-
-
-def _gemm_features(C: _Ctx, f: dict) -> kt.GemmFeatures:
-    """`kt.gemm_features` of the 5 GEMMs of every configuration, as [5, C] arrays (rows: qkv, o,
-    gate_up, down at m = tokens, lm_head at m = sampled), each GEMM one cubic on its precomputed m-series."""
-    S = C.S
-    layer = (jnp.arange(5) < 4)[:, None]
-    if C.mode.int_tokens:
-        table_us = jnp.stack([f[f"tok_us{i}"] for i in range(5)])
-    else:
-        cell = jnp.where(layer, f["m_cell"], f["h_cell"])
-        t = jnp.where(layer, f["m_t"], f["h_t"])
-        ext = jnp.where(layer, f["m_ext"], f["h_ext"])
-        v = _poly(C.T["gemm_coef"], cell + jnp.arange(5)[:, None] * C.nb["gemm"], t) + ext
-        table_us = jnp.exp(jnp.maximum(v, S("gemm_log_floor")))  # never below the fastest measured call
-    g = ops.Gemm(jnp.where(layer, f["tokens"], f["sampled"]), jnp.stack([S(f"k{i}") for i in range(5)])[:, None],
-                 jnp.stack([S(f"n{i}") for i in range(5)])[:, None])
-    hw = kt.Hardware(*(S("hw_" + n) for n in kt.Hardware._fields))
-    flops = ops.gemm_flops(g)
-    roof = kt.smooth_max(flops / hw.table_peak_flops,
-                              ops.gemm_bytes(g, S("table_weight_bytes")) / hw.hbm_bytes_per_s) * 1e6
-    return kt.GemmFeatures(table_us, flops, ops.gemm_bytes(g, S("d_weight_bytes")), roof)
-
-
-def fast_chunk(mode: Mode, static: Static, T: dict, scal, b0, b1, b2, b3, b4):
-    """Step times of a chunk of configurations of one group: a tuple (total, *`BREAKDOWN`) of [C] (µs)."""
-    C = _Ctx(mode, T, scal)
-    S = C.S
-    f = jax.vmap(lambda *b: _features(C, *b))(b0, b1, b2, b3, b4)
-    gemm = _gemm_features(C, f)  # [5, C]
-    feats = Features(**{k: (gemm if k == "gemm" else S("attn_floor") if k == "attn_floor_us" else f[k])
-                        for k in Features._fields})
-    axes = Features(**{k: (kt.GemmFeatures(1, 1, 1, 1) if k == "gemm" else None if k == "attn_floor_us" else 0)
-                       for k in Features._fields})
-    d = ops.Dims(*(S("d_" + n) for n in ops.Dims._fields))
-    hw = kt.Hardware(*(S("hw_" + n) for n in kt.Hardware._fields))
-    p = Params(*(S("p_" + n) for n in Params._fields))
-    zero = jnp.float32(0)
-    layout = Layout(d, hw, jnp.int32(0), zero, jnp.int32(0), zero)
-    total, parts = jax.vmap(lambda x: combine(x, layout, p, static), in_axes=(axes,))(feats)
     ok = (b0 + b2) > 0
-    return tuple(jnp.where(ok, v, jnp.nan) for v in [total] + [parts[k] for k in BREAKDOWN])
+    return tuple(jnp.where(ok, v, jnp.nan) for v in jax.vmap(one)(b0, b1, b2, b3, b4))
 
 
 # XLA:CPU's YNNPACK fusion would take over the reduction in `combine` and everything after it, op by op
@@ -613,21 +140,23 @@ class _Compiled:
             from jax.sharding import PartitionSpec as P
             mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("c",))
             self.rep, self.sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("c"))
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P()) + (P("c"),) * 5, out_specs=P("c"))
-            self.jit = jax.jit(fn, in_shardings=(self.rep, self.rep) + (self.sh,) * 5, out_shardings=self.sh)
+            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P()) + (P("c"),) * 5, out_specs=P("c"))
+            self.jit = jax.jit(fn, in_shardings=(self.rep,) * 3 + (self.sh,) * 5, out_shardings=self.sh)
         else:
             self.jit = jax.jit(fn)
         self._exe = {}
 
-    def __call__(self, arrays, scal, *b):
-        key = tuple((x.shape, str(x.dtype)) for x in jax.tree_util.tree_leaves((arrays, scal, b)))
+    def __call__(self, lookup, on, params, *b):
+        leaves, tree = jax.tree_util.tree_flatten((lookup, on, params, b))
+        key = (tree, tuple((np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype))
+                           for x in leaves))
         if key not in self._exe:
-            lowered = self.jit.lower(arrays, scal, *b)
+            lowered = self.jit.lower(lookup, on, params, *b)
             try:
                 self._exe[key] = lowered.compile(compiler_options=COMPILER_OPTIONS if _on_cpu() else None)
             except Exception:  # an XLA without the option: compile plainly
                 self._exe[key] = lowered.compile()
-        return self._exe[key](arrays, scal, *b)
+        return self._exe[key](lookup, on, params, *b)
 
 
 def _on_cpu() -> bool:
@@ -637,6 +166,12 @@ def _on_cpu() -> bool:
 @functools.cache
 def _compiled(mode: Mode, static: Static, n_devices: int) -> _Compiled:
     return _Compiled(mode, static, n_devices)
+
+
+def _as_arrays(on: ModelOnGPU) -> ModelOnGPU:
+    """A group's `ModelOnGPU` as float32/int32 scalars, so that every group shares one compilation."""
+    return jax.tree_util.tree_map(lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                                       else np.float32), on)
 
 
 # ---------------------------------------------------------------- groups
@@ -831,29 +366,19 @@ def _group_columns(group_keys: list[tuple], g: np.ndarray, skip=()) -> dict:
 
 
 def summarize_steps(steps: list, model: ModelConfig | str, model_configs=None) -> dict[str, np.ndarray]:
-    """Exact batch summaries of steps in the record schema for ``model`` (its sliding window, if any):
-    n_decode, decode_keys (sum of min(ctx + 1, window)), n_prefill, prefill_tokens, prefill_pairs
-    (sum of `ops.prefill_pairs_tiled`), float32 arrays, one value per step."""
+    """Exact batch summaries (`step.Batch`) of steps in the record schema for ``model`` (its sliding window,
+    if any): float32 arrays, one value per step, named as the batch columns."""
     m = load_model(model, model_configs) if isinstance(model, str) else model
     d = ops.dims(m, 1)  # pairs and keys do not depend on TP
-    n = len(steps)
-    pn, pc, po, dc, do = [], [], [], [], []
-    for i, s in enumerate(steps):
-        pre, dec = validate_step(s, f"step {i}")
-        for new, cached in pre:
-            pn.append(new)
-            pc.append(cached)
-            po.append(i)
-        dc += dec
-        do += [i] * len(dec)
-    po, do = np.asarray(po, np.int64), np.asarray(do, np.int64)
-    pairs = np.asarray(ops.prefill_pairs_tiled(d, jnp.asarray(pn, jnp.float32), jnp.asarray(pc, jnp.float32)))
-    keys = np.asarray(ops.decode_keys(d, jnp.asarray(dc, jnp.float32)))
-    f32 = lambda a: np.asarray(a, np.float32)
-    return {"n_decode": f32(np.bincount(do, minlength=n)), "decode_keys": f32(np.bincount(do, keys, n)),
-            "n_prefill": f32(np.bincount(po, minlength=n)),
-            "prefill_tokens": f32(np.bincount(po, np.asarray(pn, np.float64), n)),
-            "prefill_pairs": f32(np.bincount(po, pairs.astype(np.float64), n))}
+    if not steps:
+        return {k: np.zeros(0, np.float32) for k in Batch._fields}
+    b = _summarize_fn(pack_steps(steps), d)
+    return {k: np.asarray(v, np.float32) for k, v in zip(Batch._fields, b)}
+
+
+@jax.jit
+def _summarize_fn(steps, d):
+    return jax.vmap(summarize, in_axes=(None, 0))(d, steps)
 
 
 class FrameSpace(Space):
@@ -985,8 +510,7 @@ class Evaluator:
                  allow_other_gpu=False, devices: int | None = None, tables: dict | None = None):
         res = _Resolver(model_configs, bench_data, allow_other_gpu, tables)
         self.groups = [res.group(k) for k in space.group_keys]
-        tabs, (names, ks, nb) = stack_groups(self.groups)
-        self.mode = Mode(space.decode_total, space.prefill_total, names, ks, nb)
+        self.mode = Mode(space.decode_total, space.prefill_total)
         n_local = len(jax.local_devices())
         n_dev = n_local if devices is None else max(1, min(int(devices), n_local))
         self.n_devices = n_dev
@@ -994,12 +518,13 @@ class Evaluator:
         self.serial = _on_cpu()
         self._fns, self.tables = [], []
         self.calls = {False: 0, True: 0}  # kernel calls by path (True: per-token tables)
-        int_mode = dataclasses.replace(self.mode, int_tokens=True)
-        for gr, t in zip(self.groups, tabs):
+        for gr, lk in zip(self.groups, common_shapes([gr.lookup() for gr in self.groups])):
             fn = _compiled(self.mode, gr.setup.static, n_dev)
-            self._fns.append((fn, _compiled(int_mode, gr.setup.static, n_dev)))
+            self._fns.append(fn)
             self._sh = fn.sh
-            self.tables.append(jax.device_put((t.arrays, t.scal), fn.rep))
+            rest = (_as_arrays(gr.setup.on_gpu), jax.tree_util.tree_map(np.float32, gr.params))
+            self.tables.append({integral: jax.device_put((dataclasses.replace(lk, int_tokens=integral),) + rest, fn.rep)
+                                for integral in (False, True)})
 
     def _pad(self, a: np.ndarray, fill):
         if a.shape[0] == self.call_size:
@@ -1029,10 +554,9 @@ class Evaluator:
                 rows = slice(sel.start + lo, sel.start + hi) if isinstance(sel, slice) else sel[lo:hi]
                 part = [self._pad(b[rows], 1.0) for b in batch]
                 ins = jax.device_put(part, self._sh)
-                arrays, scal = self.tables[gi]
                 integral = self._integral(part)
                 self.calls[integral] += 1
-                res = self._fns[gi][integral](arrays, scal, *ins)
+                res = self._fns[gi](*self.tables[gi][integral], *ins)
                 if self.serial:  # one execution at a time: concurrent ones thrash the caches on CPU
                     jax.block_until_ready(res)
                 else:  # start the device-to-host copies now, so they overlap later calls

@@ -7,7 +7,7 @@
    decode, prefill, all-reduce): one measured cell is removed, the table is rebuilt by the loader's own
    builders (`tables.load_gemm`, `load_attention`, `load_allreduce`, reading CSVs written to a temporary
    folder) and the rebuilt table's interpolant (`gemm_table_us`, `attn_table_us` with the slopes
-   `kernels` uses, `comm_table_us`) predicts the removed cell.  A cell is one grid point of the loader
+   `kernel_time` uses, `comm_table_us`) predicts the removed cell.  A cell is one grid point of the loader
    (duplicates, e.g. one per-GPU head layout measured in two InferSim files, keep their minimum, as the
    loader does); attention uses the bf16/bf16 rows the loader reads; the error is against the raw measured
    value (before the noise policy).  Rebuilding costs ~0.1 s, so at most ``--points`` cells per kernel
@@ -23,7 +23,7 @@
    tables and a folder written by ``python -m costmodel.tabletools.measure``).  By default, on H100: InferSim's
    measured points (``../shared/bench_data``: FP8 DeepGEMM GEMM, FA3 decode and prefill, per-GPU heads = file heads / T) priced from the repo's AIConfigurator-derived
    tables, and the repo's points priced from InferSim's tables, with the pricing of ``costmodel kernels``
-   (`kernel_queries`: `kt.gemm_us` incl. the FP8-table -> BF16 transfer, `kt.attn_decode_us`,
+   (`apps.kernel_calls`: `kt.gemm_us` incl. the FP8-table -> BF16 transfer, `kt.attn_decode_us`,
    `kt.attn_prefill_us` on the nearest head layout, default `Params`).  "in range" restricts to
    points inside the predicting table's measured range (GEMM m, k, n; attention: same per-GPU layout
    measured, length and batch within that layout's range).
@@ -62,7 +62,7 @@ from ..tables import (attn_table_us, comm_table_us, default_bench_data, gemm_tab
 
 PROG = "python -m costmodel.tabletools.crossval"
 LENGTH = {"decode": "kv_len", "prefill": "seq_len"}
-SLOPES = {"decode": (1.0, 0.0), "prefill": (2.0, kt.PREFILL_SLOPE_LO)}  # as kt.attn_*_us use them
+SLOPES = {"decode": (kt.DECODE_SLOPE_HI, kt.DECODE_SLOPE_LO), "prefill": (kt.PREFILL_SLOPE_HI, kt.PREFILL_SLOPE_LO)}
 
 
 # ---------------------------------------------------------------- measured cells
@@ -232,7 +232,7 @@ def loo_report(roots: list[Path], points: int = 300, seed: int = 0, log=None) ->
 # ---------------------------------------------------------------- pricing (as `costmodel kernels`)
 
 def price_gemm(tables, m, k, n, dtype: str) -> np.ndarray:
-    """`kernel_queries._gemm` vectorized: GEMM time (µs) of each (m, k, n) in ``dtype``."""
+    """`apps.kernel_calls._gemm` vectorized: GEMM time (µs) of each (m, k, n) in ``dtype``."""
     p, c = Params(), kt.choose_gemm_table(tables, dtype)
     table, wb, twb = tables.gemm[c.table_dtype], float(DTYPE_BYTES[dtype]), float(DTYPE_BYTES[c.table_dtype])
     f = jax.jit(jax.vmap(lambda m, k, n: kt.gemm_us(table, ops.Gemm(m, k, n), wb, twb, c.hw, p,
@@ -241,12 +241,12 @@ def price_gemm(tables, m, k, n, dtype: str) -> np.ndarray:
 
 
 def price_attention(tables, kind: str, pts: pd.DataFrame) -> np.ndarray:
-    """`kernel_queries` attention pricing of each row (hq, hkv, d per GPU, batch_size, kv_len|seq_len)."""
+    """`apps.kernel_calls` attention pricing of each row (hq, hkv, d per GPU, batch_size, kv_len|seq_len)."""
     p = Params()
     table, layouts = getattr(tables, kind), getattr(tables, f"{kind}_heads")
     c, s = np.zeros(len(pts), np.int32), np.zeros(len(pts), np.float32)
     cd = np.zeros(len(pts), np.int32)  # decode layout: the attention kernel's fixed cost
-    for (hq, hkv, d), g in pts.groupby(["hq", "hkv", "d"]):  # nearest measured layout, as kernel_queries
+    for (hq, hkv, d), g in pts.groupby(["hq", "hkv", "d"]):  # nearest measured layout, as apps.kernel_calls
         i = pts.index.get_indexer(g.index)
         c[i], s[i] = nearest_layout(layouts, float(hq), float(hkv), float(d), kind)
         cd[i] = nearest_layout(tables.decode_heads, float(hq), float(hkv), float(d), "decode")[0]

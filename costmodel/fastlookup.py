@@ -1,0 +1,424 @@
+"""The step's table lookups specialised to one model on one GPU at one TP degree, for sweeps.
+
+`FastLookup` provides the methods of `step.TableLookup` (so `step.batch_features` prices a batch through
+either), built once per (model, GPU, TP) from the same tables and the same interpolants, as data:
+
+* each GEMM of the model has a fixed (k, n), and `tables.gemm_table_us` blends the m-series of the 2x2
+  measured shapes around it (`tables.gemm_shape_blend`) linearly, so each GEMM is one piecewise cubic in
+  log m: the blend of those series' monotone splines (`interp.monotone_spline`, interpax's coefficients);
+* the all-reduce table's blend over GPU counts (`tables.comm_gpu_weights`) likewise becomes one cubic in
+  log bytes for the model's TP degree;
+* the attention table's head layout is fixed, and the running max over batch columns of
+  `interp.blend_secondary_axis` is resolved ahead: each length cell is split where two columns' cubics
+  cross, so that on each piece a column's value is one known column's cubic and a lookup reads two;
+* a cell is found by a lookup table on the float32 bucket of x plus a few comparisons (`Finder`), and
+  coefficients are read by 1-D gathers: all on scalars per configuration, which XLA vectorizes on CPU;
+* for integer token counts up to `TOKEN_TABLE`, GEMM and all-reduce times are read from per-token tables,
+  which are these same functions evaluated at every integer.
+
+The physics (which GEMMs, message sizes, how attention arguments are formed) stays in `step`, `ops` and
+`kernel_time`; only the evaluation of the tables is specialised here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from . import kernel_time as kt
+from . import ops
+from .interp import extension, monotone_spline
+from .step import Batch, step_gemms
+from .tables import AttnTable, CommTable, GemmTable, comm_gpu_weights, fold_batch, gemm_log_floor, gemm_shape_blend
+
+TOKEN_TABLE = 1 << 15  # token counts tabulated per integer for GEMMs and all-reduces
+MAX_LUT = 1 << 16  # buckets of a grid's cell lookup table
+_BIG = np.float32(3e38)  # padding of grid nodes: never <= a query
+_GATHER = jax.lax.GatherDimensionNumbers(offset_dims=(), collapsed_slice_dims=(0,), start_index_map=(0,))
+
+
+def _take(arr, i):
+    """arr[i] for a 1-D table and indices known to be in bounds (no clamping or negative-index code)."""
+    return jax.lax.gather(arr, jnp.expand_dims(i, -1), _GATHER, (1,),
+                          mode=jax.lax.GatherScatterMode.PROMISE_IN_BOUNDS)
+
+
+def _poly(planes, i, u):
+    """Cubic of cell ``i`` at offset ``u`` from its start; ``planes`` [4, cells]: coefficients of u^3 .. u^0."""
+    return ((_take(planes[0], i) * u + _take(planes[1], i)) * u + _take(planes[2], i)) * u + _take(planes[3], i)
+
+
+def _static(**kw):
+    return field(metadata=dict(static=True), **kw)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Finder:
+    """Cell lookup on a sorted float32 grid whose first and last nodes are the clamping range: bucket
+    b = floor((x - lo) · inv) (monotone in x) starts at lut[b] = the number of interior nodes whose own
+    bucket is below b (all < x), and ``k`` comparisons add the nodes sharing x's bucket, so `find` returns
+    exactly the number of interior nodes <= x."""
+
+    lut: jax.Array  # [L] int32
+    nodes: jax.Array  # [interior + 1] float32, padded with _BIG
+    lo: jax.Array
+    hi: jax.Array
+    inv: jax.Array
+    lmax: jax.Array
+    k: int = _static()
+
+    @staticmethod
+    def build(grid) -> "Finder":
+        x = np.asarray(grid, np.float32)
+        lo, hi, interior = x[0], x[-1], x[1:-1]
+        if interior.size == 0:
+            return Finder(np.zeros(1, np.int32), np.full(1, _BIG, np.float32), lo, hi, np.float32(0),
+                          np.float32(0), 0)
+        gaps = np.diff(x.astype(np.float64))
+        span = float(hi) - float(lo)
+        n = int(min(MAX_LUT, 2 ** math.ceil(math.log2(max(2.0, 2.0 * span / max(gaps[gaps > 0].min(), 1e-30))))))
+        inv = np.float32(n / span)
+        bn = np.clip(np.floor((interior - lo) * inv), 0, n - 1).astype(np.int64)  # float32 arithmetic as `find`
+        lut = np.searchsorted(bn, np.arange(n), side="left").astype(np.int32)
+        return Finder(lut, np.concatenate([interior, np.full(1, _BIG, np.float32)]), lo, hi, inv,
+                      np.float32(n - 1), int(np.bincount(bn).max()))
+
+    def find(self, xc):
+        """Number of interior nodes <= xc (xc within [lo, hi])."""
+        b = jnp.clip(jnp.floor((xc - self.lo) * self.inv), 0.0, self.lmax)
+        c = _take(self.lut, b.astype(jnp.int32))
+        for _ in range(self.k):
+            c = c + (_take(self.nodes, c) <= xc).astype(jnp.int32)
+        return c
+
+    def locate(self, xq, x0):
+        """Cell of ``xq`` clamped to the grid and the offset from the cell's start (``x0`` [cells])."""
+        xc = jnp.clip(xq, self.lo, self.hi)
+        cell = self.find(xc)
+        return cell, xc - _take(x0, cell)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class Series:
+    """S piecewise cubics on one grid (log x): ``planes`` [4, S · cells], series s's cell i at s · cells + i."""
+
+    finder: Finder
+    x0: jax.Array  # [cells] start of each cell
+    planes: jax.Array
+    cells: int = _static()
+
+    @staticmethod
+    def build(x, coef) -> "Series":
+        """From grid ``x`` [N] and coefficients ``coef`` [4, N-1, S] (interpax's `.c` layout)."""
+        c = np.asarray(coef, np.float64)
+        planes = np.ascontiguousarray(np.moveaxis(c, 2, 1).reshape(4, -1)).astype(np.float32)  # [4, S·cells]
+        x = np.asarray(x, np.float32)
+        return Series(Finder.build(x), x[:-1], planes, x.shape[0] - 1)
+
+    def __call__(self, s: int, xq, slope_hi):
+        """Series ``s`` at log value ``xq``: the cubic inside the grid, log-log slope ``slope_hi`` above."""
+        cell, u = self.finder.locate(xq, self.x0)
+        return _poly(self.planes, cell + s * self.cells, u) + extension(xq, self.finder.lo, self.finder.hi, slope_hi)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class RefinedAttn:
+    """One head layout of an attention table with the running max over batch columns resolved: pieces of
+    log length (cells split where columns cross), each with one cubic per batch column; ``planes``
+    [4, pieces · nb], piece p's column j at p · nb + j."""
+
+    finder: Finder  # over piece boundaries in log length
+    x0: jax.Array  # [pieces] start of the table cell each piece lies in (the cubics' origin)
+    planes: jax.Array
+    bfinder: Finder  # over the batch grid (log)
+    bx0: jax.Array  # [Nb-1] batch grid nodes
+    bdx: jax.Array  # [Nb-1] their spacing
+    bmax: jax.Array  # largest batch of the grid
+    nb: int = _static()
+
+    def __call__(self, batch, length, slope_hi, slope_lo):
+        """`tables.attn_table_us` of this head layout (µs)."""
+        b, length = fold_batch(batch, self.bmax, length, slope_hi)
+        xq = jnp.log(length)
+        cell, u = self.finder.locate(xq, self.x0)
+        lb = jnp.clip(jnp.log(b), self.bfinder.lo, self.bfinder.hi)
+        j = self.bfinder.find(lb)
+        base = cell * self.nb + j
+        v0, v1 = _poly(self.planes, base, u), _poly(self.planes, base + 1, u)
+        w = (lb - _take(self.bx0, j)) / _take(self.bdx, j)
+        return jnp.exp(v0 + w * (v1 - v0) + extension(xq, self.finder.lo, self.finder.hi, slope_hi, slope_lo))
+
+
+def _crossings(P: np.ndarray, width: float) -> list[float]:
+    """Offsets u in (0, width) where two of the cubics P [Nb, 4] (coefficients of u^3 .. u^0) cross."""
+    out = []
+    for a in range(P.shape[0]):
+        for b in range(a + 1, P.shape[0]):
+            d = P[a] - P[b]
+            nz = np.nonzero(np.abs(d) > 1e-300)[0]
+            if nz.size == 0 or nz[0] == 3:
+                continue
+            r = np.roots(d[nz[0]:])
+            r = r[np.abs(r.imag) < 1e-9].real
+            out += [float(v) for v in r if 1e-9 * width < v < (1 - 1e-9) * width]
+    return sorted(set(out))
+
+
+def refine_attention(coef: np.ndarray, t: AttnTable):
+    """A head layout of ``t`` whose cubics are ``coef`` [4, Nl-1, Nb] as pieces on which the running max over
+    batch columns is one column's cubic: (piece boundaries [P+1], piece origins [P], coefficients [P, Nb, 4],
+    log batch grid [Nb])."""
+    x = np.asarray(t.log_len, np.float32)
+    nodes, x0, rc = [x[0]], [], []
+    for i in range(len(x) - 1):
+        P = coef[:, i, :].T  # [Nb, 4]
+        width = float(x[i + 1]) - float(x[i])
+        cuts = [0.0] + _crossings(P, width) + [width]
+        segs = []
+        for lo_u, hi_u in zip(cuts[:-1], cuts[1:]):
+            m = 0.5 * (lo_u + hi_u)
+            v = P @ np.array([m ** 3, m * m, m, 1.0])
+            am, best = [], 0
+            for j in range(len(v)):
+                if v[j] > v[best]:
+                    best = j
+                am.append(best)
+            if segs and segs[-1][1] == am:
+                segs[-1][0] = hi_u
+            else:
+                segs.append([hi_u, am])
+        for hi_u, am in segs:
+            nodes.append(x[i + 1] if hi_u >= width else np.float32(float(x[i]) + hi_u))
+            x0.append(x[i])
+            rc.append(P[am])
+    return np.asarray(nodes, np.float32), np.asarray(x0, np.float32), np.asarray(rc), np.asarray(t.log_b, np.float32)
+
+
+@jax.tree_util.register_dataclass
+@dataclass
+class FastLookup:
+    """The table times of one model on one GPU at one TP degree (`step.TableLookup`'s methods), specialised.
+    Build with `specialise`; `common_shapes` pads several to one shape so one compilation serves them."""
+
+    gemm: Series  # 5 series in log m: qkv, o, gate_up, down, lm_head (`step.step_gemms` order)
+    gemm_log_floor: jax.Array
+    tok_gemm: jax.Array  # [5, TOKEN_TABLE + 1] µs at every integer m (index 0 unused)
+    decode: RefinedAttn
+    decode_kv_scale: jax.Array
+    decode_floor_us: jax.Array
+    prefill: RefinedAttn
+    prefill_len_scale: jax.Array
+    comm: Series  # 1 series in log bytes, for the model's TP degree
+    tok_comm: jax.Array  # [TOKEN_TABLE + 1] layer all-reduce µs at every integer token count
+    tok_gather: jax.Array  # [TOKEN_TABLE + 1] logits all-gather µs at every integer number of sampled requests
+    dims: ops.Dims
+    has_comm: bool = _static()
+    int_tokens: bool = _static(default=False)  # read GEMM and all-reduce times from the per-token tables
+
+    def gemm_us(self, gemms: list[ops.Gemm]) -> list:
+        if self.int_tokens:
+            return [_take(self.tok_gemm[i], g.m.astype(jnp.int32)) for i, g in enumerate(gemms)]
+        return [self._gemm(i, jnp.log(g.m)) for i, g in enumerate(gemms)]
+
+    def _gemm(self, i, log_m):
+        return _gemm_us(self.gemm, self.gemm_log_floor, i, log_m)
+
+    def attn_decode_us(self, n_req, total_keys):
+        return kt.decode_table_us(self.decode, self.decode_floor_us, self.decode_kv_scale, n_req, total_keys)
+
+    def attn_prefill_us(self, n_req, total_pairs):
+        return kt.prefill_table_us(self.prefill, self.prefill_len_scale, n_req, total_pairs)
+
+    def attn_floor_us(self):
+        return self.decode_floor_us
+
+    def layer_allreduce_us(self, tokens):
+        if self.int_tokens:
+            return self._tp_only(_take(self.tok_comm, tokens.astype(jnp.int32)))
+        return self._tp_only(self._comm(ops.allreduce_bytes(self.dims, tokens)))
+
+    def logits_gather_us(self, sampled):
+        if self.int_tokens:
+            return self._tp_only(_take(self.tok_gather, sampled.astype(jnp.int32)))
+        return self._tp_only(self._comm(jnp.maximum(ops.logits_gather_message(self.dims, sampled), 1.0)))
+
+    def _comm(self, nbytes):
+        return _comm_us(self.comm, nbytes)
+
+    def _tp_only(self, t):
+        """As `kernel_time.allreduce_table_us`: 0 without a table or at TP 1."""
+        return jnp.where(self.dims.tp > 1.0, t, 0.0) if self.has_comm else jnp.zeros_like(t)
+
+
+# Setup computations run once per table shapes and take microseconds: compiled for compile time.
+SETUP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+_SETUP_EXE: dict = {}
+
+
+def _once(fn, *args):
+    """``fn(*args)`` for a jitted setup function, compiled with `SETUP_COMPILER_OPTIONS` where the backend
+    takes them, once per argument structure and shapes."""
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = (fn, tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
+    if key not in _SETUP_EXE:
+        lowered = fn.lower(*args)
+        try:
+            _SETUP_EXE[key] = lowered.compile(compiler_options=SETUP_COMPILER_OPTIONS)
+        except Exception:  # a backend without these options
+            _SETUP_EXE[key] = lowered.compile()
+    return _SETUP_EXE[key](*[a for a in args if not isinstance(a, bool)])
+
+
+def _gemm_us(gemm: Series, log_floor, i, log_m):
+    """GEMM ``i`` at log m (µs), never below the table's fastest call."""
+    return jnp.exp(jnp.maximum(gemm(i, log_m, 1.0), log_floor))
+
+
+def _comm_us(comm: Series, nbytes):
+    """The all-reduce of ``nbytes`` per GPU (µs)."""
+    return jnp.exp(comm(0, jnp.log(nbytes), 1.0))
+
+
+def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: CommTable | None, on) -> FastLookup:
+    """The `FastLookup` of a `step.ModelOnGPU` ``on`` on these tables (unpadded: see `common_shapes`)."""
+    d = ops.Dims(*(np.float32(v) for v in on.dims))
+    gl = _gemm_shapes(d)
+    dec_c, pre_c = int(on.decode_layout), int(on.prefill_layout)
+    gc, cc, dc, pc, floor = (np.asarray(a, np.float64) for a in _once(
+        _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
+        np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
+        np.int32(pre_c)))
+    gemm_series = Series.build(gemm.log_m, gc)
+    if comm is not None:
+        comm_series = Series.build(comm.log_bytes, cc[..., None])
+    else:
+        comm_series = Series.build(np.zeros(2, np.float32), np.zeros((4, 1, 1)))
+    f32 = np.float32
+    out = FastLookup(gemm_series, f32(floor), np.zeros((5, 1), f32),
+                     _refined(dc, decode), f32(on.decode_kv_scale), f32(np.exp(decode.log_t[dec_c, 0, 0])),
+                     _refined(pc, prefill), f32(on.prefill_len_scale), comm_series,
+                     np.zeros(1, f32), np.zeros(1, f32), d, comm is not None)
+    tok = _once(_tokens, gemm_series, out.gemm_log_floor, comm_series, d, comm is not None)
+    return dataclasses.replace(out, **{k: np.concatenate([v[..., :1], v], axis=-1)
+                                       for k, v in jax.tree_util.tree_map(np.asarray, tok).items()})
+
+
+@jax.jit
+def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c):
+    """The interpolants `specialise` needs, as interpax's spline coefficients (one compilation per table
+    shapes): the five GEMMs' blended log-m cubics [4, Nm-1, 5] (the blend of the neighbouring shapes'
+    splines is the spline of the blend), the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], the
+    two attention head layouts' cubics [4, Nl-1, Nb], and the GEMM table's log floor."""
+    def one(k, n):
+        series, offset, w = gemm_shape_blend(gemm, k, n)
+        c = monotone_spline(gemm.log_m, series.T).c @ w
+        return c.at[3].add(offset @ w)
+    gc = jnp.moveaxis(jax.vmap(one)(ks, ns), 0, -1)
+    cc = (monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c @ comm_gpu_weights(comm, tp)
+          if comm is not None else jnp.zeros((4, 1)))
+    dc = monotone_spline(decode.log_len, decode.log_t[dec_c]).c
+    pc = monotone_spline(prefill.log_len, prefill.log_t[pre_c]).c
+    return gc, cc, dc, pc, gemm_log_floor(gemm)
+
+
+def _gemm_shapes(d: ops.Dims) -> list[ops.Gemm]:
+    return step_gemms(d, Batch(*(np.float32(1.0),) * 5))
+
+
+def _refined(coef: np.ndarray, t: AttnTable) -> RefinedAttn:
+    nodes, x0, coef, lb = refine_attention(coef, t)
+    coef = np.moveaxis(coef, 2, 0).reshape(4, -1)  # [4, pieces · Nb]
+    bx0 = lb[:-1] if lb.size > 1 else lb[:1]
+    bdx = (lb[1:] - lb[:-1]) if lb.size > 1 else np.ones(1, np.float32)
+    return RefinedAttn(Finder.build(nodes), x0, coef.astype(np.float32), Finder.build(lb), bx0, bdx,
+                       np.float32(np.exp(lb[-1])), lb.size)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _tokens(gemm: Series, gemm_log_floor, comm: Series, d: ops.Dims, has_comm: bool) -> dict:
+    """The per-token tables (index m - 1): the lookup's own GEMM and all-reduce functions at every integer."""
+    m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
+    out = {"tok_gemm": jnp.stack([_gemm_us(gemm, gemm_log_floor, i, jnp.log(m)) for i in range(5)])}
+    if has_comm:
+        out["tok_comm"] = _comm_us(comm, ops.allreduce_bytes(d, m))
+        out["tok_gather"] = _comm_us(comm, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
+    else:
+        out["tok_comm"] = out["tok_gather"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
+    return out
+
+
+def common_shapes(lookups: list[FastLookup]) -> list[FastLookup]:
+    """Pad lookups to the same array shapes and static fields, so that one compilation serves all: grid
+    nodes with _BIG (never counted), lookup depths to the largest, attention batch strides to the widest,
+    series strides to the longest; everything else by repeating its last entry (never read)."""
+    gcells = max(x.gemm.cells for x in lookups)
+    ccells = max(x.comm.cells for x in lookups)
+    nb = {k: max(2, max(getattr(x, k).nb for x in lookups)) for k in ("decode", "prefill")}
+    lookups = [dataclasses.replace(x, gemm=_restride(x.gemm, gcells), comm=_restride(x.comm, ccells),
+                                   decode=_widen(x.decode, nb["decode"]), prefill=_widen(x.prefill, nb["prefill"]))
+               for x in lookups]
+    ks = [max(col) for col in zip(*([f.k for f in _finders(x)] for x in lookups))]
+    lookups = [_with_depths(x, ks) for x in lookups]
+    flat = [jax.tree_util.tree_flatten_with_path(x) for x in lookups]
+    treedef = flat[0][1]
+    shapes = [tuple(max(s) for s in zip(*(np.shape(leaves[i][1]) for leaves, _ in flat)))
+              for i in range(len(flat[0][0]))]
+    out = []
+    for leaves, _ in flat:
+        new = []
+        for (path, v), target in zip(leaves, shapes):
+            v = np.asarray(v)
+            if v.shape != target:
+                if jax.tree_util.keystr(path).endswith(".nodes"):
+                    v = np.concatenate([v, np.full(target[0] - v.shape[0], _BIG, np.float32)])
+                else:
+                    v = _pad_last(v, target)
+            new.append(v)
+        out.append(jax.tree_util.tree_unflatten(treedef, new))
+    return out
+
+
+def _finders(x: FastLookup) -> list[Finder]:
+    return [x.gemm.finder, x.comm.finder, x.decode.finder, x.decode.bfinder, x.prefill.finder, x.prefill.bfinder]
+
+
+def _with_depths(x: FastLookup, ks: list[int]) -> FastLookup:
+    """``x`` with its finders' comparison depths set to ``ks`` (in `_finders` order)."""
+    fd = [dataclasses.replace(f, k=k) for f, k in zip(_finders(x), ks)]
+    return dataclasses.replace(
+        x, gemm=dataclasses.replace(x.gemm, finder=fd[0]), comm=dataclasses.replace(x.comm, finder=fd[1]),
+        decode=dataclasses.replace(x.decode, finder=fd[2], bfinder=fd[3]),
+        prefill=dataclasses.replace(x.prefill, finder=fd[4], bfinder=fd[5]))
+
+
+def _pad_last(v: np.ndarray, target: tuple) -> np.ndarray:
+    """Pad ``v`` to ``target`` along every axis by repeating its last entry."""
+    for a, n in enumerate(target):
+        if v.shape[a] < n:
+            v = np.concatenate([v] + [np.take(v, [-1], axis=a)] * (n - v.shape[a]), axis=a)
+    return v
+
+
+def _restride(s: Series, cells: int) -> Series:
+    """A series set with ``cells`` cells per series (planes re-laid out; extra cells repeat the last)."""
+    if s.cells == cells:
+        return s
+    p = np.asarray(s.planes).reshape(4, -1, s.cells)
+    p = _pad_last(p, (4, p.shape[1], cells)).reshape(4, -1)
+    return dataclasses.replace(s, planes=p, x0=_pad_last(np.asarray(s.x0), (cells,)), cells=cells)
+
+
+def _widen(a: RefinedAttn, nb: int) -> RefinedAttn:
+    """An attention lookup with batch stride ``nb`` (extra columns repeat the last one)."""
+    if a.nb == nb:
+        return a
+    p = np.asarray(a.planes).reshape(4, -1, a.nb)
+    return dataclasses.replace(a, planes=_pad_last(p, (4, p.shape[1], nb)).reshape(4, -1), nb=nb)
