@@ -338,8 +338,9 @@ def _refined(coef: np.ndarray, t: AttnTable) -> RefinedAttn:
     coef = np.moveaxis(coef, 2, 0).reshape(4, -1)  # [4, pieces · Nb]
     bx0 = lb[:-1] if lb.size > 1 else lb[:1]
     bdx = (lb[1:] - lb[:-1]) if lb.size > 1 else np.ones(1, np.float32)
-    return RefinedAttn(Finder.build(nodes), x0, coef.astype(np.float32), Finder.build(lb), bx0, bdx,
-                       np.float32(np.exp(lb[-1])), lb.size)
+    refined = RefinedAttn(Finder.build(nodes), x0, coef.astype(np.float32), Finder.build(lb), bx0, bdx,
+                          np.float32(np.exp(lb[-1])), lb.size)
+    return _widen(refined, max(2, lb.size))  # a lookup reads columns j and j + 1
 
 
 @functools.partial(jax.jit, static_argnums=4)
