@@ -3,46 +3,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
-
-
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so a failed run leaves no partial
-    file presented as complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _print_table(rows: list[dict]) -> None:
-    if not rows:
-        return
-    cols = list(rows[0])
-    fmt = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, fmt)))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, fmt)))
-
-
-def _fmt(v) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+from .io import atomic_write, print_table, write_frame, write_json
 
 
 def cmd_predict(args) -> int:
@@ -67,8 +34,8 @@ def cmd_predict(args) -> int:
         tabs = {g: pred._tables[g] for g in gpus}
         meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used,
                 "tables": {g: t.sources for g, t in tabs.items()}}
-        _atomic_write(str(args.out) + ".meta.json", lambda fh: json.dump(meta, fh, indent=1))
-        _atomic_write(args.out, write)
+        write_json(str(args.out) + ".meta.json", meta)
+        atomic_write(args.out, write)
     tabs = {g: pred._tables[g] for g in gpus}
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
@@ -80,7 +47,7 @@ def cmd_predict(args) -> int:
     rows = mape_table(records, total)
     if rows:
         print("MAPE against measured_us:")
-        _print_table(rows)
+        print_table(rows)
     warning = below_floor_warning(records, floor)
     if warning:
         print(warning, file=sys.stderr)
@@ -92,7 +59,7 @@ def cmd_predict(args) -> int:
 def cmd_kernels(args) -> int:
     from .apps.kernel_calls import predict_kernel_csv
     df = predict_kernel_csv(args.queries, args.gpu, args.bench_data)
-    _atomic_write(args.out, lambda fh: df.to_csv(fh, index=False))
+    write_frame(args.out, df)
     print(f"wrote {len(df)} rows to {args.out}")
     return 0
 

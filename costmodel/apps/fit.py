@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from ..errors import InputError
+from ..io import print_table, write_json
 from ..params import FIELDS, PRIORS, Calibration, Params, engine_key, from_log, prior_arrays, to_log
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration_h100_vllm.json"
@@ -298,7 +299,6 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
 
 
 def run_fit_cli(args) -> int:
-    from ..cli import _atomic_write, _print_table
     from .records import Predictor, below_floor_warning, previous_step_note, read_records
 
     records = [r for f in args.records for r in read_records(f)]
@@ -306,8 +306,8 @@ def run_fit_cli(args) -> int:
         rows = leave_one_run_out(Predictor(args.model_configs, args.bench_data), records, steps=args.steps,
                                  per_engine=not args.pooled)
         print("leave-one-run-out MAPE (%): uncalibrated, fitted without the run, fitted on all runs")
-        _print_table(rows)
-        _atomic_write(args.out, lambda fh: json.dump(rows, fh, indent=1))
+        print_table(rows)
+        write_json(args.out, rows)
         print(f"wrote {args.out}")
         return 0
     hold = set(args.holdout.split(",")) if args.holdout else set()
@@ -327,10 +327,10 @@ def run_fit_cli(args) -> int:
     if note:
         print(note)
     print("parameters (fitted vs prior" + (", pooled and per engine version):" if params.by_engine else "):"))
-    _print_table([{"name": k, "fitted" if not params.by_engine else "pooled": float(params.pooled[i]),
-                   **{f"vLLM {e}": float(p[i]) for e, p in params.by_engine.items()},
-                   "prior": PRIORS[k].default, "range": f"{PRIORS[k].low:g}..{PRIORS[k].high:g}"}
-                  for i, k in enumerate(FIELDS)])
+    print_table([{"name": k, "fitted" if not params.by_engine else "pooled": float(params.pooled[i]),
+                  **{f"vLLM {e}": float(p[i]) for e, p in params.by_engine.items()},
+                  "prior": PRIORS[k].default, "range": f"{PRIORS[k].low:g}..{PRIORS[k].high:g}"}
+                 for i, k in enumerate(FIELDS)])
     summary = {}
     for name, subset in (("train", train), ("held-out", test)):
         if subset:
@@ -340,7 +340,7 @@ def run_fit_cli(args) -> int:
                 print(f"{name} records: {warning}", file=sys.stderr)
             rows = [dict(r, source=name) for r in mape_by_source(subset, total)]
             print(f"{name} MAPE:")
-            _print_table(rows)
+            print_table(rows)
             summary[name] = rows
     tabs = {g: _portable_sources(pred._tables[g].sources) for g in gpus}
     cal = {"gpu": gpus[0] if len(gpus) == 1 else gpus, "engine": sorted({str(r.extra.get("vllm_version", "?"))
@@ -348,7 +348,7 @@ def run_fit_cli(args) -> int:
            "tables": tabs, "data": [str(f) for f in args.records], "holdout": sorted(hold),
            "fitted_on": date.today().isoformat(), **calibration_to_dict(params),
            "priors": {k: PRIORS[k]._asdict() for k in FIELDS}, "report": report, "mape": summary}
-    _atomic_write(args.out, lambda fh: json.dump(cal, fh, indent=1))
+    write_json(args.out, cal)
     print(f"wrote {args.out}")
     return 0
 

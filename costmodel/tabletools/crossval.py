@@ -55,6 +55,7 @@ from .. import kernel_time as kt
 from .. import ops
 from ..errors import InputError
 from ..hardware import get_gpu
+from ..io import write_text
 from ..model import DTYPE_BYTES
 from ..params import Params
 from ..tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce,
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "".join(parts)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        write_text(args.out, text)
     return 0
 
 

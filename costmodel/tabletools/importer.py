@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -39,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..io import write_frame, write_provenance
 
 __all__ = [
     "DEFAULT_HEAD_LAYOUTS",
@@ -260,13 +262,11 @@ def _sig(v: float, digits: int) -> str:
 
 
 def _fmt_csv(df: pd.DataFrame, path: Path, float_cols: dict[str, int]) -> int:
-    """Write ``df`` with the given columns rounded to N significant digits."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``df`` with the given columns rounded to N significant digits; returns the file's size."""
     df = df.copy()
     for c, digits in float_cols.items():
         df[c] = [_sig(v, digits) for v in df[c].to_numpy()]
-    df.to_csv(path, index=False, lineterminator="\n")
-    return path.stat().st_size
+    return write_frame(path, df, lineterminator="\n").stat().st_size
 
 
 # --------------------------------------------------------------------------
@@ -633,19 +633,16 @@ def import_aiconfigurator(
         record(p, _fmt_csv(ar, p, {"latency_us": 4}), len(ar))
 
     # provenance -------------------------------------------------------
-    p = out / f"SOURCE_{gpu}.md"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(_source_md(summary, layouts))
+    p = write_provenance(out, gpu, _provenance_lines(summary, layouts))
     record(p, p.stat().st_size, 0)
     summary["total_bytes"] = sum(f["bytes"] for f in summary["files"].values())
     return summary
 
 
-def _source_md(s: dict, layouts) -> str:
+def _provenance_lines(s: dict, layouts) -> list[str]:
+    """The lines of the provenance note (`io.write_provenance`) below its title."""
     today = _dt.date.today().isoformat()
     L = [
-        f"# Provenance of `{s['gpu']}` tables",
-        "",
         f"Imported on {today} by `costmodel import-aiconfigurator` from the PyPI package "
         f"`{s['package']}` version {s['package_version']} (NVIDIA AIConfigurator; "
         "`aiconfigurator_core/systems/data/`). Requested engine: "
@@ -721,7 +718,7 @@ def _source_md(s: dict, layouts) -> str:
         "(includes an input clone), `nccl` = nccl-tests all_reduce_perf (fp16).",
         "",
     ]
-    return "\n".join(L)
+    return L
 
 
 # --------------------------------------------------------------------------
@@ -755,8 +752,6 @@ def run(args) -> int:
             bf16_consensus=not getattr(args, "no_bf16_consensus", False),
         )
     except (RuntimeError, ValueError) as e:
-        import sys
-
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {len(s['files'])} files, {s['total_bytes'] / 1e6:.2f} MB for {s['gpu']} "

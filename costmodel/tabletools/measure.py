@@ -48,13 +48,17 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..io import write_provenance, write_text
+from ..model import load_model
 
 NO_GPU_MESSAGE = "no GPU found, nothing measured"
 PROG = "python -m costmodel.tabletools.measure"
@@ -92,7 +96,6 @@ def _layouts(models, tps):
 
 def parse_shapes_of(value: str):
     """``MODEL:TP[,TP...]`` -> (ModelConfig, (tp, ...)); MODEL is a config.json, its folder or a packaged name."""
-    from ..model import load_model
     name, _, tps = value.rpartition(":")
     if not name:
         name, tps = value, "1"
@@ -107,7 +110,6 @@ def parse_shapes_of(value: str):
 
 def grid_for_models(grid: Grid, models) -> Grid:
     """``grid`` with the GEMM (k, n) shapes and head layouts of ``models`` [(ModelConfig, tps)]."""
-    from dataclasses import replace
     kn, layouts = set(), set()
     for m, tps in models:
         kn |= set(_dense_gemm_shapes(m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim,
@@ -386,8 +388,6 @@ class Results:
 
 
 def _peaks(gpu_name: str):
-    from ..errors import InputError
-    from ..hardware import get_gpu
     try:
         g = get_gpu(gpu_name)
     except InputError:
@@ -541,19 +541,7 @@ def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
     lines = [",".join(cols)]
     for r in rows:
         lines.append(",".join(_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols))
-    _atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_tables(out: Path, gpu_name: str, res: Results, *, device_desc: str, grid_name: str, grid: Grid,
@@ -571,17 +559,15 @@ def write_tables(out: Path, gpu_name: str, res: Results, *, device_desc: str, gr
             p = out / "mha" / kind / gpu_name / f"{hq}-{hkv}-{d}.csv"
             _write_csv(p, cols, rows)
             written.append(p)
-    src = out / f"SOURCE_{gpu_name}.md"
-    _atomic_write_text(src, _source_md(gpu_name, res, device_desc=device_desc, grid_name=grid_name, grid=grid,
-                                       repeats=repeats, command=command, files=written, out=out))
+    src = write_provenance(out, gpu_name, _provenance_lines(res, device_desc=device_desc, grid_name=grid_name, grid=grid,
+                                                     repeats=repeats, command=command, files=written, out=out))
     return written + [src]
 
 
-def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats, command, files, out) -> str:
+def _provenance_lines(res: Results, *, device_desc, grid_name, grid, repeats, command, files, out) -> list[str]:
+    """The lines of the provenance note (`io.write_provenance`) below its title."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"# Provenance of `{gpu_name}` tables",
-        "",
         f"Measured on {now} by `{command}` (`costmodel/tabletools/measure.py`).",
         "",
         f"* Device: {device_desc}",
@@ -628,7 +614,7 @@ def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats,
     if res.skipped:
         lines += ["", f"## Skipped cells ({len(res.skipped)}: over the memory budget or failed)", ""]
         lines += [f"* {s}" for s in res.skipped]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------- command line
@@ -675,7 +661,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to PyTorch / big cells
     import jax
 
-    from ..errors import InputError
     gpus = gpu_devices()
     grid_name = args.grid
     if gpus:
@@ -724,5 +709,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main())
