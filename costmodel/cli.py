@@ -8,12 +8,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import parameter_sets_used, resolve_calibration
 from .errors import InputError
 from .io import atomic_write, print_table, write_frame, write_json
 
 
 def cmd_predict(args) -> int:
-    from .apps.fit import parameter_sets_used, resolve_calibration
     from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
 
     records = read_records(args.records)

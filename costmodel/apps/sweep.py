@@ -63,6 +63,7 @@ import pandas as pd
 from .. import kernel_time as kt
 from .. import ops
 from .. import tables as tables_mod
+from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..hardware import get_gpu
 from ..io import atomic_write, write_frame, write_json
@@ -663,7 +664,6 @@ class _Resolver:
             self._tables[g.name] = tables_mod.load_tables(self.bench_data, g)
         m = self.model(model, normalize_dtype(dtype) if dtype else None)
         su = setup(m, self._tables[g.name], int(tp))
-        from .fit import resolve_calibration
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
         cal = params.get(g.name)
