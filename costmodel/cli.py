@@ -8,14 +8,19 @@ from pathlib import Path
 
 import numpy as np
 
+from .apps import bench, sweep
+from .apps.fit import run_fit_cli
+from .apps.kernel_calls import predict_kernel_csv
+from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
 from .calibration import parameter_sets_used, resolve_calibration
 from .errors import InputError
+from .hardware import get_gpu
 from .io import atomic_write, print_table, write_frame, write_json
+from .tables import load_tables
+from .tabletools import importer as aiconfigurator
 
 
 def cmd_predict(args) -> int:
-    from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
-
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
     gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
@@ -57,7 +62,6 @@ def cmd_predict(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    from .apps.kernel_calls import predict_kernel_csv
     df = predict_kernel_csv(args.queries, args.gpu, args.bench_data)
     write_frame(args.out, df)
     print(f"wrote {len(df)} rows to {args.out}")
@@ -65,8 +69,6 @@ def cmd_kernels(args) -> int:
 
 
 def cmd_tables(args) -> int:
-    from .hardware import get_gpu
-    from .tables import load_tables
     t = load_tables(args.bench_data, get_gpu(args.gpu))
     info = {"gpu": t.gpu.name, "root": str(t.root), "sources": t.sources, "gemm": {}, "adjusted_points": {},
             "filled_cells": t.filled_cells}
@@ -92,16 +94,6 @@ def cmd_tables(args) -> int:
 def _span(log_grid) -> str:
     g = np.exp(np.asarray(log_grid))
     return f"{len(g)} values {g.min():.0f}..{g.max():.0f}"
-
-
-def cmd_fit(args) -> int:
-    from .apps.fit import run_fit_cli
-    return run_fit_cli(args)
-
-
-def cmd_import(args) -> int:
-    from .tabletools import importer as aiconfigurator
-    return aiconfigurator.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,21 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit once per run without it and report held-out MAPE (writes the table to --out)")
     sp.add_argument("--pooled", action="store_true",
                     help="one parameter set for all records, not one per engine version (vllm_version)")
-    sp.set_defaults(func=cmd_fit)
+    sp.set_defaults(func=run_fit_cli)
 
-    from .apps import bench as _bench
-    from .apps import sweep as _sweep
     sp = sub.add_parser("sweep", help="evaluate a space of step configurations (YAML/JSON spec) to Parquet/CSV")
-    _sweep.add_sweep_arguments(sp)
-    sp.set_defaults(func=_sweep.run_sweep)
+    sweep.add_sweep_arguments(sp)
+    sp.set_defaults(func=sweep.run_sweep)
     sp = sub.add_parser("bench", help="time the vectorized sweep against a per-configuration loop")
-    _bench.add_bench_arguments(sp)
-    sp.set_defaults(func=_bench.run_bench)
+    bench.add_bench_arguments(sp)
+    sp.set_defaults(func=bench.run_bench)
 
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
-    from .tabletools import importer as aiconfigurator
     aiconfigurator.add_arguments(sp)
-    sp.set_defaults(func=cmd_import)
+    sp.set_defaults(func=aiconfigurator.run)
     return p
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import InputError
@@ -53,7 +53,6 @@ class ModelConfig:
         return DTYPE_BYTES[self.dtype]
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
-        from dataclasses import replace
         return replace(self, dtype=normalize_dtype(dtype))
 
     @classmethod

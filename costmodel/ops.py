@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from .errors import InputError
 from .model import DTYPE_BYTES, ModelConfig
 
 ACT_BYTES = 2.0  # activations and KV cache are bf16/fp16
@@ -36,7 +37,6 @@ class Dims(NamedTuple):
 
 def dims(cfg: ModelConfig, tp: int) -> Dims:
     """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp``."""
-    from .errors import InputError
     bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
     if bad:

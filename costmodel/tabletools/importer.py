@@ -33,6 +33,8 @@ from __future__ import annotations
 import datetime as _dt
 import re
 import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -500,10 +502,8 @@ def _locate_systems_dir() -> tuple[Path, str]:
         import aiconfigurator_core  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on environment
         raise RuntimeError(_MISSING_MSG) from e
-    from importlib.metadata import PackageNotFoundError, version as _v
-
     try:
-        ver = _v(PACKAGE)
+        ver = distribution_version(PACKAGE)
     except PackageNotFoundError:  # pragma: no cover
         ver = "unknown"
     return Path(aiconfigurator_core.__file__).parent / "systems", ver

@@ -559,8 +559,9 @@ def write_tables(out: Path, gpu_name: str, res: Results, *, device_desc: str, gr
             p = out / "mha" / kind / gpu_name / f"{hq}-{hkv}-{d}.csv"
             _write_csv(p, cols, rows)
             written.append(p)
-    src = write_provenance(out, gpu_name, _provenance_lines(res, device_desc=device_desc, grid_name=grid_name, grid=grid,
-                                                     repeats=repeats, command=command, files=written, out=out))
+    src = write_provenance(out, gpu_name, _provenance_lines(res, device_desc=device_desc, grid_name=grid_name,
+                                                            grid=grid, repeats=repeats, command=command,
+                                                            files=written, out=out))
     return written + [src]
 
 
