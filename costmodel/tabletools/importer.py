@@ -42,6 +42,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..hardware import find_gpu
 from ..io import write_frame, write_provenance
 
 __all__ = [
@@ -62,14 +63,6 @@ GPU_ALIASES = {
     "b200": "b200_sxm",
     "b300": "b300_sxm",
     "a100": "a100_sxm",
-}
-
-# Dense tensor-core peaks (FLOP/s) used when the system YAML has none.
-FALLBACK_PEAKS = {
-    "h100_sxm": {"bf16": 989e12, "fp8": 1979e12},
-    "h200_sxm": {"bf16": 989e12, "fp8": 1979e12},
-    "b200_sxm": {"bf16": 2250e12, "fp8": 4500e12},
-    "a100_sxm": {"bf16": 312e12},
 }
 
 # Source dtype -> output dtype.  ``fp8`` is vLLM's per-tensor FP8 path
@@ -186,8 +179,10 @@ def _find_table(sysdata: Path, family: str, engine: str, table: str, version: st
 
 
 def _read_peaks(systems_dir: Path, gpu: str) -> tuple[dict, str]:
-    peaks = dict(FALLBACK_PEAKS.get(gpu, {}))
-    src = "costmodel fallback table"
+    """Dense peak FLOP/s by dtype for ``mfu``: the system YAML's, else `costmodel.hardware`'s."""
+    known = find_gpu(gpu)
+    peaks = known.dense_peaks() if known is not None else {}
+    src = "costmodel.hardware"
     y = systems_dir / f"{gpu}.yaml"
     if y.is_file():
         found = {}

@@ -56,7 +56,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import InputError
-from ..hardware import get_gpu
+from ..hardware import find_gpu
 from ..io import write_provenance, write_text
 from ..model import load_model
 
@@ -387,12 +387,10 @@ class Results:
     kernels: dict[str, str] = field(default_factory=dict)
 
 
-def _peaks(gpu_name: str):
-    try:
-        g = get_gpu(gpu_name)
-    except InputError:
-        return None
-    return {"bf16": g.bf16_flops, "fp8": g.fp8_flops}
+def _peaks(gpu_name: str) -> dict[str, float] | None:
+    """Dense peak FLOP/s by dtype of the GPU a table folder name means (`hardware.GPU.dense_peaks`), or None."""
+    g = find_gpu(gpu_name)
+    return None if g is None else g.dense_peaks()
 
 
 def _mfu(flops, t_us, peak):
