@@ -44,6 +44,7 @@ import pandas as pd
 from ..errors import InputError
 from ..hardware import find_gpu
 from ..io import write_frame, write_provenance
+from ..ops import per_gpu_layouts
 
 __all__ = [
     "DEFAULT_HEAD_LAYOUTS",
@@ -89,19 +90,8 @@ COMMON_MODELS = (
 )
 
 
-def _per_gpu_layouts(models=COMMON_MODELS, tps=(1, 2, 4, 8), head_dim=128):
-    """Per-GPU (hq, hkv, d) under tensor parallelism (vLLM replicates KV heads
-    when tp > hkv, so each GPU keeps one)."""
-    out = set()
-    for _, hq, hkv in models:
-        for tp in tps:
-            if hq % tp:
-                continue
-            out.add((hq // tp, max(1, hkv // tp), head_dim))
-    return tuple(sorted(out))
-
-
-DEFAULT_HEAD_LAYOUTS = _per_gpu_layouts()
+# their per-GPU (hq, hkv, d) at TP 1, 2, 4 and 8
+DEFAULT_HEAD_LAYOUTS = per_gpu_layouts([(hq, hkv, 128) for _, hq, hkv in COMMON_MODELS], (1, 2, 4, 8))
 
 
 # --------------------------------------------------------------------------

@@ -55,10 +55,11 @@ from typing import Callable
 
 import numpy as np
 
+from .. import ops
 from ..errors import InputError
 from ..hardware import find_gpu
 from ..io import write_provenance, write_text
-from ..model import load_model
+from ..model import ModelConfig, load_model
 
 NO_GPU_MESSAGE = "no GPU found, nothing measured"
 PROG = "python -m costmodel.tabletools.measure"
@@ -80,18 +81,14 @@ class Grid:
     prefill_seq: tuple[int, ...]
 
 
-def _dense_gemm_shapes(hidden, inter, hq, hkv, d, tps):
-    """(k, n) of the QKV, O, gate_up and down projections of a dense model at each TP degree."""
-    out = []
-    for tp in tps:
-        kv = max(hkv // tp, 1)
-        out += [(hidden, (hq // tp + 2 * kv) * d), (hq // tp * d, hidden), (hidden, 2 * inter // tp),
-                (inter // tp, hidden)]
-    return out
+def _dense_gemm_shapes(m: ModelConfig, tps) -> list[tuple[int, int]]:
+    """(k, n) of the QKV, O, gate_up and down projections (`ops.layer_gemms`) of a dense model at each TP
+    degree."""
+    return [(int(g.k), int(g.n)) for tp in tps for g in ops.layer_gemms(ops.dims(m, tp), 1.0).values()]
 
 
-def _layouts(models, tps):
-    return tuple(sorted({(hq // tp, max(hkv // tp, 1), d) for hq, hkv, d in models for tp in tps if hq % tp == 0}))
+def _heads(m: ModelConfig) -> tuple[int, int, int]:
+    return m.num_heads, m.num_kv_heads, m.head_dim
 
 
 def parse_shapes_of(value: str):
@@ -112,17 +109,23 @@ def grid_for_models(grid: Grid, models) -> Grid:
     """``grid`` with the GEMM (k, n) shapes and head layouts of ``models`` [(ModelConfig, tps)]."""
     kn, layouts = set(), set()
     for m, tps in models:
-        kn |= set(_dense_gemm_shapes(m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim,
-                                     tps))
-        layouts |= set(_layouts([(m.num_heads, m.num_kv_heads, m.head_dim)], tps))
+        kn |= set(_dense_gemm_shapes(m, tps))
+        layouts |= set(ops.per_gpu_layouts([_heads(m)], tps))
     layouts = tuple(sorted(layouts))
     return replace(grid, gemm_kn=tuple(sorted(kn)), decode_layouts=layouts, prefill_layouts=layouts)
 
 
-# (hidden, intermediate, heads, kv_heads, head_dim): Llama-3-8B, Llama-3-70B, Qwen2.5-32B
-_MODELS = ((4096, 14336, 32, 8, 128), (8192, 28672, 64, 8, 128), (5120, 27648, 40, 8, 128))
-_FULL_KN = tuple(sorted(set(s for m in _MODELS for s in _dense_gemm_shapes(*m, (1, 2, 4, 8)))))
-_FULL_LAYOUTS = _layouts([m[2:] for m in _MODELS], (1, 2, 4, 8))
+def _dense_model(name, hidden, inter, heads, kv_heads, head_dim) -> ModelConfig:
+    """The shapes the grids need of a dense model (one layer, no vocabulary)."""
+    return ModelConfig(name=name, arch="LlamaForCausalLM", hidden_size=hidden, num_layers=1, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inter, vocab_size=1,
+                       tie_embeddings=False, dtype="bf16")
+
+
+_MODELS = (_dense_model("Llama-3-8B", 4096, 14336, 32, 8, 128), _dense_model("Llama-3-70B", 8192, 28672, 64, 8, 128),
+           _dense_model("Qwen2.5-32B", 5120, 27648, 40, 8, 128))
+_FULL_KN = tuple(sorted(set(s for m in _MODELS for s in _dense_gemm_shapes(m, (1, 2, 4, 8)))))
+_FULL_LAYOUTS = ops.per_gpu_layouts([_heads(m) for m in _MODELS], (1, 2, 4, 8))
 
 GRIDS: dict[str, Grid] = {
     # for testing the writer on a CPU: seconds
@@ -131,7 +134,7 @@ GRIDS: dict[str, Grid] = {
                  prefill_layouts=((4, 2, 32),), prefill_batch=(1, 2), prefill_seq=(16, 64)),
     # Llama-3-8B at TP1: a few minutes on an H100
     "small": Grid(gemm_m=(1, 4, 16, 64, 256, 1024, 4096, 16384),
-                  gemm_kn=tuple(_dense_gemm_shapes(*_MODELS[0], (1,))),
+                  gemm_kn=tuple(_dense_gemm_shapes(_MODELS[0], (1,))),
                   decode_layouts=((32, 8, 128), (8, 1, 128)), decode_batch=(1, 8, 32, 128),
                   decode_kv=(128, 1024, 4096, 16384),
                   prefill_layouts=((32, 8, 128), (8, 1, 128)), prefill_batch=(1, 4),
