@@ -9,13 +9,13 @@ version gets from it, as `costmodel predict` does.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError
 from .hardware import get_gpu
+from .io import read_json
 from .params import FIELDS, Calibration, Params, engine_key
 from .tables import default_bench_data, load_tables
 
@@ -47,10 +47,7 @@ def read_calibration(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise InputError("no such calibration file", str(path))
-    try:
-        cal = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
+    cal = read_json(path)
     if not isinstance(cal, dict) or "params" not in cal or "gpu" not in cal:
         raise InputError("a calibration needs 'gpu' and 'params'", str(path))
     by_engine = cal.get("by_engine") or {}

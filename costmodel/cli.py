@@ -23,9 +23,10 @@ from .tabletools import importer as aiconfigurator
 def cmd_predict(args) -> int:
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
-    gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
-    params, cal_name = resolve_calibration(args.calibration, gpus, allow_other_gpu=args.allow_other_gpu,
-                                           table_sources={g: pred._tables[g].sources for g in gpus})
+    sources = {t.gpu.name: t.sources for t in (pred.tables(r.gpu, r.where) for r in records)}
+    sources = dict(sorted(sources.items()))  # by GPU name
+    params, cal_name = resolve_calibration(args.calibration, list(sources), allow_other_gpu=args.allow_other_gpu,
+                                           table_sources=sources)
     total, parts, floor = pred.predict(records, params, with_floor=True)
     used = parameter_sets_used(records, params)
     if args.out:
@@ -36,19 +37,16 @@ def cmd_predict(args) -> int:
                 if r.times_previous_step:
                     row["timed_steps"] = r.timed_steps
                 fh.write(json.dumps(row) + "\n")
-        tabs = {g: pred._tables[g] for g in gpus}
-        meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used,
-                "tables": {g: t.sources for g, t in tabs.items()}}
+        meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used, "tables": sources}
         write_json(str(args.out) + ".meta.json", meta)
         atomic_write(args.out, write)
-    tabs = {g: pred._tables[g] for g in gpus}
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
     note = previous_step_note(records)[1]
     if note:
         print(note)
-    for g, t in tabs.items():
-        print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in t.sources.items()))
+    for g, src in sources.items():
+        print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in src.items()))
     rows = mape_table(records, total)
     if rows:
         print("MAPE against measured_us:")

@@ -1,5 +1,6 @@
-"""Writing files: atomically (never a partial file presented as complete), JSON, frames, provenance notes of
-table folders, and plain-text tables on stdout."""
+"""Files: JSON read with errors that name the file and line; writes that are atomic (never a partial file
+presented as complete) of text, JSON, frames and the provenance notes of table folders; plain-text tables on
+stdout."""
 from __future__ import annotations
 
 import json
@@ -9,6 +10,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pandas as pd
+
+from .errors import InputError
+
+
+def read_json(path: str | Path):
+    """The content of a JSON file; malformed JSON raises `errors.InputError` naming the file and line."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
 
 
 def atomic_write(path: str | Path, write: Callable, *, mode: str = "w") -> Path:

@@ -6,7 +6,8 @@ import stat
 import pandas as pd
 import pytest
 
-from costmodel.io import atomic_write, print_table, write_frame, write_json, write_provenance, write_text
+from costmodel.errors import InputError
+from costmodel.io import atomic_write, print_table, read_json, write_frame, write_json, write_provenance, write_text
 
 
 def _mode(path):
@@ -60,3 +61,10 @@ def test_print_table(capsys):
     assert capsys.readouterr().out.splitlines() == ["file     n   mape_pct",
                                                     "a.jsonl  3   1.23    ",
                                                     "all      12  10.00   "]
+
+
+def test_read_json_names_file_and_line(tmp_path):
+    p = write_text(tmp_path / "config.json", '{"a": 1,\n "b": }\n')
+    with pytest.raises(InputError, match=r"config.json:2: malformed JSON: Expecting value"):
+        read_json(p)
+    assert read_json(write_json(tmp_path / "ok.json", {"a": [1]})) == {"a": [1]}

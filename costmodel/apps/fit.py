@@ -210,7 +210,7 @@ def run_fit_cli(args) -> int:
             print(f"{name} MAPE:")
             print_table(rows)
             summary[name] = rows
-    tabs = {g: portable_sources(pred._tables[g].sources) for g in gpus}
+    tabs = {g: portable_sources(pred.tables(g).sources) for g in gpus}
     cal = {"gpu": gpus[0] if len(gpus) == 1 else gpus, "engine": sorted({str(r.extra.get("vllm_version", "?"))
                                                                           for r in train}),
            "tables": tabs, "data": [str(f) for f in args.records], "holdout": sorted(hold),
