@@ -3,57 +3,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .apps import bench, sweep
+from .apps.fit import run_fit_cli
+from .apps.kernel_calls import predict_kernel_csv
+from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
+from .calibration import parameter_sets_used, resolve_calibration
 from .errors import InputError
-
-
-def _atomic_write(path: str | Path, write) -> None:
-    """Write through a temporary file in the same folder and rename, so a failed run leaves no partial
-    file presented as complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            write(fh)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _print_table(rows: list[dict]) -> None:
-    if not rows:
-        return
-    cols = list(rows[0])
-    fmt = [max(len(c), *(len(_fmt(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, fmt)))
-    for r in rows:
-        print("  ".join(_fmt(r[c]).ljust(w) for c, w in zip(cols, fmt)))
-
-
-def _fmt(v) -> str:
-    return f"{v:.2f}" if isinstance(v, float) else str(v)
+from .hardware import get_gpu
+from .io import atomic_write, print_table, write_frame, write_json
+from .tables import load_tables
+from .tabletools import importer as aiconfigurator
 
 
 def cmd_predict(args) -> int:
-    from .apps.fit import parameter_sets_used, resolve_calibration
-    from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
-
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
-    gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
-    params, cal_name = resolve_calibration(args.calibration, gpus, allow_other_gpu=args.allow_other_gpu,
-                                           table_sources={g: pred._tables[g].sources for g in gpus})
+    sources = {t.gpu.name: t.sources for t in (pred.tables(r.gpu, r.where) for r in records)}
+    sources = dict(sorted(sources.items()))  # by GPU name
+    params, cal_name = resolve_calibration(args.calibration, list(sources), allow_other_gpu=args.allow_other_gpu,
+                                           table_sources=sources)
     total, parts, floor = pred.predict(records, params, with_floor=True)
     used = parameter_sets_used(records, params)
     if args.out:
@@ -64,23 +37,20 @@ def cmd_predict(args) -> int:
                 if r.times_previous_step:
                     row["timed_steps"] = r.timed_steps
                 fh.write(json.dumps(row) + "\n")
-        tabs = {g: pred._tables[g] for g in gpus}
-        meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used,
-                "tables": {g: t.sources for g, t in tabs.items()}}
-        _atomic_write(str(args.out) + ".meta.json", lambda fh: json.dump(meta, fh, indent=1))
-        _atomic_write(args.out, write)
-    tabs = {g: pred._tables[g] for g in gpus}
+        meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used, "tables": sources}
+        write_json(str(args.out) + ".meta.json", meta)
+        atomic_write(args.out, write)
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
     note = previous_step_note(records)[1]
     if note:
         print(note)
-    for g, t in tabs.items():
-        print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in t.sources.items()))
+    for g, src in sources.items():
+        print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in src.items()))
     rows = mape_table(records, total)
     if rows:
         print("MAPE against measured_us:")
-        _print_table(rows)
+        print_table(rows)
     warning = below_floor_warning(records, floor)
     if warning:
         print(warning, file=sys.stderr)
@@ -90,16 +60,13 @@ def cmd_predict(args) -> int:
 
 
 def cmd_kernels(args) -> int:
-    from .apps.kernel_calls import predict_kernel_csv
     df = predict_kernel_csv(args.queries, args.gpu, args.bench_data)
-    _atomic_write(args.out, lambda fh: df.to_csv(fh, index=False))
+    write_frame(args.out, df)
     print(f"wrote {len(df)} rows to {args.out}")
     return 0
 
 
 def cmd_tables(args) -> int:
-    from .hardware import get_gpu
-    from .tables import load_tables
     t = load_tables(args.bench_data, get_gpu(args.gpu))
     info = {"gpu": t.gpu.name, "root": str(t.root), "sources": t.sources, "gemm": {}, "adjusted_points": {},
             "filled_cells": t.filled_cells}
@@ -125,16 +92,6 @@ def cmd_tables(args) -> int:
 def _span(log_grid) -> str:
     g = np.exp(np.asarray(log_grid))
     return f"{len(g)} values {g.min():.0f}..{g.max():.0f}"
-
-
-def cmd_fit(args) -> int:
-    from .apps.fit import run_fit_cli
-    return run_fit_cli(args)
-
-
-def cmd_import(args) -> int:
-    from .tabletools import importer as aiconfigurator
-    return aiconfigurator.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -183,21 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit once per run without it and report held-out MAPE (writes the table to --out)")
     sp.add_argument("--pooled", action="store_true",
                     help="one parameter set for all records, not one per engine version (vllm_version)")
-    sp.set_defaults(func=cmd_fit)
+    sp.set_defaults(func=run_fit_cli)
 
-    from .apps import bench as _bench
-    from .apps import sweep as _sweep
     sp = sub.add_parser("sweep", help="evaluate a space of step configurations (YAML/JSON spec) to Parquet/CSV")
-    _sweep.add_sweep_arguments(sp)
-    sp.set_defaults(func=_sweep.run_sweep)
+    sweep.add_sweep_arguments(sp)
+    sp.set_defaults(func=sweep.run_sweep)
     sp = sub.add_parser("bench", help="time the vectorized sweep against a per-configuration loop")
-    _bench.add_bench_arguments(sp)
-    sp.set_defaults(func=_bench.run_bench)
+    bench.add_bench_arguments(sp)
+    sp.set_defaults(func=bench.run_bench)
 
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
-    from .tabletools import importer as aiconfigurator
     aiconfigurator.add_arguments(sp)
-    sp.set_defaults(func=cmd_import)
+    sp.set_defaults(func=aiconfigurator.run)
     return p
 
 

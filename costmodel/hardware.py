@@ -41,6 +41,11 @@ class GPU(NamedTuple):
             return self.fp8_flops
         raise InputError(f"unknown dtype '{dtype}' (expected bf16, fp16 or fp8)", field="dtype")
 
+    def dense_peaks(self) -> dict[str, float]:
+        """Dense tensor-core peak FLOP/s by GEMM input dtype: "bf16", and "fp8" where the GPU has FP8 tensor
+        cores (the denominators of the tables' ``mfu`` columns)."""
+        return {"bf16": self.bf16_flops, **({"fp8": self.fp8_flops} if self.fp8_flops > 0 else {})}
+
 
 T, G = 1e12, 1e9
 GPUS: dict[str, GPU] = {
@@ -64,9 +69,16 @@ _ALIASES = {
 }
 
 
-def get_gpu(name: str) -> GPU:
-    """Resolve a GPU name case-insensitively, ignoring '-', '_' and spaces (`H100`, `h100_sxm`, `H100-SXM`)."""
+def find_gpu(name: str) -> GPU | None:
+    """The GPU a name means, case-insensitively, ignoring '-', '_' and spaces (`H100`, `h100_sxm`,
+    `H100-SXM`; table folder names too), or None when it is not one of `GPUS`."""
     key = re.sub(r"[^a-z0-9]", "", str(name).lower())
-    if key in _ALIASES:
-        return GPUS[_ALIASES[key]]
-    raise InputError(f"unknown GPU '{name}' (known: {', '.join(GPUS)})", field="gpu")
+    return GPUS[_ALIASES[key]] if key in _ALIASES else None
+
+
+def get_gpu(name: str) -> GPU:
+    """`find_gpu`, refusing a name it does not know."""
+    gpu = find_gpu(name)
+    if gpu is None:
+        raise InputError(f"unknown GPU '{name}' (known: {', '.join(GPUS)})", field="gpu")
+    return gpu

@@ -1,13 +1,13 @@
 """Model architecture read from a Hugging Face `config.json` (dense decoder-only transformers)."""
 from __future__ import annotations
 
-import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import InputError
+from .io import read_json
 
 SUPPORTED_ARCHS = (
     "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -53,7 +53,6 @@ class ModelConfig:
         return DTYPE_BYTES[self.dtype]
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
-        from dataclasses import replace
         return replace(self, dtype=normalize_dtype(dtype))
 
     @classmethod
@@ -120,10 +119,7 @@ def load_model(name_or_path: str, configs_dir: str | Path | None = None, where: 
         candidates.append(d / str(name_or_path) / "config.json")
     for c in candidates:
         if c.is_file():
-            try:
-                cfg = json.loads(c.read_text())
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg}", f"{c}:{e.lineno}") from None
-            return ModelConfig.from_dict(cfg, name=p.name if p.suffix != ".json" else p.parent.name, where=str(c))
+            return ModelConfig.from_dict(read_json(c), name=p.name if p.suffix != ".json" else p.parent.name,
+                                         where=str(c))
     looked = configs_dir if configs_dir else default_model_configs_dir()
     raise InputError(f"no config.json for model '{name_or_path}' under {looked}", where, "model")

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from .errors import InputError
 from .model import DTYPE_BYTES, ModelConfig
 
 ACT_BYTES = 2.0  # activations and KV cache are bf16/fp16
@@ -34,16 +35,35 @@ class Dims(NamedTuple):
     qk_norm: float  # 1 when q and k are RMS-normalized per head (Qwen3)
 
 
+def per_gpu_heads(q_heads: int, kv_heads: int, head_dim: int, tp: int) -> tuple[int, int, int] | None:
+    """(query heads, KV heads, head_dim) one GPU runs under tensor parallelism ``tp``, as vLLM shards
+    attention: the query heads split ``tp`` ways, the KV heads too, or, when fewer than ``tp``, replicated so
+    that each GPU keeps one.  None when ``tp`` cannot shard them (it divides the query heads, and the KV heads
+    when there are at least ``tp``)."""
+    if tp < 1 or q_heads % tp or (kv_heads >= tp and kv_heads % tp):
+        return None
+    return q_heads // tp, max(kv_heads // tp, 1), head_dim
+
+
+def per_gpu_layouts(models, tps) -> tuple[tuple[int, int, int], ...]:
+    """The distinct `per_gpu_heads` of ``models`` [(query heads, KV heads, head_dim)] at each TP degree of
+    ``tps`` that can shard them, sorted."""
+    return tuple(sorted({h for hq, hkv, d in models for tp in tps if (h := per_gpu_heads(hq, hkv, d, tp))}))
+
+
 def dims(cfg: ModelConfig, tp: int) -> Dims:
     """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp``."""
-    from .errors import InputError
+    heads = per_gpu_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp)
     bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
+    if heads is None and not bad:  # more KV heads than tp, not a multiple of it
+        bad.append(f"num_key_value_heads={cfg.num_kv_heads}")
     if bad:
         raise InputError(f"tp={tp} must divide {' and '.join(bad)} of {cfg.name}", field="tp")
+    q_heads, kv_heads, head_dim = heads
     return Dims(
-        hidden=float(cfg.hidden_size), layers=float(cfg.num_layers), q_heads=cfg.num_heads / tp,
-        kv_heads=float(max(cfg.num_kv_heads // tp, 1)), head_dim=float(cfg.head_dim),
+        hidden=float(cfg.hidden_size), layers=float(cfg.num_layers), q_heads=float(q_heads),
+        kv_heads=float(kv_heads), head_dim=float(head_dim),
         inter=cfg.intermediate_size / tp, vocab=float(-(-cfg.vocab_size // tp)), tp=float(tp),
         weight_bytes=float(DTYPE_BYTES[cfg.dtype]), window=min(float(cfg.sliding_window), NO_WINDOW),
         qk_norm=float(cfg.qk_norm),

@@ -42,6 +42,7 @@ import pandas as pd
 from .errors import InputError
 from .hardware import GPU
 from .interp import blend_secondary_axis, fill_work_axis, interp_work_axis, suffix_min
+from .ops import per_gpu_heads
 
 
 # Log-log slope of attention time in length above a table's grid: decode work grows with kv length, prefill
@@ -281,10 +282,9 @@ def _attn_files(folder: Path) -> list[tuple[tuple[int, int, int], Path]]:
         mt = _HEADS.match(f.stem)
         if not mt:
             continue
-        hq, hkv, d, tp = int(mt[1]), int(mt[2]), int(mt[3]), int(mt[4] or 1)
-        if hq % tp or (hkv % tp and hkv >= tp):
-            continue
-        files.append(((hq // tp, max(hkv // tp, 1), d), f))
+        heads = per_gpu_heads(int(mt[1]), int(mt[2]), int(mt[3]), int(mt[4] or 1))
+        if heads is not None:  # a file of full-model heads under a TP degree that cannot shard them: skipped
+            files.append((heads, f))
     return files
 
 

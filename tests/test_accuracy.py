@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from costmodel.apps.fit import resolve_calibration
+from costmodel.calibration import resolve_calibration
 from costmodel.apps.records import Predictor, mape_table, read_records
 
 

@@ -170,6 +170,12 @@ def test_allreduce_bytes_and_kernels(systems, tmp_path):
     }
 
 
+def test_peaks_from_the_system_yaml_else_costmodel_hardware(systems, tmp_path):
+    assert aic._read_peaks(systems, "h100_sxm") == ({"bf16": BF16_PEAK, "fp8": 1978e12}, "systems/h100_sxm.yaml")
+    assert aic._read_peaks(tmp_path, "a100_sxm") == ({"bf16": 312e12}, "costmodel.hardware")
+    assert aic._read_peaks(tmp_path, "b300_sxm") == ({}, "costmodel.hardware")
+
+
 def test_source_md_and_summary(systems, tmp_path):
     out = tmp_path / "bd"
     s = aic.import_aiconfigurator("h100_sxm", out_dir=out, systems_dir=systems, package_version="9.9")

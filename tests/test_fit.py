@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from costmodel.errors import InputError
-from costmodel.apps.fit import fit, resolve_calibration
+from costmodel.apps.fit import fit
+from costmodel.calibration import resolve_calibration
 from costmodel.params import Calibration, Params, engine_key
 from costmodel.apps.records import Predictor, Record
 
@@ -96,10 +97,10 @@ def test_calibration_file_per_engine_and_selection(tmp_path):
 
 
 def test_calibration_records_repo_tables_portably(tmp_path):
-    from costmodel.apps.fit import DEFAULT_CALIBRATION, _portable_sources
+    from costmodel.calibration import DEFAULT_CALIBRATION, portable_sources
     from costmodel.tables import default_bench_data
     repo = default_bench_data()
-    got = _portable_sources({"gemm": str(repo / "gemm" / "h100_sxm" / "data.csv"), "decode": str(tmp_path / "d")})
+    got = portable_sources({"gemm": str(repo / "gemm" / "h100_sxm" / "data.csv"), "decode": str(tmp_path / "d")})
     assert got == {"gemm": "bench_data/gemm/h100_sxm/data.csv", "decode": str(tmp_path / "d")}
     # the shipped calibration names its tables the same way on every machine
     shipped = json.loads(DEFAULT_CALIBRATION.read_text())["tables"]

@@ -2,7 +2,8 @@ import json
 
 import pytest
 
-from costmodel import InputError, get_gpu
+from costmodel import GPUS, InputError, get_gpu
+from costmodel.hardware import find_gpu
 from costmodel.model import load_model
 
 
@@ -14,6 +15,13 @@ def test_gpu_aliases(name):
 def test_unknown_gpu():
     with pytest.raises(InputError, match="unknown GPU 'V100'"):
         get_gpu("V100")
+    assert find_gpu("V100") is None and find_gpu("b200_sxm") is GPUS["B200"]
+
+
+def test_dense_peaks_by_dtype():
+    """The mfu denominators of imported and measured tables: FP8 only where the GPU has FP8 tensor cores."""
+    assert get_gpu("H100").dense_peaks() == {"bf16": 989.4e12, "fp8": 1978.9e12}
+    assert get_gpu("a100_sxm").dense_peaks() == {"bf16": 312e12}
 
 
 @pytest.mark.parametrize("model,key", [("mixtral-8x7b-v0.1", "num_local_experts"),

@@ -1,9 +1,10 @@
 """FLOP and byte counts checked against numbers computed by hand for real models."""
+import dataclasses
 import math
 
 import pytest
 
-from costmodel import ops
+from costmodel import InputError, ops
 from costmodel.model import load_model
 
 
@@ -54,6 +55,22 @@ def test_qwen3_14b_tp2_uses_explicit_head_dim(shared):
 def test_kv_heads_replicated_beyond_tp():
     m = load_model("llama-3.1-8b")  # 8 KV heads
     assert ops.dims(m, 8).kv_heads == 1 and ops.dims(m, 4).kv_heads == 2
+
+
+def test_per_gpu_heads_one_rule_for_model_tables_and_grids():
+    """The per-GPU head layout under TP (`ops.per_gpu_heads`) serves the model (`dims`), the table loader's
+    ``-tpT`` files and the importer's and measuring harness's layout lists."""
+    assert ops.per_gpu_heads(64, 8, 128, 4) == (16, 2, 128)
+    assert ops.per_gpu_heads(32, 4, 128, 8) == (4, 1, 128)  # KV heads replicated: one per GPU
+    assert ops.per_gpu_heads(28, 4, 128, 8) is None  # query heads do not split 8 ways
+    assert ops.per_gpu_heads(48, 12, 128, 8) is None  # neither split nor replicated evenly
+    assert ops.per_gpu_layouts([(32, 8, 128), (28, 4, 128)], (1, 8)) == ((4, 1, 128), (28, 4, 128), (32, 8, 128))
+    m = load_model("llama-3.1-70b")
+    d = ops.dims(m, 8)
+    assert (d.q_heads, d.kv_heads, d.head_dim) == ops.per_gpu_heads(m.num_heads, m.num_kv_heads, m.head_dim, 8)
+    odd = dataclasses.replace(m, num_heads=48, num_kv_heads=12, intermediate_size=28672)
+    with pytest.raises(InputError, match="tp=8 must divide num_key_value_heads=12"):
+        ops.dims(odd, 8)
 
 
 def test_sliding_window_caps_keys(shared):

@@ -135,7 +135,7 @@ def test_summarized_equals_per_request(h100):
 def test_sweep_predict_and_loop_agree(h100):
     """`sweep`, `records.Predictor.predict` and a Python loop of jitted `step_time` calls, with the shipped
     calibration on H100."""
-    from costmodel.apps.fit import resolve_calibration
+    from costmodel.calibration import resolve_calibration
     from costmodel.apps.records import Predictor, parse_record
     df = _random_batches(np.random.default_rng(4), 60, tps=(1, 2, 4, 8)).assign(model="llama-3.1-8b", gpu="H100")
     got = sw.sweep(df, defaults={"calibration": "default"}, tables={"H100-SXM": h100})
@@ -168,7 +168,7 @@ def test_sweep_engine_version_calibration(h100):
                for v in ("0.15.1", None) for i, s in enumerate(_as_steps(df))]
     pred = Predictor()
     pred._tables["H100-SXM"] = h100
-    from costmodel.apps.fit import resolve_calibration
+    from costmodel.calibration import resolve_calibration
     cal, _ = resolve_calibration("default", ["H100-SXM"], table_sources={"H100-SXM": h100.sources})
     assert "0.15" in cal["H100-SXM"].by_engine
     predicted, _ = pred.predict(records, cal)

@@ -23,7 +23,17 @@ import resource
 import sys
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..model import load_model
+from ..params import Params
+from ..step import Step, setup, step_time
+from ..tables import load_tables
+from . import sweep as sw
 
 MODELS = ("llama-3.1-8b", "llama-3.1-70b")
 TPS = (1, 2, 4, 8)
@@ -33,7 +43,6 @@ GPU = "H100"
 def _use_all_cores(n: int | None = None):
     """``n`` (default: one per core) CPU devices, set before JAX's backend starts, so that the sweep can shard
     configurations over them; harmless where the backend is a GPU or already started."""
-    import jax
     try:
         jax.config.update("jax_num_cpu_devices", max(n or 0, os.cpu_count() or 1))
     except Exception:  # backend already initialized, or an older JAX
@@ -54,7 +63,6 @@ def mixed_batches(n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 def _padded_steps(cols: dict, idx: np.ndarray):
     """The same batches as per-request `step.Step`s padded to fixed sizes (P=2 prefills, D=256 decodes)."""
-    from ..step import Step
     k = len(idx)
     P, D = 2, 256
     npre, ndec = cols["n_prefill"][idx], cols["n_decode"][idx]
@@ -68,13 +76,6 @@ def _padded_steps(cols: dict, idx: np.ndarray):
 
 def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 << 20, call_size: int | None = None,
           devices: int | None = None, seed: int = 0, bench_data=None, progress: bool = False) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from . import sweep as sw
-    from ..params import Params
-    from ..step import step_time
-
     rng = np.random.default_rng(seed)
     groups = [{"model": m, "gpu": GPU, "tp": tp, "calibration": "none"} for m in MODELS for tp in TPS]
     per = -(-n_configs // len(groups))
@@ -111,10 +112,6 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
     split = _call_split(ev, gidx, batch, len(groups) - 1)
 
     # the per-configuration loop: un-vmapped jitted step_time, one configuration per call, 8B over TP 1-8
-    from ..hardware import get_gpu
-    from ..model import load_model
-    from ..step import setup
-    from ..tables import load_tables
     tables = load_tables(bench_data, get_gpu(GPU))
     sus = {tp: setup(load_model(MODELS[0]), tables, tp) for tp in TPS}
     fn = jax.jit(lambda a, lay, p, s, st: step_time(a, lay, p, s, st)[0], static_argnums=4)  # one compilation
@@ -163,7 +160,6 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
 def _call_split(ev, gidx, batch, group: int, reps: int = 5) -> dict:
     """Where the time of one full kernel call of ``group``'s rows goes (median seconds of ``reps``): copying
     its inputs to the device, evaluating them there, and copying the step times and breakdown back."""
-    import jax
     rows = np.flatnonzero(gidx == group)[:ev.call_size]
     part = [ev._pad(np.asarray(b[rows], np.float32), 1.0) for b in batch]
     fn, args = ev._fns[group], ev.tables[group][ev._integral(part)]
@@ -185,8 +181,7 @@ def _call_split(ev, gidx, batch, group: int, reps: int = 5) -> dict:
 
 
 def _batch(space):
-    from .sweep import _batch_inputs
-    return _batch_inputs(space.columns, space.decode_total, space.prefill_total, space.n)
+    return sw._batch_inputs(space.columns, space.decode_total, space.prefill_total, space.n)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -207,7 +202,6 @@ def run_bench(args) -> int:
     if args.devices and args.devices > 1:
         _use_all_cores(args.devices)  # CPU: by default one device (XLA already threads its loops)
     if args.configs < 1 or args.loop_configs < 1 or args.chunk < 1:
-        from ..errors import InputError
         raise InputError("--configs, --loop-configs and --chunk must be positive")
     r = bench(args.configs, args.loop_configs, args.chunk, call_size=args.call_size, devices=args.devices, seed=args.seed,
               bench_data=args.bench_data, progress=not args.json)

@@ -15,21 +15,21 @@ The result is a `params.Calibration`.
 from __future__ import annotations
 
 import functools
-import json
 import sys
 import time
 from datetime import date
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ..calibration import calibration_to_dict, portable_sources
 from ..errors import InputError
-from ..params import FIELDS, PRIORS, Calibration, Params, engine_key, from_log, prior_arrays, to_log
-
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent.parent / "data" / "calibration_h100_vllm.json"
+from ..io import print_table, write_json
+from ..params import FIELDS, PRIORS, Calibration, Params, from_log, prior_arrays, to_log
+from ..step import combine
+from .records import Predictor, below_floor_warning, previous_step_note, read_records
 # Log-ratio beyond which an error counts linearly.  Step-time noise is a ~1 % core with a tail of slow steps
 # (host stalls, up to +25 %); a delta near the core's width makes the fit follow the median, not the tail.
 HUBER_DELTA = 0.02
@@ -60,7 +60,6 @@ def make_loss(predictor, records, engines=(), groups=None):
     `Predictor.features` to reuse them), each step's engine row, the measurements and ``per_engine`` (1.0;
     0.0 switches the deviations off, so the same compiled loss fits the pooled set); per iteration only
     `step.combine` runs.  It is an argument, not a baked-in constant."""
-    from ..step import combine
     engines = list(engines)
     row = np.array([1 + engines.index(r.engine) if r.engine in engines else 0 for r in records])
     groups = predictor.features(records) if groups is None else groups
@@ -169,145 +168,14 @@ def leave_one_run_out(predictor, records, steps: int = 100, per_engine: bool = T
     return rows
 
 
-def params_to_dict(p: Params) -> dict:
-    return {k: float(v) for k, v in zip(FIELDS, p)}
-
-
-def params_from_dict(d: dict, where: str) -> Params:
-    unknown = set(d) - set(FIELDS)
-    if unknown:
-        raise InputError(f"unknown parameter(s) {sorted(unknown)}", where, "params")
-    vals = {}
-    for k, v in d.items():
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise InputError(f"must be a positive number, got {v!r}", where, f"params.{k}")
-        vals[k] = float(v)
-    return Params(**vals)
-
-
-def calibration_to_dict(c: Calibration) -> dict:
-    return {"params": params_to_dict(c.pooled), "by_engine": {e: params_to_dict(p) for e, p in c.by_engine.items()}}
-
-
-def load_calibration(path: str | Path) -> dict:
-    """A calibration JSON with its parameters parsed into ``cal["_calibration"]`` (a `Calibration`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such calibration file", str(path))
-    try:
-        cal = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
-    if not isinstance(cal, dict) or "params" not in cal or "gpu" not in cal:
-        raise InputError("a calibration needs 'gpu' and 'params'", str(path))
-    by_engine = cal.get("by_engine") or {}
-    if not isinstance(by_engine, dict):
-        raise InputError("must map engine versions to parameters", str(path), "by_engine")
-    for e in by_engine:
-        if engine_key(e) != e:
-            raise InputError(f"engine version must be major.minor (e.g. 0.15), got {e!r}", str(path), "by_engine")
-    cal["_calibration"] = Calibration(params_from_dict(cal["params"], str(path)),
-                                      {e: params_from_dict(v, f"{path} by_engine.{e}") for e, v in by_engine.items()})
-    return cal
-
-
-def _select_engine(c: Calibration, engine: str | None, where: str) -> Calibration:
-    """``c`` as is, or with one engine version's parameters for every record (``CHOICE@VERSION``)."""
-    if engine is None:
-        return c
-    if engine not in c.by_engine:
-        have = ", ".join(sorted(c.by_engine)) or "none"
-        raise InputError(f"no parameters for engine version {engine} (has: {have})", where, "calibration")
-    return Calibration(c.by_engine[engine], {})
-
-
-def _describe(c: Calibration) -> str:
-    return f"; per engine version: {', '.join(sorted(c.by_engine))} (others pooled)" if c.by_engine else ""
-
-
-def parameter_sets_used(records, cals: dict) -> dict[str, int]:
-    """How many records get each parameter set of ``cals`` ({GPU name: Calibration}, as from
-    `resolve_calibration`): keys 'GPU: vLLM X.Y', 'GPU: pooled' or 'GPU: physical defaults'."""
-    from ..hardware import get_gpu
-    used: dict[str, int] = {}
-    for r in records:
-        g = get_gpu(r.gpu).name
-        c = cals.get(g)
-        key = c.set_for(r.engine) if c is not None else None
-        kind = "physical defaults" if c is None else f"vLLM {key}" if key else "pooled"
-        used[f"{g}: {kind}"] = used.get(f"{g}: {kind}", 0) + 1
-    return used
-
-
-def _table_kinds(sources: dict) -> dict:
-    """Which table set each kind came from: 'repo' for the repo's bench_data, else the folder's name."""
-    from ..tables import default_bench_data
-    repo = str(default_bench_data())
-    return {k: "repo" if str(v).startswith(repo) else str(v) for k, v in sources.items()}
-
-
-def _portable_sources(sources: dict) -> dict:
-    """Table sources as a calibration file records them: the repo's own tables relative to the repo
-    (``bench_data/...``, the same on every machine), others as given."""
-    from ..tables import default_bench_data
-    root = default_bench_data().parent
-    full = {k: Path(v).resolve() for k, v in sources.items()}
-    return {k: str(p.relative_to(root)) if p.is_relative_to(root) else str(sources[k]) for k, p in full.items()}
-
-
-def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = False,
-                        table_sources: dict | None = None):
-    """({GPU name: Calibration}, description) for --calibration none | default | PATH, each optionally
-    followed by ``@VERSION`` (e.g. ``default@0.15``) to use that engine version's parameters for every
-    record instead of each record's own ``vllm_version``.
-
-    ``default`` applies the shipped calibration to the records on its GPU and the physical defaults to the
-    others; a calibration file named by PATH is refused for records on another GPU unless
-    ``allow_other_gpu``, which applies it to every GPU."""
-    choice, engine = str(choice), None
-    base, _, suffix = choice.rpartition("@")
-    if base and engine_key(suffix) == suffix:
-        choice, engine = base, suffix
-    at = f" @ engine {engine}" if engine else ""
-    if choice == "none":
-        if engine:
-            raise InputError("'none' has no engine versions", choice, "calibration")
-        return {}, "none (physical defaults)"
-    if choice == "default":
-        if not DEFAULT_CALIBRATION.is_file():
-            return {}, "default = none (no calibration shipped)"
-        cal = load_calibration(DEFAULT_CALIBRATION)
-        c = _select_engine(cal["_calibration"], engine, str(DEFAULT_CALIBRATION))
-        name = f"default ({DEFAULT_CALIBRATION.name}){at}"
-        if allow_other_gpu:
-            return {g: c for g in gpus}, f"{name} on all GPUs{_describe(c)}"
-        here = _table_kinds((table_sources or {}).get(cal["gpu"], {}))
-        if any(v != "repo" for v in here.values()):  # fitted on the repo's tables: meaningless on others
-            return {}, (f"none (the default calibration was fitted on the repo's bench_data; "
-                        f"{cal['gpu']} tables here come from elsewhere)")
-        other = [g for g in gpus if g != cal["gpu"]]
-        note = f"; physical defaults for {', '.join(other)}" if other else ""
-        return {cal["gpu"]: c}, f"{name} for {cal['gpu']}{_describe(c)}{note}"
-    cal = load_calibration(choice)
-    c = _select_engine(cal["_calibration"], engine, choice)
-    other = [g for g in gpus if g != cal["gpu"]]
-    if other and not allow_other_gpu:
-        raise InputError(f"calibration was fitted on {cal['gpu']}, records are on {', '.join(other)}; pass "
-                         f"--allow-other-gpu to use it anyway", choice, "gpu")
-    return {g: c for g in gpus}, f"{choice}{at} (fitted on {cal['gpu']}){_describe(c)}"
-
-
 def run_fit_cli(args) -> int:
-    from ..cli import _atomic_write, _print_table
-    from .records import Predictor, below_floor_warning, previous_step_note, read_records
-
     records = [r for f in args.records for r in read_records(f)]
     if args.leave_one_run_out:
         rows = leave_one_run_out(Predictor(args.model_configs, args.bench_data), records, steps=args.steps,
                                  per_engine=not args.pooled)
         print("leave-one-run-out MAPE (%): uncalibrated, fitted without the run, fitted on all runs")
-        _print_table(rows)
-        _atomic_write(args.out, lambda fh: json.dump(rows, fh, indent=1))
+        print_table(rows)
+        write_json(args.out, rows)
         print(f"wrote {args.out}")
         return 0
     hold = set(args.holdout.split(",")) if args.holdout else set()
@@ -327,10 +195,10 @@ def run_fit_cli(args) -> int:
     if note:
         print(note)
     print("parameters (fitted vs prior" + (", pooled and per engine version):" if params.by_engine else "):"))
-    _print_table([{"name": k, "fitted" if not params.by_engine else "pooled": float(params.pooled[i]),
-                   **{f"vLLM {e}": float(p[i]) for e, p in params.by_engine.items()},
-                   "prior": PRIORS[k].default, "range": f"{PRIORS[k].low:g}..{PRIORS[k].high:g}"}
-                  for i, k in enumerate(FIELDS)])
+    print_table([{"name": k, "fitted" if not params.by_engine else "pooled": float(params.pooled[i]),
+                  **{f"vLLM {e}": float(p[i]) for e, p in params.by_engine.items()},
+                  "prior": PRIORS[k].default, "range": f"{PRIORS[k].low:g}..{PRIORS[k].high:g}"}
+                 for i, k in enumerate(FIELDS)])
     summary = {}
     for name, subset in (("train", train), ("held-out", test)):
         if subset:
@@ -340,15 +208,15 @@ def run_fit_cli(args) -> int:
                 print(f"{name} records: {warning}", file=sys.stderr)
             rows = [dict(r, source=name) for r in mape_by_source(subset, total)]
             print(f"{name} MAPE:")
-            _print_table(rows)
+            print_table(rows)
             summary[name] = rows
-    tabs = {g: _portable_sources(pred._tables[g].sources) for g in gpus}
+    tabs = {g: portable_sources(pred.tables(g).sources) for g in gpus}
     cal = {"gpu": gpus[0] if len(gpus) == 1 else gpus, "engine": sorted({str(r.extra.get("vllm_version", "?"))
                                                                           for r in train}),
            "tables": tabs, "data": [str(f) for f in args.records], "holdout": sorted(hold),
            "fitted_on": date.today().isoformat(), **calibration_to_dict(params),
            "priors": {k: PRIORS[k]._asdict() for k in FIELDS}, "report": report, "mape": summary}
-    _atomic_write(args.out, lambda fh: json.dump(cal, fh, indent=1))
+    write_json(args.out, cal)
     print(f"wrote {args.out}")
     return 0
 

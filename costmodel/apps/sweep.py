@@ -39,10 +39,8 @@ import functools
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,9 +53,11 @@ import pandas as pd
 
 from .. import ops
 from .. import tables as tables_mod
+from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..fastlookup import TOKEN_TABLE, FastLookup, common_shapes, specialise
 from ..hardware import get_gpu
+from ..io import atomic_write, write_frame, write_json
 from ..model import ModelConfig, load_model, normalize_dtype
 from ..params import Params
 from ..step import (
@@ -199,7 +199,6 @@ class _Resolver:
             self._tables[g.name] = tables_mod.load_tables(self.bench_data, g)
         m = self.model(model, normalize_dtype(dtype) if dtype else None)
         su = setup(m, self._tables[g.name], int(tp))
-        from .fit import resolve_calibration
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
         cal = params.get(g.name)
@@ -606,29 +605,6 @@ def _fmt_of(path: Path) -> str:
     raise InputError(f"output must end in .parquet or .csv, got {path.name!r}", field="out")
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]):
-    """Write through a temporary file in the same folder, renamed when complete (never a partial file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 -> the usual permissions of a new file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_frame(df: pd.DataFrame, path: Path, fmt: str):
-    if fmt == "parquet":
-        _write_atomic(path, lambda tmp: df.to_parquet(tmp, index=False))
-    else:
-        _write_atomic(path, lambda tmp: df.to_csv(tmp, index=False))
-
-
 def _merge(parts: list[Path], out: Path, fmt: str):
     """Concatenate chunk files into ``out`` (streamed: one chunk in memory at a time), atomically."""
     def write(tmp):
@@ -653,7 +629,7 @@ def _merge(parts: list[Path], out: Path, fmt: str):
         finally:
             if writer is not None:
                 writer.close()
-    _write_atomic(out, write)
+    atomic_write(out, write, mode="path")
 
 
 def shard_path(out: str | Path, process_index: int, process_count: int) -> Path:
@@ -675,7 +651,7 @@ def merge_shards(out: str | Path, process_count: int) -> Path:
         raise InputError(f"missing shard file(s) {missing}", field="out")
     read = pd.read_parquet if fmt == "parquet" else pd.read_csv
     df = pd.concat([read(s) for s in shards], ignore_index=True).sort_values("config_id", kind="stable")
-    _write_frame(df.reset_index(drop=True), out, fmt)
+    write_frame(out, df.reset_index(drop=True), fmt)
     return out
 
 
@@ -786,7 +762,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
                 shutil.rmtree(parts_dir)
         parts_dir.mkdir(parents=True, exist_ok=True)
         if not mpath.is_file():
-            _write_atomic(mpath, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
+            write_json(mpath, manifest)
         done = {k for k in mine if (parts_dir / f"chunk-{k:06d}.{fmt}").is_file()}
     frames, computed = [], []
     bar = _Progress(sum(min(C, sp.n - k * C) for k in mine), progress)
@@ -798,7 +774,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
         for i, name in enumerate(RESULT_COLUMNS):
             df[name] = vals[i]
         if parts_dir is not None:
-            _write_frame(df, parts_dir / f"chunk-{k:06d}.{fmt}", fmt)
+            write_frame(parts_dir / f"chunk-{k:06d}.{fmt}", df, fmt)
         if collect:
             frames.append(df)
         computed.append(k)
@@ -832,7 +808,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
             _merge(files, target, fmt)
         else:  # this process has no chunk: an empty file with the columns
             g, b, cols = sp.rows(0, 0)
-            _write_frame(pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS}}), target, fmt)
+            write_frame(target, pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS}}), fmt)
         if not keep_parts:
             shutil.rmtree(parts_dir, ignore_errors=True)
     info = SweepInfo(sp.n, C, mine, computed, time.perf_counter() - t0, None if target is None else str(target),

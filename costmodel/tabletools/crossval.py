@@ -55,10 +55,12 @@ from .. import kernel_time as kt
 from .. import ops
 from ..errors import InputError
 from ..hardware import get_gpu
+from ..io import write_text
 from ..model import DTYPE_BYTES
 from ..params import Params
 from ..tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce,
                      load_attention, load_gemm, load_tables, nearest_layout)
+from .importer import _safe_version_key, gemm_collections
 
 PROG = "python -m costmodel.tabletools.crossval"
 LENGTH = {"decode": "kv_len", "prefill": "seq_len"}
@@ -337,7 +339,6 @@ def collection_report(gpu: str, measured: list[Path] = (), dtype: str = "bf16",
     """AIConfigurator's engine collections of one GPU's ``dtype`` GEMM against the newest vLLM one (the
     default import), and ``measured`` bench_data folders against every collection, at shapes both hold.
     Each row: latency ratio (row's source / ``over``), median and 10th/90th percentiles, as text."""
-    from .importer import _safe_version_key, gemm_collections
     cols = gemm_collections(gpu, dtype, systems_dir)
     vllm = sorted((c for c in cols if c.startswith("vllm/")), key=lambda c: _safe_version_key(c.split("/", 1)[1]))
     ref = vllm[-1] if vllm else cols.columns[0]
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     text = "".join(parts)
     print(text)
     if args.out:
-        args.out.write_text(text)
+        write_text(args.out, text)
     return 0
 
 

@@ -32,6 +32,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
+import sys
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as distribution_version
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -39,6 +42,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import InputError
+from ..hardware import find_gpu
+from ..io import write_frame, write_provenance
+from ..ops import per_gpu_layouts
 
 __all__ = [
     "DEFAULT_HEAD_LAYOUTS",
@@ -58,14 +64,6 @@ GPU_ALIASES = {
     "b200": "b200_sxm",
     "b300": "b300_sxm",
     "a100": "a100_sxm",
-}
-
-# Dense tensor-core peaks (FLOP/s) used when the system YAML has none.
-FALLBACK_PEAKS = {
-    "h100_sxm": {"bf16": 989e12, "fp8": 1979e12},
-    "h200_sxm": {"bf16": 989e12, "fp8": 1979e12},
-    "b200_sxm": {"bf16": 2250e12, "fp8": 4500e12},
-    "a100_sxm": {"bf16": 312e12},
 }
 
 # Source dtype -> output dtype.  ``fp8`` is vLLM's per-tensor FP8 path
@@ -92,19 +90,8 @@ COMMON_MODELS = (
 )
 
 
-def _per_gpu_layouts(models=COMMON_MODELS, tps=(1, 2, 4, 8), head_dim=128):
-    """Per-GPU (hq, hkv, d) under tensor parallelism (vLLM replicates KV heads
-    when tp > hkv, so each GPU keeps one)."""
-    out = set()
-    for _, hq, hkv in models:
-        for tp in tps:
-            if hq % tp:
-                continue
-            out.add((hq // tp, max(1, hkv // tp), head_dim))
-    return tuple(sorted(out))
-
-
-DEFAULT_HEAD_LAYOUTS = _per_gpu_layouts()
+# their per-GPU (hq, hkv, d) at TP 1, 2, 4 and 8
+DEFAULT_HEAD_LAYOUTS = per_gpu_layouts([(hq, hkv, 128) for _, hq, hkv in COMMON_MODELS], (1, 2, 4, 8))
 
 
 # --------------------------------------------------------------------------
@@ -182,8 +169,10 @@ def _find_table(sysdata: Path, family: str, engine: str, table: str, version: st
 
 
 def _read_peaks(systems_dir: Path, gpu: str) -> tuple[dict, str]:
-    peaks = dict(FALLBACK_PEAKS.get(gpu, {}))
-    src = "costmodel fallback table"
+    """Dense peak FLOP/s by dtype for ``mfu``: the system YAML's, else `costmodel.hardware`'s."""
+    known = find_gpu(gpu)
+    peaks = known.dense_peaks() if known is not None else {}
+    src = "costmodel.hardware"
     y = systems_dir / f"{gpu}.yaml"
     if y.is_file():
         found = {}
@@ -260,13 +249,11 @@ def _sig(v: float, digits: int) -> str:
 
 
 def _fmt_csv(df: pd.DataFrame, path: Path, float_cols: dict[str, int]) -> int:
-    """Write ``df`` with the given columns rounded to N significant digits."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``df`` with the given columns rounded to N significant digits; returns the file's size."""
     df = df.copy()
     for c, digits in float_cols.items():
         df[c] = [_sig(v, digits) for v in df[c].to_numpy()]
-    df.to_csv(path, index=False, lineterminator="\n")
-    return path.stat().st_size
+    return write_frame(path, df, lineterminator="\n").stat().st_size
 
 
 # --------------------------------------------------------------------------
@@ -500,10 +487,8 @@ def _locate_systems_dir() -> tuple[Path, str]:
         import aiconfigurator_core  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on environment
         raise RuntimeError(_MISSING_MSG) from e
-    from importlib.metadata import PackageNotFoundError, version as _v
-
     try:
-        ver = _v(PACKAGE)
+        ver = distribution_version(PACKAGE)
     except PackageNotFoundError:  # pragma: no cover
         ver = "unknown"
     return Path(aiconfigurator_core.__file__).parent / "systems", ver
@@ -633,19 +618,16 @@ def import_aiconfigurator(
         record(p, _fmt_csv(ar, p, {"latency_us": 4}), len(ar))
 
     # provenance -------------------------------------------------------
-    p = out / f"SOURCE_{gpu}.md"
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(_source_md(summary, layouts))
+    p = write_provenance(out, gpu, _provenance_lines(summary, layouts))
     record(p, p.stat().st_size, 0)
     summary["total_bytes"] = sum(f["bytes"] for f in summary["files"].values())
     return summary
 
 
-def _source_md(s: dict, layouts) -> str:
+def _provenance_lines(s: dict, layouts) -> list[str]:
+    """The lines of the provenance note (`io.write_provenance`) below its title."""
     today = _dt.date.today().isoformat()
     L = [
-        f"# Provenance of `{s['gpu']}` tables",
-        "",
         f"Imported on {today} by `costmodel import-aiconfigurator` from the PyPI package "
         f"`{s['package']}` version {s['package_version']} (NVIDIA AIConfigurator; "
         "`aiconfigurator_core/systems/data/`). Requested engine: "
@@ -721,7 +703,7 @@ def _source_md(s: dict, layouts) -> str:
         "(includes an input clone), `nccl` = nccl-tests all_reduce_perf (fp16).",
         "",
     ]
-    return "\n".join(L)
+    return L
 
 
 # --------------------------------------------------------------------------
@@ -755,8 +737,6 @@ def run(args) -> int:
             bf16_consensus=not getattr(args, "no_bf16_consensus", False),
         )
     except (RuntimeError, ValueError) as e:
-        import sys
-
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {len(s['files'])} files, {s['total_bytes'] / 1e6:.2f} MB for {s['gpu']} "

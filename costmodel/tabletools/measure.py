@@ -48,13 +48,18 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from .. import ops
+from ..errors import InputError
+from ..hardware import find_gpu
+from ..io import write_provenance, write_text
+from ..model import ModelConfig, load_model
 
 NO_GPU_MESSAGE = "no GPU found, nothing measured"
 PROG = "python -m costmodel.tabletools.measure"
@@ -76,23 +81,18 @@ class Grid:
     prefill_seq: tuple[int, ...]
 
 
-def _dense_gemm_shapes(hidden, inter, hq, hkv, d, tps):
-    """(k, n) of the QKV, O, gate_up and down projections of a dense model at each TP degree."""
-    out = []
-    for tp in tps:
-        kv = max(hkv // tp, 1)
-        out += [(hidden, (hq // tp + 2 * kv) * d), (hq // tp * d, hidden), (hidden, 2 * inter // tp),
-                (inter // tp, hidden)]
-    return out
+def _dense_gemm_shapes(m: ModelConfig, tps) -> list[tuple[int, int]]:
+    """(k, n) of the QKV, O, gate_up and down projections (`ops.layer_gemms`) of a dense model at each TP
+    degree."""
+    return [(int(g.k), int(g.n)) for tp in tps for g in ops.layer_gemms(ops.dims(m, tp), 1.0).values()]
 
 
-def _layouts(models, tps):
-    return tuple(sorted({(hq // tp, max(hkv // tp, 1), d) for hq, hkv, d in models for tp in tps if hq % tp == 0}))
+def _heads(m: ModelConfig) -> tuple[int, int, int]:
+    return m.num_heads, m.num_kv_heads, m.head_dim
 
 
 def parse_shapes_of(value: str):
     """``MODEL:TP[,TP...]`` -> (ModelConfig, (tp, ...)); MODEL is a config.json, its folder or a packaged name."""
-    from ..model import load_model
     name, _, tps = value.rpartition(":")
     if not name:
         name, tps = value, "1"
@@ -107,20 +107,25 @@ def parse_shapes_of(value: str):
 
 def grid_for_models(grid: Grid, models) -> Grid:
     """``grid`` with the GEMM (k, n) shapes and head layouts of ``models`` [(ModelConfig, tps)]."""
-    from dataclasses import replace
     kn, layouts = set(), set()
     for m, tps in models:
-        kn |= set(_dense_gemm_shapes(m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim,
-                                     tps))
-        layouts |= set(_layouts([(m.num_heads, m.num_kv_heads, m.head_dim)], tps))
+        kn |= set(_dense_gemm_shapes(m, tps))
+        layouts |= set(ops.per_gpu_layouts([_heads(m)], tps))
     layouts = tuple(sorted(layouts))
     return replace(grid, gemm_kn=tuple(sorted(kn)), decode_layouts=layouts, prefill_layouts=layouts)
 
 
-# (hidden, intermediate, heads, kv_heads, head_dim): Llama-3-8B, Llama-3-70B, Qwen2.5-32B
-_MODELS = ((4096, 14336, 32, 8, 128), (8192, 28672, 64, 8, 128), (5120, 27648, 40, 8, 128))
-_FULL_KN = tuple(sorted(set(s for m in _MODELS for s in _dense_gemm_shapes(*m, (1, 2, 4, 8)))))
-_FULL_LAYOUTS = _layouts([m[2:] for m in _MODELS], (1, 2, 4, 8))
+def _dense_model(name, hidden, inter, heads, kv_heads, head_dim) -> ModelConfig:
+    """The shapes the grids need of a dense model (one layer, no vocabulary)."""
+    return ModelConfig(name=name, arch="LlamaForCausalLM", hidden_size=hidden, num_layers=1, num_heads=heads,
+                       num_kv_heads=kv_heads, head_dim=head_dim, intermediate_size=inter, vocab_size=1,
+                       tie_embeddings=False, dtype="bf16")
+
+
+_MODELS = (_dense_model("Llama-3-8B", 4096, 14336, 32, 8, 128), _dense_model("Llama-3-70B", 8192, 28672, 64, 8, 128),
+           _dense_model("Qwen2.5-32B", 5120, 27648, 40, 8, 128))
+_FULL_KN = tuple(sorted(set(s for m in _MODELS for s in _dense_gemm_shapes(m, (1, 2, 4, 8)))))
+_FULL_LAYOUTS = ops.per_gpu_layouts([_heads(m) for m in _MODELS], (1, 2, 4, 8))
 
 GRIDS: dict[str, Grid] = {
     # for testing the writer on a CPU: seconds
@@ -129,7 +134,7 @@ GRIDS: dict[str, Grid] = {
                  prefill_layouts=((4, 2, 32),), prefill_batch=(1, 2), prefill_seq=(16, 64)),
     # Llama-3-8B at TP1: a few minutes on an H100
     "small": Grid(gemm_m=(1, 4, 16, 64, 256, 1024, 4096, 16384),
-                  gemm_kn=tuple(_dense_gemm_shapes(*_MODELS[0], (1,))),
+                  gemm_kn=tuple(_dense_gemm_shapes(_MODELS[0], (1,))),
                   decode_layouts=((32, 8, 128), (8, 1, 128)), decode_batch=(1, 8, 32, 128),
                   decode_kv=(128, 1024, 4096, 16384),
                   prefill_layouts=((32, 8, 128), (8, 1, 128)), prefill_batch=(1, 4),
@@ -385,14 +390,10 @@ class Results:
     kernels: dict[str, str] = field(default_factory=dict)
 
 
-def _peaks(gpu_name: str):
-    from ..errors import InputError
-    from ..hardware import get_gpu
-    try:
-        g = get_gpu(gpu_name)
-    except InputError:
-        return None
-    return {"bf16": g.bf16_flops, "fp8": g.fp8_flops}
+def _peaks(gpu_name: str) -> dict[str, float] | None:
+    """Dense peak FLOP/s by dtype of the GPU a table folder name means (`hardware.GPU.dense_peaks`), or None."""
+    g = find_gpu(gpu_name)
+    return None if g is None else g.dense_peaks()
 
 
 def _mfu(flops, t_us, peak):
@@ -541,19 +542,7 @@ def _write_csv(path: Path, cols: list[str], rows: list[dict]) -> None:
     lines = [",".join(cols)]
     for r in rows:
         lines.append(",".join(_num(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols))
-    _atomic_write_text(path, "\n".join(lines) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, "\n".join(lines) + "\n")
 
 
 def write_tables(out: Path, gpu_name: str, res: Results, *, device_desc: str, grid_name: str, grid: Grid,
@@ -571,17 +560,16 @@ def write_tables(out: Path, gpu_name: str, res: Results, *, device_desc: str, gr
             p = out / "mha" / kind / gpu_name / f"{hq}-{hkv}-{d}.csv"
             _write_csv(p, cols, rows)
             written.append(p)
-    src = out / f"SOURCE_{gpu_name}.md"
-    _atomic_write_text(src, _source_md(gpu_name, res, device_desc=device_desc, grid_name=grid_name, grid=grid,
-                                       repeats=repeats, command=command, files=written, out=out))
+    src = write_provenance(out, gpu_name, _provenance_lines(res, device_desc=device_desc, grid_name=grid_name,
+                                                            grid=grid, repeats=repeats, command=command,
+                                                            files=written, out=out))
     return written + [src]
 
 
-def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats, command, files, out) -> str:
+def _provenance_lines(res: Results, *, device_desc, grid_name, grid, repeats, command, files, out) -> list[str]:
+    """The lines of the provenance note (`io.write_provenance`) below its title."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"# Provenance of `{gpu_name}` tables",
-        "",
         f"Measured on {now} by `{command}` (`costmodel/tabletools/measure.py`).",
         "",
         f"* Device: {device_desc}",
@@ -628,7 +616,7 @@ def _source_md(gpu_name, res: Results, *, device_desc, grid_name, grid, repeats,
     if res.skipped:
         lines += ["", f"## Skipped cells ({len(res.skipped)}: over the memory budget or failed)", ""]
         lines += [f"* {s}" for s in res.skipped]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 # ---------------------------------------------------------------- command line
@@ -675,7 +663,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave memory to PyTorch / big cells
     import jax
 
-    from ..errors import InputError
     gpus = gpu_devices()
     grid_name = args.grid
     if gpus:
@@ -724,5 +711,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     sys.exit(main())
