@@ -350,7 +350,7 @@ def arch_from_config(cfg: dict, name: str = "model", where: str = "config.json")
     L = _cfg_int(cfg, "num_hidden_layers", where)
     vocab = _cfg_int(cfg, "vocab_size", where)
     heads = _cfg_int(cfg, "num_attention_heads", where)
-    kv_heads = _cfg_int(cfg, "num_key_value_heads", where, default=heads)
+    kv_heads = _cfg_int(cfg, "num_key_value_heads", where) if cfg.get("num_key_value_heads") is not None else heads
     head_dim = _cfg_int(cfg, "head_dim", where) if cfg.get("head_dim") else hidden // heads
 
     # --- attention type of each layer ---

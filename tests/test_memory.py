@@ -213,6 +213,11 @@ def test_layout_errors_name_the_field():
         m.as_layout({"tp": 2, "ep": 2})
     with pytest.raises(InputError, match="hidden_size"):
         m.arch_from_config({k: v for k, v in LLAMA31_8B.items() if k != "hidden_size"}, where="x/config.json")
+    # multi-head attention configs may leave the KV heads out or null
+    mha = dict(LLAMA31_8B, num_key_value_heads=None)
+    assert m.kv_bytes_per_token(mha) == 2 * 32 * 128 * 2 * 32
+    with pytest.raises(InputError, match="num_key_value_heads"):
+        m.arch_from_config(dict(LLAMA31_8B, num_key_value_heads=0), where="x/config.json")
     with pytest.raises(InputError, match="quant_method"):
         m.arch_from_config(dict(LLAMA31_8B, quantization_config={"quant_method": "bitsandbytes"}))
 
