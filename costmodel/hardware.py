@@ -11,6 +11,16 @@ All figures are dense (no 2:4 sparsity) vendor peaks.  Sources, in the order of 
   NVLink 3 600 GB/s bidirectional.
 * B200 (HGX B200, 180 GB): NVIDIA DGX/HGX B200 datasheet (2024), per GPU: BF16 2.25 PFLOP/s, FP8 4.5 PFLOP/s
   dense, HBM3e 8 TB/s, 180 GB, NVLink 5 1.8 TB/s bidirectional.
+* A100-SXM4-40GB: NVIDIA A100 datasheet (2021): as the 80 GB part with HBM2 1.555 TB/s, 40 GB.
+* L40S (PCIe, 48 GB): NVIDIA L40S datasheet (2023): BF16 362 TFLOP/s, FP8 733 TFLOP/s dense, GDDR6 864 GB/s,
+  48 GB, no NVLink: GPU-to-GPU traffic goes over PCIe 4.0 x16, 32 GB/s each way.
+
+`memory_bytes` is the device memory the CUDA driver reports as total (`cudaMemGetInfo`, what
+`torch.cuda.mem_get_info()` returns and what vLLM multiplies by `gpu_memory_utilization`): the marketing
+capacity less what the driver and ECC keep.  Values as PyTorch reports them (`total_memory` of the device
+properties, MiB): H100 80GB HBM3 81,089 (vLLM logs "79.19 GiB"); H200 143,156; B200 182,642 (vLLM logs
+"178.36 GiB"); H20 97,285; A100-SXM4-80GB 81,050 ("79.15 GiB total capacity" in PyTorch's OOM message);
+A100-SXM4-40GB 40,536; L40S 45,589.  H800 is taken as the H100's 80 GB HBM3 stack, 81,089.
 """
 from __future__ import annotations
 
@@ -30,6 +40,7 @@ class GPU(NamedTuple):
     hbm_capacity_bytes: float
     nvlink_bytes_per_s: float  # NVLink bandwidth per GPU, one direction, bytes/s
     table_dirs: tuple[str, ...]  # bench_data sub-folder names, most preferred first
+    memory_bytes: float = 0.0  # device memory the CUDA driver reports as total, bytes (see module doc)
 
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s of the tensor cores for a GEMM input dtype."""
@@ -47,16 +58,19 @@ class GPU(NamedTuple):
         return {"bf16": self.bf16_flops, **({"fp8": self.fp8_flops} if self.fp8_flops > 0 else {})}
 
 
-T, G = 1e12, 1e9
+T, G, MiB = 1e12, 1e9, 2.0**20
 GPUS: dict[str, GPU] = {
     g.name: g
     for g in (
-        GPU("H100-SXM", 989.4 * T, 1978.9 * T, 3350 * G, 80 * G, 450 * G, ("h100_sxm", "h100")),
-        GPU("H200-SXM", 989.4 * T, 1978.9 * T, 4800 * G, 141 * G, 450 * G, ("h200_sxm", "h200")),
-        GPU("H800-SXM", 989.4 * T, 1978.9 * T, 3350 * G, 80 * G, 200 * G, ("h800_sxm", "h800")),
-        GPU("H20", 148 * T, 296 * T, 4000 * G, 96 * G, 450 * G, ("h20",)),
-        GPU("A100-SXM-80GB", 312 * T, 0.0, 2039 * G, 80 * G, 300 * G, ("a100_sxm", "a100")),
-        GPU("B200", 2250 * T, 4500 * T, 8000 * G, 180 * G, 900 * G, ("b200_sxm", "b200")),
+        GPU("H100-SXM", 989.4 * T, 1978.9 * T, 3350 * G, 80 * G, 450 * G, ("h100_sxm", "h100"), 81089 * MiB),
+        GPU("H200-SXM", 989.4 * T, 1978.9 * T, 4800 * G, 141 * G, 450 * G, ("h200_sxm", "h200"), 143156 * MiB),
+        GPU("H800-SXM", 989.4 * T, 1978.9 * T, 3350 * G, 80 * G, 200 * G, ("h800_sxm", "h800"), 81089 * MiB),
+        GPU("H20", 148 * T, 296 * T, 4000 * G, 96 * G, 450 * G, ("h20",), 97285 * MiB),
+        GPU("A100-SXM-80GB", 312 * T, 0.0, 2039 * G, 80 * G, 300 * G, ("a100_sxm", "a100"), 81050 * MiB),
+        GPU("A100-SXM-40GB", 312 * T, 0.0, 1555 * G, 40 * G, 300 * G, ("a100_sxm_40gb", "a100_40gb"),
+            40536 * MiB),
+        GPU("L40S", 362 * T, 733 * T, 864 * G, 48 * G, 32 * G, ("l40s",), 45589 * MiB),
+        GPU("B200", 2250 * T, 4500 * T, 8000 * G, 180 * G, 900 * G, ("b200_sxm", "b200"), 182642 * MiB),
     )
 }
 
@@ -65,7 +79,8 @@ _ALIASES = {
     "h100sxm80gb": "H100-SXM", "h200": "H200-SXM", "h200sxm": "H200-SXM", "h200sxm141gb": "H200-SXM",
     "h800": "H800-SXM", "h800sxm": "H800-SXM", "h20": "H20", "a100": "A100-SXM-80GB",
     "a100sxm": "A100-SXM-80GB", "a10080gb": "A100-SXM-80GB", "a100sxm80gb": "A100-SXM-80GB",
-    "a100sxm480gb": "A100-SXM-80GB", "b200": "B200", "b200sxm": "B200",
+    "a100sxm480gb": "A100-SXM-80GB", "a10040gb": "A100-SXM-40GB", "a100sxm40gb": "A100-SXM-40GB",
+    "a100sxm440gb": "A100-SXM-40GB", "l40s": "L40S", "l40s48gb": "L40S", "b200": "B200", "b200sxm": "B200",
 }
 
 
