@@ -513,9 +513,10 @@ class FrameSpace(Space):
                     raise InputError("empty cell", self._where(int(np.argmax(bad)), source), k)
             elif k in BATCH_COLUMNS:
                 col = self.df[k]
-                num = pd.to_numeric(col, errors="coerce") if col.dtype == object else col
-                if col.dtype == bool or not (pd.api.types.is_numeric_dtype(num)):
-                    raise InputError(f"must be numbers, got {col.dtype}", source, k)
+                if pd.api.types.is_bool_dtype(col):
+                    raise InputError("must be numbers, got true/false", source, k)
+                numeric = pd.api.types.is_numeric_dtype(col)
+                num = col if numeric else pd.to_numeric(col, errors="coerce")
                 v = num.to_numpy(np.float64)
                 bad = ~np.isfinite(v) | (v < 0)
                 if bad.any():
@@ -523,7 +524,7 @@ class FrameSpace(Space):
                     got = col.iloc[i]
                     what = "empty cell" if _missing(got) else f"must be a finite number >= 0, got {got!r}"
                     raise InputError(what, self._where(i, source), k)
-                if col.dtype == object:
+                if not numeric:
                     self.df[k] = v
 
     def rows(self, start, stop):
@@ -763,9 +764,23 @@ def merge_shards(out: str | Path, process_count: int) -> Path:
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise InputError(f"missing shard file(s) {missing}", field="out")
-    read = pd.read_parquet if fmt == "parquet" else pd.read_csv
-    df = pd.concat([read(s) for s in shards], ignore_index=True).sort_values("config_id", kind="stable")
-    write_frame(out, df.reset_index(drop=True), fmt)
+    _check_out(out)
+    import contextlib
+    with contextlib.ExitStack() as held:
+        held.enter_context(_OutputLock(out))  # no other merge into out ...
+        for sh in shards:  # ... and no shard being rewritten meanwhile
+            held.enter_context(_OutputLock(sh))
+        _clean_temporaries(out, None)
+        read = pd.read_parquet if fmt == "parquet" else pd.read_csv
+        df = pd.concat([read(s) for s in shards], ignore_index=True).sort_values("config_id", kind="stable")
+        ids = df["config_id"].to_numpy()
+        if not np.array_equal(ids, np.arange(len(ids))):
+            dup = int(ids[np.argmax(ids[1:] == ids[:-1]) + 1]) if len(ids) > 1 and (ids[1:] == ids[:-1]).any() else None
+            what = f"configuration {dup} is in two shards" if dup is not None else \
+                "configurations are missing from every shard"
+            raise InputError(f"the {process_count} shard files are not one sweep's ({what}); rerun the processes "
+                             f"with the same spec and --process-count", field="out")
+        write_frame(out, df.reset_index(drop=True), fmt)
     return out
 
 
@@ -871,13 +886,13 @@ def _size_plan(sp: Space, chunk_size, process_index, process_count, max_configs,
     n = int(sp.n)
     limit = DEFAULT_MAX_CONFIGS if max_configs is None else _positive_int(max_configs, "max_configs")
     eta = n / RATE_ESTIMATE
-    if n > MAX_CONFIG_ID:
-        raise InputError(f"the space has {n:,} configurations (about {n:.1e}); a sweep numbers them with 64-bit "
-                         f"integers and takes at most {MAX_CONFIG_ID:,}", field="axes")
     if n > limit:
         raise InputError(f"the space has {n:,} configurations (about {n:.1e}; estimated {_duration(eta)} at "
                          f"~{RATE_ESTIMATE / 1e6:.1f} M/s), above the limit of {limit:,}; shrink the axes or raise "
                          f"the limit (--max-configs N, or max_configs=N in Python)", field="max_configs")
+    if n > MAX_CONFIG_ID:
+        raise InputError(f"the space has {n:,} configurations (about {n:.1e}); a sweep numbers them with 64-bit "
+                         f"integers and takes at most {MAX_CONFIG_ID:,}", field="axes")
     n_chunks = -(-n // C)
     if n_chunks > MAX_CHUNKS:
         raise InputError(f"{n:,} configurations in chunks of {C:,} make {n_chunks:,} chunks; at most "
@@ -1247,19 +1262,53 @@ def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, ben
 # ---------------------------------------------------------------- spec files and the command line
 
 SPEC_KEYS = {"axes", "configs", "defaults", "chunk_size", "out", "model_configs", "bench_data", "allow_other_gpu"}
+SPEC_TYPES = {"axes": dict, "configs": str, "defaults": dict, "out": str, "model_configs": str, "bench_data": str,
+              "allow_other_gpu": bool}
+
+
+def _key_lines(path: Path, text: str, yaml_file: bool) -> dict[str, str]:
+    """Where each top-level key (and each key of ``axes`` and ``defaults``, as ``axes.tp``) is given:
+    {key: "FILE:LINE"}; {} where the text cannot say."""
+    lines: dict[str, str] = {}
+    if yaml_file:
+        import yaml
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError:
+            return lines
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = str(k.value)
+                lines.setdefault(key, f"{path}:{k.start_mark.line + 1}")
+                if key in ("axes", "defaults") and isinstance(v, yaml.MappingNode):
+                    for kk, _ in v.value:
+                        lines.setdefault(f"{key}.{kk.value}", f"{path}:{kk.start_mark.line + 1}")
+        return lines
+    for m in re.finditer(r'"((?:[^"\\]|\\.)*)"\s*:', text):
+        lines.setdefault(m.group(1), f"{path}:{text.count(chr(10), 0, m.start()) + 1}")
+    return lines
 
 
 def load_spec(path: str | Path) -> dict:
     """Read a sweep spec (YAML or JSON): ``axes`` (named axes, their product) or ``configs`` (a CSV/Parquet
     table, one configuration per row; paths relative to the spec), optional ``defaults`` (group columns
     absent from the table or axes), ``chunk_size``, ``out``, ``model_configs``, ``bench_data``,
-    ``allow_other_gpu``."""
+    ``allow_other_gpu``.  Each key is checked (type, value) with an error naming the file, line and key;
+    an unknown key is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError("is a folder, not a spec file", str(path))
     if not path.is_file():
         raise InputError("no such spec file", str(path))
-    text = path.read_text()
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the spec: {e}", str(path)) from None
+    if not text.strip():
+        raise InputError("empty spec file (give 'axes' or 'configs')", str(path))
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if yaml_file:
             import yaml
             try:
                 spec = yaml.safe_load(text)
@@ -1271,36 +1320,86 @@ def load_spec(path: str | Path) -> dict:
             spec = json.loads(text)
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
+    if spec is None:
+        raise InputError("empty spec file (give 'axes' or 'configs')", str(path))
     if not isinstance(spec, dict):
-        raise InputError("a sweep spec is a mapping", str(path))
-    unknown = set(spec) - SPEC_KEYS
+        raise InputError(f"a sweep spec is a mapping (axes: ... or configs: ...), got {type(spec).__name__}",
+                         str(path))
+    lines = _key_lines(path, text, yaml_file)
+    unknown = sorted(str(k) for k in set(spec) - SPEC_KEYS)
     if unknown:
-        raise InputError(f"unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})", str(path))
+        import difflib
+        hint = difflib.get_close_matches(unknown[0], sorted(SPEC_KEYS), 1)
+        raise InputError(f"unknown key(s) {unknown}{f' (did you mean {hint[0]!r}?)' if hint else ''} (known: "
+                         f"{', '.join(sorted(SPEC_KEYS))})", lines.get(unknown[0], str(path)))
     if ("axes" in spec) == ("configs" in spec):
         raise InputError("give exactly one of 'axes' and 'configs'", str(path))
+    for key, typ in SPEC_TYPES.items():
+        v = spec.get(key)
+        if key not in spec or (v is None and key not in ("axes", "configs")):
+            continue
+        if not isinstance(v, typ) or (typ is str and not v.strip()):
+            want = {dict: "a mapping", str: "a file or folder path", bool: "true or false"}[typ]
+            raise InputError(f"must be {want}, got {v!r}", lines.get(key, str(path)), key)
+    if spec.get("chunk_size") is not None:
+        _positive_int(spec["chunk_size"], "chunk_size", lines.get("chunk_size", str(path)))
     for key in ("configs", "out", "model_configs", "bench_data"):
         if spec.get(key) is not None and not Path(str(spec[key])).is_absolute():
             spec[key] = str(path.parent / str(spec[key]))
     spec["_where"] = str(path)
+    spec["_lines"] = lines
     return spec
 
 
 def space_from_spec(spec: dict) -> Space:
     where = spec.get("_where")
+    lines = spec.get("_lines") or {}
     try:
         if "axes" in spec:
             if not isinstance(spec["axes"], dict):
                 raise InputError("'axes' must be a mapping of axis name to values", field="axes")
-            return make_space(spec["axes"], spec.get("defaults"), spec.get("model_configs"))
+            defaults = spec.get("defaults") or {}
+            if not isinstance(defaults, dict):
+                raise InputError(f"must be a mapping, got {defaults!r}", lines.get("defaults"), "defaults")
+            at = {k: lines.get(f"defaults.{k}") or lines.get(k) for k in defaults}
+            at.update({k: lines.get(f"axes.{k}") or lines.get(k) for k in spec["axes"]})
+            at = {k: v for k, v in at.items() if v}
+            at["axes"] = lines.get("axes", where)
+            return AxesSpace({**defaults, **spec["axes"]}, lines=at)
         cfg = Path(spec["configs"])
         if not cfg.is_file():
             raise InputError("no such configs file", str(cfg), "configs")
-        df = pd.read_parquet(cfg) if cfg.suffix.lower() in (".parquet", ".pq") else pd.read_csv(cfg)
-        return make_space(df, spec.get("defaults"), spec.get("model_configs"))
+        try:
+            df = pd.read_parquet(cfg) if cfg.suffix.lower() in (".parquet", ".pq") else pd.read_csv(cfg)
+        except pd.errors.EmptyDataError:
+            raise InputError("empty configs file (a header row and one configuration a row)", str(cfg),
+                             "configs") from None
+        except Exception as e:  # a file pandas/pyarrow cannot parse
+            raise InputError(f"cannot read the configs table: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                             str(cfg), "configs") from None
+        if len(df) == 0:
+            raise InputError("the configs table has a header but no rows", str(cfg), "configs")
+        return FrameSpace(df, spec.get("defaults"), spec.get("model_configs"), source=str(cfg))
     except InputError as e:
         if e.args and where and where not in str(e):
             raise InputError(str(e), where) from None
         raise
+
+
+def _count(text: str) -> int:
+    """A command-line count: 10000000000, 1e10 or 10**10."""
+    t = text.strip().replace("_", "").replace(",", "")
+    try:
+        if "**" in t:
+            a, b = t.split("**")
+            v = int(a) ** int(b)
+        else:
+            v = float(t) if any(c in t for c in ".eE") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if not math.isfinite(v) or v < 1 or not float(v).is_integer():
+        raise argparse.ArgumentTypeError(f"not a positive count: {text!r}")
+    return int(v)
 
 
 def add_sweep_arguments(parser) -> None:
@@ -1321,6 +1420,10 @@ def add_sweep_arguments(parser) -> None:
     parser.add_argument("--keep-parts", action="store_true", help="keep the chunk files after merging")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument("--max-configs", type=_count, default=DEFAULT_MAX_CONFIGS,
+                        help=f"refuse a space of more configurations (default {DEFAULT_MAX_CONFIGS:.0e}; e.g. 1e12)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the size, chunks and a time estimate, and exit without writing anything")
 
 
 def run_sweep(args) -> int:
@@ -1329,6 +1432,10 @@ def run_sweep(args) -> int:
     if not out:
         raise InputError("no output file: pass --out or set 'out' in the spec", args.spec, "out")
     _fmt_of(Path(out))
+    for name in ("process_count", "devices", "chunk_size"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise InputError(f"must be a positive integer, got {v}", field=name)
     if args.merge:
         if not args.process_count or args.process_count < 2:
             raise InputError("--merge needs --process-count N (N >= 2)", field="process_count")
@@ -1336,9 +1443,13 @@ def run_sweep(args) -> int:
         print(f"costmodel sweep: merged {args.process_count} shards into {path}")
         return 0
     sp = space_from_spec(spec)
-    chunk = args.chunk_size or spec.get("chunk_size") or DEFAULT_CHUNK
-    if int(chunk) < 1:
-        raise InputError("must be a positive integer", args.spec, "chunk_size")
+    chunk = args.chunk_size if args.chunk_size is not None else spec.get("chunk_size") or DEFAULT_CHUNK
+    pl, *_ = _size_plan(sp, chunk, args.process_index, args.process_count, args.max_configs, out)
+    _check_out(Path(pl.out))
+    if args.dry_run:
+        print(f"costmodel sweep: dry run: {pl.describe()}; nothing written")
+        return 0
+    print(f"costmodel sweep: {pl.describe()}", file=sys.stderr)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     stored = []
     try:
@@ -1346,7 +1457,7 @@ def run_sweep(args) -> int:
                 bench_data=args.bench_data or spec.get("bench_data"),
                 allow_other_gpu=args.allow_other_gpu or bool(spec.get("allow_other_gpu")), progress=progress,
                 process_index=args.process_index, process_count=args.process_count, keep_parts=args.keep_parts,
-                devices=args.devices, on_chunk=stored.append)
+                devices=args.devices, on_chunk=stored.append, max_configs=args.max_configs)
     except KeyboardInterrupt:
         print(f"costmodel sweep: interrupted; {len(stored)} chunk(s) stored this run; run the same command again "
               f"to resume", file=sys.stderr)
