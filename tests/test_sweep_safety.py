@@ -368,3 +368,36 @@ def test_parts_path_is_a_file(tmp_path, capsys):
     spec = _spec(tmp_path, f"axes: {json.dumps(SMALL)}\nout: o.csv\n")
     (tmp_path / "o.csv.parts").write_text("x")
     _one_line_error(capsys, ["sweep", spec], "o.csv.parts", "is a file")
+
+
+@pytest.mark.parametrize("csv,needles", [
+    ('model,gpu,step\nllama-3.1-8b,H100,"{""decode"": [100, 200]}"\nllama-3.1-8b,H100,"{""decode"": [1,"\n',
+     ["cfg.csv:3", "'step'", "malformed JSON"]),
+    ('model,gpu,step\nllama-3.1-8b,H100,"{""prefill"": [[0, 5]]}"\n', ["cfg.csv:2", "'step'", "new >= 1"]),
+    ('model,gpu,step\nllama-3.1-8b,H100,"{""decodes"": [5]}"\n', ["cfg.csv:2", "'step'"]),
+    ("model,gpu,n_decode,decode_ctxx\nllama-3.1-8b,H100,1,100\n", ["decode_ctxx", "did you mean 'decode_ctx'"]),
+    ("model,gpu,n_decode,step_us\nllama-3.1-8b,H100,1,100\n", ["step_us", "result column"]),
+    ("model,gpu,n_decode,config_id\nllama-3.1-8b,H100,1,7\n", ["config_id", "result column"]),
+])
+def test_table_columns_and_step_cells_checked(tmp_path, capsys, csv, needles):
+    (tmp_path / "cfg.csv").write_text(csv)
+    spec = _spec(tmp_path, "configs: cfg.csv\ndefaults: {calibration: none}\n")
+    _one_line_error(capsys, ["sweep", spec, "--out", str(tmp_path / "o.csv")], *needles)
+
+
+def test_step_column_from_csv_as_json_text(tmp_path, capsys, h100):
+    (tmp_path / "cfg.csv").write_text('model,gpu,label,step\nllama-3.1-8b,H100,a,"{""decode"": [100, 200]}"\n')
+    spec = _spec(tmp_path, "configs: cfg.csv\ndefaults: {calibration: none}\nout: o.csv\n")
+    rc, out, err = _main(["sweep", spec], capsys)
+    assert rc == 0, err
+    got = pd.read_csv(tmp_path / "o.csv")
+    want = sw.sweep(pd.DataFrame({"step": [{"decode": [100, 200]}]}),
+                    defaults={"model": "llama-3.1-8b", "gpu": "H100", "calibration": "none"}, tables=h100)
+    assert got.label.tolist() == ["a"]
+    np.testing.assert_allclose(got.step_us, want.step_us, rtol=1e-6)
+
+
+def test_table_defaults_must_be_group_columns(tmp_path, capsys):
+    (tmp_path / "cfg.csv").write_text("model,gpu,n_decode,decode_ctx\nllama-3.1-8b,H100,1,100\n")
+    spec = _spec(tmp_path, "configs: cfg.csv\ndefaults: {tpp: 2}\n")
+    _one_line_error(capsys, ["sweep", spec, "--out", str(tmp_path / "o.csv")], "unknown default", "tpp")

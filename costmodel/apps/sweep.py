@@ -464,12 +464,19 @@ class FrameSpace(Space):
         """``source``: the file the table was read from, so that errors name its line (CSV) or row."""
         if defaults is not None and not isinstance(defaults, dict):
             raise InputError(f"must be a mapping of group column to value, got {defaults!r}", field="defaults")
+        unknown = sorted(set(defaults or {}) - set(GROUP_AXES))
+        if unknown:
+            raise InputError(f"unknown default(s) {unknown}: a table's defaults are group columns "
+                             f"({', '.join(GROUP_AXES)})", field="defaults")
         defaults = {**GROUP_DEFAULTS, **(defaults or {})}
         for k in ("model", "gpu"):
             if k not in df.columns and k not in defaults:
                 raise InputError("missing column (or pass it as a default)", source, k)
+        self._check_columns(df, source)
         self.df = df.reset_index(drop=True)
         self._check_cells(source)
+        if "step" in self.df.columns:
+            self.df["step"] = self._parsed_steps(source)
         self.n = len(self.df)
         self.per_request = "step" in self.df.columns
         batch = [c for c in self.df.columns if c in BATCH_COLUMNS]
@@ -502,6 +509,44 @@ class FrameSpace(Space):
         if source is None:
             return f"row {row}"
         return f"{source}:{row + 2}" if str(source).lower().endswith(".csv") else f"{source} row {row}"
+
+    @staticmethod
+    def _check_columns(df, source):
+        """Result column names are refused (they would be overwritten, or overwrite ``config_id``), and so is
+        a column one letter or so from a known one (``decode_ctxx``: read as absent, i.e. 0, otherwise);
+        other columns are carried through to the output."""
+        import difflib
+        known = list(GROUP_AXES) + list(BATCH_COLUMNS) + ["step"]
+        for c in map(str, df.columns):
+            if c in ("config_id",) + RESULT_COLUMNS:
+                raise InputError("is a result column; rename it", source, c)
+            if c not in known:
+                near = difflib.get_close_matches(c, known, 1, 0.85)
+                if near:
+                    raise InputError(f"unknown column (did you mean {near[0]!r}?); rename it", source, c)
+
+    def _parsed_steps(self, source) -> list:
+        """The ``step`` cells as dicts (a CSV holds them as JSON text), each checked: {"prefill": [[new, cached],
+        ...], "decode": [ctx, ...]} with counts >= 0 and at least one new token a chunk."""
+        out = []
+        for i, v in enumerate(self.df["step"].tolist()):
+            def bad(msg):
+                return InputError(msg, self._where(i, source), "step")
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise bad(f"malformed JSON step: {e.msg}") from None
+            if not isinstance(v, dict) or set(v) - {"prefill", "decode"}:
+                raise bad(f'a step is {{"prefill": [[new, cached], ...], "decode": [ctx, ...]}}, got {v!r}')
+            pre, dec = v.get("prefill") or [], v.get("decode") or []
+            if not isinstance(pre, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 and all(
+                    _is_number(x) and math.isfinite(x) and x >= 0 for x in c) and c[0] >= 1 for c in pre):
+                raise bad(f"prefill is a list of [new >= 1, cached >= 0] pairs, got {pre!r}")
+            if not isinstance(dec, list) or not all(_is_number(x) and math.isfinite(x) and x >= 0 for x in dec):
+                raise bad(f"decode is a list of cached-token counts >= 0, got {dec!r}")
+            out.append(v)
+        return out
 
     def _check_cells(self, source):
         """Every cell of the group and batch columns given, batch values finite numbers >= 0 (an empty tp
