@@ -401,3 +401,25 @@ def test_table_defaults_must_be_group_columns(tmp_path, capsys):
     (tmp_path / "cfg.csv").write_text("model,gpu,n_decode,decode_ctx\nllama-3.1-8b,H100,1,100\n")
     spec = _spec(tmp_path, "configs: cfg.csv\ndefaults: {tpp: 2}\n")
     _one_line_error(capsys, ["sweep", spec, "--out", str(tmp_path / "o.csv")], "unknown default", "tpp")
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv"])
+def test_damaged_stored_chunk_recomputed(tmp_path, h100, fmt):
+    """A chunk file emptied or cut short (a machine crash before it reached the disk) is recomputed on
+    resume, not merged."""
+    out = tmp_path / f"r.{fmt}"
+    kw = dict(chunk_size=2, tables=h100, keep_parts=True)
+    full = sw.sweep(SMALL, out, **kw)
+    parts = tmp_path / f"r.{fmt}.parts"
+    (parts / f"chunk-000001.{fmt}").write_bytes(b"")
+    p2 = parts / f"chunk-000002.{fmt}"
+    p2.write_bytes(p2.read_bytes()[:-10])
+    df = sw.sweep(SMALL, out, **kw)
+    assert df.attrs["sweep"].computed == [1, 2]
+    assert any("2 stored chunk(s) unreadable" in n for n in df.attrs["sweep"].notes)
+    pd.testing.assert_frame_equal(df, full)
+
+
+def test_progress_prints_the_plan_first(h100, capsys):
+    sw.sweep(SMALL, chunk_size=4, tables=h100, progress=True)
+    assert capsys.readouterr().err.startswith("costmodel sweep: 6 configurations (1 groups), 2 chunk(s) of 4;")

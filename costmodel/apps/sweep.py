@@ -1153,6 +1153,9 @@ def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHU
     the size and a time estimate without running).
     """
     sp = make_space(space, defaults, model_configs)
+    if progress:
+        pl, *_ = _size_plan(sp, chunk_size, process_index, process_count, max_configs, out)
+        print(f"costmodel sweep: {pl.describe()}", file=sys.stderr)
     info = run(sp, out, chunk_size=chunk_size, model_configs=model_configs, bench_data=bench_data,
                allow_other_gpu=allow_other_gpu, progress=progress, process_index=process_index,
                process_count=process_count, keep_parts=keep_parts, devices=devices, on_chunk=on_chunk,
@@ -1166,6 +1169,23 @@ def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHU
         df = pd.read_parquet(path) if _fmt_of(path) == "parquet" else pd.read_csv(path)
     df.attrs["sweep"] = info["info"]
     return df
+
+
+def _chunk_ok(path: Path, fmt: str, rows: int) -> bool:
+    """Whether a stored chunk file is whole: ``rows`` rows (Parquet: from its footer; CSV: counted lines,
+    the header and a final newline)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            return pq.read_metadata(path).num_rows == rows
+        lines, last = 0, b""
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                lines += block.count(b"\n")
+                last = block[-1:]
+        return last == b"\n" and lines == rows + 1
+    except Exception:
+        return False
 
 
 def _chunk_name(k: int, fmt: str) -> str:
@@ -1245,6 +1265,16 @@ def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, ben
             write_json(mpath, manifest)
         done = {k for k in (int(chunk_pat.match(p.name).group(1)) for p in stored())
                 if k < n_chunks and k % process_count == process_index}
+        broken = [k for k in sorted(done) if not _chunk_ok(parts_dir / _chunk_name(k, fmt), fmt,
+                                                           min(sp.n, (k + 1) * C) - k * C)]
+        if broken:  # e.g. emptied by a crash of the machine before the file reached the disk
+            for k in broken:
+                (parts_dir / _chunk_name(k, fmt)).unlink()
+            done -= set(broken)
+            msg = (f"{len(broken)} stored chunk(s) unreadable or of the wrong length, recomputed: "
+                   f"{', '.join(_chunk_name(k, fmt) for k in broken[:3])}{' ...' if len(broken) > 3 else ''}")
+            print(f"costmodel sweep: {msg}", file=sys.stderr)
+            notes.append(msg)
     frames, computed = [], []
     bar = _Progress(pl.configs_here, progress)
     pending = None  # (k, rows cols, device result): overlap the next chunk's input build with this one's compute
