@@ -423,3 +423,35 @@ def test_damaged_stored_chunk_recomputed(tmp_path, h100, fmt):
 def test_progress_prints_the_plan_first(h100, capsys):
     sw.sweep(SMALL, chunk_size=4, tables=h100, progress=True)
     assert capsys.readouterr().err.startswith("costmodel sweep: 6 configurations (1 groups), 2 chunk(s) of 4;")
+
+
+@pytest.mark.parametrize("body,name,needles", [
+    ("axes:\n  model: llama-3.1-8b\n  gpu: H100\n  tp: 2\n  n_decode: [1]\n  tp: 4\n", "spec.yaml",
+     ["spec.yaml:6", "'axes.tp'", "given twice (also at line 4)"]),
+    ("axes: {model: llama-3.1-8b, gpu: H100, n_decode: [1]}\nout: a.csv\nout: b.csv\n", "spec.yaml",
+     ["spec.yaml:3", "'out'", "twice"]),
+    ('{"axes": {"model": "llama-3.1-8b", "gpu": "H100", "tp": 2, "tp": 4, "n_decode": [1]}}', "spec.json",
+     ["spec.json", "'tp'", "twice"]),
+])
+def test_key_given_twice_refused(tmp_path, capsys, body, name, needles):
+    """YAML and JSON keep the last of two equal keys without a word: refused."""
+    spec = _spec(tmp_path, body, name)
+    _one_line_error(capsys, ["sweep", spec, "--out", str(tmp_path / "o.csv")], *needles)
+
+
+def test_yaml_exponent_numbers_read_as_numbers(tmp_path, capsys):
+    """YAML 1.1 reads 1e3 (no dot) as a string; batch values, range bounds and chunk_size take it as the
+    number it spells."""
+    spec = _spec(tmp_path, """
+        axes:
+          model: llama-3.1-8b
+          gpu: H100
+          n_decode: [1e1]
+          decode_ctx: {range: [0, 2e3, 1e3]}
+        chunk_size: 1e6
+        out: o.csv
+    """)
+    rc, out, err = _main(["sweep", spec, "--dry-run"], capsys)
+    assert rc == 0 and "2 configurations" in out and "chunk(s) of 1,000,000" in out, err
+    sp = sw.space_from_spec(sw.load_spec(spec))
+    assert sp.batch_axes[0][1].tolist() == [10.0] and sp.batch_axes[1][1].tolist() == [0.0, 1000.0]

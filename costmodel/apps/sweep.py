@@ -247,6 +247,18 @@ def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
 
 
+def _yaml_number(x):
+    """``x``, or the number a string such as ``"1e3"`` spells (YAML 1.1 reads ``1e3`` without a dot as a
+    string); other values as they are."""
+    if isinstance(x, str):
+        try:
+            v = float(x.strip())
+        except ValueError:
+            return x
+        return int(v) if v.is_integer() and abs(v) < 2**53 else v
+    return x
+
+
 def _axis_values(name, v, where: str | None = None) -> list:
     """An axis: a scalar, a list, or {"range": [start, stop, step]} (stop excluded), {"linspace": [a, b, n]},
     {"geomspace": [a, b, n]} (rounded to integers, duplicates dropped) for the batch axes.  Sized before
@@ -261,6 +273,7 @@ def _axis_values(name, v, where: str | None = None) -> list:
         if kind not in ("range", "linspace", "geomspace") or not isinstance(a, (list, tuple)):
             raise bad(f"unknown axis spec {v!r} (range: [start, stop, step], linspace/geomspace: "
                       f"[start, stop, num])")
+        a = [_yaml_number(x) for x in a]
         if not all(_is_number(x) and math.isfinite(x) for x in a):
             raise bad(f"{kind} takes finite numbers, got {list(a)!r}")
         if kind == "range":
@@ -295,6 +308,7 @@ def _axis_values(name, v, where: str | None = None) -> list:
     if not out:
         raise bad("an axis needs at least one value")
     if name in BATCH_COLUMNS:
+        out = [_yaml_number(x) for x in out]
         for x in out:
             if not _is_number(x):
                 raise bad(f"must be numbers, got {x!r}")
@@ -1351,13 +1365,18 @@ def _key_lines(path: Path, text: str, yaml_file: bool) -> dict[str, str]:
             node = yaml.compose(text)
         except yaml.YAMLError:
             return lines
+        def note(key, mark):
+            at = f"{path}:{mark.line + 1}"
+            if key in lines:  # YAML keeps the last silently: refuse
+                raise InputError(f"given twice (also at line {lines[key].rsplit(':', 1)[1]})", at, key)
+            lines[key] = at
         if isinstance(node, yaml.MappingNode):
             for k, v in node.value:
                 key = str(k.value)
-                lines.setdefault(key, f"{path}:{k.start_mark.line + 1}")
+                note(key, k.start_mark)
                 if key in ("axes", "defaults") and isinstance(v, yaml.MappingNode):
                     for kk, _ in v.value:
-                        lines.setdefault(f"{key}.{kk.value}", f"{path}:{kk.start_mark.line + 1}")
+                        note(f"{key}.{kk.value}", kk.start_mark)
         return lines
     for m in re.finditer(r'"((?:[^"\\]|\\.)*)"\s*:', text):
         lines.setdefault(m.group(1), f"{path}:{text.count(chr(10), 0, m.start()) + 1}")
@@ -1392,7 +1411,14 @@ def load_spec(path: str | Path) -> dict:
                 where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
                 raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", where) from None
         else:
-            spec = json.loads(text)
+            def no_twice(pairs):
+                seen = set()
+                for k, _ in pairs:
+                    if k in seen:
+                        raise InputError("given twice in one object", str(path), k)
+                    seen.add(k)
+                return dict(pairs)
+            spec = json.loads(text, object_pairs_hook=no_twice)
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
     if spec is None:
@@ -1417,7 +1443,8 @@ def load_spec(path: str | Path) -> dict:
             want = {dict: "a mapping", str: "a file or folder path", bool: "true or false"}[typ]
             raise InputError(f"must be {want}, got {v!r}", lines.get(key, str(path)), key)
     if spec.get("chunk_size") is not None:
-        _positive_int(spec["chunk_size"], "chunk_size", lines.get("chunk_size", str(path)))
+        spec["chunk_size"] = _positive_int(_yaml_number(spec["chunk_size"]), "chunk_size",
+                                           lines.get("chunk_size", str(path)))
     for key in ("configs", "out", "model_configs", "bench_data"):
         if spec.get(key) is not None and not Path(str(spec[key])).is_absolute():
             spec[key] = str(path.parent / str(spec[key]))
