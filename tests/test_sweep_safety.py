@@ -455,3 +455,17 @@ def test_yaml_exponent_numbers_read_as_numbers(tmp_path, capsys):
     assert rc == 0 and "2 configurations" in out and "chunk(s) of 1,000,000" in out, err
     sp = sw.space_from_spec(sw.load_spec(spec))
     assert sp.batch_axes[0][1].tolist() == [10.0] and sp.batch_axes[1][1].tolist() == [0.0, 1000.0]
+
+
+def test_ctrl_c_releases_the_lock_and_resumes(tmp_path, h100):
+    out = tmp_path / "r.parquet"
+
+    def interrupt(k):
+        if k == 1:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        sw.sweep(SMALL, out, chunk_size=2, tables=h100, on_chunk=interrupt)
+    assert not (tmp_path / "r.parquet.lock").exists() and not out.exists()
+    df = sw.sweep(SMALL, out, chunk_size=2, tables=h100)
+    assert df.attrs["sweep"].computed == [2]
+    np.testing.assert_array_equal(df.step_us.to_numpy(), sw.sweep(SMALL, tables=h100).step_us.to_numpy())
