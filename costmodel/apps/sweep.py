@@ -39,6 +39,8 @@ import functools
 import hashlib
 import json
 import math
+import os
+import re
 import shutil
 import sys
 import time
@@ -205,39 +207,118 @@ class _Resolver:
         return Group(key, su, cal.pooled if cal else Params(), desc)
 
 
-def _norm_key(model, gpu, tp, cal, dtype) -> tuple:
-    dtype = None if dtype is None or (isinstance(dtype, float) and math.isnan(dtype)) else str(dtype)
+def _norm_key(model, gpu, tp, cal, dtype, where: str | None = None) -> tuple:
+    """A group's key, checked: ``tp`` a positive integer (2.7, "2" or True are refused, never rounded),
+    ``model``, ``gpu`` and ``calibration`` given, ``calibration`` none | default | an existing file."""
+    dtype = None if _missing(dtype) else str(dtype)
+    for name, v in (("model", model), ("gpu", gpu), ("calibration", cal)):
+        if _missing(v) or str(v).strip() == "":
+            raise InputError("empty value", where, name)
+    if isinstance(tp, (bool, np.bool_)) or not isinstance(tp, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(tp) or not float(tp).is_integer() or tp < 1:
+        raise InputError(f"must be a positive integer, got {tp!r}", where, "tp")
+    _check_calibration_choice(str(cal), where)
     return (str(model), str(gpu), int(tp), str(cal), dtype)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, (float, np.floating)) and math.isnan(v))
+
+
+def _check_calibration_choice(cal: str, where: str | None):
+    from ..calibration import _split_choice
+    base, _ = _split_choice(cal)
+    if base in ("none", "default"):
+        return
+    p = Path(base)
+    if not p.is_file():
+        what = "a folder, not a calibration file" if p.is_dir() else "no such calibration file"
+        raise InputError(f"{what}: {cal!r} (none, default or a calibration file's path, each optionally "
+                         f"@VERSION, e.g. default@0.15)", where, "calibration")
 
 
 # ---------------------------------------------------------------- spaces
 
-def _axis_values(name, v) -> list:
+MAX_AXIS_VALUES = 10_000_000  # values of one axis (a range/linspace/geomspace is sized before it is built)
+MAX_GROUPS = 100_000  # (model, GPU, TP, calibration, dtype) groups of one sweep: each is set up on its own
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, (bool, np.bool_))
+
+
+def _yaml_number(x):
+    """``x``, or the number a string such as ``"1e3"`` spells (YAML 1.1 reads ``1e3`` without a dot as a
+    string); other values as they are."""
+    if isinstance(x, str):
+        try:
+            v = float(x.strip())
+        except ValueError:
+            return x
+        return int(v) if v.is_integer() and abs(v) < 2**53 else v
+    return x
+
+
+def _axis_values(name, v, where: str | None = None) -> list:
     """An axis: a scalar, a list, or {"range": [start, stop, step]} (stop excluded), {"linspace": [a, b, n]},
-    {"geomspace": [a, b, n]} (rounded to integers, duplicates dropped) for the batch axes."""
+    {"geomspace": [a, b, n]} (rounded to integers, duplicates dropped) for the batch axes.  Sized before
+    it is built: more than `MAX_AXIS_VALUES` values is refused."""
+    def bad(msg):
+        return InputError(msg, where, name)
+
     if isinstance(v, dict):
         if len(v) != 1:
-            raise InputError(f"an axis spec has one key (range, linspace or geomspace), got {sorted(v)}",
-                             field=name)
+            raise bad(f"an axis spec has one key (range, linspace or geomspace), got {sorted(v)}")
         (kind, a), = v.items()
         if kind not in ("range", "linspace", "geomspace") or not isinstance(a, (list, tuple)):
-            raise InputError(f"unknown axis spec {v!r} (range: [start, stop, step], linspace/geomspace: "
-                             f"[start, stop, num])", field=name)
-        try:
-            if kind == "range":
-                out = np.arange(*a).tolist()
-            elif kind == "linspace":
-                out = np.linspace(a[0], a[1], int(a[2])).tolist()
-            else:
-                out = sorted(set(np.rint(np.geomspace(a[0], a[1], int(a[2]))).astype(np.int64).tolist()))
-        except (TypeError, ValueError, IndexError) as e:
-            raise InputError(f"bad axis spec {v!r}: {e}", field=name) from None
+            raise bad(f"unknown axis spec {v!r} (range: [start, stop, step], linspace/geomspace: "
+                      f"[start, stop, num])")
+        a = [_yaml_number(x) for x in a]
+        if not all(_is_number(x) and math.isfinite(x) for x in a):
+            raise bad(f"{kind} takes finite numbers, got {list(a)!r}")
+        if kind == "range":
+            if not 1 <= len(a) <= 3:
+                raise bad(f"range is [stop], [start, stop] or [start, stop, step], got {list(a)!r}")
+            start, stop, step = (0, a[0], 1) if len(a) == 1 else (a[0], a[1], 1) if len(a) == 2 else a
+            if step == 0:
+                raise bad(f"a range step must not be 0, got {list(a)!r}")
+            count = max(0, math.ceil((stop - start) / step))
+        else:
+            if len(a) != 3:
+                raise bad(f"{kind} is [start, stop, num], got {list(a)!r}")
+            count = a[2]
+            if not float(count).is_integer() or count < 1:
+                raise bad(f"{kind}'s num must be a positive integer, got {count!r}")
+            if kind == "geomspace" and (a[0] <= 0 or a[1] <= 0):
+                raise bad(f"geomspace takes start and stop > 0, got {list(a)!r}")
+        if count > MAX_AXIS_VALUES:
+            raise bad(f"{kind} {list(a)!r} has {count:,} values; an axis has at most {MAX_AXIS_VALUES:,}")
+        if kind == "range":
+            out = np.arange(start, stop, step).tolist()
+        elif kind == "linspace":
+            out = np.linspace(a[0], a[1], int(count)).tolist()
+        else:
+            out = sorted(set(np.rint(np.geomspace(a[0], a[1], int(count))).astype(np.int64).tolist()))
     elif isinstance(v, (list, tuple, range, np.ndarray, pd.Index, pd.Series)):
+        if len(v) > MAX_AXIS_VALUES:
+            raise bad(f"{len(v):,} values; an axis has at most {MAX_AXIS_VALUES:,}")
         out = list(v)
     else:
         out = [v]
     if not out:
-        raise InputError("an axis needs at least one value", field=name)
+        raise bad("an axis needs at least one value")
+    if name in BATCH_COLUMNS:
+        out = [_yaml_number(x) for x in out]
+        for x in out:
+            if not _is_number(x):
+                raise bad(f"must be numbers, got {x!r}")
+        arr = np.asarray(out, np.float64)
+        if (~np.isfinite(arr) | (arr < 0)).any():
+            raise bad(f"must be finite numbers >= 0, got {out if len(out) <= 20 else arr[~np.isfinite(arr) | (arr < 0)][:5].tolist()}")
+    elif name in ("model", "gpu", "calibration", "dtype"):
+        for x in out:
+            if isinstance(x, (dict, list)) or (x is None and name != "dtype"):
+                raise bad(f"must be names, got {x!r}")
     return out
 
 
@@ -296,29 +377,39 @@ class Space:
 class AxesSpace(Space):
     """The Cartesian product of named axes; group axes vary slowest, then batch axes in the given order."""
 
-    def __init__(self, axes: dict):
+    def __init__(self, axes: dict, lines: dict | None = None):
+        """``lines``: where each axis was given ({name: "FILE:LINE"}), for error messages."""
+        if not isinstance(axes, dict):
+            raise InputError(f"axes are a mapping of axis name to values, got {type(axes).__name__}", field="axes")
+        lines = lines or {}
         unknown = set(axes) - set(GROUP_AXES) - set(BATCH_COLUMNS)
         if unknown:
-            raise InputError(f"unknown axis {sorted(unknown)} (group axes: {', '.join(GROUP_AXES)}; batch axes: "
-                             f"{', '.join(BATCH_COLUMNS)})", field="axes")
+            k = sorted(map(str, unknown))[0]
+            raise InputError(f"unknown axis {sorted(map(str, unknown))} (group axes: {', '.join(GROUP_AXES)}; batch "
+                             f"axes: {', '.join(BATCH_COLUMNS)})", lines.get(k), "axes")
         for k in ("model", "gpu"):
             if k not in axes:
-                raise InputError("missing required axis", field=k)
-        self.group_axes = [(k, _axis_values(k, axes.get(k, GROUP_DEFAULTS.get(k)))) for k in GROUP_AXES]
-        self.batch_axes = [(k, np.asarray(_axis_values(k, v), np.float64)) for k, v in axes.items()
+                raise InputError("missing required axis", lines.get("axes"), k)
+        self.group_axes = [(k, _axis_values(k, axes.get(k, GROUP_DEFAULTS.get(k)), lines.get(k))) for k in GROUP_AXES]
+        self.batch_axes = [(k, np.asarray(_axis_values(k, v, lines.get(k)), np.float64)) for k, v in axes.items()
                            if k in BATCH_COLUMNS]
         if not self.batch_axes:
-            raise InputError("no batch axis (n_decode, decode_ctx, n_prefill, prefill_new, ...)", field="axes")
+            raise InputError("no batch axis (n_decode, decode_ctx, n_prefill, prefill_new, ...)", lines.get("axes"),
+                             "axes")
         self.decode_total, self.prefill_total = _batch_mode([k for k, _ in self.batch_axes])
         self.gshape = tuple(len(v) for _, v in self.group_axes)
         self.bshape = tuple(len(v) for _, v in self.batch_axes)
-        self.n = int(np.prod(self.gshape + self.bshape, dtype=np.int64))
+        self.n = math.prod(self.gshape + self.bshape)  # a Python int: no overflow, nothing materialized
+        n_groups = math.prod(self.gshape)
+        if n_groups > MAX_GROUPS:
+            raise InputError(f"{n_groups:,} groups (model x gpu x tp x calibration x dtype); a sweep has at most "
+                             f"{MAX_GROUPS:,}, each set up on its own", lines.get("axes"), "axes")
+        for k, vals in self.group_axes:  # each value once (cheap), then the product
+            for v in vals:
+                _norm_key(*[v if kk == k else (GROUP_DEFAULTS.get(kk) or "x") if kk != "tp" else 1
+                            for kk in GROUP_AXES], where=lines.get(k))
         self.group_keys = [_norm_key(*(vals[i] for (_, vals), i in zip(self.group_axes, ix)))
                            for ix in np.ndindex(*self.gshape)]
-        # validate whole axes up front (cheap): each batch combination is checked per chunk too
-        for k, v in self.batch_axes:
-            if (~np.isfinite(v) | (v < 0)).any():
-                raise InputError(f"must be finite numbers >= 0, got {v.tolist()}", field=k)
         self._axes = axes
 
     def rows(self, start, stop):
@@ -383,12 +474,23 @@ def _summarize_fn(steps, d):
 class FrameSpace(Space):
     """A table of configurations (one row each), group columns taken from ``defaults`` where absent."""
 
-    def __init__(self, df: pd.DataFrame, defaults: dict | None = None, model_configs=None):
+    def __init__(self, df: pd.DataFrame, defaults: dict | None = None, model_configs=None, source: str | None = None):
+        """``source``: the file the table was read from, so that errors name its line (CSV) or row."""
+        if defaults is not None and not isinstance(defaults, dict):
+            raise InputError(f"must be a mapping of group column to value, got {defaults!r}", field="defaults")
+        unknown = sorted(set(defaults or {}) - set(GROUP_AXES))
+        if unknown:
+            raise InputError(f"unknown default(s) {unknown}: a table's defaults are group columns "
+                             f"({', '.join(GROUP_AXES)})", field="defaults")
         defaults = {**GROUP_DEFAULTS, **(defaults or {})}
         for k in ("model", "gpu"):
             if k not in df.columns and k not in defaults:
-                raise InputError("missing column (or pass it as a default)", field=k)
+                raise InputError("missing column (or pass it as a default)", source, k)
+        self._check_columns(df, source)
         self.df = df.reset_index(drop=True)
+        self._check_cells(source)
+        if "step" in self.df.columns:
+            self.df["step"] = self._parsed_steps(source)
         self.n = len(self.df)
         self.per_request = "step" in self.df.columns
         batch = [c for c in self.df.columns if c in BATCH_COLUMNS]
@@ -409,9 +511,80 @@ class FrameSpace(Space):
         keys = pd.Series(list(zip(*[c.tolist() for c in gcols])), dtype=object) if self.n else pd.Series([], dtype=object)
         codes, uniq = pd.factorize(keys)
         self.codes = codes.astype(np.int32)
-        self.group_keys = [_norm_key(*k) for k in uniq]
+        self.group_keys = []
+        for i, k in enumerate(uniq):
+            row = int(np.argmax(codes == i))
+            self.group_keys.append(_norm_key(*k, where=self._where(row, source)))
         self.model_configs = model_configs
         self._defaults = {k: v for k, v in defaults.items()}
+
+    @staticmethod
+    def _where(row: int, source: str | None) -> str:
+        if source is None:
+            return f"row {row}"
+        return f"{source}:{row + 2}" if str(source).lower().endswith(".csv") else f"{source} row {row}"
+
+    @staticmethod
+    def _check_columns(df, source):
+        """Result column names are refused (they would be overwritten, or overwrite ``config_id``), and so is
+        a column one letter or so from a known one (``decode_ctxx``: read as absent, i.e. 0, otherwise);
+        other columns are carried through to the output."""
+        import difflib
+        known = list(GROUP_AXES) + list(BATCH_COLUMNS) + ["step"]
+        for c in map(str, df.columns):
+            if c in ("config_id",) + RESULT_COLUMNS:
+                raise InputError("is a result column; rename it", source, c)
+            if c not in known:
+                near = difflib.get_close_matches(c, known, 1, 0.85)
+                if near:
+                    raise InputError(f"unknown column (did you mean {near[0]!r}?); rename it", source, c)
+
+    def _parsed_steps(self, source) -> list:
+        """The ``step`` cells as dicts (a CSV holds them as JSON text), each checked: {"prefill": [[new, cached],
+        ...], "decode": [ctx, ...]} with counts >= 0 and at least one new token a chunk."""
+        out = []
+        for i, v in enumerate(self.df["step"].tolist()):
+            def bad(msg):
+                return InputError(msg, self._where(i, source), "step")
+            if isinstance(v, str):
+                try:
+                    v = json.loads(v)
+                except json.JSONDecodeError as e:
+                    raise bad(f"malformed JSON step: {e.msg}") from None
+            if not isinstance(v, dict) or set(v) - {"prefill", "decode"}:
+                raise bad(f'a step is {{"prefill": [[new, cached], ...], "decode": [ctx, ...]}}, got {v!r}')
+            pre, dec = v.get("prefill") or [], v.get("decode") or []
+            if not isinstance(pre, list) or not all(isinstance(c, (list, tuple)) and len(c) == 2 and all(
+                    _is_number(x) and math.isfinite(x) and x >= 0 for x in c) and c[0] >= 1 for c in pre):
+                raise bad(f"prefill is a list of [new >= 1, cached >= 0] pairs, got {pre!r}")
+            if not isinstance(dec, list) or not all(_is_number(x) and math.isfinite(x) and x >= 0 for x in dec):
+                raise bad(f"decode is a list of cached-token counts >= 0, got {dec!r}")
+            out.append(v)
+        return out
+
+    def _check_cells(self, source):
+        """Every cell of the group and batch columns given, batch values finite numbers >= 0 (an empty tp
+        cell, a word among the numbers: refused with the row, never rounded or read as 0)."""
+        for k in self.df.columns:
+            if k in ("model", "gpu", "tp", "calibration"):
+                bad = self.df[k].isna().to_numpy()
+                if bad.any():
+                    raise InputError("empty cell", self._where(int(np.argmax(bad)), source), k)
+            elif k in BATCH_COLUMNS:
+                col = self.df[k]
+                if pd.api.types.is_bool_dtype(col):
+                    raise InputError("must be numbers, got true/false", source, k)
+                numeric = pd.api.types.is_numeric_dtype(col)
+                num = col if numeric else pd.to_numeric(col, errors="coerce")
+                v = num.to_numpy(np.float64)
+                bad = ~np.isfinite(v) | (v < 0)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    got = col.iloc[i]
+                    what = "empty cell" if _missing(got) else f"must be a finite number >= 0, got {got!r}"
+                    raise InputError(what, self._where(i, source), k)
+                if not numeric:
+                    self.df[k] = v
 
     def rows(self, start, stop):
         part = self.df.iloc[start:stop]
@@ -509,6 +682,7 @@ class Evaluator:
                  allow_other_gpu=False, devices: int | None = None, tables: dict | None = None):
         res = _Resolver(model_configs, bench_data, allow_other_gpu, tables)
         self.groups = [res.group(k) for k in space.group_keys]
+        self.table_sources = {name: dict(t.sources) for name, t in res._tables.items()}  # files each GPU's tables came from
         self.mode = Mode(space.decode_total, space.prefill_total)
         n_local = len(jax.local_devices())
         n_dev = n_local if devices is None else max(1, min(int(devices), n_local))
@@ -649,9 +823,23 @@ def merge_shards(out: str | Path, process_count: int) -> Path:
     missing = [str(s) for s in shards if not s.is_file()]
     if missing:
         raise InputError(f"missing shard file(s) {missing}", field="out")
-    read = pd.read_parquet if fmt == "parquet" else pd.read_csv
-    df = pd.concat([read(s) for s in shards], ignore_index=True).sort_values("config_id", kind="stable")
-    write_frame(out, df.reset_index(drop=True), fmt)
+    _check_out(out)
+    import contextlib
+    with contextlib.ExitStack() as held:
+        held.enter_context(_OutputLock(out))  # no other merge into out ...
+        for sh in shards:  # ... and no shard being rewritten meanwhile
+            held.enter_context(_OutputLock(sh))
+        _clean_temporaries(out, None)
+        read = pd.read_parquet if fmt == "parquet" else pd.read_csv
+        df = pd.concat([read(s) for s in shards], ignore_index=True).sort_values("config_id", kind="stable")
+        ids = df["config_id"].to_numpy()
+        if not np.array_equal(ids, np.arange(len(ids))):
+            dup = int(ids[np.argmax(ids[1:] == ids[:-1]) + 1]) if len(ids) > 1 and (ids[1:] == ids[:-1]).any() else None
+            what = f"configuration {dup} is in two shards" if dup is not None else \
+                "configurations are missing from every shard"
+            raise InputError(f"the {process_count} shard files are not one sweep's ({what}); rerun the processes "
+                             f"with the same spec and --process-count", field="out")
+        write_frame(out, df.reset_index(drop=True), fmt)
     return out
 
 
@@ -690,30 +878,302 @@ class SweepInfo:
     out: str | None
     devices: int
     calls: tuple = (0, 0)  # kernel calls (general path, per-token-table path)
+    notes: list = dataclasses.field(default_factory=list)  # what was redone or cleaned up, and why
 
+
+# ---------------------------------------------------------------- size, limits, time estimate
+
+DEFAULT_MAX_CONFIGS = 10**10  # refused above unless raised (--max-configs, sweep(max_configs=))
+MAX_CONFIG_ID = 2**62  # config_id is an int64: never more, whatever the limit
+MAX_CHUNKS = 1_000_000  # chunks of one sweep (one file each): raise chunk_size beyond
+MAX_IN_MEMORY = 10**8  # configurations returned as a DataFrame (about 100 bytes a row); more: write a file
+RATE_ESTIMATE = 700_000  # configurations/s end to end, for the estimate printed before a sweep (2-core CPU,
+                         # setup and Parquet writing included; docs/sweeps.md)
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    if s < 3 * 86400:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:,.1f} days"
+
+
+@dataclass
+class SweepPlan:
+    """A sweep's size before it runs (`plan`): configurations, groups, chunks (of this process) and an
+    estimate of the time at `RATE_ESTIMATE`."""
+
+    n_configs: int
+    n_groups: int
+    chunk_size: int
+    n_chunks: int
+    chunks_here: int
+    configs_here: int
+    eta_s: float
+    out: str | None
+
+    def describe(self) -> str:
+        here = "" if self.configs_here == self.n_configs else f" ({self.configs_here:,} in this process)"
+        return (f"{self.n_configs:,} configurations{here} ({self.n_groups} groups), {self.chunks_here:,} chunk(s) of "
+                f"{self.chunk_size:,}; estimated {_duration(self.eta_s)} at ~{RATE_ESTIMATE / 1e6:.1f} M/s"
+                + (f" -> {self.out}" if self.out else ""))
+
+
+def _positive_int(v, field: str, where: str | None = None) -> int:
+    if isinstance(v, (bool, np.bool_)) or not _is_number(v) or not math.isfinite(v) or not float(v).is_integer() \
+            or v < 1:
+        raise InputError(f"must be a positive integer, got {v!r}", where, field)
+    return int(v)
+
+
+def _size_plan(sp: Space, chunk_size, process_index, process_count, max_configs, out=None):
+    """(SweepPlan, chunk size, process index, process count), refusing a space above ``max_configs`` (or
+    `MAX_CONFIG_ID`), more than `MAX_CHUNKS` chunks or a bad split; sizes are Python ints, nothing is
+    materialized."""
+    C = _positive_int(chunk_size, "chunk_size")
+    if process_count is None:
+        process_count = jax.process_count()
+    process_count = _positive_int(process_count, "process_count")
+    if process_index is None:
+        process_index = jax.process_index() if process_count == jax.process_count() else 0
+    if isinstance(process_index, bool) or not isinstance(process_index, (int, np.integer)) \
+            or not 0 <= process_index < process_count:
+        raise InputError(f"process_index {process_index!r} not in [0, {process_count})", field="process_index")
+    n = int(sp.n)
+    limit = DEFAULT_MAX_CONFIGS if max_configs is None else _positive_int(max_configs, "max_configs")
+    eta = n / RATE_ESTIMATE
+    if n > limit:
+        raise InputError(f"the space has {n:,} configurations (about {n:.1e}; estimated {_duration(eta)} at "
+                         f"~{RATE_ESTIMATE / 1e6:.1f} M/s), above the limit of {limit:,}; shrink the axes or raise "
+                         f"the limit (--max-configs N, or max_configs=N in Python)", field="max_configs")
+    if n > MAX_CONFIG_ID:
+        raise InputError(f"the space has {n:,} configurations (about {n:.1e}); a sweep numbers them with 64-bit "
+                         f"integers and takes at most {MAX_CONFIG_ID:,}", field="axes")
+    n_chunks = -(-n // C)
+    if n_chunks > MAX_CHUNKS:
+        raise InputError(f"{n:,} configurations in chunks of {C:,} make {n_chunks:,} chunks; at most "
+                         f"{MAX_CHUNKS:,}: raise the chunk size", field="chunk_size")
+    here = len(range(process_index, n_chunks, process_count))
+    last = n_chunks - 1
+    configs_here = here * C - (C * (last + 1) - n if n_chunks and last % process_count == process_index else 0)
+    plan = SweepPlan(n, len(sp.group_keys), C, n_chunks, here, configs_here, configs_here / RATE_ESTIMATE,
+                     None if out is None else str(shard_path(out, process_index, process_count)))
+    return plan, C, process_index, process_count
+
+
+def plan(space, out=None, *, chunk_size: int = DEFAULT_CHUNK, defaults: dict | None = None, model_configs=None,
+         process_index: int | None = None, process_count: int | None = None,
+         max_configs: int | None = DEFAULT_MAX_CONFIGS) -> SweepPlan:
+    """What `sweep` would do, without doing it (``costmodel sweep --dry-run``): the size, the chunks and a
+    time estimate; the same refusals (a space above ``max_configs``, a bad ``out``)."""
+    sp = make_space(space, defaults, model_configs)
+    pl, *_ = _size_plan(sp, chunk_size, process_index, process_count, max_configs, out)
+    if out is not None:
+        _check_out(Path(pl.out))
+    return pl
+
+
+# ---------------------------------------------------------------- the output: checks, lock, temporaries
+
+def _check_out(path: Path):
+    """Refuse, before anything is written, an output that is a folder, under a file or in a folder this
+    process cannot write."""
+    _fmt_of(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; name a .parquet or .csv file", field="out")
+    p = path.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        raise InputError(f"{p} is a file, so {path} cannot be created under it", field="out")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write in folder {p} (permission denied)", field="out")
+    parts = path.with_name(path.name + ".parts")
+    if parts.exists() and not parts.is_dir():
+        raise InputError(f"{parts} (the chunk folder of {path.name}) is a file; remove it", field="out")
+
+
+class SweepLocked(InputError):
+    """Another sweep is writing the same output."""
+
+
+class _OutputLock:
+    """``OUT.lock``: an exclusive `fcntl.flock` lock on a file holding the holder's pid, host and start
+    time.  The kernel releases it when the holder exits, however it exits (kill -9 included), so a lock
+    file left behind is simply taken over; the file is removed on release."""
+
+    def __init__(self, target: Path):
+        self.path = target.with_name(target.name + ".lock")
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        import socket
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise InputError(f"cannot create folder {self.path.parent}: {e.strerror}", field="out") from None
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise InputError(f"cannot create {self.path}: {e.strerror}", field="out") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 4096).decode(errors="replace")
+                os.close(fd)
+                try:
+                    h = json.loads(holder)
+                    who = f"pid {h['pid']} on {h['host']}, started {h['started']}"
+                except (ValueError, KeyError, TypeError):
+                    who = "another process"
+                raise SweepLocked(f"{self.path.name[:-5]} is being written by another sweep ({who}; lock "
+                                  f"{self.path}); wait for it to finish or choose another output",
+                                  field="out") from None
+            try:  # the previous holder may have removed the file between our open and flock: retry
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "started": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def _temp_pattern(name: str) -> re.Pattern:
+    """The names `io.atomic_write` gives the temporary files of ``name`` (``.NAME.XXXXXXXX.tmp``)."""
+    return re.compile(rf"^\.{re.escape(name)}\.[a-z0-9_]{{8}}\.tmp$")
+
+
+def _clean_temporaries(target: Path, parts_dir: Path | None) -> list[str]:
+    """Remove the temporary files an interrupted (killed) run of this output left: only
+    ``.OUT.XXXXXXXX.tmp`` beside ``OUT`` and the chunk/manifest temporaries in its parts folder; called
+    with the output's lock held, so no other sweep is writing them."""
+    gone = []
+    pats = [(target.parent, _temp_pattern(target.name))]
+    if parts_dir is not None and parts_dir.is_dir():
+        pats.append((parts_dir, re.compile(r"^\.(chunk-\d{6,}\.(parquet|csv)|manifest\.json)\.[a-z0-9_]{8}\.tmp$")))
+    for folder, pat in pats:
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if pat.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                gone.append(str(p))
+    if gone:
+        print(f"costmodel sweep: removed {len(gone)} temporary file(s) of an interrupted run: "
+              f"{', '.join(Path(g).name for g in gone[:3])}{' ...' if len(gone) > 3 else ''}", file=sys.stderr)
+    return gone
+
+
+# ---------------------------------------------------------------- the resume key
+
+CODE_MODULES = ("step", "kernel_time", "ops", "fastlookup", "tables", "interp", "hardware", "params", "model",
+                "calibration", "apps/sweep")  # the code a sweep's numbers come from
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _hash_path(path: Path, cache: dict) -> str:
+    """The contents of a file, or of every file under a folder (names and bytes)."""
+    path = Path(path)
+    if path not in cache:
+        h = hashlib.sha256()
+        if path.is_file():
+            h.update(path.read_bytes())
+        elif path.is_dir():
+            for f in sorted(q for q in path.rglob("*") if q.is_file()):
+                h.update(str(f.relative_to(path)).encode() + b"\0")
+                h.update(f.read_bytes())
+        else:
+            h.update(b"missing")
+        cache[path] = h.hexdigest()[:16]
+    return cache[path]
+
+
+@functools.cache
+def _code_hash() -> str:
+    from .. import __version__
+    root = Path(__file__).resolve().parent.parent
+    h = hashlib.sha256(f"costmodel {__version__} jax {jax.__version__}".encode())
+    for m in CODE_MODULES:
+        f = root / f"{m}.py"
+        h.update(f.read_bytes() if f.is_file() else b"missing")
+    return h.hexdigest()[:16]
+
+
+def input_hashes(ev: Evaluator) -> dict[str, str]:
+    """What a sweep's numbers depend on besides its space and options, by name: the contents of the kernel
+    tables loaded for each GPU, each model's config (as read), each calibration file, and the package's
+    version and evaluation code.  Part of the resume key: chunks computed under other inputs are redone."""
+    from ..calibration import DEFAULT_CALIBRATION, _split_choice
+    cache: dict = {}
+    out = {"costmodel code": _code_hash()}
+    for gr in ev.groups:
+        model, gpu, tp, cal, dtype = gr.key
+        m = gr.setup.model
+        out[f"model config {model}"] = _sha(json.dumps(dataclasses.asdict(m), sort_keys=True, default=str).encode())
+        for kind, src in sorted(ev.table_sources.get(gr.setup.gpu.name, {}).items()):
+            out[f"{gr.setup.gpu.name} {kind} table {src}"] = _hash_path(Path(src), cache)
+        base, _ = _split_choice(cal)
+        if base != "none":
+            f = DEFAULT_CALIBRATION if base == "default" else Path(base)
+            out[f"calibration {cal}"] = _hash_path(f, cache) + "/" + _sha(
+                json.dumps([float(x) for x in gr.params]).encode())
+    return out
+
+
+# ---------------------------------------------------------------- sweeping
 
 def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHUNK, defaults: dict | None = None,
           model_configs=None, bench_data=None, allow_other_gpu: bool = False, progress: bool = False,
           process_index: int | None = None, process_count: int | None = None, keep_parts: bool = False,
           return_df: bool = True, devices: int | None = None, tables: dict | None = None,
-          on_chunk: Callable[[int], None] | None = None) -> pd.DataFrame | None:
+          on_chunk: Callable[[int], None] | None = None,
+          max_configs: int | None = DEFAULT_MAX_CONFIGS) -> pd.DataFrame | None:
     """Evaluate every configuration of ``space`` (dict of axes, DataFrame or `Space`).
 
     Returns a DataFrame: the configuration columns, ``config_id`` (row of the space), ``step_us`` and the
     breakdown columns `step.BREAKDOWN` (µs, float32); a configuration with no request gives NaN.  With
     ``out`` (``.parquet`` or ``.csv``) chunks are written to ``OUT.parts/`` as they finish and merged into
-    ``out`` at the end; a rerun with the same space and options resumes from the chunk files.  With
+    ``out`` at the end; a rerun with the same space, options and input files resumes from the chunk files
+    (chunks computed from since-changed tables, model configs or calibrations are redone).  ``OUT.lock``
+    keeps a second sweep off the same output.  With
     ``process_count`` > 1 this process evaluates chunks ``k`` with ``k % process_count == process_index``
     and writes `shard_path` (merge with `merge_shards`); by default both come from ``jax.process_index()``
     / ``jax.process_count()`` (one file per host under ``jax.distributed``).  ``on_chunk(k)`` is called
     after chunk k is stored.  ``devices``: how many local devices to shard each chunk over (default all).
     ``tables``: already loaded `tables.Tables` by GPU name (default: loaded from ``bench_data``).
+    A space of more than ``max_configs`` configurations is refused (`errors.InputError`; `plan` gives
+    the size and a time estimate without running).
     """
     sp = make_space(space, defaults, model_configs)
+    if progress:
+        pl, *_ = _size_plan(sp, chunk_size, process_index, process_count, max_configs, out)
+        print(f"costmodel sweep: {pl.describe()}", file=sys.stderr)
     info = run(sp, out, chunk_size=chunk_size, model_configs=model_configs, bench_data=bench_data,
                allow_other_gpu=allow_other_gpu, progress=progress, process_index=process_index,
                process_count=process_count, keep_parts=keep_parts, devices=devices, on_chunk=on_chunk,
-               collect=return_df and out is None, tables=tables)
+               collect=return_df and out is None, tables=tables, max_configs=max_configs)
     if not return_df:
         return None
     if out is None:
@@ -725,47 +1185,112 @@ def sweep(space, out: str | Path | None = None, *, chunk_size: int = DEFAULT_CHU
     return df
 
 
+def _chunk_ok(path: Path, fmt: str, rows: int) -> bool:
+    """Whether a stored chunk file is whole: ``rows`` rows (Parquet: from its footer; CSV: counted lines,
+    the header and a final newline)."""
+    try:
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+            return pq.read_metadata(path).num_rows == rows
+        lines, last = 0, b""
+        with open(path, "rb") as f:
+            while block := f.read(1 << 24):
+                lines += block.count(b"\n")
+                last = block[-1:]
+        return last == b"\n" and lines == rows + 1
+    except Exception:
+        return False
+
+
+def _chunk_name(k: int, fmt: str) -> str:
+    return f"chunk-{k:06d}.{fmt}"
+
+
 def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, bench_data=None,
         allow_other_gpu=False, progress=False, process_index=None, process_count=None, keep_parts=False,
-        devices=None, on_chunk=None, collect=False, call_size=DEFAULT_CALL, tables=None) -> dict:
+        devices=None, on_chunk=None, collect=False, call_size=DEFAULT_CALL, tables=None,
+        max_configs=DEFAULT_MAX_CONFIGS) -> dict:
     """The chunk loop behind `sweep`; returns {"info": SweepInfo[, "frame": DataFrame]}."""
     t0 = time.perf_counter()
-    if process_count is None:
-        process_count = jax.process_count()
-    if process_index is None:
-        process_index = jax.process_index() if process_count == jax.process_count() else 0
-    if not (0 <= process_index < process_count):
-        raise InputError(f"process_index {process_index} not in [0, {process_count})", field="process_index")
-    C = max(int(chunk_size), 1)
-    ev = Evaluator(sp, min(call_size, C), model_configs, bench_data, allow_other_gpu, devices, tables)
-    n_chunks = -(-sp.n // C)
-    mine = [k for k in range(n_chunks) if k % process_count == process_index]
-    target = parts_dir = fmt = None
-    done: set[int] = set()
-    if out is not None:
-        target = shard_path(out, process_index, process_count)
+    pl, C, process_index, process_count = _size_plan(sp, chunk_size, process_index, process_count, max_configs, out)
+    if collect and sp.n > MAX_IN_MEMORY:
+        raise InputError(f"{sp.n:,} configurations are too many to return in memory (at most {MAX_IN_MEMORY:,}); "
+                         f"write them to a file (out=...)", field="out")
+    if devices is not None:
+        devices = _positive_int(devices, "devices")
+    if out is None:
+        return _run(sp, None, C, pl, process_index, process_count, t0, model_configs, bench_data, allow_other_gpu,
+                    progress, keep_parts, devices, on_chunk, collect, call_size, tables)
+    target = shard_path(out, process_index, process_count)
+    _check_out(target)
+    with _OutputLock(target):
+        return _run(sp, target, C, pl, process_index, process_count, t0, model_configs, bench_data,
+                    allow_other_gpu, progress, keep_parts, devices, on_chunk, collect, call_size, tables)
+
+
+def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, bench_data, allow_other_gpu, progress,
+         keep_parts, devices, on_chunk, collect, call_size, tables) -> dict:
+    notes: list[str] = []
+    parts_dir = fmt = None
+    if target is not None:
         fmt = _fmt_of(target)
         parts_dir = target.with_name(target.name + ".parts")
-        manifest = {"space": hashlib.sha256(sp.fingerprint().encode()).hexdigest(), "n": sp.n, "chunk_size": C,
-                    "process": [process_index, process_count], "format": fmt,
-                    "bench_data": str(bench_data), "model_configs": str(model_configs),
-                    "allow_other_gpu": allow_other_gpu, "version": 1}
+        gone = _clean_temporaries(target, parts_dir)
+        if gone:
+            notes.append(f"removed {len(gone)} temporary file(s) of an interrupted run")
+    ev = Evaluator(sp, min(call_size, C), model_configs, bench_data, allow_other_gpu, devices, tables)
+    n_chunks = pl.n_chunks
+    mine = range(process_index, n_chunks, process_count)
+    done: set[int] = set()
+    if target is not None:
+        core = {"space": hashlib.sha256(sp.fingerprint().encode()).hexdigest(), "n": sp.n, "chunk_size": C,
+                "process": [process_index, process_count], "format": fmt,
+                "bench_data": str(bench_data), "model_configs": str(model_configs),
+                "allow_other_gpu": allow_other_gpu, "version": 2}
+        inputs = input_hashes(ev)
+        manifest = {**core, "inputs": inputs}
         mpath = parts_dir / "manifest.json"
+        chunk_pat = re.compile(rf"^chunk-(\d{{6,}})\.{fmt}$")
+
+        def stored():
+            return sorted(p for p in parts_dir.iterdir() if chunk_pat.match(p.name))
         if parts_dir.is_dir():
             old = None
             try:
                 old = json.loads(mpath.read_text())
             except (OSError, json.JSONDecodeError):
                 pass
-            if old != manifest:
+            if not isinstance(old, dict) or {k: old.get(k) for k in core} != core:
                 print(f"costmodel sweep: {parts_dir} is from another sweep; starting over", file=sys.stderr)
                 shutil.rmtree(parts_dir)
+            elif old.get("inputs") != inputs:
+                before = old.get("inputs") or {}
+                changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+                stale = stored()
+                for p in stale:  # the chunks first, then the manifest: a kill in between redoes this
+                    p.unlink()
+                msg = (f"{len(stale)} chunk(s) recomputed: {'; '.join(changed[:4])}"
+                       f"{f' and {len(changed) - 4} more' if len(changed) > 4 else ''} changed since they were computed")
+                print(f"costmodel sweep: {msg}", file=sys.stderr)
+                notes.append(msg)
+                write_json(mpath, manifest)
         parts_dir.mkdir(parents=True, exist_ok=True)
         if not mpath.is_file():
             write_json(mpath, manifest)
-        done = {k for k in mine if (parts_dir / f"chunk-{k:06d}.{fmt}").is_file()}
+        done = {k for k in (int(chunk_pat.match(p.name).group(1)) for p in stored())
+                if k < n_chunks and k % process_count == process_index}
+        broken = [k for k in sorted(done) if not _chunk_ok(parts_dir / _chunk_name(k, fmt), fmt,
+                                                           min(sp.n, (k + 1) * C) - k * C)]
+        if broken:  # e.g. emptied by a crash of the machine before the file reached the disk
+            for k in broken:
+                (parts_dir / _chunk_name(k, fmt)).unlink()
+            done -= set(broken)
+            msg = (f"{len(broken)} stored chunk(s) unreadable or of the wrong length, recomputed: "
+                   f"{', '.join(_chunk_name(k, fmt) for k in broken[:3])}{' ...' if len(broken) > 3 else ''}")
+            print(f"costmodel sweep: {msg}", file=sys.stderr)
+            notes.append(msg)
     frames, computed = [], []
-    bar = _Progress(sum(min(C, sp.n - k * C) for k in mine), progress)
+    bar = _Progress(pl.configs_here, progress)
     pending = None  # (k, rows cols, device result): overlap the next chunk's input build with this one's compute
 
     def finish(k, cols, res):
@@ -774,7 +1299,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
         for i, name in enumerate(RESULT_COLUMNS):
             df[name] = vals[i]
         if parts_dir is not None:
-            write_frame(parts_dir / f"chunk-{k:06d}.{fmt}", df, fmt)
+            write_frame(parts_dir / _chunk_name(k, fmt), df, fmt)
         if collect:
             frames.append(df)
         computed.append(k)
@@ -787,8 +1312,8 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
             lo, hi = k * C, min(sp.n, (k + 1) * C)
             if k in done:
                 if collect:
-                    frames.append(pd.read_parquet(parts_dir / f"chunk-{k:06d}.{fmt}") if fmt == "parquet"
-                                  else pd.read_csv(parts_dir / f"chunk-{k:06d}.{fmt}"))
+                    p = parts_dir / _chunk_name(k, fmt)
+                    frames.append(pd.read_parquet(p) if fmt == "parquet" else pd.read_csv(p))
                 bar.update(hi - lo, skipped=True)
                 continue
             g, b, cols = sp.rows(lo, hi)
@@ -803,7 +1328,7 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
     finally:
         bar.close()
     if target is not None:
-        files = [parts_dir / f"chunk-{k:06d}.{fmt}" for k in mine]
+        files = [parts_dir / _chunk_name(k, fmt) for k in mine]
         if files:
             _merge(files, target, fmt)
         else:  # this process has no chunk: an empty file with the columns
@@ -811,8 +1336,8 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
             write_frame(target, pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS}}), fmt)
         if not keep_parts:
             shutil.rmtree(parts_dir, ignore_errors=True)
-    info = SweepInfo(sp.n, C, mine, computed, time.perf_counter() - t0, None if target is None else str(target),
-                     ev.n_devices, (ev.calls[False], ev.calls[True]))
+    info = SweepInfo(sp.n, C, list(mine), computed, time.perf_counter() - t0, None if target is None else str(target),
+                     ev.n_devices, (ev.calls[False], ev.calls[True]), notes)
     outd = {"info": info}
     if collect:
         if frames:
@@ -826,19 +1351,58 @@ def run(sp: Space, out=None, *, chunk_size=DEFAULT_CHUNK, model_configs=None, be
 # ---------------------------------------------------------------- spec files and the command line
 
 SPEC_KEYS = {"axes", "configs", "defaults", "chunk_size", "out", "model_configs", "bench_data", "allow_other_gpu"}
+SPEC_TYPES = {"axes": dict, "configs": str, "defaults": dict, "out": str, "model_configs": str, "bench_data": str,
+              "allow_other_gpu": bool}
+
+
+def _key_lines(path: Path, text: str, yaml_file: bool) -> dict[str, str]:
+    """Where each top-level key (and each key of ``axes`` and ``defaults``, as ``axes.tp``) is given:
+    {key: "FILE:LINE"}; {} where the text cannot say."""
+    lines: dict[str, str] = {}
+    if yaml_file:
+        import yaml
+        try:
+            node = yaml.compose(text)
+        except yaml.YAMLError:
+            return lines
+        def note(key, mark):
+            at = f"{path}:{mark.line + 1}"
+            if key in lines:  # YAML keeps the last silently: refuse
+                raise InputError(f"given twice (also at line {lines[key].rsplit(':', 1)[1]})", at, key)
+            lines[key] = at
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = str(k.value)
+                note(key, k.start_mark)
+                if key in ("axes", "defaults") and isinstance(v, yaml.MappingNode):
+                    for kk, _ in v.value:
+                        note(f"{key}.{kk.value}", kk.start_mark)
+        return lines
+    for m in re.finditer(r'"((?:[^"\\]|\\.)*)"\s*:', text):
+        lines.setdefault(m.group(1), f"{path}:{text.count(chr(10), 0, m.start()) + 1}")
+    return lines
 
 
 def load_spec(path: str | Path) -> dict:
     """Read a sweep spec (YAML or JSON): ``axes`` (named axes, their product) or ``configs`` (a CSV/Parquet
     table, one configuration per row; paths relative to the spec), optional ``defaults`` (group columns
     absent from the table or axes), ``chunk_size``, ``out``, ``model_configs``, ``bench_data``,
-    ``allow_other_gpu``."""
+    ``allow_other_gpu``.  Each key is checked (type, value) with an error naming the file, line and key;
+    an unknown key is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError("is a folder, not a spec file", str(path))
     if not path.is_file():
         raise InputError("no such spec file", str(path))
-    text = path.read_text()
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read the spec: {e}", str(path)) from None
+    if not text.strip():
+        raise InputError("empty spec file (give 'axes' or 'configs')", str(path))
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    try:
+        if yaml_file:
             import yaml
             try:
                 spec = yaml.safe_load(text)
@@ -847,39 +1411,97 @@ def load_spec(path: str | Path) -> dict:
                 where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
                 raise InputError(f"malformed YAML: {getattr(e, 'problem', e)}", where) from None
         else:
-            spec = json.loads(text)
+            def no_twice(pairs):
+                seen = set()
+                for k, _ in pairs:
+                    if k in seen:
+                        raise InputError("given twice in one object", str(path), k)
+                    seen.add(k)
+                return dict(pairs)
+            spec = json.loads(text, object_pairs_hook=no_twice)
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
+    if spec is None:
+        raise InputError("empty spec file (give 'axes' or 'configs')", str(path))
     if not isinstance(spec, dict):
-        raise InputError("a sweep spec is a mapping", str(path))
-    unknown = set(spec) - SPEC_KEYS
+        raise InputError(f"a sweep spec is a mapping (axes: ... or configs: ...), got {type(spec).__name__}",
+                         str(path))
+    lines = _key_lines(path, text, yaml_file)
+    unknown = sorted(str(k) for k in set(spec) - SPEC_KEYS)
     if unknown:
-        raise InputError(f"unknown key(s) {sorted(unknown)} (known: {', '.join(sorted(SPEC_KEYS))})", str(path))
+        import difflib
+        hint = difflib.get_close_matches(unknown[0], sorted(SPEC_KEYS), 1)
+        raise InputError(f"unknown key(s) {unknown}{f' (did you mean {hint[0]!r}?)' if hint else ''} (known: "
+                         f"{', '.join(sorted(SPEC_KEYS))})", lines.get(unknown[0], str(path)))
     if ("axes" in spec) == ("configs" in spec):
         raise InputError("give exactly one of 'axes' and 'configs'", str(path))
+    for key, typ in SPEC_TYPES.items():
+        v = spec.get(key)
+        if key not in spec or (v is None and key not in ("axes", "configs")):
+            continue
+        if not isinstance(v, typ) or (typ is str and not v.strip()):
+            want = {dict: "a mapping", str: "a file or folder path", bool: "true or false"}[typ]
+            raise InputError(f"must be {want}, got {v!r}", lines.get(key, str(path)), key)
+    if spec.get("chunk_size") is not None:
+        spec["chunk_size"] = _positive_int(_yaml_number(spec["chunk_size"]), "chunk_size",
+                                           lines.get("chunk_size", str(path)))
     for key in ("configs", "out", "model_configs", "bench_data"):
         if spec.get(key) is not None and not Path(str(spec[key])).is_absolute():
             spec[key] = str(path.parent / str(spec[key]))
     spec["_where"] = str(path)
+    spec["_lines"] = lines
     return spec
 
 
 def space_from_spec(spec: dict) -> Space:
     where = spec.get("_where")
+    lines = spec.get("_lines") or {}
     try:
         if "axes" in spec:
             if not isinstance(spec["axes"], dict):
                 raise InputError("'axes' must be a mapping of axis name to values", field="axes")
-            return make_space(spec["axes"], spec.get("defaults"), spec.get("model_configs"))
+            defaults = spec.get("defaults") or {}
+            if not isinstance(defaults, dict):
+                raise InputError(f"must be a mapping, got {defaults!r}", lines.get("defaults"), "defaults")
+            at = {k: lines.get(f"defaults.{k}") or lines.get(k) for k in defaults}
+            at.update({k: lines.get(f"axes.{k}") or lines.get(k) for k in spec["axes"]})
+            at = {k: v for k, v in at.items() if v}
+            at["axes"] = lines.get("axes", where)
+            return AxesSpace({**defaults, **spec["axes"]}, lines=at)
         cfg = Path(spec["configs"])
         if not cfg.is_file():
             raise InputError("no such configs file", str(cfg), "configs")
-        df = pd.read_parquet(cfg) if cfg.suffix.lower() in (".parquet", ".pq") else pd.read_csv(cfg)
-        return make_space(df, spec.get("defaults"), spec.get("model_configs"))
+        try:
+            df = pd.read_parquet(cfg) if cfg.suffix.lower() in (".parquet", ".pq") else pd.read_csv(cfg)
+        except pd.errors.EmptyDataError:
+            raise InputError("empty configs file (a header row and one configuration a row)", str(cfg),
+                             "configs") from None
+        except Exception as e:  # a file pandas/pyarrow cannot parse
+            raise InputError(f"cannot read the configs table: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                             str(cfg), "configs") from None
+        if len(df) == 0:
+            raise InputError("the configs table has a header but no rows", str(cfg), "configs")
+        return FrameSpace(df, spec.get("defaults"), spec.get("model_configs"), source=str(cfg))
     except InputError as e:
         if e.args and where and where not in str(e):
             raise InputError(str(e), where) from None
         raise
+
+
+def _count(text: str) -> int:
+    """A command-line count: 10000000000, 1e10 or 10**10."""
+    t = text.strip().replace("_", "").replace(",", "")
+    try:
+        if "**" in t:
+            a, b = t.split("**")
+            v = int(a) ** int(b)
+        else:
+            v = float(t) if any(c in t for c in ".eE") else int(t)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if not math.isfinite(v) or v < 1 or not float(v).is_integer():
+        raise argparse.ArgumentTypeError(f"not a positive count: {text!r}")
+    return int(v)
 
 
 def add_sweep_arguments(parser) -> None:
@@ -900,6 +1522,10 @@ def add_sweep_arguments(parser) -> None:
     parser.add_argument("--keep-parts", action="store_true", help="keep the chunk files after merging")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction,
                         default=None, help="progress bar on stderr (default: when stderr is a terminal)")
+    parser.add_argument("--max-configs", type=_count, default=DEFAULT_MAX_CONFIGS,
+                        help=f"refuse a space of more configurations (default {DEFAULT_MAX_CONFIGS:.0e}; e.g. 1e12)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the size, chunks and a time estimate, and exit without writing anything")
 
 
 def run_sweep(args) -> int:
@@ -908,6 +1534,10 @@ def run_sweep(args) -> int:
     if not out:
         raise InputError("no output file: pass --out or set 'out' in the spec", args.spec, "out")
     _fmt_of(Path(out))
+    for name in ("process_count", "devices", "chunk_size"):
+        v = getattr(args, name, None)
+        if v is not None and v < 1:
+            raise InputError(f"must be a positive integer, got {v}", field=name)
     if args.merge:
         if not args.process_count or args.process_count < 2:
             raise InputError("--merge needs --process-count N (N >= 2)", field="process_count")
@@ -915,9 +1545,13 @@ def run_sweep(args) -> int:
         print(f"costmodel sweep: merged {args.process_count} shards into {path}")
         return 0
     sp = space_from_spec(spec)
-    chunk = args.chunk_size or spec.get("chunk_size") or DEFAULT_CHUNK
-    if int(chunk) < 1:
-        raise InputError("must be a positive integer", args.spec, "chunk_size")
+    chunk = args.chunk_size if args.chunk_size is not None else spec.get("chunk_size") or DEFAULT_CHUNK
+    pl, *_ = _size_plan(sp, chunk, args.process_index, args.process_count, args.max_configs, out)
+    _check_out(Path(pl.out))
+    if args.dry_run:
+        print(f"costmodel sweep: dry run: {pl.describe()}; nothing written")
+        return 0
+    print(f"costmodel sweep: {pl.describe()}", file=sys.stderr)
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     stored = []
     try:
@@ -925,7 +1559,7 @@ def run_sweep(args) -> int:
                 bench_data=args.bench_data or spec.get("bench_data"),
                 allow_other_gpu=args.allow_other_gpu or bool(spec.get("allow_other_gpu")), progress=progress,
                 process_index=args.process_index, process_count=args.process_count, keep_parts=args.keep_parts,
-                devices=args.devices, on_chunk=stored.append)
+                devices=args.devices, on_chunk=stored.append, max_configs=args.max_configs)
     except KeyboardInterrupt:
         print(f"costmodel sweep: interrupted; {len(stored)} chunk(s) stored this run; run the same command again "
               f"to resume", file=sys.stderr)
