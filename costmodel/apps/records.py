@@ -232,7 +232,8 @@ class Predictor:
             for key in np.unique(sets):  # "" = pooled
                 sel = sets == key
                 fs = f if sel.all() else jax.tree_util.tree_map(lambda a: a[sel], f)
-                t, br = _combine_fn(su.static)(fs, su.on_gpu, cal.by_engine[key] if key else cal.pooled)
+                p = (cal.by_engine[key] if key else cal.pooled).validated(f"parameters for {su.gpu.name}")
+                t, br = _combine_fn(su.static)(fs, su.on_gpu, p)
                 t = np.asarray(t, dtype=np.float64)
                 own = owner[sel]
                 if not np.all(np.isfinite(t)) or np.any(t <= 0):
