@@ -166,6 +166,9 @@ class Predictor:
     """Caches models, tables and compiled functions across records."""
 
     def __init__(self, model_configs=None, bench_data=None):
+        if model_configs is not None and not Path(model_configs).is_dir():  # not silently the packaged ones
+            raise InputError(f"model configs folder {model_configs} does not exist or is not a folder",
+                             field="model_configs")
         self.model_configs, self.bench_data = model_configs, bench_data
         self._tables: dict[str, Tables] = {}
         self._setups = {}
