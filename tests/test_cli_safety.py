@@ -299,8 +299,9 @@ def test_bad_calibration_file_is_one_line(tmp_path, capsys, change, needle):
 
 def test_params_validated():
     assert Params().validated() == Params()
-    for bad in (dict(gemm_scale=-1.0), dict(hbm_efficiency=0.0), dict(step_overhead_us=float("inf")),
-                dict(comm_scale="x")):
+    assert Params(step_overhead_us=0.0).validated().step_overhead_us == 0.0  # a term switched off
+    for bad in (dict(gemm_scale=-1.0), dict(hbm_efficiency=0.0), dict(nvlink_efficiency=0.0),
+                dict(step_overhead_us=float("inf")), dict(comm_scale="x")):
         with pytest.raises(InputError, match=f"field '{next(iter(bad))}'"):
             Params(**bad).validated()
 
