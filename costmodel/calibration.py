@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError
-from .hardware import get_gpu
+from .hardware import GPUS, find_gpu, get_gpu
 from .io import read_json
 from .params import FIELDS, Calibration, Params, engine_key
 from .tables import default_bench_data, load_tables
@@ -26,14 +26,16 @@ def params_to_dict(p: Params) -> dict:
     return {k: float(v) for k, v in zip(FIELDS, p)}
 
 
-def params_from_dict(d: dict, where: str) -> Params:
+def params_from_dict(d: dict, where: str, field: str = "params") -> Params:
+    if not isinstance(d, dict):
+        raise InputError(f"must map parameter names to numbers, got {type(d).__name__}", where, field)
     unknown = set(d) - set(FIELDS)
     if unknown:
-        raise InputError(f"unknown parameter(s) {sorted(unknown)}", where, "params")
+        raise InputError(f"unknown parameter(s) {sorted(unknown)}", where, field)
     vals = {}
     for k, v in d.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v <= 0:
-            raise InputError(f"must be a positive number, got {v!r}", where, f"params.{k}")
+            raise InputError(f"must be a positive number, got {v!r}", where, f"{field}.{k}")
         vals[k] = float(v)
     return Params(**vals)
 
@@ -50,6 +52,13 @@ def read_calibration(path: str | Path) -> dict:
     cal = read_json(path)
     if not isinstance(cal, dict) or "params" not in cal or "gpu" not in cal:
         raise InputError("a calibration needs 'gpu' and 'params'", str(path))
+    if isinstance(cal["gpu"], list):
+        raise InputError(f"fitted on several GPUs at once ({', '.join(map(str, cal['gpu']))}); fit each GPU's "
+                         "records into its own calibration", str(path), "gpu")
+    gpu = find_gpu(cal["gpu"]) if isinstance(cal["gpu"], str) else None
+    if gpu is None:
+        raise InputError(f"unknown GPU {cal['gpu']!r} (known: {', '.join(GPUS)})", str(path), "gpu")
+    cal["gpu"] = gpu.name  # the same names as records' (h100, H100-SXM, h100_sxm: H100-SXM)
     by_engine = cal.get("by_engine") or {}
     if not isinstance(by_engine, dict):
         raise InputError("must map engine versions to parameters", str(path), "by_engine")
@@ -57,7 +66,7 @@ def read_calibration(path: str | Path) -> dict:
         if engine_key(e) != e:
             raise InputError(f"engine version must be major.minor (e.g. 0.15), got {e!r}", str(path), "by_engine")
     cal["_calibration"] = Calibration(params_from_dict(cal["params"], str(path)),
-                                      {e: params_from_dict(v, f"{path} by_engine.{e}") for e, v in by_engine.items()})
+                                      {e: params_from_dict(v, str(path), f"by_engine.{e}") for e, v in by_engine.items()})
     return cal
 
 
@@ -69,6 +78,12 @@ def _split_choice(choice) -> tuple[str, str | None]:
     if base and engine_key(suffix) == suffix:
         return base, suffix
     return choice, None
+
+
+def calibration_path(choice) -> Path | None:
+    """The file a ``--calibration`` choice reads: None for ``none``/``default`` (with or without ``@VERSION``)."""
+    base, _ = _split_choice(choice)
+    return None if base in ("none", "default") else Path(base)
 
 
 def _select_engine(c: Calibration, engine: str | None, where: str) -> Calibration:

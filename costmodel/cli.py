@@ -12,15 +12,21 @@ from .apps import bench, sweep
 from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
 from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
-from .calibration import parameter_sets_used, resolve_calibration
+from .calibration import calibration_path, parameter_sets_used, resolve_calibration
 from .errors import InputError
 from .hardware import get_gpu
-from .io import atomic_write, print_table, write_frame, write_json
+from .io import atomic_write, check_output_file, number, print_table, refuse_overwrite, write_frame, write_json
 from .tables import load_tables
 from .tabletools import importer as aiconfigurator
 
 
 def cmd_predict(args) -> int:
+    if args.out:  # refused before any work: nothing is written
+        meta_path = str(args.out) + ".meta.json"
+        inputs = [args.records, calibration_path(args.calibration)]
+        for path, field in ((args.out, "out"), (meta_path, "out (its .meta.json)")):
+            check_output_file(path, field)
+            refuse_overwrite(path, inputs, field)
     records = read_records(args.records)
     pred = Predictor(args.model_configs, args.bench_data)
     sources = {t.gpu.name: t.sources for t in (pred.tables(r.gpu, r.where) for r in records)}
@@ -38,8 +44,8 @@ def cmd_predict(args) -> int:
                     row["timed_steps"] = r.timed_steps
                 fh.write(json.dumps(row) + "\n")
         meta = {"records": str(args.records), "calibration": cal_name, "parameter_sets": used, "tables": sources}
-        write_json(str(args.out) + ".meta.json", meta)
         atomic_write(args.out, write)
+        write_json(meta_path, meta)
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
     note = previous_step_note(records)[1]
@@ -60,6 +66,8 @@ def cmd_predict(args) -> int:
 
 
 def cmd_kernels(args) -> int:
+    check_output_file(args.out)
+    refuse_overwrite(args.out, [args.queries])
     df = predict_kernel_csv(args.queries, args.gpu, args.bench_data)
     write_frame(args.out, df)
     print(f"wrote {len(df)} rows to {args.out}")
@@ -96,6 +104,8 @@ def _span(log_grid) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="costmodel", description=__doc__)
+    p.add_argument("--debug", action="store_true",
+                   help="on an unexpected error, show Python's traceback instead of a one-line message")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     def common(sp, records=True):
@@ -135,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--bench-data", default=None)
     sp.add_argument("--out", required=True, help="calibration JSON to write")
     sp.add_argument("--holdout", default=None, help="comma-separated source names held out of the fit")
-    sp.add_argument("--steps", type=int, default=100, help="L-BFGS iterations")
+    sp.add_argument("--steps", type=number(int, 1), default=100, help="L-BFGS iterations (at least 1)")
     sp.add_argument("--leave-one-run-out", action="store_true",
                     help="fit once per run without it and report held-out MAPE (writes the table to --out)")
     sp.add_argument("--pooled", action="store_true",
@@ -152,18 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
     aiconfigurator.add_arguments(sp)
     sp.set_defaults(func=aiconfigurator.run)
+    for sp in sub.choices.values():  # --debug after the command too
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit status: 0 done, 2 refused input or an error (one line on stderr,
+    ``costmodel: error: ...``; ``--debug`` shows the traceback of an unexpected one), 130 interrupted."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or argparse's usage error (already printed)
+        return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
         return int(args.func(args) or 0)
-    except InputError as e:
+    except KeyboardInterrupt:
+        print("costmodel: interrupted", file=sys.stderr)
+        return 130
+    except (InputError, RuntimeError) as e:
+        if args.debug:
+            raise
         print(f"costmodel: error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
-        print(f"costmodel: error: {e}", file=sys.stderr)
+    except Exception as e:  # last resort: one line, not a traceback
+        if args.debug:
+            raise
+        what = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+        what = " ".join(what.split())
+        print(f"costmodel: error: {what} (rerun with --debug for the traceback)", file=sys.stderr)
         return 2
 
 

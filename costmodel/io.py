@@ -1,9 +1,12 @@
 """Files: JSON read with errors that name the file and line; writes that are atomic (never a partial file
-presented as complete) of text, JSON, frames and the provenance notes of table folders; plain-text tables on
-stdout."""
+presented as complete) of text, JSON, frames and the provenance notes of table folders; checks, before any work,
+that an output path can be written and replaces no input (`check_output_file`, `check_output_dir`,
+`refuse_overwrite`); argparse types for numeric options (`number`); plain-text tables on stdout."""
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable
@@ -90,3 +93,102 @@ def print_table(rows: list[dict]) -> None:
 
 def _cell(v) -> str:
     return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _nearest_existing(p: Path) -> Path:
+    p = Path(os.path.abspath(p))
+    while not p.exists() and not p.is_symlink() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def _check_parent(path: Path, field: str) -> None:
+    """The nearest existing folder above ``path`` must be a folder (not a file) and writable (probed by
+    creating and removing a temporary file there, so read-only file systems count too)."""
+    anc = _nearest_existing(path.parent)
+    if not anc.is_dir():
+        raise InputError(f"cannot write under {anc}: it is a file, not a folder", str(path), field)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=anc, prefix=".costmodel-probe.")
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise InputError(f"cannot write in folder {anc}: {e.strerror or e}", str(path), field) from None
+
+
+def check_output_file(path: str | Path, field: str = "out") -> Path:
+    """Refuse (`errors.InputError`), before any work, an output file path that names a folder, lies under a
+    file, or whose folder cannot be written; returns it as a Path.  Missing folders are allowed (the writers
+    create them)."""
+    if path is None or str(path).strip() == "":
+        raise InputError("empty output path", field=field)
+    p = Path(path)
+    if p.is_dir():
+        raise InputError("is a folder; name a file to write", str(path), field)
+    _check_parent(p, field)
+    return p
+
+
+def check_output_dir(path: str | Path, field: str = "out") -> Path:
+    """Refuse (`errors.InputError`), before any work, an output folder that is a file, lies under a file, or
+    cannot be written in (or, when missing, its nearest existing parent); returns it as a Path."""
+    if path is None or str(path).strip() == "":
+        raise InputError("empty output path", field=field)
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise InputError("is a file; name a folder to write into", str(path), field)
+    _check_parent(p / ".probe", field)
+    return p
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        if os.path.samefile(a, b):  # one inode: the same path, a symlink or a hard link
+            return True
+    except OSError:
+        pass
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def refuse_overwrite(out: str | Path, inputs: Iterable, field: str = "out", *, folder: bool = False) -> None:
+    """Refuse (`errors.InputError`) an output that would replace one of ``inputs`` (paths; None entries are
+    skipped): ``out`` names the same file (the same real path through symlinks, or the same inode, as a hard
+    link).  With ``folder`` (``out`` is a folder the command writes into), also an input inside ``out`` or
+    ``out`` inside an input folder."""
+    out_p = Path(out)
+    real_out = Path(os.path.realpath(out_p))
+    for inp in inputs:
+        if inp is None:
+            continue
+        in_p = Path(inp)
+        if _same_file(out_p, in_p):
+            raise InputError(f"is the input {inp}; write the output elsewhere", str(out), field)
+        if folder:
+            real_in = Path(os.path.realpath(in_p))
+            if real_in.is_relative_to(real_out) or real_out.is_relative_to(real_in):
+                raise InputError(f"overlaps the input {inp}; write the output elsewhere", str(out), field)
+
+
+def number(kind: type = float, low: float | None = None, high: float | None = None, *,
+           low_open: bool = False, high_open: bool = False, name: str | None = None) -> Callable[[str], float]:
+    """An argparse ``type`` for a numeric option: ``kind`` (int or float), finite, within [``low``, ``high``]
+    (either end open with ``low_open`` / ``high_open``; None: unbounded).  A bad value becomes argparse's
+    one-line error naming the option: ``argument --tol: must be a finite number in [0, 1), got 'nan'``."""
+    what = "an integer" if kind is int else "a finite number"
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low:g}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high:g}"
+    rng = " and ".join(x for x in (lo, hi) if x)
+    want = f"{what}{' ' + rng if rng else ''}"
+
+    def parse(text: str):
+        try:
+            v = int(text) if kind is int else float(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}") from None
+        if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or (
+                high is not None and (v >= high if high_open else v > high)):
+            raise argparse.ArgumentTypeError(f"must be {want}, got {text!r}")
+        return v
+
+    parse.__name__ = name or ("int" if kind is int else "float")
+    return parse

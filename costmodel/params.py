@@ -13,6 +13,8 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import InputError
+
 
 class Params(NamedTuple):
     """Residual terms.  Defaults are physical (see `PRIORS`), not fitted."""
@@ -31,6 +33,27 @@ class Params(NamedTuple):
     comm_scale: float = 1.0  # multiplies all-reduce time (measured table or analytic)
     prefill_layer_overhead_us: float = 2.0  # extra per layer in steps with prefill tokens (piecewise graphs)
     attn_fixed_scale: float = 1.0  # fixed cost of an attention call in the engine / the table's smallest time
+
+    def validated(self, where: str | None = None) -> "Params":
+        """These parameters, refused (`errors.InputError` naming the field) unless every one is a finite number
+        (or array of them), not negative, and the efficiencies (`DIVISORS`, bandwidths are divided by them)
+        positive: else times come out negative or infinite.  Zero elsewhere switches a term off.  Called where
+        parameters come from the user (`apps.records.Predictor.predict`; calibration files are stricter: all
+        positive); call it on parameters built by hand before `step.step_time` or `step.make_step_fn`, which
+        do not check."""
+        for k, v in zip(self._fields, self):
+            try:
+                a = np.asarray(v, dtype=np.float64)
+            except (TypeError, ValueError):
+                a = np.asarray(np.nan)
+            low_ok = np.all(a > 0) if k in DIVISORS else np.all(a >= 0)
+            if a.size == 0 or not np.all(np.isfinite(a)) or not low_ok:
+                want = "a positive number" if k in DIVISORS else "a number >= 0"
+                raise InputError(f"must be {want}, got {v!r}", where, k)
+        return self
+
+
+DIVISORS = ("hbm_efficiency", "nvlink_efficiency")  # bandwidth x efficiency divides bytes: never zero
 
 
 class Prior(NamedTuple):

@@ -29,6 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..hardware import get_gpu
+from ..io import number
 from ..model import load_model
 from ..params import Params
 from ..step import Step, setup, step_time
@@ -185,24 +186,27 @@ def _batch(space):
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--configs", type=int, default=10_000_000,
+    parser.add_argument("--configs", type=number(int, 1), default=10_000_000,
                         help="configurations to evaluate (split over 8B/70B x TP 1,2,4,8; default 10,000,000)")
-    parser.add_argument("--loop-configs", type=int, default=300, help="configurations for the per-call loop")
-    parser.add_argument("--chunk", type=int, default=1 << 20, help="configurations per chunk")
-    parser.add_argument("--call-size", type=int, default=None,
+    parser.add_argument("--loop-configs", type=number(int, 1), default=300, help="configurations for the per-call loop")
+    parser.add_argument("--chunk", type=number(int, 1), default=1 << 20, help="configurations per chunk")
+    parser.add_argument("--call-size", type=number(int, 1), default=None,
                         help="configurations per kernel call (default: sweep.DEFAULT_CALL)")
-    parser.add_argument("--devices", type=int, default=None,
+    parser.add_argument("--devices", type=number(int, 1), default=None,
                         help="local devices to shard over (default: all; on CPU one per core)")
     parser.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def run_bench(args) -> int:
+    for name in ("configs", "loop_configs", "chunk", "call_size", "devices", "seed"):  # callers other than the CLI
+        v = getattr(args, name, None)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1)):
+            raise InputError(f"must be an integer >= {0 if name == 'seed' else 1}, got {v!r}",
+                             field="--" + name.replace("_", "-"))
     if args.devices and args.devices > 1:
         _use_all_cores(args.devices)  # CPU: by default one device (XLA already threads its loops)
-    if args.configs < 1 or args.loop_configs < 1 or args.chunk < 1:
-        raise InputError("--configs, --loop-configs and --chunk must be positive")
     r = bench(args.configs, args.loop_configs, args.chunk, call_size=args.call_size, devices=args.devices, seed=args.seed,
               bench_data=args.bench_data, progress=not args.json)
     if args.json:

@@ -26,7 +26,7 @@ import optax
 
 from ..calibration import calibration_to_dict, portable_sources
 from ..errors import InputError
-from ..io import print_table, write_json
+from ..io import check_output_file, print_table, refuse_overwrite, write_json
 from ..params import FIELDS, PRIORS, Calibration, Params, from_log, prior_arrays, to_log
 from ..step import combine
 from .records import Predictor, below_floor_warning, previous_step_note, read_records
@@ -120,8 +120,10 @@ def fit(predictor, records, steps: int = 100, init: Params | None = None, per_en
     versions, also one set per version, fitted jointly as shared values plus per-version log-deviations
     under a zero-mean prior (`ENGINE_SPREAD`), so a version's data moves only the terms it constrains.  The
     pooled set serves records of other or unstated versions."""
-    if any(r.measured_us is None for r in records):
-        raise InputError("every record used for fitting needs measured_us", field="measured_us")
+    missing = [r for r in records if r.measured_us is None]
+    if missing:
+        raise InputError(f"every record used for fitting needs measured_us ({len(missing)} of {len(records)} lack it)",
+                         missing[0].where, "measured_us")
     t0 = time.perf_counter()
     engines = fit_engines(records, per_engine)
     loss, _, data = make_loss(predictor, records, engines)
@@ -168,23 +170,44 @@ def leave_one_run_out(predictor, records, steps: int = 100, per_engine: bool = T
     return rows
 
 
+def _names(values, limit: int = 8) -> str:
+    """``values`` sorted and joined, the first ``limit`` of them and how many more."""
+    v = sorted(values)
+    return ", ".join(v[:limit]) + (f", ... ({len(v) - limit} more)" if len(v) > limit else "")
+
+
 def run_fit_cli(args) -> int:
+    check_output_file(args.out)  # refused before any work: nothing is written
+    refuse_overwrite(args.out, args.records)
     records = [r for f in args.records for r in read_records(f)]
+    pred = Predictor(args.model_configs, args.bench_data)
+    gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
+    if len(gpus) > 1:
+        raise InputError(f"records are on {len(gpus)} GPUs ({', '.join(gpus)}); a calibration holds one GPU's "
+                         "parameters: fit each GPU's records into its own file", field="gpu")
+    sources = {r.source or "" for r in records}
     if args.leave_one_run_out:
-        rows = leave_one_run_out(Predictor(args.model_configs, args.bench_data), records, steps=args.steps,
-                                 per_engine=not args.pooled)
+        if args.holdout:
+            raise InputError("--holdout and --leave-one-run-out do not go together (the latter holds out each "
+                             "run in turn)", field="holdout")
+        if len({r.source or "-" for r in records}) < 2:
+            raise InputError("--leave-one-run-out needs records of at least two runs (their 'source'); "
+                             f"all are from {next(iter(sources)) or 'no stated source'}", field="leave-one-run-out")
+        rows = leave_one_run_out(pred, records, steps=args.steps, per_engine=not args.pooled)
         print("leave-one-run-out MAPE (%): uncalibrated, fitted without the run, fitted on all runs")
         print_table(rows)
         write_json(args.out, rows)
         print(f"wrote {args.out}")
         return 0
     hold = set(args.holdout.split(",")) if args.holdout else set()
+    unknown = hold - sources
+    if unknown:
+        raise InputError(f"no records of source(s) {_names(unknown)}; the records' sources are: "
+                         f"{_names(s or '(none)' for s in sources)}", field="holdout")
     train = [r for r in records if (r.source or "") not in hold]
     test = [r for r in records if (r.source or "") in hold]
     if not train:
         raise InputError("--holdout leaves no records to fit on", field="holdout")
-    pred = Predictor(args.model_configs, args.bench_data)
-    gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
     params, report = fit(pred, train, steps=args.steps, per_engine=not args.pooled)
     report["records_timed_as_previous_step"], note = previous_step_note(train)
     print(f"fit: {len(train)} records, {report['iterations']} iterations, loss {report['loss_start']:.4f} -> "
@@ -211,8 +234,7 @@ def run_fit_cli(args) -> int:
             print_table(rows)
             summary[name] = rows
     tabs = {g: portable_sources(pred.tables(g).sources) for g in gpus}
-    cal = {"gpu": gpus[0] if len(gpus) == 1 else gpus, "engine": sorted({str(r.extra.get("vllm_version", "?"))
-                                                                          for r in train}),
+    cal = {"gpu": gpus[0], "engine": sorted({str(r.extra.get("vllm_version", "?")) for r in train}),
            "tables": tabs, "data": [str(f) for f in args.records], "holdout": sorted(hold),
            "fitted_on": date.today().isoformat(), **calibration_to_dict(params),
            "priors": {k: PRIORS[k]._asdict() for k in FIELDS}, "report": report, "mape": summary}

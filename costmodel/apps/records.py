@@ -166,6 +166,9 @@ class Predictor:
     """Caches models, tables and compiled functions across records."""
 
     def __init__(self, model_configs=None, bench_data=None):
+        if model_configs is not None and not Path(model_configs).is_dir():  # not silently the packaged ones
+            raise InputError(f"model configs folder {model_configs} does not exist or is not a folder",
+                             field="model_configs")
         self.model_configs, self.bench_data = model_configs, bench_data
         self._tables: dict[str, Tables] = {}
         self._setups = {}
@@ -232,7 +235,8 @@ class Predictor:
             for key in np.unique(sets):  # "" = pooled
                 sel = sets == key
                 fs = f if sel.all() else jax.tree_util.tree_map(lambda a: a[sel], f)
-                t, br = _combine_fn(su.static)(fs, su.on_gpu, cal.by_engine[key] if key else cal.pooled)
+                p = (cal.by_engine[key] if key else cal.pooled).validated(f"parameters for {su.gpu.name}")
+                t, br = _combine_fn(su.static)(fs, su.on_gpu, p)
                 t = np.asarray(t, dtype=np.float64)
                 own = owner[sel]
                 if not np.all(np.isfinite(t)) or np.any(t <= 0):

@@ -31,8 +31,11 @@ only when no explicit ``systems_dir`` is given.
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import re
+import shutil
 import sys
+import tempfile
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as distribution_version
 from pathlib import Path
@@ -43,7 +46,7 @@ import pandas as pd
 
 from ..errors import InputError
 from ..hardware import find_gpu
-from ..io import write_frame, write_provenance
+from ..io import check_output_dir, number, refuse_overwrite, write_frame, write_provenance
 from ..ops import per_gpu_layouts
 
 __all__ = [
@@ -541,6 +544,10 @@ def import_aiconfigurator(
         layouts = tuple((int(t[0]), int(t[1]), int(t[2]) if len(t) > 2 else 128) for t in head_layouts)
 
     out = Path(out_dir)
+    check_output_dir(out)
+    refuse_overwrite(out, [systems_dir], folder=True)
+    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1):
+        raise InputError(f"must be a number in [0, 1) or None, got {tol!r}", field="tol")
     peaks, peak_src = _read_peaks(systems_dir, gpu)
     summary: dict = {
         "gpu": gpu, "engine": engine, "package": PACKAGE, "package_version": pkg_ver,
@@ -564,64 +571,114 @@ def import_aiconfigurator(
         }
         return df
 
-    def record(path: Path, size: int, rows: int):
-        summary["files"][str(path)] = {"bytes": size, "rows": rows}
+    def record(path: Path, size: int, rows: int):  # under its final name
+        summary["files"][str(out / path.relative_to(build))] = {"bytes": size, "rows": rows}
 
-    # GEMM -------------------------------------------------------------
-    src = use("gemm", "gemm_perf")
-    if src is not None and bf16_consensus:
-        used = summary["sources"]["gemm_perf"]
-        src = bf16_gemm_consensus(src, f"{used['engine']}/{used['version']}", sysdata, systems_dir, summary)
-    if src is not None:
-        g, st = convert_gemm(src, peaks, tol)
-        summary["stats"]["gemm"] = st
-        p = out / "gemm" / gpu / "data.csv"
-        record(p, _fmt_csv(g, p, {"latency_us": 4, "mfu": 3}), len(g))
+    # Built in a temporary folder beside the target and swapped in only when complete: a failure part-way
+    # leaves the target as it was.
+    target = Path(os.path.realpath(out))  # a symlinked folder: beside the real one, in its file system
+    target.parent.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.import-"))
+    try:
+        # GEMM -------------------------------------------------------------
+        src = use("gemm", "gemm_perf")
+        if src is not None and bf16_consensus:
+            used = summary["sources"]["gemm_perf"]
+            src = bf16_gemm_consensus(src, f"{used['engine']}/{used['version']}", sysdata, systems_dir, summary)
+        if src is not None:
+            g, st = convert_gemm(src, peaks, tol)
+            summary["stats"]["gemm"] = st
+            p = build / "gemm" / gpu / "data.csv"
+            record(p, _fmt_csv(g, p, {"latency_us": 4, "mfu": 3}), len(g))
 
-    # attention --------------------------------------------------------
-    bf16_peak = peaks["bf16"]
-    for phase, table, convert in (("decode", "generation_attention_perf", convert_decode),
-                                  ("prefill", "context_attention_perf", convert_prefill)):
-        src = use("attention", table)
-        if src is None:
-            continue
-        tabs, st = convert(src, bf16_peak, layouts)
-        st["layouts"] = sorted(tabs)
-        summary["stats"][phase] = st
-        for (hq, hkv, d), t in sorted(tabs.items()):
-            p = out / "mha" / phase / gpu / f"{hq}-{hkv}-{d}.csv"
-            record(p, _fmt_csv(t, p, {"latency_us": 4, "mfu": 3}), len(t))
-    if layouts != "all":
-        for ph in ("decode", "prefill"):
-            if ph in summary["stats"]:
-                miss = sorted(set(layouts) - set(summary["stats"][ph]["layouts"]))
-                summary["stats"][ph]["layouts_not_measured"] = miss
+        # attention --------------------------------------------------------
+        bf16_peak = peaks["bf16"]
+        for phase, table, convert in (("decode", "generation_attention_perf", convert_decode),
+                                      ("prefill", "context_attention_perf", convert_prefill)):
+            src = use("attention", table)
+            if src is None:
+                continue
+            tabs, st = convert(src, bf16_peak, layouts)
+            st["layouts"] = sorted(tabs)
+            summary["stats"][phase] = st
+            for (hq, hkv, d), t in sorted(tabs.items()):
+                p = build / "mha" / phase / gpu / f"{hq}-{hkv}-{d}.csv"
+                record(p, _fmt_csv(t, p, {"latency_us": 4, "mfu": 3}), len(t))
+        if layouts != "all":
+            for ph in ("decode", "prefill"):
+                if ph in summary["stats"]:
+                    miss = sorted(set(layouts) - set(summary["stats"][ph]["layouts"]))
+                    summary["stats"][ph]["layouts_not_measured"] = miss
 
-    # all-reduce -------------------------------------------------------
-    parts = []
-    src = use("comm", "custom_allreduce_perf")
-    if src is not None:
-        parts.append(convert_custom_allreduce(src))
-    nccl = _find_table(sysdata, "comm", "nccl", "nccl_perf", None)
-    if nccl is not None:
-        e, v, pth, _ = nccl
-        df = _read_table(pth)
-        summary["sources"]["nccl_perf"] = {
-            "engine": "nccl", "version": v, "file": str(pth.relative_to(systems_dir.parent)),
-            "runtime": f"NCCL {v} (nccl-tests all_reduce_perf)", "rows": int(len(df)), "kernels": ["NCCL"],
-            "device": sorted(map(str, df["device"].unique())) if "device" in df else [],
-        }
-        parts.append(convert_nccl(df))
-    if parts:
-        ar = finish_allreduce(parts)
-        p = out / "allreduce" / gpu / "data.csv"
-        record(p, _fmt_csv(ar, p, {"latency_us": 4}), len(ar))
+        # all-reduce -------------------------------------------------------
+        parts = []
+        src = use("comm", "custom_allreduce_perf")
+        if src is not None:
+            parts.append(convert_custom_allreduce(src))
+        nccl = _find_table(sysdata, "comm", "nccl", "nccl_perf", None)
+        if nccl is not None:
+            e, v, pth, _ = nccl
+            df = _read_table(pth)
+            summary["sources"]["nccl_perf"] = {
+                "engine": "nccl", "version": v, "file": str(pth.relative_to(systems_dir.parent)),
+                "runtime": f"NCCL {v} (nccl-tests all_reduce_perf)", "rows": int(len(df)), "kernels": ["NCCL"],
+                "device": sorted(map(str, df["device"].unique())) if "device" in df else [],
+            }
+            parts.append(convert_nccl(df))
+        if parts:
+            ar = finish_allreduce(parts)
+            p = build / "allreduce" / gpu / "data.csv"
+            record(p, _fmt_csv(ar, p, {"latency_us": 4}), len(ar))
 
-    # provenance -------------------------------------------------------
-    p = write_provenance(out, gpu, _provenance_lines(summary, layouts))
-    record(p, p.stat().st_size, 0)
+        # kinds this import has none of: the target's own tables for the GPU stay ------------------------
+        for rel in _gpu_parts(gpu):
+            if not (build / rel).exists() and (out / rel).exists() and rel.suffix != ".md":
+                summary["notes"].append(f"kept the existing {rel.as_posix()} (this import has no such tables)")
+
+        # provenance -------------------------------------------------------
+        p = write_provenance(build, gpu, _provenance_lines(summary, layouts))
+        record(p, p.stat().st_size, 0)
+        _swap_in(build, target, gpu)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
     summary["total_bytes"] = sum(f["bytes"] for f in summary["files"].values())
     return summary
+
+
+def _gpu_parts(gpu: str) -> list[Path]:
+    """What an import writes for ``gpu``, relative to the table folder: one folder per table kind and the
+    provenance note."""
+    return [Path("gemm") / gpu, Path("mha") / "decode" / gpu, Path("mha") / "prefill" / gpu,
+            Path("allreduce") / gpu, Path(f"SOURCE_{gpu}.md")]
+
+
+def _swap_in(build: Path, out: Path, gpu: str) -> None:
+    """Move the parts of ``gpu`` built under ``build`` into ``out``, each replacing the one there (renames in
+    one file system); on a failure the parts already moved are put back."""
+    old = build / ".old"
+    done = []
+    try:
+        for rel in _gpu_parts(gpu):
+            if not (build / rel).exists():
+                continue
+            dest, keep = out / rel, old / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            had = dest.exists() or dest.is_symlink()
+            if had:
+                keep.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(dest, keep)
+            done.append((rel, had))
+            os.replace(build / rel, dest)
+    except BaseException:
+        for rel, had in reversed(done):
+            dest = out / rel
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest, ignore_errors=True)
+            elif dest.exists() or dest.is_symlink():
+                dest.unlink()
+            if had:
+                os.replace(old / rel, dest)
+        raise
 
 
 def _provenance_lines(s: dict, layouts) -> list[str]:
@@ -718,7 +775,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", default="bench_data", help="output directory (default: bench_data)")
     parser.add_argument("--all-head-layouts", action="store_true",
                         help="write every measured attention head layout instead of the common-model set")
-    parser.add_argument("--tol", type=float, default=0.015,
+    parser.add_argument("--tol", type=number(float, 0, 1, high_open=True), default=0.015,
                         help="GEMM m-grid subsampling tolerance (relative; 0 disables)")
     parser.add_argument("--no-bf16-consensus", action="store_true",
                         help="take BF16 GEMMs from the requested engine's collection alone instead of the "
@@ -736,6 +793,8 @@ def run(args) -> int:
             systems_dir=getattr(args, "systems_dir", None),
             bf16_consensus=not getattr(args, "no_bf16_consensus", False),
         )
+    except InputError:
+        raise  # the command line's one-line error, exit status 2
     except (RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
