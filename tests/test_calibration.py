@@ -25,7 +25,7 @@ def _python_us(rec: dict, params: cm.Params) -> float:
     if su.static not in _FNS:
         _FNS[su.static] = jax.jit(lambda a, lay, p, s, st=su.static: cm.step_time(a, lay, p, s, st)[0])
     steps = cm.pack_steps(rec["steps"])
-    return sum(float(_FNS[su.static](su.arrays, su.layout, params, jax.tree_util.tree_map(lambda a: a[i], steps)))
+    return sum(float(_FNS[su.static](su.arrays, su.on_gpu, params, jax.tree_util.tree_map(lambda a: a[i], steps)))
                for i in range(len(rec["steps"])))
 
 
