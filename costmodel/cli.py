@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, warnings_as_lines
 
 
 def _atomic_write(path: str | Path, write) -> None:
@@ -204,7 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with warnings_as_lines():
+            return int(args.func(args) or 0)
     except InputError as e:
         print(f"costmodel: error: {e}", file=sys.stderr)
         return 2
