@@ -41,6 +41,10 @@ def dims(cfg: ModelConfig, tp: int) -> Dims:
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
     if bad:
         raise InputError(f"tp={tp} must divide {' and '.join(bad)} of {cfg.name}", field="tp")
+    kv = cfg.num_kv_heads  # vLLM splits KV heads evenly over the GPUs, or replicates each on tp/kv of them
+    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
+        raise InputError(f"tp={tp} must divide num_key_value_heads={kv} of {cfg.name}, or be a multiple of it "
+                         "(vLLM splits KV heads evenly or replicates them)", field="tp")
     return Dims(
         hidden=float(cfg.hidden_size), layers=float(cfg.num_layers), q_heads=cfg.num_heads / tp,
         kv_heads=float(max(cfg.num_kv_heads // tp, 1)), head_dim=float(cfg.head_dim),
