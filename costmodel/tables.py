@@ -341,7 +341,7 @@ def _drop_outliers(raw: np.ndarray, x: np.ndarray, axis: int, also: np.ndarray |
 
 # A GEMM table in which more than this share of the points beats the GPU's peak FLOP/s is refused (wrong
 # units or another GPU's table); below it, such points are dropped as measurement errors.
-MAX_IMPOSSIBLE_SHARE = 0.01
+MAX_IMPOSSIBLE_SHARE = 0.1
 
 
 def load_gemm(path: Path, adjustments: list[Adjustment], gpu: GPU | None = None,
