@@ -399,14 +399,16 @@ def _note_dropped(notes, table, path, label, dropped, used):
                      f"refilled as {used[idx]:.4g} µs")
 
 
-def _attn_files(folder: Path) -> list[tuple[tuple[int, int, int], Path]]:
+def _attn_files(folder: Path, notes: list[str] | None = None) -> list[tuple[tuple[int, int, int], Path]]:
+    """The head-layout files of an attention folder with their per-GPU heads; others are skipped with a note."""
     files = []
     for f in sorted(folder.glob("*.csv")):
         mt = _HEADS.match(f.stem)
-        if not mt:
-            continue
-        hq, hkv, d, tp = int(mt[1]), int(mt[2]), int(mt[3]), int(mt[4] or 1)
-        if hq % tp or (hkv % tp and hkv >= tp):
+        hq, hkv, d, tp = (int(mt[1]), int(mt[2]), int(mt[3]), int(mt[4] or 1)) if mt else (0, 0, 0, 1)
+        if not mt or min(hq, hkv, d, tp) < 1 or hq % tp or (hkv % tp and hkv >= tp) or (hkv < tp and tp % hkv):
+            if notes is not None:
+                notes.append(f"{f}: skipped: not named HQ-HKV-D.csv or HQ-HKV-D-tpT.csv with T splitting the "
+                             "heads evenly")
             continue
         files.append(((hq // tp, max(hkv // tp, 1), d), f))
     return files
@@ -416,7 +418,7 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable."""
     length_col = "kv_len" if kind == "decode" else "seq_len"
     slope = DECODE_SLOPE_HI if kind == "decode" else PREFILL_SLOPE_HI
-    frames, files, other_dtypes = [], _attn_files(folder), set()
+    frames, files, other_dtypes = [], _attn_files(folder, notes), set()
     for heads, f in files:
         df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes, optional=("batch_size",))
         if "batch_size" not in df.columns:

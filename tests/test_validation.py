@@ -675,3 +675,28 @@ def test_fuzz_gemm_table(tmp_path, rows):
         return
     for g in tabs.values():
         assert np.isfinite(np.asarray(g.log_t)).all()
+
+
+# ---------------------------------------------------------------- 6. more of the same kinds
+
+def test_duplicate_record_fields_are_refused(tmp_path):
+    recs = tmp_path / "r.jsonl"
+    recs.write_text(json.dumps(record(id="ok")) + "\n" +
+                    '{"id": "b", "model": "m", "gpu": "H100", "tp": 1, "tp": 8, "steps": [{"decode": [1]}]}\n')
+    with pytest.raises(InputError, match=f"{recs}:2: field 'tp': appears twice"):
+        read_records(recs)
+    recs.write_text('{"id": "b", "model": "m", "gpu": "H100", "tp": 1, "steps": [{"decode": [1], "decode": [2]}]}\n')
+    with pytest.raises(InputError, match="field 'decode': appears twice"):
+        read_records(recs)
+
+
+def test_attention_files_not_named_as_a_head_layout_are_skipped_with_a_note(tmp_path):
+    root = bench(tmp_path / "bench")
+    d = root / "mha" / "decode" / "h100_sxm"
+    good = (d / "32-8-128.csv").read_text()
+    for name in ("32-8-128-tp3.csv", "32-3-128-tp8.csv", "0-0-128.csv", "notes.csv"):
+        (d / name).write_text(good)
+    t = load_tables(root, H100)
+    assert t.decode_heads == [(32, 8, 128)]
+    for name in ("32-8-128-tp3.csv", "32-3-128-tp8.csv", "0-0-128.csv", "notes.csv"):
+        assert any(n.startswith(f"{d / name}: skipped") for n in t.notes), name

@@ -123,9 +123,11 @@ def read_records(path: str | Path) -> list[Record]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
+            except _DuplicateKey as e:
+                raise InputError("appears twice in one object (JSON keeps only the last)", where, str(e)) from None
             out.append(parse_record(obj, where))
             if out[-1].id in seen:
                 raise InputError(f"duplicate id {out[-1].id!r}", where, "id")
@@ -137,6 +139,18 @@ def read_records(path: str | Path) -> list[Record]:
     if unknown:
         warn(unknown_fields_message(unknown), str(path))
     return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
 
 
 def unknown_fields(obj: dict) -> list[str]:
