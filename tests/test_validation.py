@@ -700,3 +700,18 @@ def test_attention_files_not_named_as_a_head_layout_are_skipped_with_a_note(tmp_
     assert t.decode_heads == [(32, 8, 128)]
     for name in ("32-8-128-tp3.csv", "32-3-128-tp8.csv", "0-0-128.csv", "notes.csv"):
         assert any(n.startswith(f"{d / name}: skipped") for n in t.notes), name
+
+
+def test_each_record_and_point_is_warned_about_once_per_predictor(tmp_path):
+    """A fit prices subsets of its records again (leave-one-run-out): nothing is named twice."""
+    write_config(tmp_path / "cfgs", "short", max_position_embeddings=64)
+    root = bench(tmp_path / "b", gemm={(256, 4096, 4096): 3 * gemm_us(256, 4096, 4096)})
+    recs = [parse_record(record(id=str(i), model="short", steps=[{"prefill": [[255, 0]], "decode": [100 + i]}]),
+                         f"r.jsonl:{i + 1}") for i in range(2)]
+    pred = Predictor(str(tmp_path / "cfgs"), str(root))
+    with pytest.warns(InputWarning) as w:
+        pred.features(recs)
+    assert len(w) == 2 and "2 record(s)" in str(w[0].message) and "m=256 k=4096 n=4096" in str(w[1].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        pred.features(recs[:1])

@@ -247,7 +247,7 @@ class Predictor:
         self.model_configs, self.bench_data = model_configs, bench_data
         self._tables: dict[str, Tables] = {}
         self._setups = {}
-        self._warned: set[str] = set()
+        self._warned: set = set()  # records and table points already named in a warning
 
     def tables(self, gpu_name: str, where: str | None = None) -> Tables:
         try:
@@ -296,13 +296,13 @@ class Predictor:
         return out
 
     def warn_inputs(self, records: list[Record], groups) -> None:
-        """Warn (once per message) about records priced but physically implausible: contexts longer than
-        the model's ``max_position_embeddings`` (`context_warning`), and table points these records read
-        that the noise policy moved by more than `NOISE_WARN_BOUND` or dropped (`noise_warning`)."""
-        for msg in (context_warning(records, [self.setup_for(r).model for r in records]),
-                    noise_warning(groups, self._tables)):
-            if msg and msg not in self._warned:
-                self._warned.add(msg)
+        """Warn about records priced but physically implausible: contexts longer than the model's
+        ``max_position_embeddings`` (`context_warning`), and table points these records read that the noise
+        policy moved by more than `NOISE_WARN_BOUND` or dropped (`noise_warning`).  Each record and each
+        point is named once per Predictor (fits price subsets of the records again)."""
+        for msg in (context_warning(records, [self.setup_for(r).model for r in records], seen=self._warned),
+                    noise_warning(groups, self._tables, seen=self._warned)):
+            if msg:
                 warn(msg)
 
     def predict(self, records: list[Record], params=None, with_floor: bool = False):
@@ -335,11 +335,14 @@ class Predictor:
         return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
 
 
-def context_warning(records: list[Record], models: list, shown: int = 3) -> str | None:
+def context_warning(records: list[Record], models: list, shown: int = 3, seen: set | None = None) -> str | None:
     """One line naming the records whose contexts exceed their model's ``max_position_embeddings`` (priced
-    all the same: the model has no such limit), or None."""
+    all the same: the model has no such limit), or None.  Records in ``seen`` are left out; those named
+    are added to it."""
+    seen = set() if seen is None else seen
     bad = [(r, m, c) for r, m in zip(records, models)
-           if (c := max_context(r.steps)) > m.max_position_embeddings]
+           if ("context", r.where) not in seen and (c := max_context(r.steps)) > m.max_position_embeddings]
+    seen.update(("context", r.where) for r, _, _ in bad)
     if not bad:
         return None
     listed = ", ".join(f"{r.where} ({c} > {m.max_position_embeddings:.0f} for {m.name})" for r, m, c in bad[:shown])
@@ -353,10 +356,13 @@ def context_warning(records: list[Record], models: list, shown: int = 3) -> str 
 NOISE_WARN_BOUND = 0.25
 
 
-def noise_warning(groups, tables: dict[str, Tables], bound: float = NOISE_WARN_BOUND, shown: int = 3) -> str | None:
+def noise_warning(groups, tables: dict[str, Tables], bound: float = NOISE_WARN_BOUND, shown: int = 3,
+                  seen: set | None = None) -> str | None:
     """One line naming the table points that the steps of ``groups`` ((setup, features, owner) as
     `Predictor.features` returns) read (`step.cells_read`) and that the noise policy lowered by more than
-    ``bound`` of their measured time or dropped as measurement errors, or None."""
+    ``bound`` of their measured time or dropped as measurement errors, or None.  Points in ``seen`` are left
+    out; those named are added to it."""
+    seen = set() if seen is None else seen
     hits = {}
     for su, f, _ in groups:
         t = tables[su.gpu.name]
@@ -367,6 +373,8 @@ def noise_warning(groups, tables: dict[str, Tables], bound: float = NOISE_WARN_B
                 a = t.adjustment_at(table, cell)
                 if a is not None and (a.reason != "envelope" or a.measured_us > a.used_us * (1.0 + bound)):
                     hits[(su.gpu.name, table, a.where)] = a
+    hits = {k: a for k, a in hits.items() if ("noise", k) not in seen}
+    seen.update(("noise", k) for k in hits)
     if not hits:
         return None
     worst = sorted(hits.items(), key=lambda kv: -abs(math.log(kv[1].measured_us / kv[1].used_us)))
