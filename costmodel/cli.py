@@ -13,7 +13,7 @@ from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
 from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
 from .calibration import calibration_path, parameter_sets_used, resolve_calibration
-from .errors import InputError
+from .errors import InputError, warnings_as_lines
 from .hardware import get_gpu
 from .io import atomic_write, check_output_file, number, print_table, refuse_overwrite, write_frame, write_json
 from .tables import load_tables
@@ -175,7 +175,8 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help, or argparse's usage error (already printed)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
     try:
-        return int(args.func(args) or 0)
+        with warnings_as_lines():
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("costmodel: interrupted", file=sys.stderr)
         return 130

@@ -1,5 +1,10 @@
-"""One exception type for bad user input, always with a location."""
+"""One exception type for bad user input, always with a location, and one warning type for input that is
+priced but suspicious."""
 from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
 
 
 class InputError(ValueError):
@@ -8,3 +13,32 @@ class InputError(ValueError):
     def __init__(self, message: str, where: str | None = None, field: str | None = None):
         parts = [p for p in (where, f"field '{field}'" if field else None) if p]
         super().__init__(": ".join(parts + [message]) if parts else message)
+
+
+class InputWarning(UserWarning):
+    """Input that is priced, but probably not what was meant (named like `InputError`)."""
+
+    def __init__(self, message: str, where: str | None = None, field: str | None = None):
+        parts = [p for p in (where, f"field '{field}'" if field else None) if p]
+        super().__init__(": ".join(parts + [message]) if parts else message)
+
+
+def warn(message: str, where: str | None = None, field: str | None = None) -> None:
+    """Emit an `InputWarning` (Python's warnings machinery: callers may filter or record it)."""
+    warnings.warn(InputWarning(message, where, field), stacklevel=2)
+
+
+@contextlib.contextmanager
+def warnings_as_lines(stream=None):
+    """Within the block, print every `InputWarning` as one line ``costmodel: warning: ...`` (to stderr)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, InputWarning):
+            print(f"costmodel: warning: {message}", file=stream or sys.stderr)
+        else:
+            original(message, category, filename, lineno, file, line)
+
+    with warnings.catch_warnings():
+        original = warnings.showwarning
+        warnings.simplefilter("always", InputWarning)
+        warnings.showwarning = show
+        yield

@@ -74,3 +74,25 @@ def fill_work_axis(t: np.ndarray, x: np.ndarray, slope_hi: float, slope_lo: floa
     out[above] = ts[-1] + slope_hi * (x[above] - xs[-1])
     out[below] = np.maximum(ts[0] + slope_lo * (x[below] - xs[0]), floor)
     return out
+
+
+# A measured time more than this factor below both of its neighbours on the work axis (the neighbour with
+# more work scaled down in proportion to work) is taken as a measurement error, not as noise.  The repo's
+# tables hold genuine isolated dips of up to 6x (B200 FP8 GEMMs at k >= 51200 and small m, where a faster
+# kernel is picked at some m), which must stay measurements.
+OUTLIER_FACTOR = 8.0
+
+
+def low_outliers(t: np.ndarray, x: np.ndarray, factor: float = OUTLIER_FACTOR) -> np.ndarray:
+    """Mask of the measured cells of a 1-D series ``t`` (time, NaN = not measured) over the log work grid
+    ``x`` that are isolated low outliers: more than ``factor`` times below the measured neighbour with less
+    work (time does not fall when work grows) and more than ``factor`` times below the measured neighbour
+    with more work scaled down to this cell's work (time grows at most in proportion to work).  Only cells
+    with a measured neighbour on both sides are judged; a drop that the next point confirms (a faster
+    kernel taking over) is kept."""
+    ok = np.flatnonzero(~np.isnan(t))
+    out = np.zeros(t.shape, bool)
+    for a, i, b in zip(ok[:-2], ok[1:-1], ok[2:]):
+        if t[i] * factor < t[a] and t[i] * factor < t[b] * np.exp(x[i] - x[b]):
+            out[i] = True
+    return out

@@ -17,10 +17,24 @@ import pandas as pd
 from .errors import InputError
 
 
-def read_json(path: str | Path):
-    """The content of a JSON file; malformed JSON raises `errors.InputError` naming the file and line."""
+def read_text_utf8(path: str | Path) -> str:
+    """A file's text as UTF-8 (a leading byte-order mark is dropped); `errors.InputError` at the first byte
+    that is not UTF-8, naming its line."""
+    path = Path(path)
+    data = path.read_bytes()
     try:
-        return json.loads(Path(path).read_text())
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise InputError(f"not UTF-8 text: byte 0x{data[e.start]:02x} at column {col} (save the file as UTF-8)",
+                         f"{path}:{line}") from None
+
+
+def read_json(path: str | Path):
+    """The content of a JSON file (UTF-8); malformed JSON raises `errors.InputError` naming the file and line."""
+    try:
+        return json.loads(read_text_utf8(path))
     except json.JSONDecodeError as e:
         raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
 

@@ -24,7 +24,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 
 
 def normalize_dtype(value: str, where: str | None = None, field: str = "dtype") -> str:
-    key = str(value).lower()
+    key = str(value).strip().lower()
     if key not in _DTYPES:
         raise InputError(f"unknown dtype '{value}' (expected one of bf16, fp16, fp8)", where, field)
     return _DTYPES[key]
@@ -47,6 +47,7 @@ class ModelConfig:
     dtype: str  # weight/GEMM dtype: bf16, fp16 or fp8
     sliding_window: float = math.inf  # tokens each query attends to at most (inf = full attention)
     qk_norm: bool = False  # Qwen3 RMS-normalizes q and k per head
+    max_position_embeddings: float = math.inf  # longest context the model was built for (inf = unstated)
 
     @property
     def weight_bytes(self) -> int:
@@ -58,9 +59,14 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict, name: str, where: str) -> "ModelConfig":
         """Build from a parsed config.json; `where` names the file for error messages."""
+        if not isinstance(cfg, dict):
+            raise InputError(f"a model config must be a JSON object, got {json_type(cfg)}", where)
         if "text_config" in cfg and "hidden_size" not in cfg:
             raise InputError("multimodal configs (text_config) are not supported yet", where, "text_config")
         archs = cfg.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise InputError(f'must be a list of names like ["LlamaForCausalLM"], got {archs!r}', where,
+                             "architectures")
         for key, what in _UNSUPPORTED_KEYS.items():
             if cfg.get(key):
                 raise InputError(f"{what} ({key}={cfg[key]!r}) is not supported yet; supported: dense "
@@ -73,30 +79,130 @@ class ModelConfig:
         def need(key):
             if key not in cfg or cfg[key] is None:
                 raise InputError("missing required key", where, key)
-            v = cfg[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise InputError(f"must be a positive integer, got {v!r}", where, key)
-            return v
+            return positive_int(cfg[key], where, key)
 
         hidden, heads = need("hidden_size"), need("num_attention_heads")
-        kv_heads = need("num_key_value_heads") if "num_key_value_heads" in cfg else heads
-        head_dim = need("head_dim") if cfg.get("head_dim") else hidden // heads
+        kv_heads = need("num_key_value_heads") if cfg.get("num_key_value_heads") is not None else heads
+        if cfg.get("head_dim") is not None:
+            head_dim = need("head_dim")
+        elif hidden % heads:
+            raise InputError(f"missing, and hidden_size={hidden} is not a multiple of num_attention_heads={heads}",
+                             where, "head_dim")
+        else:
+            head_dim = hidden // heads
         if heads % kv_heads:
             raise InputError(f"num_attention_heads={heads} is not a multiple of {kv_heads}", where,
                              "num_key_value_heads")
         window = cfg.get("sliding_window")
-        if cfg.get("use_sliding_window") is False or not window:
+        if cfg.get("use_sliding_window") is False or window is None:
             window = math.inf
+        elif isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+            raise InputError(f"must be a positive integer (tokens) or null for full attention, got {window!r}",
+                             where, "sliding_window")
+        max_pos = cfg.get("max_position_embeddings")
+        max_pos = math.inf if max_pos is None else positive_int(max_pos, where, "max_position_embeddings")
+        tie = cfg.get("tie_word_embeddings", False)
+        if tie is not None and not isinstance(tie, bool):
+            raise InputError(f"must be true or false, got {tie!r}", where, "tie_word_embeddings")
         dtype = normalize_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16", where, "torch_dtype")
-        if cfg.get("quantization_config", {}).get("quant_method") == "fp8":
-            dtype = "fp8"
+        dtype = quantized_weight_dtype(cfg.get("quantization_config"), where) or dtype
         return cls(
             name=name, arch=arch, hidden_size=hidden, num_layers=need("num_hidden_layers"),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
-            tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), dtype=dtype,
-            sliding_window=float(window), qk_norm=cfg.get("model_type") == "qwen3",
+            tie_embeddings=bool(tie), dtype=dtype, sliding_window=float(window),
+            qk_norm=cfg.get("model_type") == "qwen3", max_position_embeddings=float(max_pos),
         )
+
+
+def json_type(v) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true/false"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(v), "a number")
+
+
+def positive_int(v, where: str | None, field: str) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise InputError(f"must be a positive integer, got {v!r}", where, field)
+    return v
+
+
+# Weight formats of `quantization_config` that the step model cannot price yet (its GEMM tables are bf16/fp16
+# and fp8), by `quant_method`.
+_WEIGHT_ONLY_INT = ("awq", "awq_marlin", "gptq", "gptq_marlin", "gptq_marlin_24", "gptq_bitblas", "marlin",
+                    "bitblas", "hqq", "aqlm", "exl2", "squeezellm", "moe_wna16", "auto-round", "int4")
+_FP4 = ("mxfp4", "nvfp4", "modelopt_fp4", "fp4")
+_FP8_METHODS = ("fp8", "fbgemm_fp8", "ptpc_fp8")
+
+
+def quantized_weight_dtype(q, where: str | None = None) -> str | None:
+    """The GEMM weight dtype a Hugging Face ``quantization_config`` gives: "fp8" for FP8 weights (``fp8``,
+    ``fbgemm_fp8``, ``ptpc_fp8``, ``modelopt`` FP8, ``compressed-tensors`` with 8-bit float weights), None
+    without quantization (absent, null or empty).  Every other format raises `InputError` naming it: the
+    step model has no tables for 4-bit, integer or sparse weights, nor for a quantized KV cache, and pricing
+    them as bf16 would be silently wrong."""
+    field = "quantization_config"
+    if q is None or q == {}:
+        return None
+    if not isinstance(q, dict):
+        raise InputError(f"must be an object or null, got {json_type(q)}", where, field)
+    method = q.get("quant_method")
+    if not isinstance(method, str) or not method:
+        raise InputError(f"has no quant_method (got {method!r}); cannot tell how the weights are stored",
+                         where, field + ".quant_method")
+    method = method.lower()
+    field += ".quant_method"
+    if q.get("kv_cache_scheme") or q.get("kv_cache_quant_algo"):
+        raise InputError(f"a quantized KV cache ({method}) is not supported yet: the step model prices a "
+                         "bf16/fp16 KV cache", where, "quantization_config.kv_cache_scheme")
+    if method in _FP8_METHODS:
+        return "fp8"
+    if method == "modelopt":
+        algo = str(q.get("quant_algo", "")).upper()
+        if algo == "FP8":
+            return "fp8"
+        raise InputError(f"modelopt quant_algo {algo or None!r} is not supported yet (fp8 weights are)",
+                         where, "quantization_config.quant_algo")
+    if method in _WEIGHT_ONLY_INT:
+        bits = q.get("bits", q.get("w_bit", 4 if method.startswith(("awq", "gptq", "marlin", "int4")) else None))
+        raise InputError(f"{f'{bits}-bit ' if bits else ''}weight-only ({method}) is not supported yet; supported: "
+                         "bf16, fp16 and fp8 weights", where, field)
+    if method in _FP4:
+        raise InputError(f"4-bit floating-point weights ({method}) are not supported yet; supported: bf16, "
+                         "fp16 and fp8 weights", where, field)
+    if method == "bitsandbytes":
+        bits = 4 if q.get("load_in_4bit") else 8
+        raise InputError(f"{bits}-bit bitsandbytes weights are not supported yet; supported: bf16, fp16 and "
+                         "fp8 weights", where, field)
+    if method == "compressed-tensors":
+        return _compressed_tensors_dtype(q, where)
+    raise InputError(f"quantization method '{method}' is not supported yet; supported: bf16, fp16 and fp8 "
+                     f"weights ({', '.join(_FP8_METHODS)}, modelopt FP8, compressed-tensors float8)", where, field)
+
+
+def _compressed_tensors_dtype(q: dict, where: str | None) -> str:
+    field = "quantization_config.config_groups"
+    if q.get("sparsity_config"):
+        raise InputError("sparse weights (compressed-tensors sparsity_config) are not supported yet", where,
+                         "quantization_config.sparsity_config")
+    groups = q.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise InputError("compressed-tensors config without config_groups: cannot tell how the weights are "
+                         "stored", where, field)
+    kinds = set()
+    for name, g in groups.items():
+        w = g.get("weights") if isinstance(g, dict) else None
+        if not isinstance(w, dict):
+            raise InputError("has no weights scheme", where, f"{field}.{name}.weights")
+        kinds.add((str(w.get("type", "int")).lower(), w.get("num_bits")))
+    if kinds == {("float", 8)}:
+        return "fp8"
+    desc = ", ".join(f"{bits}-bit {t}" for t, bits in sorted(kinds, key=str))
+    raise InputError(f"compressed-tensors {desc} weights are not supported yet; supported: bf16, fp16 and "
+                     "8-bit float (fp8) weights", where, field)
 
 
 def shared_dir() -> Path:
@@ -123,3 +229,4 @@ def load_model(name_or_path: str, configs_dir: str | Path | None = None, where: 
                                          where=str(c))
     looked = configs_dir if configs_dir else default_model_configs_dir()
     raise InputError(f"no config.json for model '{name_or_path}' under {looked}", where, "model")
+

@@ -39,8 +39,9 @@ def per_gpu_heads(q_heads: int, kv_heads: int, head_dim: int, tp: int) -> tuple[
     """(query heads, KV heads, head_dim) one GPU runs under tensor parallelism ``tp``, as vLLM shards
     attention: the query heads split ``tp`` ways, the KV heads too, or, when fewer than ``tp``, replicated so
     that each GPU keeps one.  None when ``tp`` cannot shard them (it divides the query heads, and the KV heads
-    when there are at least ``tp``)."""
-    if tp < 1 or q_heads % tp or (kv_heads >= tp and kv_heads % tp):
+    when there are at least ``tp``, or is a multiple of the KV heads when there are fewer: vLLM's rule)."""
+    if min(q_heads, kv_heads, head_dim, tp) < 1 or q_heads % tp or (kv_heads >= tp and kv_heads % tp) or \
+            (kv_heads < tp and tp % kv_heads):
         return None
     return q_heads // tp, max(kv_heads // tp, 1), head_dim
 
@@ -56,10 +57,11 @@ def dims(cfg: ModelConfig, tp: int) -> Dims:
     heads = per_gpu_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp)
     bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
-    if heads is None and not bad:  # more KV heads than tp, not a multiple of it
-        bad.append(f"num_key_value_heads={cfg.num_kv_heads}")
     if bad:
         raise InputError(f"tp={tp} must divide {' and '.join(bad)} of {cfg.name}", field="tp")
+    if heads is None:  # KV heads neither split evenly nor replicated evenly
+        raise InputError(f"tp={tp} must divide num_key_value_heads={cfg.num_kv_heads} of {cfg.name}, or be a "
+                         "multiple of it (vLLM splits KV heads evenly or replicates them)", field="tp")
     q_heads, kv_heads, head_dim = heads
     return Dims(
         hidden=float(cfg.hidden_size), layers=float(cfg.num_layers), q_heads=float(q_heads),

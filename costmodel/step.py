@@ -16,6 +16,7 @@ Composition per step (all times in µs):
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -29,7 +30,7 @@ from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
-from .tables import AttnTable, CommTable, GemmTable, Tables, gemm_table_us, nearest_layout
+from .tables import AttnTable, CommTable, GemmTable, Tables, fold_batch, gemm_table_us, nearest_layout
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
@@ -146,6 +147,63 @@ def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
     return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype)
 
 
+def _nodes(grid, x) -> np.ndarray:
+    """Grid nodes a linear bracket (clamped to the ends) of each query gives a nonzero weight: [2, Q] node
+    indices, -1 for none.  ``grid`` and ``x`` are log-scaled."""
+    grid, x = np.asarray(grid, np.float64), np.atleast_1d(np.asarray(x, np.float64))
+    if len(grid) == 1:
+        return np.stack([np.zeros(len(x), int), np.full(len(x), -1)])
+    i = np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2)
+    w = np.clip((x - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)
+    return np.stack([np.where(w < 1.0, i, -1), np.where(w > 0.0, i + 1, -1)])
+
+
+def _cells(*axes) -> set:
+    """Grid cells of per-query node pairs on several axes (each [2, Q] from `_nodes`, or an int for a fixed
+    index): the set of index tuples with no missing node."""
+    cols = [np.full((1, 1), a) if isinstance(a, (int, np.integer)) else a for a in axes]
+    if any(c.shape[1] == 0 for c in cols):
+        return set()
+    q = max(c.shape[1] for c in cols)
+    out = set()
+    for choice in np.ndindex(*(c.shape[0] for c in cols)):
+        idx = np.stack([np.broadcast_to(c[k], (q,)) for c, k in zip(cols, choice)], axis=1)
+        idx = idx[(idx >= 0).all(axis=1)]
+        out |= set(map(tuple, np.unique(idx, axis=0).tolist()))
+    return out
+
+
+def cells_read(su: Setup, f: Features) -> dict[str, set]:
+    """The measured-grid cells that the table lookups of steps with features ``f`` (a leading steps axis)
+    bracket, by table name as in `tables.Adjustment` ("gemm/<dtype>", "decode", "prefill", "allreduce"):
+    the grid nodes on either side of each lookup on every axis (a node hit exactly alone; the end node off
+    the grid), plus the first cell of the decode layout (the attention kernel's fixed cost).  The
+    coordinates are those of `TableLookup`: `kernel_time.decode_table_us`, `prefill_table_us` and
+    `tables.attn_table_us`."""
+    d, on, a = su.on_gpu.dims, su.on_gpu, su.arrays
+    f = jax.tree_util.tree_map(lambda v: np.asarray(v, np.float64), f)
+    out: dict[str, set] = {}
+    g = a.gemm
+    gemm = out.setdefault(f"gemm/{su.gemm_table_dtype}", set())
+    for x in step_gemms(d, Batch(f.n_decode, f.decode_keys, f.n_prefill, f.tokens - f.n_decode, f.prefill_pairs)):
+        m = np.log(np.unique(np.maximum(x.m, 1.0)))
+        gemm |= _cells(_nodes(g.log_k, np.log(float(x.k))), _nodes(g.log_n, np.log(float(x.n))), _nodes(g.log_m, m))
+    for kind, table, c, n, length, slope in (
+            ("decode", a.decode, int(on.decode_layout), f.n_decode,
+             np.maximum(f.decode_keys / np.maximum(f.n_decode, 1.0), 1.0) * float(on.decode_kv_scale), 1.0),
+            ("prefill", a.prefill, int(on.prefill_layout), f.n_prefill,
+             np.sqrt(2.0 * np.maximum(f.prefill_pairs / np.maximum(f.n_prefill, 1.0), 0.5))
+             * float(on.prefill_len_scale), 2.0)):
+        sel = n > 0
+        bb, length = fold_batch(n[sel], float(np.exp(table.log_b[-1])), length[sel], slope, xp=np)
+        out[kind] = _cells(c, _nodes(table.log_len, np.log(length)), _nodes(table.log_b, np.log(bb)))
+    out["decode"].add((int(on.decode_layout), 0, 0))
+    if a.comm is not None and su.tp > 1:
+        msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))
+        out["allreduce"] = _cells(_nodes(a.comm.log_gpus, np.log(su.tp)), _nodes(a.comm.log_bytes, np.log(msg)))
+    return out
+
+
 def step_gemms(d: ops.Dims, batch: Batch) -> list[ops.Gemm]:
     """The five GEMMs of a step: qkv, o, gate_up, down (per layer, M = tokens) and lm_head (M = sampled)."""
     return list(ops.layer_gemms(d, batch.tokens).values()) + [ops.lm_head_gemm(d, batch.sampled)]
@@ -203,6 +261,8 @@ class Features(NamedTuple):
     comm_bytes: jax.Array  # one all-reduce message
     gather_table_us: jax.Array  # the logits all-gather, from the all-reduce table (0 without one or at TP 1)
     gather_bytes: jax.Array  # its all-reduce-equivalent message (`ops.logits_gather_message`)
+    decode_keys: jax.Array  # `Batch.decode_keys` (where the decode table is read: `cells_read`)
+    prefill_pairs: jax.Array  # `Batch.prefill_pairs`
 
 
 def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Features:
@@ -228,7 +288,8 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
         memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
         comm_table_us=lookup.layer_allreduce_us(tokens), comm_bytes=msg,
-        gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather)
+        gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather,
+        decode_keys=batch.decode_keys, prefill_pairs=batch.prefill_pairs)
 
 
 def features(arrays: Arrays, on: ModelOnGPU, step: Step, static: Static) -> Features:
@@ -335,9 +396,25 @@ def pack_steps(steps: list[dict], where: list[str] | None = None) -> Step:
     return Step(*(jnp.asarray(a) for a in (pn, pc, pm, dc, dm)))
 
 
+# The largest token count a step may state: far beyond any context a model serves, small enough that the
+# step model's float32 arithmetic stays finite, and no larger than the window that stands for full attention
+# (`ops.NO_WINDOW`), so that no count is clamped.
+MAX_TOKENS = int(ops.NO_WINDOW)
+
+
 def _count(v, loc, field, minimum):
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or v < minimum:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise InputError(f"must be an integer >= {minimum}, got {v!r}", loc, field)
+    if isinstance(v, float) and not math.isfinite(v):
+        raise InputError(f"must be a finite integer >= {minimum}, got {v!r}", loc, field)
+    if v != int(v) or v < minimum:
+        raise InputError(f"must be an integer >= {minimum}, got {v!r}", loc, field)
+    if v > MAX_TOKENS:
+        try:
+            shown = f"{float(v):.4g}"
+        except OverflowError:  # an int beyond float range
+            shown = f"a {len(str(v))}-digit number of"
+        raise InputError(f"{shown} tokens is more than the limit of {MAX_TOKENS:.0e}", loc, field)
     return int(v)
 
 
@@ -349,7 +426,7 @@ def validate_step(s, loc: str) -> tuple[list[tuple[int, int]], list[int]]:
         raise InputError("prefill and decode must be lists", loc, "steps")
     out = []
     for e in pre:
-        if not isinstance(e, (list, tuple)) or len(e) < 2:
+        if not isinstance(e, (list, tuple)) or len(e) != 2:
             raise InputError(f"a prefill entry must be [new, cached], got {e!r}", loc, "prefill")
         out.append((_count(e[0], loc, "prefill.new", 1), _count(e[1], loc, "prefill.cached", 0)))
     ctx = [_count(c, loc, "decode", 0) for c in dec]

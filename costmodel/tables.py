@@ -12,7 +12,14 @@ Layout read (per GPU folder name, see `hardware.GPU.table_dirs`):
 
 Off-grid policy (documented in the README, reported by `costmodel tables`):
 * ``latency_us`` is the measurement; ``mfu`` columns are ignored (derived and sometimes rounded to 0).
-* Noise: a time larger than one measured for strictly more work is lowered to it (lower envelope).
+* Noise: a time larger than one measured for strictly more work is lowered to it (lower envelope).  A time
+  that cannot be a measurement is dropped first and its cell refilled like a missing one: more than
+  `interp.OUTLIER_FACTOR` below both neighbours on the work axis (`interp.low_outliers`), or, for a GEMM,
+  faster than the GPU's peak FLOP/s allows.  Every changed point is an `Adjustment`.
+* Refused (`InputError` with file:line and column): non-UTF-8 bytes, rows with more or fewer fields than
+  the header, non-numeric, non-finite or non-positive values, unknown GEMM dtypes, files with a header
+  only, work axes with fewer than two values, attention folders without a bf16/fp16 row, and GEMM tables
+  where more than `MAX_IMPOSSIBLE_SHARE` of the points beat the GPU's peak FLOP/s (wrong units or GPU).
 * Ragged grids: a missing cell is filled along its work axis from its measured neighbours (log-log linear
   between them, time proportional to work above; below: the first value, or for decode time proportional
   to kv length down to the layout's smallest measured time); a missing row from the nearest measured row
@@ -28,6 +35,8 @@ Off-grid policy (documented in the README, reported by `costmodel tables`):
 """
 from __future__ import annotations
 
+import csv
+import io
 import math
 import re
 from dataclasses import dataclass, field
@@ -41,7 +50,9 @@ import pandas as pd
 
 from .errors import InputError
 from .hardware import GPU
-from .interp import blend_secondary_axis, fill_work_axis, interp_work_axis, suffix_min
+from .interp import OUTLIER_FACTOR, blend_secondary_axis, fill_work_axis, interp_work_axis, low_outliers, suffix_min
+from .io import read_text_utf8
+from .model import normalize_dtype
 from .ops import per_gpu_heads
 
 
@@ -75,14 +86,24 @@ class CommTable(NamedTuple):
     log_t: jax.Array
 
 
+# Why a measured point was dropped and refilled (`Adjustment.reason`, explained in `Tables.notes`).
+DROP_REASONS = {
+    "outlier": "more than OUTLIER_FACTOR times below both neighbours on the work axis",
+    "beats peak": "faster than the GPU's peak FLOP/s allows",
+}
+
+
 @dataclass
 class Adjustment:
-    """A measured point changed by the noise policy."""
+    """A measured point changed by the noise policy: lowered to the lower envelope (``reason`` "envelope"), or
+    dropped as a measurement error and refilled from its neighbours (`DROP_REASONS`)."""
 
     table: str
     where: str
     measured_us: float
     used_us: float
+    cell: tuple = ()  # index into the table's grid (log_t of the table named ``table``)
+    reason: str = "envelope"
 
 
 @dataclass
@@ -102,6 +123,12 @@ class Tables:
     adjustments: list[Adjustment] = field(default_factory=list)
     filled_cells: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # files read with a tolerance (e.g. a missing header)
+
+    def adjustment_at(self, table: str, cell: tuple) -> Adjustment | None:
+        """The `Adjustment` of grid cell ``cell`` of table ``table`` ("gemm/bf16", "decode", ...), if any."""
+        if getattr(self, "_by_cell", None) is None:
+            self._by_cell = {(a.table, tuple(a.cell)): a for a in self.adjustments}
+        return self._by_cell.get((table, tuple(cell)))
 
 
 # ---------------------------------------------------------------- pure interpolants
@@ -153,12 +180,13 @@ def attn_table_us(t: AttnTable, c, batch, length, slope_hi, slope_lo=0.0):
     return jnp.exp(blend_secondary_axis(jnp.log(b), t.log_b, rows))
 
 
-def fold_batch(batch, b_max, length, slope_hi):
+def fold_batch(batch, b_max, length, slope_hi, xp=jnp):
     """``batch`` sequences of ``length`` as at most ``b_max`` sequences of the same total work, where work
-    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length)."""
-    b = jnp.clip(batch, 1.0, b_max)
+    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length).  ``xp``: the array
+    module (numpy for plain arrays)."""
+    b = xp.clip(batch, 1.0, b_max)
     ratio = batch / b  # ratio ** (1 / slope_hi), without pow for the usual slopes (pow is a libm call)
-    return b, length * (ratio if slope_hi == 1.0 else jnp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
+    return b, length * (ratio if slope_hi == 1.0 else xp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
 
 
 def comm_table_us(t: CommTable, gpus, nbytes):
@@ -197,13 +225,42 @@ SCHEMAS = {  # InferSim column order, used to read a file whose header row is mi
 }
 
 
+def read_csv_text(path: Path) -> tuple[str, list[int]]:
+    """A CSV file's text (UTF-8) and the file line of each non-blank line, after checking that every row has
+    as many fields as the first; InputError with file:line otherwise."""
+    text = read_text_utf8(path)
+    lines = text.splitlines()
+    numbers = [i + 1 for i, line in enumerate(lines) if line.strip()]
+    if not numbers:
+        raise InputError("empty file", str(path))
+    rows = csv.reader([lines[i - 1] for i in numbers])
+    first = None
+    for lineno, row in zip(numbers, rows):
+        if first is None:
+            first = row
+        elif len(row) != len(first):
+            raise InputError(f"{len(row)} fields, but the first row has {len(first)} ({','.join(first)[:80]})",
+                             f"{path}:{lineno}")
+    return text, numbers
+
+
+NUMERIC_COLUMNS_SKIP = ("dtype", "kv_dtype", "kernel")
+
+
 def _read_csv(path: Path, required: tuple[str, ...], schema: tuple[str, ...] | None = None,
-              notes: list[str] | None = None) -> pd.DataFrame:
+              notes: list[str] | None = None, dtype_column: bool = False,
+              optional: tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read one table CSV and check it: every ``required`` column present, numeric ones (and the
+    ``optional`` numeric columns present) finite and positive, at least one data row; with
+    ``dtype_column``, a ``dtype`` column (if any) normalized to bf16/fp16/fp8."""
+    text, numbers = read_csv_text(path)
+    header = 1
     try:
-        df = pd.read_csv(path)
+        df = pd.read_csv(io.StringIO(text))
         if schema and not set(required) <= set(df.columns) and len(df.columns) == len(schema) and \
                 _looks_like_data(df.columns):
-            df = pd.read_csv(path, header=None, names=list(schema))
+            df = pd.read_csv(io.StringIO(text), header=None, names=list(schema))
+            header = 0
             if notes is not None:
                 notes.append(f"{path}: no header row; read with InferSim's columns {','.join(schema)}")
     except Exception as e:  # pandas raises several types for malformed files
@@ -211,15 +268,27 @@ def _read_csv(path: Path, required: tuple[str, ...], schema: tuple[str, ...] | N
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise InputError(f"missing column(s) {missing}", str(path))
-    for c in required:
-        if c in ("dtype", "kv_dtype", "kernel"):
+    if df.empty:
+        raise InputError("no data rows (a header only)", str(path))
+    lines = numbers[header:]  # file line of each row
+    for c in list(required) + [c for c in optional if c in df.columns]:
+        if c in NUMERIC_COLUMNS_SKIP:
             continue
         vals = pd.to_numeric(df[c], errors="coerce")
-        bad = vals.isna() | (vals <= 0)
-        if bad.any():
-            row = int(np.argmax(bad.to_numpy()))
-            raise InputError(f"non-positive or non-numeric value {df[c].iloc[row]!r}", f"{path}:{row + 2}", c)
+        with np.errstate(invalid="ignore"):
+            for bad, what in ((vals.isna(), "non-numeric"), (~np.isfinite(vals), "non-finite"), (vals <= 0, "non-positive")):
+                if bad.any():
+                    row = int(np.argmax(bad.to_numpy()))
+                    v = df[c].iloc[row]
+                    raise InputError(f"{what} value {v!r}" if isinstance(v, str) else f"{what} value {v}",
+                                     f"{path}:{lines[row]}", c)
         df[c] = vals.astype(float)
+    if dtype_column and "dtype" in df.columns:
+        names = {}
+        for row, v in enumerate(df["dtype"]):
+            if v not in names:
+                names[v] = normalize_dtype(v if isinstance(v, str) else "", f"{path}:{lines[row]}")
+        df["dtype"] = df["dtype"].map(names)
     return df
 
 
@@ -241,22 +310,71 @@ def _index(grid_log: np.ndarray, values) -> np.ndarray:
     return np.searchsorted(grid_log, np.log(np.asarray(values, dtype=float)) - 1e-9)
 
 
-def _clean(name: str, t: np.ndarray, axes, label, adjustments: list[Adjustment]) -> np.ndarray:
+def _clean(name: str, t: np.ndarray, axes, label, adjustments: list[Adjustment],
+           dropped: dict | None = None) -> np.ndarray:
+    """The lower envelope of ``t`` along ``axes`` (`suffix_min`), with an `Adjustment` for each cell it
+    lowers and for each cell in ``dropped`` (cell -> (measured µs, reason): measurements the loader dropped
+    and refilled before)."""
     cleaned = suffix_min(t, axes)
+    dropped = dropped or {}
     for idx in zip(*np.nonzero(~np.isnan(t) & (np.abs(cleaned - t) > 1e-9 * t))):
-        adjustments.append(Adjustment(name, label(idx), float(t[idx]), float(cleaned[idx])))
+        if idx not in dropped:
+            adjustments.append(Adjustment(name, label(idx), float(t[idx]), float(cleaned[idx]), tuple(map(int, idx))))
+    for idx, (measured, reason) in sorted(dropped.items()):
+        adjustments.append(Adjustment(name, label(idx), measured, float(cleaned[idx]), idx, reason))
     return cleaned
 
 
-def load_gemm(path: Path, adjustments: list[Adjustment]) -> tuple[dict[str, GemmTable], pd.DataFrame, int]:
-    df = _read_csv(path, ("m", "k", "n", "latency_us"))
-    df["dtype"] = df["dtype"].astype(str).str.lower() if "dtype" in df.columns else "fp8"
+def _drop_outliers(raw: np.ndarray, x: np.ndarray, axis: int, also: np.ndarray | None = None,
+                   also_reason: str = "beats peak") -> dict:
+    """Set to NaN, in place, the measured cells of ``raw`` that `interp.low_outliers` flags along ``axis``
+    (grid ``x``) and those where ``also`` is true; returns cell -> (measured value, reason)."""
+    mask = np.apply_along_axis(lambda v: low_outliers(v, x), axis, raw)
+    reasons = {}
+    for idx in zip(*np.nonzero(mask)):
+        reasons[tuple(map(int, idx))] = (float(raw[idx]), "outlier")
+    if also is not None:
+        for idx in zip(*np.nonzero(also & ~np.isnan(raw))):
+            reasons[tuple(map(int, idx))] = (float(raw[idx]), also_reason)
+    for idx in reasons:
+        raw[idx] = np.nan
+    return reasons
+
+
+# A GEMM table in which more than this share of the points beats the GPU's peak FLOP/s is refused (wrong
+# units or another GPU's table); below it, such points are dropped as measurement errors.
+MAX_IMPOSSIBLE_SHARE = 0.1
+
+
+def load_gemm(path: Path, adjustments: list[Adjustment], gpu: GPU | None = None,
+              notes: list[str] | None = None) -> tuple[dict[str, GemmTable], pd.DataFrame, int]:
+    """Load a GEMM table (one `GemmTable` per dtype).  With ``gpu``, points faster than its peak FLOP/s
+    are dropped as impossible (too many of them: InputError)."""
+    df = _read_csv(path, ("m", "k", "n", "latency_us"), dtype_column=True)
+    if "dtype" not in df.columns:
+        df["dtype"] = "fp8"
     out, filled = {}, 0
     for dtype, d in df.groupby("dtype"):
         lm, lk, ln = _log_grid(d.m), _log_grid(d.k), _log_grid(d.n)
+        if len(lm) < 2:
+            raise InputError(f"{dtype} rows need at least two values of m to interpolate between, found "
+                             f"{len(lm)}", str(path), "m")
         raw = np.full((len(lk), len(ln), len(lm)), np.nan)
         d = d.groupby(["k", "n", "m"], as_index=False)["latency_us"].min()
         raw[_index(lk, d.k), _index(ln, d.n), _index(lm, d.m)] = d.latency_us
+        m_, k_, n_ = np.exp(lm), np.exp(lk), np.exp(ln)
+        label = lambda ix: f"m={m_[ix[2]]:.0f} k={k_[ix[0]]:.0f} n={n_[ix[1]]:.0f}"  # noqa: E731
+        beats_peak = None
+        if gpu is not None and (dtype != "fp8" or gpu.fp8_flops > 0):
+            roof_us = 2.0 * k_[:, None, None] * n_[None, :, None] * m_[None, None, :] / gpu.peak_flops(dtype) * 1e6
+            beats_peak = raw < roof_us
+            n_bad, n_meas = int(beats_peak.sum()), int((~np.isnan(raw)).sum())
+            if n_bad > MAX_IMPOSSIBLE_SHARE * n_meas:
+                ix = tuple(np.argwhere(beats_peak)[0])
+                raise InputError(f"{n_bad} of {n_meas} {dtype} times are faster than {gpu.name}'s peak FLOP/s "
+                                 f"allows (e.g. {label(ix)}: {raw[ix]:.4g} µs < {roof_us[ix]:.4g} µs): are the "
+                                 "times in µs, and measured on this GPU?", str(path), "latency_us")
+        dropped = _drop_outliers(raw, lm, 2, beats_peak)
         grid = np.log(raw)
         for i in range(len(lk)):
             for j in range(len(ln)):
@@ -267,24 +385,34 @@ def load_gemm(path: Path, adjustments: list[Adjustment]) -> tuple[dict[str, Gemm
                 if np.isnan(grid[i, j]).all():
                     a, b = min(measured_shapes, key=lambda s: abs(lk[s[0]] - lk[i]) + abs(ln[s[1]] - ln[j]))
                     grid[i, j] = grid[a, b] + (lk[i] - lk[a]) + (ln[j] - ln[b])
-        filled += int(np.isnan(raw).sum())
-        m_, k_, n_ = np.exp(lm), np.exp(lk), np.exp(ln)
-        t = _clean(f"gemm/{dtype}", np.exp(grid), (2,),
-                   lambda ix: f"m={m_[ix[2]]:.0f} k={k_[ix[0]]:.0f} n={n_[ix[1]]:.0f}", adjustments)
-        # cells that were filled must not be lowered below... (fill already monotone); keep raw NaNs filled
+        filled += int(np.isnan(raw).sum()) - len(dropped)
+        t = _clean(f"gemm/{dtype}", np.exp(grid), (2,), label, adjustments, dropped)
+        _note_dropped(notes, f"gemm/{dtype}", path, label, dropped, t)
         out[dtype] = GemmTable(*(jnp.asarray(a, jnp.float32) for a in (lm, lk, ln, np.log(t))))
     return out, df, filled
 
 
-def _attn_files(folder: Path) -> list[tuple[tuple[int, int, int], Path]]:
+def _note_dropped(notes, table, path, label, dropped, used):
+    if notes is None:
+        return
+    for idx, (measured, reason) in sorted(dropped.items()):
+        why = DROP_REASONS[reason].replace("OUTLIER_FACTOR", f"{OUTLIER_FACTOR:g}")
+        notes.append(f"{path}: {table} {label(idx)}: {measured:.4g} µs dropped as a measurement error ({why}), "
+                     f"refilled as {used[idx]:.4g} µs")
+
+
+def _attn_files(folder: Path, notes: list[str] | None = None) -> list[tuple[tuple[int, int, int], Path]]:
+    """The head-layout files of an attention folder with their per-GPU heads; others are skipped with a note."""
     files = []
     for f in sorted(folder.glob("*.csv")):
         mt = _HEADS.match(f.stem)
-        if not mt:
+        heads = per_gpu_heads(int(mt[1]), int(mt[2]), int(mt[3]), int(mt[4] or 1)) if mt else None
+        if heads is None:
+            if notes is not None:
+                notes.append(f"{f}: skipped: not named HQ-HKV-D.csv or HQ-HKV-D-tpT.csv with T splitting the "
+                             "heads evenly")
             continue
-        heads = per_gpu_heads(int(mt[1]), int(mt[2]), int(mt[3]), int(mt[4] or 1))
-        if heads is not None:  # a file of full-model heads under a TP degree that cannot shard them: skipped
-            files.append((heads, f))
+        files.append((heads, f))
     return files
 
 
@@ -292,26 +420,40 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable."""
     length_col = "kv_len" if kind == "decode" else "seq_len"
     slope = DECODE_SLOPE_HI if kind == "decode" else PREFILL_SLOPE_HI
-    frames = []
-    for heads, f in _attn_files(folder):
-        df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes)
+    frames, files, other_dtypes = [], _attn_files(folder, notes), set()
+    for heads, f in files:
+        df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes, optional=("batch_size",))
         if "batch_size" not in df.columns:
             df["batch_size"] = 1.0
-        df["batch_size"] = pd.to_numeric(df["batch_size"], errors="coerce")
         for col in ("dtype", "kv_dtype"):  # bf16/fp16 activations and KV cache only
             if col in df.columns:
-                df = df[df[col].astype(str).str.lower().isin(["bf16", "fp16"])]
+                keep = df[col].astype(str).str.strip().str.lower().isin(["bf16", "fp16"])
+                other_dtypes |= {f"{col}={v}" for v in df.loc[~keep, col].astype(str)}
+                df = df[keep]
+        if df.empty:
+            if notes is not None:
+                notes.append(f"{f}: skipped, no rows with bf16/fp16 activations and KV cache")
+            continue
         df = df.assign(hq=heads[0], hkv=heads[1], d=heads[2], file=f.name)
         frames.append(df)
     if not frames:
+        if files:
+            raise InputError(f"no rows with bf16/fp16 activations and KV cache in {len(files)} file(s) (found "
+                             f"{', '.join(sorted(other_dtypes))}); the step model prices bf16/fp16 attention",
+                             str(folder), "dtype")
         return None, [], None, 0
     df = pd.concat(frames, ignore_index=True)
     heads = sorted(set(zip(df.hq, df.hkv, df.d)))
     ll, lb = _log_grid(df[length_col]), _log_grid(df.batch_size)
+    if len(ll) < 2:
+        raise InputError(f"needs at least two values of {length_col} to interpolate between, found {len(ll)}",
+                         str(folder), length_col)
     raw = np.full((len(heads), len(ll), len(lb)), np.nan)
     g = df.groupby(["hq", "hkv", "d", length_col, "batch_size"], as_index=False)["latency_us"].min()
     ci = [heads.index(h) for h in zip(g.hq, g.hkv, g.d)]
     raw[ci, _index(ll, g[length_col]), _index(lb, g.batch_size)] = g.latency_us
+    n_missing = int(np.isnan(raw).sum())
+    dropped = _drop_outliers(raw, ll, 1)
     grid = np.log(raw)
     slope_lo = 1.0 if kind == "decode" else 0.0  # decode: kv-proportional down to the layout's floor
     for c in range(len(heads)):
@@ -324,25 +466,37 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
                 near = min(have, key=lambda h: abs(lb[h] - lb[j]))
                 grid[c, :, j] = grid[c, :, near] + (lb[j] - lb[near])
     L, B = np.exp(ll), np.exp(lb)
-    t = _clean(f"{kind}", np.exp(grid), (1, 2),
-               lambda ix: f"{'-'.join(map(str, heads[ix[0]]))} batch={B[ix[2]]:.0f} {length_col}={L[ix[1]]:.0f}",
-               adjustments)
+    label = lambda ix: f"{'-'.join(map(str, heads[ix[0]]))} batch={B[ix[2]]:.0f} {length_col}={L[ix[1]]:.0f}"  # noqa: E731
+    t = _clean(f"{kind}", np.exp(grid), (1, 2), label, adjustments, dropped)
+    _note_dropped(notes, kind, folder, label, dropped, t)
     table = AttnTable(jnp.asarray(ll, jnp.float32), jnp.asarray(lb, jnp.float32), jnp.asarray(np.log(t), jnp.float32))
-    return table, heads, df, int(np.isnan(raw).sum())
+    return table, heads, df, n_missing
 
 
-def load_allreduce(path: Path):
+def load_allreduce(path: Path, adjustments: list[Adjustment] | None = None, notes: list[str] | None = None):
+    """Load an all-reduce table.  Only outliers dropped and refilled are reported in ``adjustments`` (the
+    lower envelope's changes are not)."""
     df = _read_csv(path, ("num_gpus", "message_bytes", "latency_us"))
     if "kernel" in df.columns and (df["kernel"] == "custom_allreduce").any():
         df = df[df["kernel"] == "custom_allreduce"]  # what vLLM calls under CUDA graphs (it picks NCCL itself)
     g = df.groupby(["num_gpus", "message_bytes"], as_index=False)["latency_us"].min()
     lg, lby = _log_grid(g.num_gpus), _log_grid(g.message_bytes)
+    if len(lby) < 2:
+        raise InputError(f"needs at least two values of message_bytes to interpolate between, found {len(lby)}",
+                         str(path), "message_bytes")
     raw = np.full((len(lg), len(lby)), np.nan)
     raw[_index(lg, g.num_gpus), _index(lby, g.message_bytes)] = g.latency_us
+    dropped = _drop_outliers(raw, lby, 1)
     grid = np.log(raw)
     for i in range(len(lg)):
         grid[i] = fill_work_axis(grid[i], lby, 1.0)
     t = suffix_min(np.exp(grid), (1,))
+    G, S = np.exp(lg), np.exp(lby)
+    label = lambda ix: f"gpus={G[ix[0]]:.0f} message_bytes={S[ix[1]]:.0f}"  # noqa: E731
+    for idx, (measured, reason) in sorted(dropped.items()):
+        if adjustments is not None:
+            adjustments.append(Adjustment("allreduce", label(idx), measured, float(t[idx]), idx, reason))
+    _note_dropped(notes, "allreduce", path, label, dropped, t)
     return CommTable(*(jnp.asarray(a, jnp.float32) for a in (lg, lby, np.log(t)))), df
 
 
@@ -383,7 +537,8 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
     tables = Tables(gpu=gpu, root=root, gemm={}, decode=None, prefill=None, allreduce=None, adjustments=adj)
     d = find_gpu_dir(root, "gemm", gpu)
     if d is not None and (d / "data.csv").is_file():
-        tables.gemm, tables.measured["gemm"], tables.filled_cells["gemm"] = load_gemm(d / "data.csv", adj)
+        tables.gemm, tables.measured["gemm"], tables.filled_cells["gemm"] = load_gemm(d / "data.csv", adj, gpu,
+                                                                                      tables.notes)
         tables.sources["gemm"] = str(d / "data.csv")
     for kind in ("decode", "prefill"):
         d = find_gpu_dir(roots[kind], f"mha/{kind}", gpu)
@@ -396,7 +551,7 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
             tables.measured[kind], tables.filled_cells[kind], tables.sources[kind] = df, nfill, str(d)
     d = find_gpu_dir(roots["allreduce"], "allreduce", gpu)
     if d is not None and (d / "data.csv").is_file():
-        tables.allreduce, tables.measured["allreduce"] = load_allreduce(d / "data.csv")
+        tables.allreduce, tables.measured["allreduce"] = load_allreduce(d / "data.csv", adj, tables.notes)
         tables.sources["allreduce"] = str(d / "data.csv")
     missing = [k for k, v in (("gemm", tables.gemm), ("mha/decode", tables.decode),
                               ("mha/prefill", tables.prefill)) if not v]

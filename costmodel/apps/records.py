@@ -1,12 +1,14 @@
 """Step records (JSON Lines): reading, validation and batched prediction.
 
-Record schema (one JSON object a line): required ``id``, ``model``, ``gpu``, ``tp``, ``steps``; optional
-``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype), ``vllm_version``,
-``timing`` and ``async_scheduling`` (see `Record.timed_steps`) and anything else (ignored).  Each step is
-``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``.
+Record schema (one JSON object a line, UTF-8): required ``id``, ``model``, ``gpu``, ``tp``, ``steps``;
+optional ``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype),
+``vllm_version``, ``timing`` and ``async_scheduling`` (see `Record.timed_steps`); ``max_num_batched_tokens``
+and ``approx`` are accepted and not used; any other field is ignored with a warning (`unknown_fields`).
+Each step is ``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import math
@@ -16,11 +18,12 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, warn
 from ..hardware import get_gpu
 from ..model import load_model, normalize_dtype
 from ..params import Calibration, Params, engine_key, engine_version
-from ..step import BREAKDOWN, batched_features, combine, make_step_fn, pack_steps, setup, validate_step
+from ..step import (BREAKDOWN, batched_features, cells_read, combine, make_step_fn, pack_steps, setup,
+                    validate_step)
 from ..tables import Tables, load_tables
 
 
@@ -95,28 +98,86 @@ def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
                "it (records.previous_step)" if n else None)
 
 
+# Fields a record may carry: used ones, and ``max_num_batched_tokens`` and ``approx`` (written by the step
+# tracers, accepted and not used).  Others are reported by `read_records`.
+RECORD_FIELDS = ("id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
+                 "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx")
+STEP_FIELDS = ("prefill", "decode")
+
+
 def read_records(path: str | Path) -> list[Record]:
-    """Parse and validate a JSONL file; raises InputError naming file:line and field."""
+    """Parse and validate a JSONL file (UTF-8); raises InputError naming file:line and field.  Fields the
+    schema does not know are ignored with one `errors.InputWarning` naming them (`unknown_fields`)."""
     path = Path(path)
     if not path.is_file():
         raise InputError("no such file", str(path))
-    out, seen = [], set()
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
+    out, seen, unknown = [], set(), {}
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
             where = f"{path}:{lineno}"
             try:
-                obj = json.loads(line)
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise InputError(f"not UTF-8 text: byte 0x{raw[e.start]:02x} at column {e.start + 1} (save the "
+                                 "file as UTF-8)", where) from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as e:
                 raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
+            except _DuplicateKey as e:
+                raise InputError("appears twice in one object (JSON keeps only the last)", where, str(e)) from None
             out.append(parse_record(obj, where))
             if out[-1].id in seen:
                 raise InputError(f"duplicate id {out[-1].id!r}", where, "id")
             seen.add(out[-1].id)
+            for name in unknown_fields(obj):
+                unknown.setdefault(name, []).append(lineno)
     if not out:
         raise InputError("no records", str(path))
+    if unknown:
+        warn(unknown_fields_message(unknown), str(path))
     return out
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _unique_keys(pairs):
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        raise _DuplicateKey(next(k for k, _ in pairs if k in seen or seen.add(k)))
+    return obj
+
+
+def unknown_fields(obj: dict) -> list[str]:
+    """Names of the fields of a record (and of its steps, as ``steps[].NAME``) that the schema does not know."""
+    names = [k for k in obj if k not in RECORD_FIELDS]
+    for s in obj.get("steps") or []:
+        names += [f"steps[].{k}" for k in s if k not in STEP_FIELDS and f"steps[].{k}" not in names]
+    return names
+
+
+def unknown_fields_message(unknown: dict, shown: int = 3) -> str:
+    """One line naming the unknown fields (name -> line numbers), with the likely intended name."""
+    parts = []
+    for name, lines in unknown.items():
+        known = STEP_FIELDS if name.startswith("steps[].") else RECORD_FIELDS
+        close = difflib.get_close_matches(name.removeprefix("steps[]."), known, n=1, cutoff=0.75)
+        at = ", ".join(map(str, lines[:shown])) + (f" and {len(lines) - shown} more" if len(lines) > shown else "")
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        parts.append(f"'{name}' (line{'s' if len(lines) > 1 else ''} {at}{hint})")
+    return f"unknown field(s) ignored: {', '.join(parts)}"
+
+
+def _optional_str(obj, key, where):
+    v = obj.get(key)
+    if v is not None and not isinstance(v, str):
+        raise InputError(f"must be a string, got {v!r}", where, key)
+    return v
 
 
 def parse_record(obj, where: str) -> Record:
@@ -125,6 +186,12 @@ def parse_record(obj, where: str) -> Record:
     for key in ("id", "model", "gpu", "tp", "steps"):
         if key not in obj:
             raise InputError("missing required field", where, key)
+    rid = obj["id"]
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
+        raise InputError(f"must be a non-empty string or an integer, got {rid!r}", where, "id")
+    for key in ("model", "gpu"):
+        if not isinstance(obj[key], str) or not obj[key].strip():
+            raise InputError(f"must be a non-empty string, got {obj[key]!r}", where, key)
     tp = obj["tp"]
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise InputError(f"must be a positive integer, got {tp!r}", where, "tp")
@@ -139,6 +206,10 @@ def parse_record(obj, where: str) -> Record:
                 or measured <= 0:
             raise InputError(f"must be a positive number, got {measured!r}", where, "measured_us")
     dtype = normalize_dtype(obj["dtype"], where) if obj.get("dtype") is not None else None
+    kind, source = _optional_str(obj, "kind", where), _optional_str(obj, "source", where)
+    version = obj.get("vllm_version")
+    if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int, float))):
+        raise InputError(f"must be a version string like \"0.15.1\", got {version!r}", where, "vllm_version")
     try:
         get_gpu(obj["gpu"])
     except InputError as e:
@@ -151,10 +222,17 @@ def parse_record(obj, where: str) -> Record:
         raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
     known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
              "async_scheduling"}
-    return Record(id=str(obj["id"]), model=str(obj["model"]), gpu=str(obj["gpu"]), tp=tp, steps=steps,
+    return Record(id=str(rid), model=obj["model"], gpu=obj["gpu"], tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
-                  kind=obj.get("kind"), source=obj.get("source"), dtype=dtype, timing=timing,
+                  kind=kind, source=source, dtype=dtype, timing=timing,
                   async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known})
+
+
+def max_context(steps: list) -> int:
+    """The longest context any request of ``steps`` holds: cached + new tokens of a prefill chunk, the cached
+    tokens + 1 of a decode."""
+    return max([int(n) + int(c) for st in steps for n, c in (st.get("prefill") or [])]
+               + [int(c) + 1 for st in steps for c in (st.get("decode") or [])] + [0])
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,6 +250,7 @@ class Predictor:
         self.model_configs, self.bench_data = model_configs, bench_data
         self._tables: dict[str, Tables] = {}
         self._setups = {}
+        self._warned: set = set()  # records and table points already named in a warning
 
     def tables(self, gpu_name: str, where: str | None = None) -> Tables:
         try:
@@ -214,8 +293,20 @@ class Predictor:
         groups = list(self.group_inputs(records))
         wp = max(g[1].prefill_new.shape[1] for g in groups)
         wd = max(g[1].decode_ctx.shape[1] for g in groups)
-        return [(su, batched_features(su.arrays, su.on_gpu, steps, su.static, wp, wd), owner)
-                for su, steps, owner in groups]
+        out = [(su, batched_features(su.arrays, su.on_gpu, steps, su.static, wp, wd), owner)
+               for su, steps, owner in groups]
+        self.warn_inputs(records, out)
+        return out
+
+    def warn_inputs(self, records: list[Record], groups) -> None:
+        """Warn about records priced but physically implausible: contexts longer than the model's
+        ``max_position_embeddings`` (`context_warning`), and table points these records read that the noise
+        policy moved by more than `NOISE_WARN_BOUND` or dropped (`noise_warning`).  Each record and each
+        point is named once per Predictor (fits price subsets of the records again)."""
+        for msg in (context_warning(records, [self.setup_for(r).model for r in records], seen=self._warned),
+                    noise_warning(groups, self._tables, seen=self._warned)):
+            if msg:
+                warn(msg)
 
     def predict(self, records: list[Record], params=None, with_floor: bool = False):
         """Per record: (total µs, breakdown dict of µs), summed over its steps.  ``params``: one `Params` or
@@ -246,6 +337,57 @@ class Predictor:
                 for k in BREAKDOWN:
                     np.add.at(parts[k], own, np.asarray(br[k], dtype=np.float64))
         return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
+
+
+def context_warning(records: list[Record], models: list, shown: int = 3, seen: set | None = None) -> str | None:
+    """One line naming the records whose contexts exceed their model's ``max_position_embeddings`` (priced
+    all the same: the model has no such limit), or None.  Records in ``seen`` are left out; those named
+    are added to it."""
+    seen = set() if seen is None else seen
+    bad = [(r, m, c) for r, m in zip(records, models)
+           if ("context", r.where) not in seen and (c := max_context(r.steps)) > m.max_position_embeddings]
+    seen.update(("context", r.where) for r, _, _ in bad)
+    if not bad:
+        return None
+    listed = ", ".join(f"{r.where} ({c} > {m.max_position_embeddings:.0f} for {m.name})" for r, m, c in bad[:shown])
+    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    return (f"{len(bad)} record(s) hold contexts longer than their model's max_position_embeddings (priced "
+            f"all the same): {listed}{more}")
+
+
+# `noise_warning` names the table points a prediction read that the noise policy lowered by more than this
+# fraction of their measured time (a few percent is ordinary noise in the launch-bound corner of a table).
+NOISE_WARN_BOUND = 0.25
+
+
+def noise_warning(groups, tables: dict[str, Tables], bound: float = NOISE_WARN_BOUND, shown: int = 3,
+                  seen: set | None = None) -> str | None:
+    """One line naming the table points that the steps of ``groups`` ((setup, features, owner) as
+    `Predictor.features` returns) read (`step.cells_read`) and that the noise policy lowered by more than
+    ``bound`` of their measured time or dropped as measurement errors, or None.  Points in ``seen`` are left
+    out; those named are added to it."""
+    seen = set() if seen is None else seen
+    hits = {}
+    for su, f, _ in groups:
+        t = tables[su.gpu.name]
+        if not any(a.reason != "envelope" or a.measured_us > a.used_us * (1.0 + bound) for a in t.adjustments):
+            continue
+        for table, cells in cells_read(su, f).items():
+            for cell in cells:
+                a = t.adjustment_at(table, cell)
+                if a is not None and (a.reason != "envelope" or a.measured_us > a.used_us * (1.0 + bound)):
+                    hits[(su.gpu.name, table, a.where)] = a
+    hits = {k: a for k, a in hits.items() if ("noise", k) not in seen}
+    seen.update(("noise", k) for k in hits)
+    if not hits:
+        return None
+    worst = sorted(hits.items(), key=lambda kv: -abs(math.log(kv[1].measured_us / kv[1].used_us)))
+    listed = ", ".join(f"{g} {tab} {a.where} ({a.measured_us:.4g} -> {a.used_us:.4g} µs"
+                       f"{', dropped: ' + a.reason if a.reason != 'envelope' else ''})"
+                       for (g, tab, _), a in worst[:shown])
+    more = f" and {len(hits) - shown} more" if len(hits) > shown else ""
+    return (f"these predictions read {len(hits)} table point(s) that the noise policy lowered by more than "
+            f"{bound:.0%} or dropped: {listed}{more} (costmodel tables lists every adjusted point)")
 
 
 def roofline_floor_us(groups, n_records: int) -> np.ndarray:
