@@ -28,3 +28,16 @@ def h100_infersim(shared):
 def h100_repo():
     from costmodel import get_gpu, load_tables
     return load_tables(REPO / "bench_data", get_gpu("H100"))
+
+
+class Interrupted(Exception):
+    """Raised by `sweep_stopped_after` to stop a sweep between chunks."""
+
+
+def sweep_stopped_after(sw, chunk: int, *args, **kw) -> None:
+    """Run ``sw.sweep(*args, **kw)`` and stop it right after chunk ``chunk`` has been written."""
+    def stop(k):
+        if k == chunk:
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        sw.sweep(*args, on_chunk=stop, **kw)

@@ -22,6 +22,8 @@ from costmodel.params import Params
 from costmodel.apps.records import _step_fn
 from costmodel.step import pad_steps
 
+from conftest import sweep_stopped_after
+
 RTOL = 1e-5  # float32: the two paths round differently (float32 sums over requests, log/exp order)
 REPO = Path(__file__).resolve().parent.parent
 
@@ -208,15 +210,7 @@ def test_resume_after_interruption(tmp_path, h100, axes_full):
     files untouched, and the merged result equals the uninterrupted run."""
     out = tmp_path / "r.parquet"
     kw = dict(chunk_size=100, tables={"H100-SXM": h100}, keep_parts=True)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_1(k):
-        if k == 1:
-            raise Stop
-    with pytest.raises(Stop):
-        sw.sweep(AXES, out, on_chunk=stop_after_1, **kw)
+    sweep_stopped_after(sw, 1, AXES, out, **kw)
     parts = tmp_path / "r.parquet.parts"
     first = {p.name: p.stat().st_mtime_ns for p in parts.glob("chunk-*.parquet")}
     assert sorted(first) == ["chunk-000000.parquet", "chunk-000001.parquet"] and not out.exists()

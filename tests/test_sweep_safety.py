@@ -15,6 +15,8 @@ import pytest
 from costmodel import cli
 from costmodel.apps import sweep as sw
 from costmodel.calibration import DEFAULT_CALIBRATION
+
+from conftest import sweep_stopped_after
 from costmodel.errors import InputError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,15 +62,7 @@ def test_resume_recomputes_chunks_of_a_changed_calibration(tmp_path, h100):
     space = {**SMALL, "calibration": str(cal_path)}
     out = tmp_path / "r.parquet"
     kw = dict(chunk_size=2, tables=h100, keep_parts=True)
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_1(k):
-        if k == 1:
-            raise Stop
-    with pytest.raises(Stop):
-        sw.sweep(space, out, on_chunk=stop_after_1, **kw)
+    sweep_stopped_after(sw, 1, space, out, **kw)
     cal["params"]["gemm_scale"] *= 2
     cal_path.write_text(json.dumps(cal))
     df = sw.sweep(space, out, **kw)
