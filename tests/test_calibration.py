@@ -9,6 +9,7 @@ import pytest
 import costmodel as cm
 from costmodel.calibration import DEFAULT_CALIBRATION, read_calibration
 from costmodel.cli import main
+from costmodel.step import pad_steps
 
 EXAMPLE = Path(cm.__file__).parent / "data" / "example_steps.jsonl"
 SHIPPED = read_calibration(DEFAULT_CALIBRATION)["_calibration"]
@@ -16,17 +17,16 @@ SHIPPED = read_calibration(DEFAULT_CALIBRATION)["_calibration"]
 _TABLES, _FNS = {}, {}
 
 
-def _python_us(rec: dict, params: cm.Params) -> float:
-    """A record's µs on the Python path: setup + step_time, one step at a time."""
+def _python_us(rec: dict, params: cm.Params, width: tuple[int, int]) -> float:
+    """A record's µs on the Python path of the README: setup + make_step_fn over its steps (padded to one
+    ``width`` of prefill and decode slots, so that every record shares a compilation)."""
     gpu = cm.get_gpu(rec["gpu"])
     if gpu.name not in _TABLES:
         _TABLES[gpu.name] = cm.load_tables(None, gpu)
     su = cm.setup(cm.load_model(rec["model"]), _TABLES[gpu.name], rec["tp"])
-    if su.static not in _FNS:
-        _FNS[su.static] = jax.jit(lambda a, lay, p, s, st=su.static: cm.step_time(a, lay, p, s, st)[0])
-    steps = cm.pack_steps(rec["steps"])
-    return sum(float(_FNS[su.static](su.arrays, su.on_gpu, params, jax.tree_util.tree_map(lambda a: a[i], steps)))
-               for i in range(len(rec["steps"])))
+    steps = pad_steps(cm.pack_steps(rec["steps"]), *width)
+    fn = _FNS.setdefault(su.static, cm.make_step_fn(su.static))
+    return float(fn(su.arrays, su.on_gpu, params, steps)[0].sum())
 
 
 def _predict(tmp_path, records: Path, *args) -> dict:
@@ -45,9 +45,11 @@ def test_python_path_equals_predict(tmp_path, vllm_version):
         records = tmp_path / "steps.jsonl"
         records.write_text("".join(json.dumps(dict(r, vllm_version=vllm_version)) + "\n" for r in recs))
     predicted = _predict(tmp_path, records)
+    every = cm.pack_steps([s for r in recs for s in r["steps"]])
+    width = (every.prefill_new.shape[1], every.decode_ctx.shape[1])
     for r in recs:
         params = cm.load_calibration("default", r["gpu"], vllm_version=vllm_version)
-        np.testing.assert_allclose(_python_us(r, params), predicted[r["id"]], rtol=1e-5, err_msg=r["id"])
+        np.testing.assert_allclose(_python_us(r, params, width), predicted[r["id"]], rtol=1e-5, err_msg=r["id"])
 
 
 def test_which_set(tmp_path):
