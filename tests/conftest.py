@@ -1,10 +1,37 @@
 import os
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("COSTMODEL_SHARED", REPO.parent / "shared"))
+
+# A persistent JAX compilation cache for this test session (an empty folder, removed at the end), set through
+# the environment before JAX is imported so that the CLI and sweep subprocesses and the notebook kernels use
+# it too: a program compiled once (by another jitted function object, e.g. a fit's L-BFGS loop or a sweep's
+# chunk function, or by another process) is loaded instead of compiled again.  Every compilation is cached
+# (no minimum time or size).  A cache folder set by the caller is used as it is and kept.
+_JAX_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _JAX_CACHE = tempfile.mkdtemp(prefix="costmodel-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _JAX_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    if "jax" in sys.modules:  # imported before this file (by a plugin): it has read its settings already
+        import jax
+        jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                          int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _JAX_CACHE:
+        shutil.rmtree(_JAX_CACHE, ignore_errors=True)
 
 
 def need_shared():
@@ -41,3 +68,12 @@ def sweep_stopped_after(sw, chunk: int, *args, **kw) -> None:
             raise Interrupted
     with pytest.raises(Interrupted):
         sw.sweep(*args, on_chunk=stop, **kw)
+
+
+@pytest.fixture(scope="session")
+def predictor():
+    """One `Predictor` on the packaged model configs and the repo's tables for every test that only reads it:
+    its tables are loaded once.  (Compilations are shared by all predictors anyway: they are cached per
+    `Static` and input shapes.)"""
+    from costmodel.apps.records import Predictor
+    return Predictor()

@@ -12,12 +12,15 @@ def records(shared):
 
 
 def _mape(shared, records, bench, calibration):
+    """MAPE per file and kind.  Both files are predicted in one call (one compilation for their common widths;
+    a record's time does not depend on the others in its batch): the rows per file are those of one call per
+    file."""
     pred = Predictor(shared / "model_configs", bench)
     params, _ = resolve_calibration(calibration, ["H100-SXM"])
-    rows = []
-    for recs in records.values():
-        total, _ = pred.predict(recs, params)
-        rows += [r for r in mape_table(recs, total) if r["file"] != "all"]
+    recs = [r for rs in records.values() for r in rs]
+    total, _ = pred.predict(recs, params)
+    rows = [r for r in mape_table(recs, total) if r["file"] != "all"]
+    assert {r["file"] for r in rows} == {f"{f}.jsonl" for f in records}
     return rows
 
 

@@ -1,15 +1,26 @@
-"""CLI: predict and kernels on real inputs; bad input gives a one-line error with file:line and no output."""
+"""CLI: predict and kernels on real inputs; bad input gives a one-line error with file:line and no output.
+
+The commands run in this process (`cli`), so that they share the tables and compilations of the other tests;
+`test_entry_point` runs the real `python -m costmodel.cli` in a fresh process."""
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
 from costmodel.cli import main
 
 
-def run(*args):
-    return subprocess.run([sys.executable, "-m", "costmodel.cli", *args], capture_output=True, text=True)
+@pytest.fixture
+def cli(capsys):
+    """``cli(*args)``: `costmodel ARGS` in this process -> (returncode, stdout, stderr) like `subprocess.run`."""
+    def call(*args):
+        capsys.readouterr()  # drop what earlier calls printed
+        code = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out, stderr=err)
+    return call
 
 
 def test_predict_default_example(tmp_path, capsys):
@@ -43,32 +54,49 @@ GOOD = '{"id": "a", "model": "llama-2-7b", "gpu": "h100_sxm", "tp": 1, "steps": 
     ('{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": [{"decode": [1]}], '
      '"async_scheduling": "yes"}', "'async_scheduling'"),
 ])
-def test_bad_records(tmp_path, bad, needle):
+def test_bad_records(tmp_path, cli, bad, needle):
     p = _write(tmp_path, [GOOD, bad])
     out = tmp_path / "o.jsonl"
-    r = run("predict", str(p), "--out", str(out), "--calibration", "none")
+    r = cli("predict", str(p), "--out", str(out), "--calibration", "none")
     assert r.returncode != 0
     err = r.stderr.strip().splitlines()
     assert len(err) == 1 and f"{p}:2" in err[0] and needle in err[0]
     assert not out.exists() and not list(tmp_path.glob(".o.jsonl*"))
 
 
-def test_predict_prints_mape(tmp_path):
+def test_entry_point(tmp_path):
+    """`python -m costmodel.cli` in a fresh process: `predict` on the default example exits 0 and writes its six
+    records; a bad record exits 2 with one line on stderr naming file:line, and writes nothing."""
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "costmodel.cli", *args], capture_output=True, text=True)
+    out = tmp_path / "o.jsonl"
+    r = run("predict", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert len(out.read_text().splitlines()) == 6 and f"wrote {out}" in r.stdout
+    p = _write(tmp_path, [GOOD, '{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": ['])
+    bad_out = tmp_path / "bad.jsonl"
+    r = run("predict", str(p), "--out", str(bad_out), "--calibration", "none")
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1 and f"{p}:2" in err[0] and "malformed JSON" in err[0]
+    assert not bad_out.exists() and r.stdout == ""
+
+
+def test_predict_prints_mape(tmp_path, cli):
     p = _write(tmp_path, [GOOD[:-1] + ', "measured_us": 8000, "kind": "prefill"}'])
-    r = run("predict", str(p), "--calibration", "none")
+    r = cli("predict", str(p), "--calibration", "none")
     assert r.returncode == 0 and "MAPE" in r.stdout and "prefill" in r.stdout
 
 
-def test_calibration_for_other_gpu_is_refused(tmp_path):
+def test_calibration_for_other_gpu_is_refused(tmp_path, cli):
     cal = tmp_path / "cal.json"
     cal.write_text(json.dumps({"gpu": "H200-SXM", "params": {"step_overhead_us": 100.0}}))
-    r = run("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal))
+    r = cli("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal))
     assert r.returncode != 0 and "--allow-other-gpu" in r.stderr
-    r = run("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal), "--allow-other-gpu")
+    r = cli("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal), "--allow-other-gpu")
     assert r.returncode == 0
 
 
-def test_kernels_csv(tmp_path, shared):
+def test_kernels_csv(tmp_path, cli, shared):
     q = tmp_path / "q.csv"
     q.write_text("id,op,m,n,k,batch_size,kv_len,seq_len,cached,num_heads,num_kv_heads,head_dim,dtype\n"
                  "g1,gemm,8192,6144,2048,,,,,,,,fp8\n"
@@ -76,7 +104,7 @@ def test_kernels_csv(tmp_path, shared):
                  "d1,attn_decode,,,,16,4096,,,32,8,128,bf16\n"
                  "p1,attn_prefill,,,,1,,4096,0,32,8,128,bf16\n")
     out = tmp_path / "o.csv"
-    r = run("kernels", str(q), "--gpu", "H100", "--bench-data", str(shared / "bench_data"), "--out", str(out))
+    r = cli("kernels", str(q), "--gpu", "H100", "--bench-data", str(shared / "bench_data"), "--out", str(out))
     assert r.returncode == 0, r.stderr
     import pandas as pd
     df = pd.read_csv(out)
@@ -85,24 +113,24 @@ def test_kernels_csv(tmp_path, shared):
     assert df.predicted_us[3] == pytest.approx(217.585, rel=1e-3)  # measured 32-8-128 prefill, seq 4096
 
 
-def test_kernels_bad_row(tmp_path):
+def test_kernels_bad_row(tmp_path, cli):
     q = tmp_path / "q.csv"
     q.write_text("op,m,n,k\ngemm,8,8,8\ngemm,-1,8,8\n")
-    r = run("kernels", str(q), "--gpu", "H100", "--out", str(tmp_path / "o.csv"))
+    r = cli("kernels", str(q), "--gpu", "H100", "--out", str(tmp_path / "o.csv"))
     assert r.returncode != 0 and f"{q}:3" in r.stderr and "'m'" in r.stderr
     assert not (tmp_path / "o.csv").exists()
 
 
-def test_tables_command():
-    r = run("tables", "--gpu", "H100")
+def test_tables_command(cli):
+    r = cli("tables", "--gpu", "H100")
     assert r.returncode == 0
     info = json.loads(r.stdout)
     assert "bf16" in info["gemm"] and info["decode"]["head_layouts_per_gpu"]
 
 
-def test_predict_records_table_sources(tmp_path, shared):
+def test_predict_records_table_sources(tmp_path, cli, shared):
     out = tmp_path / "o.jsonl"
-    r = run("predict", str(_write(tmp_path, [GOOD])), "--out", str(out),
+    r = cli("predict", str(_write(tmp_path, [GOOD])), "--out", str(out),
             "--bench-data", f"gemm={shared / 'bench_data'}")
     assert r.returncode == 0, r.stderr
     meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
@@ -111,20 +139,19 @@ def test_predict_records_table_sources(tmp_path, shared):
     assert "gemm=" in r.stdout
 
 
-def test_default_calibration_not_applied_to_other_tables(tmp_path, shared):
-    r = run("predict", str(_write(tmp_path, [GOOD])), "--bench-data", str(shared / "bench_data"))
+def test_default_calibration_not_applied_to_other_tables(tmp_path, cli, shared):
+    r = cli("predict", str(_write(tmp_path, [GOOD])), "--bench-data", str(shared / "bench_data"))
     assert r.returncode == 0 and "calibration=none (the default calibration was fitted on the repo" in r.stdout
 
 
-def test_roofline_floor_by_hand_and_impossible_records_are_named(tmp_path, capsys):
-    from costmodel.apps.records import Predictor, parse_record, roofline_floor_us
+def test_roofline_floor_by_hand_and_impossible_records_are_named(tmp_path, capsys, predictor):
+    from costmodel.apps.records import parse_record, roofline_floor_us
     # Llama-3.1-8B, TP1, one decode token: the GEMMs must at least read every weight once at 3.35 TB/s.
     # Per layer: QKV 4096x6144 + O 4096x4096 + gate_up 4096x28672 + down 14336x4096 = 218,103,808 weights;
     # x 32 layers, + lm_head 4096 x 128256, x 2 bytes = 14,982,053,888 bytes -> 4472.25 µs (activations add ~0)
     rec = parse_record({"id": "d", "model": "llama-3.1-8b", "gpu": "H100", "tp": 1,
                         "steps": [{"prefill": [], "decode": [100]}]}, "x:1")
-    pred = Predictor()
-    floor = roofline_floor_us(pred.features([rec]), 1)
+    floor = roofline_floor_us(predictor.features([rec]), 1)
     assert floor[0] == pytest.approx((32 * 218_103_808 + 4096 * 128_256) * 2 / 3.35e12 * 1e6, rel=2e-3)
     decode = '{"id": "%s", "model": "llama-3.1-8b", "gpu": "H100", "tp": 1, "steps": [{"decode": [100]}], "measured_us": %d}'
     p = _write(tmp_path, [decode % ("ok", 7000), decode % ("fast", 3000)])

@@ -5,7 +5,7 @@ import pytest
 
 from costmodel.errors import InputError
 from costmodel.params import Params
-from costmodel.apps.records import Predictor, parse_record, previous_step
+from costmodel.apps.records import parse_record, previous_step
 
 STEP = {"prefill": [[1, 0], [37, 0], [1, 500]], "decode": [640, 0, 12]}
 
@@ -56,8 +56,8 @@ def test_bad_timing_fields(kw, field):
     assert str(e.value).startswith(f"t.jsonl:1: field '{field}'")
 
 
-def test_prediction_is_that_of_the_timed_steps():
-    pred = Predictor()
+def test_prediction_is_that_of_the_timed_steps(predictor):
+    pred = predictor
     lagged, own = _rec(), _rec(timing="own", steps=[previous_step(STEP)])
     t, parts = pred.predict([lagged, own], Params())
     assert t[0] == pytest.approx(t[1], rel=1e-6) and t[0] > 0
