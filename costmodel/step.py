@@ -376,7 +376,7 @@ def make_step_fn(static: Static):
 
 def bucket(n: int) -> int:
     """Padded length for n requests: the next power of two (at least 1), to reuse compilations."""
-    return 1 << max(0, int(n - 1).bit_length())
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def pack_steps(steps: list[dict], where: list[str] | None = None) -> Step:

@@ -16,13 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ..errors import InputError, warn
 from ..hardware import get_gpu
 from ..model import load_model, normalize_dtype
 from ..params import Calibration, Params, engine_key, engine_version
-from ..step import (BREAKDOWN, batched_features, cells_read, combine, make_step_fn, pack_steps, setup,
+from ..step import (BREAKDOWN, batched_features, bucket, cells_read, combine, make_step_fn, pack_steps, setup,
                     validate_step)
 from ..tables import Tables, load_tables
 
@@ -240,6 +241,24 @@ def _step_fn(static):
     return make_step_fn(static)
 
 
+PAD_BUDGET = 1 << 22  # request slots of padding a prediction may add beyond what its steps hold
+
+
+def _power_of_4_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 4
+    return p
+
+
+def width_classes(widths: np.ndarray) -> list[tuple[tuple[int, int], np.ndarray]]:
+    """Steps of (prefill, decode) request counts ``widths`` [S, 2] in classes of padded widths, powers of 4
+    (at least 1), so that no step is padded to more than 4x its requests: [((prefill, decode), indices)]."""
+    cls = np.asarray([_power_of_4_at_least(int(v)) for v in widths.reshape(-1)], np.int64).reshape(-1, 2)
+    keys, inv = np.unique(cls, axis=0, return_inverse=True)
+    return [((int(k[0]), int(k[1])), np.flatnonzero(inv.reshape(-1) == j)) for j, k in enumerate(keys)]
+
+
 class Predictor:
     """Caches models, tables and compiled functions across records."""
 
@@ -274,8 +293,8 @@ class Predictor:
         return self._setups[key]
 
     def group_inputs(self, records: list[Record]):
-        """Group records by (model, GPU, TP, dtype): yields (setup, packed steps, record index per step).
-        The steps are each record's `Record.timed_steps`."""
+        """Group records by (model, GPU, TP, dtype): yields (setup, steps in the record schema, record index
+        per step).  The steps are each record's `Record.timed_steps`."""
         groups: dict = {}
         for i, r in enumerate(records):
             groups.setdefault(id(self.setup_for(r)), (self.setup_for(r), []))[1].append(i)
@@ -285,16 +304,32 @@ class Predictor:
                 steps = records[i].timed_steps
                 flat += steps
                 owner += [i] * len(steps)
-            yield su, pack_steps(flat), np.asarray(owner)
+            yield su, flat, np.asarray(owner)
 
     def features(self, records: list[Record]):
         """Per (model, GPU, TP, dtype) group: (setup, parameter-free step features, record index per step),
-        in fixed chunks and common widths so that one compilation serves every group of a GPU."""
+        in fixed chunks and common widths so that one compilation serves every group of a GPU — unless
+        padding every step to the widest would take more than `PAD_BUDGET` request slots beyond 4x what the
+        steps hold: then steps are evaluated in width classes (`width_classes`), so memory follows the input."""
         groups = list(self.group_inputs(records))
-        wp = max(g[1].prefill_new.shape[1] for g in groups)
-        wd = max(g[1].decode_ctx.shape[1] for g in groups)
-        out = [(su, batched_features(su.arrays, su.on_gpu, steps, su.static, wp, wd), owner)
-               for su, steps, owner in groups]
+        widths = [np.array([[len(x.get("prefill") or []), len(x.get("decode") or [])] for x in steps] or
+                           np.zeros((0, 2), int)).reshape(-1, 2) for _, steps, _ in groups]
+        wp = bucket(max(int(w[:, 0].max(initial=1)) for w in widths))
+        wd = bucket(max(int(w[:, 1].max(initial=1)) for w in widths))
+        n_steps = sum(len(w) for w in widths)
+        held = sum(int(w.sum()) for w in widths)
+        common = n_steps * (wp + wd) <= 4 * held + PAD_BUDGET
+        out = []
+        for (su, steps, owner), w in zip(groups, widths):
+            classes = [((wp, wd), np.arange(len(steps)))] if common else width_classes(w)
+            parts, owners = [], []
+            for (cp, cd), sel in classes:
+                chunk = int(min(4096, max(1, (1 << 22) // (cp + cd))))
+                parts.append(batched_features(su.arrays, su.on_gpu, pack_steps([steps[i] for i in sel]), su.static,
+                                              cp, cd, chunk))
+                owners.append(owner[sel])
+            f = parts[0] if len(parts) == 1 else jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *parts)
+            out.append((su, f, np.concatenate(owners)))
         self.warn_inputs(records, out)
         return out
 
