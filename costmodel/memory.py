@@ -21,7 +21,6 @@ on integers; `kv_capacity_from_terms` is the jnp form of the last two lines for 
 """
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
@@ -31,7 +30,8 @@ import jax.numpy as jnp
 
 from .errors import InputError
 from .hardware import GPU, get_gpu
-from .model import default_model_configs_dir, normalize_dtype, shared_dir
+from .io import read_json
+from .model import config_path, default_model_configs_dir, normalize_dtype, shared_dir
 
 GiB = 2.0 ** 30
 MiB = 2.0 ** 20
@@ -482,20 +482,12 @@ def arch_from_config(cfg: dict, name: str = "model", where: str = "config.json")
 def load_arch(name_or_path: str | Path, configs_dir: str | Path | None = None) -> Arch:
     """An `Arch` from a model folder name (under ``configs_dir``, the packaged configs, or the shared
     ``model_configs``) or a path to a config.json or its folder."""
-    p = Path(name_or_path)
-    candidates = [p / "config.json", p] if (p.is_dir() or p.suffix == ".json") else []
-    dirs = ([Path(configs_dir)] if configs_dir else []) + [default_model_configs_dir(),
-                                                           shared_dir() / "model_configs"]
-    candidates += [d / str(name_or_path) / "config.json" for d in dirs]
-    for c in candidates:
-        if c.is_file():
-            try:
-                cfg = json.loads(c.read_text())
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg}", f"{c}:{e.lineno}") from None
-            return arch_from_config(cfg, name=c.parent.name, where=str(c))
-    raise InputError(f"no config.json for model '{name_or_path}' under {', '.join(map(str, dirs))}",
-                     field="model")
+    dirs = ([Path(configs_dir)] if configs_dir else []) + [default_model_configs_dir(), shared_dir() / "model_configs"]
+    c = config_path(name_or_path, configs_dir, [shared_dir() / "model_configs"])
+    if c is None:
+        raise InputError(f"no config.json for model '{name_or_path}' under {', '.join(map(str, dirs))}",
+                         field="model")
+    return arch_from_config(read_json(c), name=c.parent.name, where=str(c))
 
 
 def as_arch(model: str | Path | dict | Arch, weights: str | None = None, moe_weights: str | None = None) -> Arch:

@@ -216,17 +216,24 @@ def default_model_configs_dir() -> Path:
     return Path(__file__).resolve().parent / "data" / "model_configs"
 
 
+def config_path(name_or_path: str | Path, configs_dir: str | Path | None = None, more_dirs=()) -> Path | None:
+    """The config.json of a model: a path to it or to its folder, or a folder name under ``configs_dir``, the
+    packaged configs or ``more_dirs`` (in that order); None when there is none."""
+    p = Path(name_or_path)
+    candidates = [p / "config.json", p] if (p.is_dir() or p.suffix == ".json") else []
+    for d in ([Path(configs_dir)] if configs_dir else []) + [default_model_configs_dir(), *map(Path, more_dirs)]:
+        candidates.append(d / str(name_or_path) / "config.json")
+    return next((c for c in candidates if c.is_file()), None)
+
+
 def load_model(name_or_path: str, configs_dir: str | Path | None = None, where: str | None = None) -> ModelConfig:
     """Load a model by folder name under `configs_dir` (or the packaged configs), or by a path to a
     config.json or to the folder holding it."""
-    p = Path(name_or_path)
-    candidates = [p / "config.json", p] if (p.is_dir() or p.suffix == ".json") else []
-    for d in ([Path(configs_dir)] if configs_dir else []) + [default_model_configs_dir()]:
-        candidates.append(d / str(name_or_path) / "config.json")
-    for c in candidates:
-        if c.is_file():
-            return ModelConfig.from_dict(read_json(c), name=p.name if p.suffix != ".json" else p.parent.name,
-                                         where=str(c))
+    c = config_path(name_or_path, configs_dir)
+    if c is not None:
+        p = Path(name_or_path)
+        return ModelConfig.from_dict(read_json(c), name=p.name if p.suffix != ".json" else p.parent.name,
+                                     where=str(c))
     looked = configs_dir if configs_dir else default_model_configs_dir()
     raise InputError(f"no config.json for model '{name_or_path}' under {looked}", where, "model")
 
