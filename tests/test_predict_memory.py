@@ -29,3 +29,17 @@ def test_width_classes_give_the_common_width_predictions(monkeypatch, predictor)
     classes, _ = predictor.predict(recs)
     assert calls == [2]
     np.testing.assert_allclose(classes, common, rtol=1e-6)
+
+
+def test_a_step_whose_kv_cache_cannot_fit_is_warned(tmp_path, capsys):
+    """Llama-3.1-70B at TP 4 on H100 keeps about 30,000 tokens of KV cache per GPU set (docs/memory.md):
+    64 decodes of 8,000 tokens (512,000) cannot be held at once, 8 of 1,000 can."""
+    import json
+    from costmodel.cli import main
+    recs = [{"id": "fits", "model": "llama-3.1-70b", "gpu": "H100", "tp": 4, "steps": [{"decode": [1000] * 8}]},
+            {"id": "too-big", "model": "llama-3.1-70b", "gpu": "H100", "tp": 4, "steps": [{"decode": [8000] * 64}]}]
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["predict", str(f), "--calibration", "none"]) == 0
+    err = capsys.readouterr().err
+    assert "1 record(s) hold more KV cache in one step" in err and f"{f}:2" in err and f"{f}:1 " not in err

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import memory
 from ..errors import InputError, warn
 from ..hardware import get_gpu
 from ..model import load_model, normalize_dtype
@@ -268,7 +269,7 @@ class Predictor:
                              field="model_configs")
         self.model_configs, self.bench_data = model_configs, bench_data
         self._tables: dict[str, Tables] = {}
-        self._setups = {}
+        self._setups, self._capacity = {}, {}
         self._warned: set = set()  # records and table points already named in a warning
 
     def tables(self, gpu_name: str, where: str | None = None) -> Tables:
@@ -291,6 +292,18 @@ class Predictor:
             except InputError as e:
                 raise InputError(str(e), r.where) from None
         return self._setups[key]
+
+    def kv_capacity(self, r: Record):
+        """The KV-cache capacity (`memory.KVCapacity`) of ``r``'s model on its GPU at its TP degree, with vLLM's
+        defaults (`KV_CHECK`), or None where the memory model does not describe the model."""
+        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype)
+        if key not in self._capacity:
+            try:
+                self._capacity[key] = memory.kv_capacity_tokens(
+                    memory.load_arch(r.model, self.model_configs), r.tp, get_gpu(r.gpu), weights=r.dtype, **KV_CHECK)
+            except InputError:
+                self._capacity[key] = None
+        return self._capacity[key]
 
     def group_inputs(self, records: list[Record]):
         """Group records by (model, GPU, TP, dtype): yields (setup, steps in the record schema, record index
@@ -339,6 +352,7 @@ class Predictor:
         policy moved by more than `NOISE_WARN_BOUND` or dropped (`noise_warning`).  Each record and each
         point is named once per Predictor (fits price subsets of the records again)."""
         for msg in (context_warning(records, [self.setup_for(r).model for r in records], seen=self._warned),
+                    kv_fit_warning(records, self.kv_capacity, seen=self._warned),
                     noise_warning(groups, self._tables, seen=self._warned)):
             if msg:
                 warn(msg)
@@ -372,6 +386,34 @@ class Predictor:
                 for k in BREAKDOWN:
                     np.add.at(parts[k], own, np.asarray(br[k], dtype=np.float64))
         return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
+
+
+# The engine settings under which `kv_fit_warning` asks whether a step's KV cache fits (vLLM's defaults).
+KV_CHECK = {"gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192, "max_num_seqs": 256}
+
+
+def kv_fit_warning(records: list[Record], capacity_of, shown: int = 3, seen: set | None = None) -> str | None:
+    """One line naming the records with a step whose requests' KV cache (cached + new tokens of each, in
+    whole blocks) exceeds what their GPU holds for it (`memory.kv_capacity_tokens` at `KV_CHECK`; priced all
+    the same), or None."""
+    seen = set() if seen is None else seen
+    bad = []
+    for r in records:
+        cap = None if ("kv", r.where) in seen else capacity_of(r)
+        if cap is None:
+            continue
+        for st in r.steps:
+            held = [c + 1 for c in st.get("decode") or []] + [n + c for n, c in st.get("prefill") or []]
+            if not memory.batch_fits(cap, held):
+                bad.append((r, sum(held), cap.tokens))
+                seen.add(("kv", r.where))
+                break
+    if not bad:
+        return None
+    listed = ", ".join(f"{r.where} ({n} tokens > {t} at TP {r.tp})" for r, n, t in bad[:shown])
+    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    return (f"{len(bad)} record(s) hold more KV cache in one step than their GPUs keep for it at "
+            f"gpu_memory_utilization {KV_CHECK['gpu_memory_utilization']} (priced all the same): {listed}{more}")
 
 
 def context_warning(records: list[Record], models: list, shown: int = 3, seen: set | None = None) -> str | None:
