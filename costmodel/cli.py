@@ -194,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     _bench.add_bench_arguments(sp)
     sp.set_defaults(func=_bench.run_bench)
 
+    from .apps import serve as _serve
+    sp = sub.add_parser("serve", help="serving estimates (TTFT, TPOT/ITL, E2E, throughput) of deployments under load")
+    _serve.add_serve_arguments(sp)
+    sp.set_defaults(func=_serve.run_serve)
+
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
     from .tabletools import importer as aiconfigurator
     aiconfigurator.add_arguments(sp)

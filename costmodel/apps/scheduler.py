@@ -95,6 +95,7 @@ class Result(NamedTuple):
     send_s: jax.Array  # [R] client send time
     first_s: jax.Array  # [R] engine time the first token was sampled (end of its step)
     done_s: jax.Array  # [R] engine time the last token was sampled
+    generated: jax.Array  # [R] output tokens sampled
     hit_tokens: jax.Array  # [R] prefix-cache hit at first admission
     preemptions: jax.Array  # [R]
     stage_start_s: jax.Array  # [S] client time each stage started
@@ -123,13 +124,34 @@ def _step_us(sm: StepModel, static, n_dec, keys, n_pre, tokens, pairs):
     return combine(f, sm.on, sm.params, static)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("static", "window", "n_users", "n_groups", "max_iterations"))
+# XLA:CPU's YNNPACK fusion slows the loop's small operations down (as in the sweep's fast path)
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
              max_iterations: int) -> Result:
     """Run ``wl`` on one engine until every request finished (or ``max_iterations`` loop iterations).
 
-    ``window`` requests (from the oldest unfinished one) are scheduled per step; ``n_users`` and
-    ``n_groups`` size the prefix-cache tables (at least 1)."""
+    ``window`` requests (from the oldest unfinished one) are scheduled per step (`Result.overflow` says
+    when more were waiting); ``n_users`` and ``n_groups`` size the prefix-cache tables (at least 1).
+    Jitted (one compilation per static arguments and shapes); `jax.vmap` maps it over deployments."""
+    return _compiled(static, window, n_users, n_groups, max_iterations)(sm, engine, wl)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(static, window, n_users, n_groups, max_iterations):
+    fn = functools.partial(_simulate, static=static, window=window, n_users=n_users, n_groups=n_groups,
+                           max_iterations=max_iterations)
+    if jax.default_backend() == "cpu":
+        try:
+            return jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)
+        except TypeError:  # a jax without compiler_options
+            pass
+    return jax.jit(fn)
+
+
+def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
+              max_iterations: int) -> Result:
     R = wl.prompt_tokens.shape[0]
     S = wl.stage_requests.shape[0]
     W = window
@@ -149,6 +171,9 @@ def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int
                group=pad(wl.group.astype(i32), -1), sysT=pad(wl.sys_tokens.astype(i32), 0),
                reuse=pad(wl.reuse, False))
     valid = pad(wl.valid, False)
+    g_sys = jnp.zeros(G + 1, i32).at[jnp.where(wl.group >= 0, wl.group, G)].max(wl.sys_tokens.astype(i32) // B)
+    u_sys = jnp.zeros(U + 1, i32).at[jnp.where(wl.user >= 0, wl.user, U)].max(
+        jnp.where(wl.group >= 0, wl.sys_tokens.astype(i32) // B, 0))
     state = dict(
         gate=jnp.where(pad(wl.gate, False) & valid, INF, -INF).astype(f32),
         status=jnp.where(valid, WAITING, DONE).astype(i32),
@@ -275,7 +300,7 @@ def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int
         gw = jnp.where((admit | fin) & (group >= 0), group, G)
         gcache = s["gcache"].at[gw].set(True)
         glast = s["glast"].at[gw].max(jnp.where(admit | fin, t_new, -INF))
-        ucache, gcache = _evict(ucache, gcache, ulast, glast, st == RUNNING, user, group, sysT, B,
+        ucache, gcache = _evict(ucache, gcache, ulast, glast, st == RUNNING, user, group, u_sys, g_sys, B,
                                 engine.kv_blocks.astype(i32) - jnp.sum(blk), U, G)
 
         # 5. a finished request releases the one it gates; a stage's last answer starts the next stage
@@ -310,29 +335,27 @@ def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int
     s = jax.lax.while_loop(cond, body, state)
     send = jnp.maximum(s["stage_start"][req["stage"]] + req["offset"], s["gate"])
     keep = slice(0, R)
-    return Result(send_s=send[keep], first_s=s["first"][keep], done_s=s["done"][keep], hit_tokens=s["hit"][keep],
+    return Result(send_s=send[keep], first_s=s["first"][keep], done_s=s["done"][keep], generated=s["generated"][keep], hit_tokens=s["hit"][keep],
                   preemptions=s["preempt"][keep], stage_start_s=s["stage_start"][:S], end_s=s["now"],
                   busy_s=s["busy_s"], steps=s["steps"], iterations=s["it"], kv_block_s=s["kv_block_s"],
                   kv_peak_blocks=s["kv_peak"], prefill_tokens=s["pre_tok"], decode_tokens=s["dec_tok"],
                   complete=s["base"] >= n_valid, overflow=s["overflow"])
 
 
-def _evict(ucache, gcache, ulast, glast, running, user, group, sysT, B, capacity, U, G):
+def _evict(ucache, gcache, ulast, glast, running, user, group, u_sys, g_sys, B, capacity, U, G):
     """Drop cached prefixes, least recently used first, until running requests' blocks plus the cached ones
     fit ``capacity`` (the blocks not held by running requests).  A user's entry counts the blocks beyond its
-    group's shared system prompt; a group's entry the system prompt's full blocks.  Entries of users and
-    groups with a running request are held, not evictable."""
-    u_run = jnp.zeros(U + 1, bool).at[jnp.where(running & (user >= 0), user, U)].set(True)
-    g_run = jnp.zeros(G + 1, bool).at[jnp.where(running & (group >= 0), group, G)].set(True)
-    g_sys = jnp.zeros(G + 1, jnp.int32).at[jnp.where(group >= 0, group, G)].max(sysT // B)
-    u_sys = jnp.zeros(U + 1, jnp.int32).at[jnp.where(user >= 0, user, U)].max(
-        jnp.where(group >= 0, sysT // B, 0))
-    u_blocks = jnp.where(u_run, 0, jnp.maximum(ucache // B - u_sys, 0))
-    g_blocks = jnp.where(g_run | ~gcache, 0, g_sys)
-    deficit = jnp.sum(u_blocks) + jnp.sum(g_blocks) - capacity
+    group's shared system prompt (``u_sys``); a group's entry the system prompt's full blocks (``g_sys``).
+    Entries of users and groups with a running request are held, not evictable."""
+    bound = jnp.sum(jnp.maximum(ucache // B - u_sys, 0)) + jnp.sum(jnp.where(gcache, g_sys, 0))
 
     def drop(args):
         ucache, gcache = args
+        u_run = jnp.zeros(U + 1, bool).at[jnp.where(running & (user >= 0), user, U)].set(True)
+        g_run = jnp.zeros(G + 1, bool).at[jnp.where(running & (group >= 0), group, G)].set(True)
+        u_blocks = jnp.where(u_run, 0, jnp.maximum(ucache // B - u_sys, 0))
+        g_blocks = jnp.where(g_run | ~gcache, 0, g_sys)
+        deficit = jnp.sum(u_blocks) + jnp.sum(g_blocks) - capacity
         blocks = jnp.concatenate([u_blocks, g_blocks])
         last = jnp.where(blocks > 0, jnp.concatenate([ulast, glast]), jnp.inf)
         order = jnp.argsort(last, stable=True)  # users come first on ties
@@ -340,4 +363,5 @@ def _evict(ucache, gcache, ulast, glast, running, user, group, sysT, B, capacity
         gone = jnp.zeros_like(blocks, bool).at[order].set((before < deficit) & (blocks[order] > 0))
         return jnp.where(gone[:U + 1], 0, ucache), gcache & ~gone[U + 1:]
 
-    return jax.lax.cond(deficit > 0, drop, lambda a: a, (ucache, gcache))
+    # the cached entries (running ones included) bound what is evictable: only look closer when it overflows
+    return jax.lax.cond(bound > capacity, drop, lambda a: a, (ucache, gcache))

@@ -202,13 +202,10 @@ def _bucket(n: int, lo: int = 1) -> int:
 
 
 def _window(dep: Deployment) -> int:
-    """Requests scheduled per step: the running limit plus room for a queue (closed loop: its clients'
-    spread over rounds)."""
+    """Requests scheduled per step, to start with: a closed loop's clients over two rounds, else 128.  A run
+    whose queue outgrows it is run again with a window four times as large (`scheduler.Result.overflow`)."""
     r = dep.requests
-    if r.kind == "closed":
-        need = 4 * r.n_users
-    else:
-        need = min(max(dep.max_seqs, 64) * 4, 1024)
+    need = 2 * r.n_users if r.kind == "closed" else 128
     return min(_bucket(need, 64), _bucket(len(r)))
 
 
@@ -274,8 +271,15 @@ class Simulator:
     def _run_chunk(self, static, chunk):
         deps = [c[0] for c in chunk]
         R = _bucket(max(len(d.requests) for d in deps), 256)
-        W = max(_window(d) for d in deps)
-        W = min(W, R)
+        W = min(max(_window(d) for d in deps), R)
+        while True:
+            out = self._run_window(static, chunk, R, W)
+            if W >= R or not any(o["overflow"] for o in out):
+                return out
+            W = min(4 * W, R)
+
+    def _run_window(self, static, chunk, R, W):
+        deps = [c[0] for c in chunk]
         U = _bucket(max(d.requests.n_users for d in deps), 1)
         G = _bucket(max(d.requests.n_groups for d in deps), 1)
         S = max(len(d.requests.stage_requests) for d in deps)
@@ -293,7 +297,7 @@ class Simulator:
         for d, rs in zip(deps, res):
             n = len(d.requests)
             rs = {k: np.asarray(v) for k, v in rs._asdict().items()}
-            out.append({k: (v[:n] if v.ndim and v.shape[0] == R else v) for k, v in rs.items()})
+            out.append({**{k: (v[:n] if v.ndim and v.shape[0] == R else v) for k, v in rs.items()}, "window": W})
         return out
 
 
@@ -368,7 +372,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
     sim = {"requests": len(r), "measured_requests": int(m.sum()), "finished": int(finished.sum()),
            "rejected": r.rejected, "steps": int(res["steps"]), "engine_s": end,
            "busy_fraction": float(res["busy_s"]) / end if end > 0 else 0.0,
-           "complete": bool(res["complete"]), "overflow": bool(res["overflow"]),
+           "complete": bool(res["complete"]), "overflow": bool(res["overflow"]), "window": int(res["window"]),
            "async_scheduling": dep.async_scheduling, "max_num_batched_tokens": dep.max_batched_tokens,
            "max_num_seqs": dep.max_seqs}
     notes = list(dep.notes)
