@@ -261,6 +261,11 @@ def test_closed_loop_requests():
     assert len(r) == 12 and list(r.succ[:4]) == [4, 5, 6, 7] and list(r.succ[8:]) == [-1] * 4
     assert not r.gate[:4].any() and r.gate[4:].all() and r.measured.sum() == 8
     assert list(r.user[:8]) == [0, 1, 2, 3] * 2 and not r.reuse.any()
+    spread = wlm.stagger_start(dataclasses.replace(r, start="spread"), 2.0)
+    np.testing.assert_allclose(spread.offset_s[:4], [0.0, 0.5, 1.0, 1.5])
+    rand = wlm.stagger_start(r, 2.0)
+    assert r.start == "random" and np.all((rand.offset_s[:4] >= 0) & (rand.offset_s[:4] < 2.0))
+    assert np.all(spread.offset_s[4:] == 0) and np.all(rand.offset_s[4:] == 0)
 
 
 def test_shared_prefix_requests():

@@ -16,6 +16,7 @@ streaming both ways and the client's own work; client TTFT - server TTFT = 9 ms 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -242,6 +243,20 @@ class Simulator:
         params = jax.tree_util.tree_map(np.float32, self.params(dep.gpu, dep.engine_version))
         return su.static, lk, on, params
 
+    def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
+        """One closed-loop request's duration from send to the client's reading its last token, with every
+        client's request decoding beside it: ingress + its prefill alone + (OSL − 1) decode steps of
+        min(C, max_num_seqs) requests at the middle context + client time (step model, µs -> s)."""
+        r, o = dep.requests, self.options
+        isl, osl = float(r.prompt_tokens[0]), float(r.output_tokens[0])
+        b = float(min(r.n_users, dep.max_seqs))
+        d = ops.dims(dep.model, dep.tp)
+        sm = sch.StepModel(lk, on, params)
+        fn = _step_time_fn(static)
+        pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
+        dec = float(fn(sm, b, b * float(ops.decode_keys(d, isl + osl / 2)), 0.0, 0.0, 0.0))
+        return (o.ingress_ms + o.client_ms) / 1e3 + (pre + (osl - 1) * dec) * 1e-6
+
     def engine(self, dep: Deployment) -> sch.Engine:
         o = self.options
         return sch.Engine(np.int32(dep.max_batched_tokens), np.int32(dep.max_seqs), np.int32(dep.kv_blocks),
@@ -252,6 +267,9 @@ class Simulator:
     def run(self, deps: list[Deployment], batch: int = 16) -> list[tuple[Deployment, dict]]:
         """Simulate every deployment; returns (deployment, per-request and engine results as numpy)."""
         prepared = [(dep,) + self.step_model(dep) for dep in deps]
+        for dep, static, lk, on, params in prepared:
+            if dep.requests.kind == "closed" and dep.requests.start != "together":
+                dep.requests = wl_mod.stagger_start(dep.requests, self.request_duration_s(dep, static, lk, on, params))
         groups: dict = {}
         for p in prepared:
             groups.setdefault(p[1], []).append(p)
@@ -299,6 +317,12 @@ class Simulator:
             rs = {k: np.asarray(v) for k, v in rs._asdict().items()}
             out.append({**{k: (v[:n] if v.ndim and v.shape[0] == R else v) for k, v in rs.items()}, "window": W})
         return out
+
+
+@functools.lru_cache(maxsize=None)
+def _step_time_fn(static):
+    return jax.jit(lambda sm, n_dec, keys, n_pre, tokens, pairs: sch._step_us(sm, static, n_dec, keys, n_pre,
+                                                                                 tokens, pairs))
 
 
 def _expected_work(dep: Deployment) -> float:
@@ -461,6 +485,44 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
     return final
 
 
+def compare(path, outs: list[dict], exclude_gpus: tuple[str, ...] = ()) -> list[dict]:
+    """Predicted against the ``measured`` blocks of the records file (for accuracy reports; the prediction
+    never reads them): one row per priced record and measured metric (top level), with the error in %."""
+    path = Path(path)
+    skip = {get_gpu(g).name for g in exclude_gpus}
+    measured = {}
+    with path.open() as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            try:
+                if skip and get_gpu(rec.get("gpu", "")).name in skip:
+                    continue
+            except InputError:
+                pass
+            measured[str(rec.get("id"))] = rec.get("measured") or {}
+    rows = []
+    for o in outs:
+        m = measured.get(o["id"], {})
+        for k in METRICS:
+            if "predicted" in o and isinstance(m.get(k), (int, float)) and o["predicted"].get(k):
+                rows.append({"id": o["id"], "metric": k, "measured": m[k], "predicted": o["predicted"][k],
+                             "error_pct": 100.0 * (o["predicted"][k] / m[k] - 1.0)})
+    return rows
+
+
+def error_summary(rows: list[dict]) -> list[dict]:
+    """Per metric: records, MAPE, median |error| and signed median error (%)."""
+    out = []
+    for k in METRICS:
+        e = np.array([r["error_pct"] for r in rows if r["metric"] == k])
+        if len(e):
+            out.append({"metric": k, "n": len(e), "mape_pct": float(np.mean(np.abs(e))),
+                        "median_abs_pct": float(np.median(np.abs(e))), "signed_median_pct": float(np.median(e))})
+    return out
+
+
 def add_serve_arguments(sp) -> None:
     sp.add_argument("records", help="serving records, JSON Lines (schema: docs/serving.md)")
     sp.add_argument("--model-configs", default=None,
@@ -478,8 +540,15 @@ def add_serve_arguments(sp) -> None:
     sp.add_argument("--rounds", type=int, default=10, help="closed loop: requests per client (default 10)")
     sp.add_argument("--warmup-rounds", type=int, default=1,
                     help="closed loop: each client's first requests left out of the statistics (default 1)")
+    sp.add_argument("--start", choices=wl_mod.START, default="random",
+                    help="closed loop: clients' first requests at random times within one request's duration "
+                         "(default), evenly over it, or all at once (docs/serving.md)")
+    sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
+                    help="inference-perf load type whose timer draws the send times (default constant)")
     sp.add_argument("--exclude-gpu", action="append", default=[],
                     help="drop records on this GPU before reading them (repeatable)")
+    sp.add_argument("--compare", action="store_true",
+                    help="print the errors against the records' measured blocks (read after predicting)")
 
 
 def run_serve(args) -> int:
@@ -490,7 +559,8 @@ def run_serve(args) -> int:
     t0 = time.perf_counter()
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
                  Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms),
-                 {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds})
+                 {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
+                  "start": args.start, "arrivals": args.arrivals})
     took = time.perf_counter() - t0
     if args.out:
         _atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))
@@ -501,9 +571,19 @@ def run_serve(args) -> int:
              "itl_ms": o["predicted"]["itl_mean_ms"], "e2e_ms": o["predicted"]["e2e_mean_ms"],
              "out_tok_s": o["throughput"]["output_tokens_per_s"]} for o in priced]
     _print_table(rows)
+    reasons: dict = {}
     for o in outs:
         if "refused" in o:
-            print(f"  refused {o['id']}: {o['refused']}", file=sys.stderr)
+            why = o["refused"]
+            why = next((p for p in why.split(": ") if "not supported" in p), why)
+            reasons.setdefault(why, []).append(o["id"])
+    for why, ids in reasons.items():
+        print(f"  refused {len(ids)} ({ids[0]}{', ...' if len(ids) > 1 else ''}): {why}", file=sys.stderr)
+    if args.compare:
+        summary = error_summary(compare(args.records, outs, tuple(args.exclude_gpu)))
+        if summary:
+            print("errors against measured (%):")
+            _print_table(summary)
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -1,19 +1,27 @@
 """Serving workloads as request arrays for `scheduler.simulate` (host side, numpy).
 
 * **Closed loop** (``{"type": "closed", "concurrency": C, "input_tokens": ISL, "output_tokens": OSL}``):
-  C clients start together at t = 0; each sends its next request as soon as it has read the last token of
-  the previous one (the client-side time ``client_ms`` after the engine sampled it).  Every prompt is ISL
-  fresh tokens (random prompts: no prefix-cache hits across requests), every answer exactly OSL tokens.
-  Each client sends ``rounds`` requests; statistics skip each client's first ``warmup_rounds``.
+  C clients; each sends its next request as soon as it has read the last token of the previous one (the
+  client-side time ``client_ms`` after the engine sampled it).  Every prompt is ISL fresh tokens (random
+  prompts: no prefix-cache hits across requests), every answer exactly OSL tokens.  Each client sends
+  ``rounds`` requests; statistics skip each client's first ``warmup_rounds``.  ``start``: how the clients'
+  first requests go out.  ``"random"`` (default): at independent uniformly random times within one
+  request's duration (`serve` estimates it from the step model), the steady state of clients that have
+  lost step with each other; ``"spread"``: evenly over that duration (no two clients ever collide: the
+  least queueing); ``"together"``: all at t = 0, after which identical requests stay in lockstep cohorts
+  (all prefill, then all decode: the most queueing).  The simulation itself is deterministic, so cohorts
+  that form never split again.
 
 * **inference-perf shared prefix** (``{"type": "inference_perf_shared_prefix", "stages": [{"rate",
   "duration_s"}], "num_unique_system_prompts", "num_users_per_system_prompt", "system_prompt_len",
   "question_len", "output_len", "enable_multi_turn_chat", "seed"}``), as inference-perf's load generator
   and shared-prefix generator send it:
 
-  - a stage sends ``int(rate · duration_s)`` requests; its Poisson timer draws the number of requests in
-    each second from Poisson(rate) and spreads them over that second by exponential gaps rescaled to fill
-    it; the first request goes out 1 s after the stage starts;
+  - a stage sends ``int(rate · duration_s)`` requests, the first 1 s after the stage starts, at times
+    drawn by the load type's timer: ``"constant"`` (inference-perf's default load type) draws exponential
+    gaps and rescales them to fill the stage's duration (a Poisson process given its count);
+    ``"poisson"`` draws each second's count from Poisson(rate) and spreads that second's requests by
+    exponential gaps rescaled to fill it;
   - the next stage starts when every request of the previous one has been answered, after the load
     generator's pause between stages (``interval``, 1 s by default) and the same 1 s offset;
   - request k of a stage belongs to user k mod N (N = groups × users per group), and users are shuffled
@@ -35,6 +43,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from dataclasses import replace as dataclass_replace
 
 import numpy as np
 
@@ -61,6 +70,7 @@ class Requests:
     n_groups: int
     rejected: int = 0  # requests the server refuses (too long), not simulated
     kind: str = "closed"
+    start: str = "together"  # closed loop: how the clients' first requests go out
     notes: list = field(default_factory=list)
 
     def __len__(self):
@@ -74,7 +84,14 @@ def _count(w: dict, key: str, where: str, minimum: int = 1) -> int:
     return int(v)
 
 
-def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1) -> Requests:
+START = ("random", "spread", "together")
+
+
+def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1, start: str = "random") -> Requests:
+    """The requests of a closed loop; with ``start`` "random" or "spread" the first requests' offsets are
+    set by `stagger_start` once a request's duration is known."""
+    if start not in START:
+        raise InputError(f"must be one of {', '.join(START)}, got {start!r}", where, "start")
     C = _count(w, "concurrency", where)
     isl, osl = _count(w, "input_tokens", where), _count(w, "output_tokens", where)
     n = C * rounds
@@ -86,7 +103,20 @@ def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1) -
         prompt_tokens=np.full(n, isl, np.int32), output_tokens=np.full(n, osl, np.int32),
         user=client.astype(np.int32), group=np.full(n, -1, np.int32), sys_tokens=np.zeros(n, np.int32),
         reuse=np.zeros(n, bool), measured=i >= C * min(warmup_rounds, rounds - 1),
-        stage_requests=np.array([n], np.int32), n_users=C, n_groups=0, kind="closed")
+        stage_requests=np.array([n], np.int32), n_users=C, n_groups=0, kind="closed", start=start)
+
+
+def stagger_start(r: Requests, cycle_s: float, seed: int = 0) -> Requests:
+    """A closed loop whose C clients send their first requests within ``cycle_s`` (one request's duration):
+    evenly (``start="spread"``, client c at c · cycle_s / C) or at independent uniform times (``"random"``,
+    seeded)."""
+    C = r.n_users
+    offset = np.zeros(len(r), np.float32)
+    if r.start == "spread":
+        offset[:C] = np.arange(C) * (cycle_s / C)
+    else:
+        offset[:C] = np.random.default_rng(seed).uniform(0.0, cycle_s, C)
+    return dataclass_replace(r, offset_s=offset)
 
 
 def poisson_times(rng: np.random.Generator, rate: float, n: int) -> np.ndarray:
@@ -104,8 +134,16 @@ def poisson_times(rng: np.random.Generator, rate: float, n: int) -> np.ndarray:
     return np.asarray(out[:n], np.float64)
 
 
+def constant_times(rng: np.random.Generator, rate: float, n: int) -> np.ndarray:
+    """inference-perf's constant-rate timer: ``n`` exponential gaps rescaled to sum to ``n / rate`` seconds."""
+    if n == 0:
+        return np.zeros(0)
+    gaps = rng.exponential(1.0 / rate, n)
+    return np.cumsum(gaps * ((n / rate) / gaps.sum()))
+
+
 def shared_prefix(w: dict, where: str, max_model_len: int | None = None, multi_turn: str = "repeat",
-                  seed: int | None = None) -> Requests:
+                  seed: int | None = None, arrivals: str = "constant") -> Requests:
     stages = w.get("stages")
     if not isinstance(stages, list) or not stages:
         raise InputError("must be a non-empty list of {rate, duration_s}", where, "workload.stages")
@@ -116,6 +154,9 @@ def shared_prefix(w: dict, where: str, max_model_len: int | None = None, multi_t
     chat = bool(w.get("enable_multi_turn_chat", False))
     if multi_turn not in ("repeat", "accumulate"):
         raise InputError(f"must be 'repeat' or 'accumulate', got {multi_turn!r}", where, "multi_turn")
+    if arrivals not in ("constant", "poisson"):
+        raise InputError(f"must be 'constant' or 'poisson', got {arrivals!r}", where, "arrivals")
+    timer = constant_times if arrivals == "constant" else poisson_times
     rng = np.random.default_rng(w.get("seed", 0) if seed is None else seed)
     n_users = groups * per
     group_of_user = rng.permutation(np.repeat(np.arange(groups), per))  # users shuffled over groups
@@ -135,7 +176,7 @@ def shared_prefix(w: dict, where: str, max_model_len: int | None = None, multi_t
         k = np.arange(n)
         users = k % n_users
         turn = turns_done[users] + k // n_users
-        cols["offset"].append(1.0 + poisson_times(rng, float(rate), n))
+        cols["offset"].append(1.0 + timer(rng, float(rate), n))
         cols["stage"].append(np.full(n, s))
         cols["gate"].append(chat & (k >= n_users))
         cols["succ"].append(np.where(chat & (k + n_users < n), base + k + n_users, -1))
@@ -179,9 +220,9 @@ def from_record(w, where: str, max_model_len: int | None = None, **options) -> R
     if not isinstance(w, dict) or "type" not in w:
         raise InputError("must be an object with a 'type'", where, "workload")
     if w["type"] == "closed":
-        return closed_loop(w, where, **{k: v for k, v in options.items() if k in ("rounds", "warmup_rounds")})
+        return closed_loop(w, where, **{k: v for k, v in options.items() if k in ("rounds", "warmup_rounds", "start")})
     if w["type"] == "inference_perf_shared_prefix":
         return shared_prefix(w, where, max_model_len,
-                             **{k: v for k, v in options.items() if k in ("multi_turn", "seed")})
+                             **{k: v for k, v in options.items() if k in ("multi_turn", "seed", "arrivals")})
     raise InputError(f"unknown workload type {w['type']!r} (closed, inference_perf_shared_prefix)", where,
                      "workload.type")
