@@ -159,6 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_bench_arguments(sp)
     sp.set_defaults(func=bench.run_bench)
 
+    from .apps import serve as _serve
+    sp = sub.add_parser("serve", help="serving estimates (TTFT, TPOT/ITL, E2E, throughput) of deployments under load")
+    _serve.add_serve_arguments(sp)
+    sp.set_defaults(func=_serve.run_serve)
+
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
     aiconfigurator.add_arguments(sp)
     sp.set_defaults(func=aiconfigurator.run)

@@ -1,0 +1,367 @@
+"""vLLM V1's scheduler under load, as one jitted loop over engine steps priced by the step model.
+
+The engine state lives in fixed-size arrays, one entry per request of the workload (padded), so a whole
+serving experiment is one `jax.lax.while_loop` that `jax.vmap` maps over deployments and workloads of the
+same shapes.  Each iteration is one engine step (or an idle jump to the next arrival):
+
+1. **Arrivals.** A request is visible to the scheduler ``ingress_s`` after its client sent it.  With
+   synchronous scheduling the step starting at ``now`` sees every request that arrived by ``now``; with
+   async scheduling (vLLM >= 0.14 by default) step k+1 is scheduled while step k runs, so it sees only the
+   requests that arrived by the start of step k (when the engine was idle, by ``now``).
+2. **Running requests first**, in order: each gets ``min(its remaining tokens, the token budget left)``
+   (a decode needs one token; a chunked prefill its remaining prompt).  When their new KV blocks do not fit,
+   vLLM preempts the last running request (recompute: its KV is dropped, it goes back to the front of the
+   waiting queue) until they fit: the kept requests are the longest prefix whose new blocks fit in the free
+   blocks plus the blocks of the requests after it.
+3. **Waiting requests** (only when nothing was preempted this step), first come first served: prefix-cache
+   hit in whole 16-token blocks (never the last token of the prompt), then a chunk of what is left under the
+   remaining token budget, while fewer than ``max_seqs`` requests run and their blocks fit; the first one
+   that does not fit stops admission.
+4. **The step** is summarised as `step.Batch` (decodes and their keys; prefill chunks, their tokens and
+   query-key pairs) and priced by `step.batch_features` and `step.combine` through the deployment's lookup.
+5. **Outputs**: a request samples a token when its computed tokens reach prompt + output so far; the first
+   one is its first token, the last one (``output_tokens``) finishes it and frees its blocks.  A finished
+   request releases the request it gates (a closed-loop client's next request, a chat user's next turn)
+   at its client-side finish time, and the last request of a load stage starts the next stage.
+
+Prefix cache: each request names a *user* (the identity of its prompt's reusable prefix: its own earlier
+turns, or the same prompt sent again) and a *group* (a shared system prompt of ``sys_tokens`` tokens).  A
+user's cache holds the full blocks of its last sequence; a group's its system prompt's full blocks.  Cached
+blocks are free blocks in vLLM (evictable); when the blocks held by running requests plus the cached ones
+exceed the KV capacity, caches are evicted least recently used first (users before their group's shared
+system prompt).  Requests with ``reuse`` false hit only their own cache entry (their blocks from before a
+preemption), as with random prompts.
+
+Time is float32 seconds with a compensated (Kahan) sum for the engine clock; per-request times are float32
+(0.1 ms resolution at 1,000 s).
+"""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ..step import Batch, batch_features, combine
+from .. import ops
+
+INF = np.float32(np.inf)
+DONE, WAITING, RUNNING = 2, 0, 1
+
+
+class Engine(NamedTuple):
+    """One engine's settings (numbers, so that deployments vmap)."""
+
+    max_batched_tokens: jax.Array  # int32: token budget of one step
+    max_seqs: jax.Array  # int32: running requests at most
+    kv_blocks: jax.Array  # int32: KV-cache blocks of ``block_tokens`` tokens
+    block_tokens: jax.Array  # int32: 16 in vLLM
+    prefix_caching: jax.Array  # bool
+    async_scheduling: jax.Array  # bool
+    ingress_s: jax.Array  # float32: client send -> visible to the scheduler (HTTP, tokenization, hand-off)
+    client_s: jax.Array  # float32: client-side time added to TTFT and E2E (HTTP, streaming, client work)
+    stage_gap_s: jax.Array  # float32: pause of the load generator between a stage's last answer and the next stage
+
+
+class Workload(NamedTuple):
+    """Requests in dispatch order (index = order of the load generator), padded with ``valid`` false."""
+
+    offset_s: jax.Array  # float32 [R]: client send time relative to its stage's start
+    stage: jax.Array  # int32 [R]
+    gate: jax.Array  # bool [R]: sent only after its predecessor finished (``succ`` of that one)
+    succ: jax.Array  # int32 [R]: the request this one gates (-1: none)
+    prompt_tokens: jax.Array  # int32 [R]
+    output_tokens: jax.Array  # int32 [R]
+    user: jax.Array  # int32 [R]: prefix-cache identity of the prompt (-1: none)
+    group: jax.Array  # int32 [R]: shared system prompt (-1: none)
+    sys_tokens: jax.Array  # int32 [R]: tokens of the shared system prompt
+    reuse: jax.Array  # bool [R]: the user's cached sequence is a prefix of this prompt
+    valid: jax.Array  # bool [R]
+    stage_requests: jax.Array  # int32 [S]: requests per stage
+
+
+class StepModel(NamedTuple):
+    """What prices a step: a lookup (`fastlookup.FastLookup` or `step.TableLookup`), the `step.ModelOnGPU`
+    and the residual `params.Params` (all pytrees)."""
+
+    lookup: object
+    on: object
+    params: object
+
+
+class Result(NamedTuple):
+    send_s: jax.Array  # [R] client send time
+    first_s: jax.Array  # [R] engine time the first token was sampled (end of its step)
+    done_s: jax.Array  # [R] engine time the last token was sampled
+    generated: jax.Array  # [R] output tokens sampled
+    hit_tokens: jax.Array  # [R] prefix-cache hit at first admission
+    preemptions: jax.Array  # [R]
+    stage_start_s: jax.Array  # [S] client time each stage started
+    end_s: jax.Array  # engine clock at the end
+    busy_s: jax.Array  # time spent in steps
+    steps: jax.Array  # engine steps run
+    iterations: jax.Array  # loop iterations (steps + idle jumps)
+    kv_block_s: jax.Array  # integral of KV blocks held over time
+    kv_peak_blocks: jax.Array
+    prefill_tokens: jax.Array  # tokens computed as prefill (incl. recompute)
+    decode_tokens: jax.Array
+    complete: jax.Array  # bool: every request finished
+    overflow: jax.Array  # bool: more requests were waiting than the simulation window holds
+
+
+def _excl(x):
+    return jnp.cumsum(x) - x
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _step_us(sm: StepModel, static, n_dec, keys, n_pre, tokens, pairs):
+    f = batch_features(sm.lookup, sm.on, Batch(n_dec, keys, n_pre, tokens, pairs), static)
+    return combine(f, sm.on, sm.params, static)[0]
+
+
+# XLA:CPU's YNNPACK fusion slows the loop's small operations down (as in the sweep's fast path)
+CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
+             max_iterations: int) -> Result:
+    """Run ``wl`` on one engine until every request finished (or ``max_iterations`` loop iterations).
+
+    ``window`` requests (from the oldest unfinished one) are scheduled per step (`Result.overflow` says
+    when more were waiting); ``n_users`` and ``n_groups`` size the prefix-cache tables (at least 1).
+    Jitted (one compilation per static arguments and shapes); `jax.vmap` maps it over deployments."""
+    return _compiled(static, window, n_users, n_groups, max_iterations)(sm, engine, wl)
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled(static, window, n_users, n_groups, max_iterations):
+    fn = functools.partial(_simulate, static=static, window=window, n_users=n_users, n_groups=n_groups,
+                           max_iterations=max_iterations)
+    if jax.default_backend() == "cpu":
+        try:
+            return jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)
+        except TypeError:  # a jax without compiler_options
+            pass
+    return jax.jit(fn)
+
+
+def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
+              max_iterations: int) -> Result:
+    R = wl.prompt_tokens.shape[0]
+    S = wl.stage_requests.shape[0]
+    W = window
+    N = R + W + 1  # W padding entries (the window never leaves the arrays) + one scatter sink
+    U, G = max(n_users, 1), max(n_groups, 1)
+    d = sm.on.dims
+    f32, i32 = jnp.float32, jnp.int32
+    B = engine.block_tokens.astype(i32)
+
+    def pad(a, fill):
+        a = jnp.asarray(a)
+        return jnp.concatenate([a, jnp.full((N - R,), fill, a.dtype)])
+
+    req = dict(offset=pad(wl.offset_s.astype(f32), INF), stage=pad(wl.stage.astype(i32), 0),
+               succ=pad(jnp.where(wl.valid, wl.succ, -1).astype(i32), -1), P=pad(wl.prompt_tokens.astype(i32), 1),
+               O=pad(wl.output_tokens.astype(i32), 1), user=pad(wl.user.astype(i32), -1),
+               group=pad(wl.group.astype(i32), -1), sysT=pad(wl.sys_tokens.astype(i32), 0),
+               reuse=pad(wl.reuse, False))
+    valid = pad(wl.valid, False)
+    g_sys = jnp.zeros(G + 1, i32).at[jnp.where(wl.group >= 0, wl.group, G)].max(wl.sys_tokens.astype(i32) // B)
+    u_sys = jnp.zeros(U + 1, i32).at[jnp.where(wl.user >= 0, wl.user, U)].max(
+        jnp.where(wl.group >= 0, wl.sys_tokens.astype(i32) // B, 0))
+    state = dict(
+        gate=jnp.where(pad(wl.gate, False) & valid, INF, -INF).astype(f32),
+        status=jnp.where(valid, WAITING, DONE).astype(i32),
+        computed=jnp.zeros(N, i32), generated=jnp.zeros(N, i32), blocks=jnp.zeros(N, i32),
+        hit=jnp.zeros(N, i32), preempt=jnp.zeros(N, i32),
+        first=jnp.full(N, INF, f32), done=jnp.full(N, INF, f32),
+        stage_start=jnp.full(S + 1, INF, f32).at[0].set(0.0),
+        stage_done=jnp.zeros(S + 1, i32),
+        ucache=jnp.zeros(U + 1, i32), uowner=jnp.full(U + 1, -1, i32), ulast=jnp.full(U + 1, -INF, f32),
+        gcache=jnp.zeros(G + 1, bool), glast=jnp.full(G + 1, -INF, f32),
+        base=i32(0), now=f32(0.0), comp=f32(0.0), prev_start=f32(0.0), busy=jnp.bool_(False),
+        it=i32(0), steps=i32(0), busy_s=f32(0.0), kv_block_s=f32(0.0), kv_peak=i32(0),
+        pre_tok=f32(0.0), dec_tok=f32(0.0), overflow=jnp.bool_(False), stuck=jnp.bool_(False))
+    n_stage = jnp.concatenate([wl.stage_requests.astype(i32), jnp.zeros(1, i32)])
+    n_valid = jnp.sum(wl.valid).astype(i32)  # valid requests come first
+
+    def cond(s):
+        return (s["base"] < n_valid) & (s["it"] < max_iterations) & ~s["stuck"]
+
+    def body(s):
+        base = s["base"]
+        win = lambda a: jax.lax.dynamic_slice_in_dim(a, base, W)  # noqa: E731
+        put = lambda a, w: jax.lax.dynamic_update_slice_in_dim(a, w, base, 0)  # noqa: E731
+        idx = base + jnp.arange(W, dtype=i32)
+        P, O, user, group, sysT = (win(req[k]) for k in ("P", "O", "user", "group", "sysT"))
+        reuse, succ, stage = win(req["reuse"]), win(req["succ"]), win(req["stage"])
+        st, comp, gen, blk = (win(s[k]) for k in ("status", "computed", "generated", "blocks"))
+        hit0, npre, first, done = (win(s[k]) for k in ("hit", "preempt", "first", "done"))
+        now = s["now"]
+        send = jnp.maximum(s["stage_start"][stage] + win(req["offset"]), win(s["gate"]))
+        arrive = send + engine.ingress_s
+        cutoff = jnp.where(engine.async_scheduling & s["busy"], s["prev_start"], now)
+        arrived = (st == WAITING) & (arrive <= cutoff)
+
+        # 1. running requests, in order, under the token budget; preempt from the tail when blocks run out
+        run = st == RUNNING
+        need = jnp.where(run, P + gen - comp, 0)
+        budget = engine.max_batched_tokens.astype(i32)
+        tok_r = jnp.where(run, jnp.clip(budget - _excl(need), 0, need), 0)
+        new_b = jnp.where(tok_r > 0, jnp.maximum(_ceil_div(comp + tok_r, B) - blk, 0), 0)
+        held_run = jnp.where(run, blk, 0)
+        held = jnp.sum(held_run)
+        free = engine.kv_blocks.astype(i32) - held
+        keep = run & (jnp.cumsum(new_b) <= free + held - jnp.cumsum(held_run))
+        preempted = run & ~keep
+        any_pre = jnp.any(preempted)
+        tok_r = jnp.where(keep, tok_r, 0)
+        free_after = free + jnp.sum(jnp.where(preempted, blk, 0)) - jnp.sum(jnp.where(keep, new_b, 0))
+        st = jnp.where(preempted, WAITING, st)
+        comp = jnp.where(preempted, 0, comp)
+        blk = jnp.where(preempted, 0, blk)
+        npre = npre + preempted
+
+        # 2. waiting requests, first come first served, with prefix-cache hits
+        cand = arrived & ~any_pre
+        u_ix, g_ix = jnp.where(user >= 0, user, U), jnp.where(group >= 0, group, G)
+        own_ok = (user >= 0) & (reuse | (s["uowner"][u_ix] == idx))
+        own = jnp.where(own_ok, s["ucache"][u_ix], 0)
+        grp = jnp.where((group >= 0) & s["gcache"][g_ix], (sysT // B) * B, 0)
+        cap = ((P + gen - 1) // B) * B
+        hit = jnp.where(engine.prefix_caching, jnp.minimum(jnp.maximum(own, grp), cap), 0)
+        need_w = jnp.where(cand, P + gen - hit, 0)
+        remaining = budget - jnp.sum(tok_r)
+        tok_w = jnp.where(cand, jnp.clip(remaining - _excl(need_w), 0, need_w), 0)
+        blk_w = _ceil_div(hit + tok_w, B)
+        slots = engine.max_seqs.astype(i32) - jnp.sum(keep)
+        admit = (cand & (tok_w > 0) & (_excl(cand.astype(i32)) < slots)
+                 & (jnp.cumsum(jnp.where(cand, blk_w, 0)) <= free_after))
+        tok_w = jnp.where(admit, tok_w, 0)
+        hit0 = jnp.where(admit & (npre == 0), hit, hit0)
+        comp = jnp.where(admit, hit, comp)
+        blk = jnp.where(admit, blk_w, blk) + jnp.where(keep, new_b, 0)
+        st = jnp.where(admit, RUNNING, st)
+
+        # 3. the step as the step model's batch summary
+        tok = tok_r + tok_w
+        sched = tok > 0
+        any_sched = jnp.any(sched)
+        is_dec = sched & (gen >= 1) & (comp == P + gen - 1)
+        is_pre = sched & ~is_dec
+        n_dec = jnp.sum(is_dec).astype(f32)
+        keys = jnp.sum(jnp.where(is_dec, ops.decode_keys(d, comp.astype(f32)), 0.0))
+        n_pre = jnp.sum(is_pre).astype(f32)
+        tokens = jnp.sum(jnp.where(is_pre, tok, 0)).astype(f32)
+        pairs = jnp.sum(jnp.where(is_pre, ops.prefill_pairs_tiled(d, tok.astype(f32), comp.astype(f32)), 0.0))
+        dummy = ~any_sched
+        t_us = _step_us(sm, static, jnp.where(dummy, 1.0, n_dec), jnp.where(dummy, 1.0, keys), n_pre, tokens,
+                        pairs)
+        dt = jnp.where(any_sched, t_us * 1e-6, 0.0).astype(f32)
+
+        # nothing ran: after a preemption of every running request, or (async) with arrivals since the
+        # previous step's start, schedule again at `now`; otherwise jump to the next arrival
+        future = (st == WAITING) & (arrive > cutoff) & jnp.isfinite(arrive)
+        nxt = jnp.min(jnp.where(future, arrive, INF))
+        rescan = ~any_sched & (any_pre | (engine.async_scheduling & s["busy"]))
+        jump = ~any_sched & ~rescan
+        stuck = jump & ~jnp.isfinite(nxt)  # nothing runs, nothing will arrive, requests remain
+        # Kahan sum of the engine clock
+        y = dt - s["comp"]
+        t_new = now + y
+        kcomp = (t_new - now) - y
+        t_new = jnp.where(jump & jnp.isfinite(nxt), jnp.maximum(now, nxt), t_new)
+        kcomp = jnp.where(jump, 0.0, kcomp)
+
+        # 4. outputs
+        comp = comp + tok
+        emit = sched & (comp == P + gen)
+        gen = gen + emit
+        first = jnp.where(emit & (gen == 1), t_new, first)
+        fin = emit & (gen >= O)
+        done = jnp.where(fin, t_new, done)
+        st = jnp.where(fin, DONE, st)
+        blk_held_step = jnp.sum(blk)
+        blk = jnp.where(fin, 0, blk)
+
+        # prefix-cache bookkeeping: admitted prompts are cached as allocated, finished sequences on completion,
+        # preempted requests' freed blocks stay cached (most recently freed)
+        touched = admit | fin | preempted
+        uw = jnp.where(touched & (user >= 0), user, U)
+        ucache_val = jnp.where(fin, ((P + O - 1) // B) * B, (P // B) * B)
+        ucache = s["ucache"].at[jnp.where((admit | fin) & (user >= 0), user, U)].set(ucache_val)
+        uowner = s["uowner"].at[jnp.where(admit & (user >= 0), user, U)].set(idx)
+        ulast = s["ulast"].at[uw].max(jnp.where(touched, t_new, -INF))
+        gw = jnp.where((admit | fin) & (group >= 0), group, G)
+        gcache = s["gcache"].at[gw].set(True)
+        glast = s["glast"].at[gw].max(jnp.where(admit | fin, t_new, -INF))
+        ucache, gcache = _evict(ucache, gcache, ulast, glast, st == RUNNING, user, group, u_sys, g_sys, B,
+                                engine.kv_blocks.astype(i32) - jnp.sum(blk), U, G)
+
+        # 5. a finished request releases the one it gates; a stage's last answer starts the next stage
+        done_client = t_new + engine.client_s
+        gate = s["gate"].at[jnp.where(fin & (succ >= 0), succ, N - 1)].set(done_client)
+        stage_done = s["stage_done"].at[jnp.where(fin, stage, S)].add(1)
+        complete_stage = (stage_done[:S] >= n_stage[:S]) & (n_stage[:S] > 0)
+        nxt_start = jnp.concatenate([jnp.zeros(1, f32), jnp.where(complete_stage, done_client + engine.stage_gap_s,
+                                                                  INF)])
+        stage_start = jnp.where(jnp.isfinite(s["stage_start"]), s["stage_start"], nxt_start)
+
+        status = put(s["status"], st)
+        lead = jnp.argmin(st == DONE)
+        lead = jnp.where(jnp.all(st == DONE), W, lead)
+        outside = base + W
+        overflow = s["overflow"] | ((status[outside] == WAITING) & (
+            jnp.maximum(stage_start[req["stage"][outside]] + req["offset"][outside], gate[outside])
+            + engine.ingress_s <= t_new))
+        return dict(
+            gate=gate, status=status, computed=put(s["computed"], comp), generated=put(s["generated"], gen),
+            blocks=put(s["blocks"], blk), hit=put(s["hit"], hit0), preempt=put(s["preempt"], npre),
+            first=put(s["first"], first), done=put(s["done"], done), stage_start=stage_start,
+            stage_done=stage_done, ucache=ucache, uowner=uowner, ulast=ulast, gcache=gcache, glast=glast,
+            base=base + lead.astype(i32), now=t_new, comp=kcomp,
+            prev_start=jnp.where(any_sched, now, t_new), busy=any_sched,
+            it=s["it"] + 1, steps=s["steps"] + any_sched, busy_s=s["busy_s"] + dt,
+            kv_block_s=s["kv_block_s"] + dt * blk_held_step.astype(f32),
+            kv_peak=jnp.maximum(s["kv_peak"], blk_held_step),
+            pre_tok=s["pre_tok"] + tokens, dec_tok=s["dec_tok"] + n_dec * any_sched,
+            overflow=overflow, stuck=s["stuck"] | stuck)
+
+    s = jax.lax.while_loop(cond, body, state)
+    send = jnp.maximum(s["stage_start"][req["stage"]] + req["offset"], s["gate"])
+    keep = slice(0, R)
+    return Result(send_s=send[keep], first_s=s["first"][keep], done_s=s["done"][keep], generated=s["generated"][keep], hit_tokens=s["hit"][keep],
+                  preemptions=s["preempt"][keep], stage_start_s=s["stage_start"][:S], end_s=s["now"],
+                  busy_s=s["busy_s"], steps=s["steps"], iterations=s["it"], kv_block_s=s["kv_block_s"],
+                  kv_peak_blocks=s["kv_peak"], prefill_tokens=s["pre_tok"], decode_tokens=s["dec_tok"],
+                  complete=s["base"] >= n_valid, overflow=s["overflow"])
+
+
+def _evict(ucache, gcache, ulast, glast, running, user, group, u_sys, g_sys, B, capacity, U, G):
+    """Drop cached prefixes, least recently used first, until running requests' blocks plus the cached ones
+    fit ``capacity`` (the blocks not held by running requests).  A user's entry counts the blocks beyond its
+    group's shared system prompt (``u_sys``); a group's entry the system prompt's full blocks (``g_sys``).
+    Entries of users and groups with a running request are held, not evictable."""
+    bound = jnp.sum(jnp.maximum(ucache // B - u_sys, 0)) + jnp.sum(jnp.where(gcache, g_sys, 0))
+
+    def drop(args):
+        ucache, gcache = args
+        u_run = jnp.zeros(U + 1, bool).at[jnp.where(running & (user >= 0), user, U)].set(True)
+        g_run = jnp.zeros(G + 1, bool).at[jnp.where(running & (group >= 0), group, G)].set(True)
+        u_blocks = jnp.where(u_run, 0, jnp.maximum(ucache // B - u_sys, 0))
+        g_blocks = jnp.where(g_run | ~gcache, 0, g_sys)
+        deficit = jnp.sum(u_blocks) + jnp.sum(g_blocks) - capacity
+        blocks = jnp.concatenate([u_blocks, g_blocks])
+        last = jnp.where(blocks > 0, jnp.concatenate([ulast, glast]), jnp.inf)
+        order = jnp.argsort(last, stable=True)  # users come first on ties
+        before = jnp.cumsum(blocks[order]) - blocks[order]
+        gone = jnp.zeros_like(blocks, bool).at[order].set((before < deficit) & (blocks[order] > 0))
+        return jnp.where(gone[:U + 1], 0, ucache), gcache & ~gone[U + 1:]
+
+    # the cached entries (running ones included) bound what is evictable: only look closer when it overflows
+    return jax.lax.cond(bound > capacity, drop, lambda a: a, (ucache, gcache))

@@ -1,0 +1,589 @@
+"""Serving estimates: TTFT, TPOT/ITL, E2E, throughput and KV-cache use of a deployment under load —
+``costmodel serve``.
+
+Each record (the schema of the shared ``serving_*.jsonl`` files; its ``measured`` block is ignored) names a
+model, a GPU, a parallel layout, an engine and a workload.  The workload becomes request arrays
+(`workloads`), the engine vLLM V1's scheduler over engine steps (`scheduler.simulate`), each step priced by
+the step model (`step.batch_features` / `step.combine` on the deployment's `fastlookup.FastLookup`), and
+the per-request times client-side statistics as the benchmarks computed them.  What is and is not
+modelled: docs/serving.md.
+
+Client-side time is two physical terms: ``ingress_ms`` from the client's send to the scheduler seeing the
+request (HTTP, tokenization, hand-off to the engine core; the isolated requests show 1.8-2.0 ms of server
+queueing and scheduling before the first step), and ``client_ms`` added once to TTFT and E2E (HTTP and
+streaming both ways and the client's own work; client TTFT - server TTFT = 9 ms in the isolated requests).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .. import ops
+from ..errors import InputError
+from ..fastlookup import TOKEN_TABLE, common_shapes, specialise
+from ..hardware import GPU, get_gpu
+from ..model import load_model
+from ..params import Params, engine_key, engine_version
+from ..step import setup
+from ..tables import load_tables
+from . import scheduler as sch
+from . import workloads as wl_mod
+
+ASYNC_SCHEDULING_SINCE = (0, 14)  # vLLM schedules asynchronously by default from v0.14.0
+BLOCK_TOKENS = 16
+INGRESS_MS = 2.0
+CLIENT_MS = 9.0
+STAGE_INTERVAL_S = 1.0  # inference-perf's default pause between load stages
+METRICS = ("ttft_mean_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms", "itl_mean_ms", "e2e_mean_ms",
+           "e2e_p90_ms", "e2e_p99_ms")
+WEIGHT_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}  # priced; mxfp4 / int4_wo are not yet
+
+
+def _calibration():
+    try:  # the calibration module is moving out of apps.fit
+        from ..calibration import resolve_calibration
+    except ImportError:
+        from .fit import resolve_calibration
+    return resolve_calibration
+
+
+# ---------------------------------------------------------------- engine settings
+
+def default_batch_limits(gpu: GPU) -> tuple[int, int]:
+    """vLLM V1's defaults for the OpenAI server (engine/arg_utils.py): 8192 tokens and 1024 sequences per
+    step on GPUs with >= 70 GiB (except A100), else 2048 and 256."""
+    big = gpu.hbm_capacity_bytes * 2**30 / 1e9 >= 70 * 2**30 and "A100" not in gpu.name
+    return (8192, 1024) if big else (2048, 256)
+
+
+def estimate_kv_blocks(model, gpu: GPU, tp: int, gpu_memory_utilization: float = 0.9,
+                       reserve_gib: float = 1.5) -> int:
+    """KV-cache blocks when the record gives none (``engine.observed_kv_blocks``): a stand-in until the
+    memory model lands.  vLLM sizes the cache as utilization × GPU memory − weights − what its profiling
+    run saw (activations, CUDA graphs, the CUDA context); the datasheet's "80 GB" of HBM is 80 GiB.  The
+    reserve (1.5 GiB) is a round figure: with it the estimate lands within 1 % of the blocks vLLM logged
+    for Llama-2-7B and Qwen2.5-7B on H100 at 0.9."""
+    d = ops.dims(model, tp)
+    per_token = 2 * d.layers * d.kv_heads * d.head_dim * ops.ACT_BYTES
+    mem = gpu.hbm_capacity_bytes / 1e9 * 2**30
+    free = gpu_memory_utilization * mem - float(ops.weight_bytes_per_gpu(d)) - reserve_gib * 2**30
+    return max(int(free // (per_token * BLOCK_TOKENS)), 0)
+
+
+@dataclass
+class Deployment:
+    """A record resolved to what the simulation needs."""
+
+    id: str
+    where: str
+    record: dict
+    model: object
+    gpu: GPU
+    tp: int
+    engine_version: str | None
+    max_batched_tokens: int
+    max_seqs: int
+    kv_blocks: int
+    kv_source: str
+    prefix_caching: bool
+    async_scheduling: bool
+    max_model_len: int | None
+    requests: wl_mod.Requests
+    notes: list = field(default_factory=list)
+
+
+class Refusal(Exception):
+    """A record this version cannot price (the reason is reported in its output line)."""
+
+
+def _num(v, where, name, kind=int, minimum=1):
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v < minimum:
+        raise InputError(f"must be a {'positive integer' if kind is int else 'positive number'}, got {v!r}",
+                         where, name)
+    return kind(v)
+
+
+def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, workload_options=None) -> Deployment:
+    """Validate a record and resolve its deployment; `Refusal` for what this version does not model,
+    `InputError` for bad input."""
+    if not isinstance(rec, dict):
+        raise InputError("a record must be a JSON object", where)
+    for key in ("id", "model", "gpu", "workload"):
+        if key not in rec:
+            raise InputError("missing required field", where, key)
+    mode = rec.get("mode", "agg")
+    if mode != "agg":
+        raise Refusal(f"mode '{mode}': disaggregated prefill/decode workers are not modelled yet")
+    tp = _num(rec.get("tp", 1), where, "tp")
+    for key in ("pp", "dp", "attention_dp"):
+        v = _num(rec.get(key) or 1, where, key)
+        if v > 1:
+            raise Refusal(f"{key}={v}: only one engine with tensor parallelism is modelled yet")
+    if (rec.get("moe_ep") or 1) > 1:
+        raise Refusal(f"moe_ep={rec['moe_ep']}: expert parallelism is not modelled yet")
+    try:
+        gpu = get_gpu(rec["gpu"])
+    except InputError as e:
+        raise InputError(str(e), where, "gpu") from None
+    weights = rec.get("weights")
+    try:
+        model = load_model(str(rec["model"]), model_configs)
+    except InputError as e:
+        raise Refusal(f"model {rec['model']}: {e}") from None
+    if weights is not None:
+        if weights not in WEIGHT_DTYPES:
+            raise Refusal(f"weights '{weights}' are not priced yet (bf16, fp16, fp8)")
+        model = model.with_dtype(WEIGHT_DTYPES[weights])
+    eng = rec.get("engine") or {}
+    if not isinstance(eng, dict):
+        raise InputError("must be an object", where, "engine")
+    version = eng.get("version")
+    d_tokens, d_seqs = default_batch_limits(gpu)
+    max_tokens = _num(eng.get("max_num_batched_tokens"), where, "engine.max_num_batched_tokens") or d_tokens
+    max_seqs = _num(eng.get("max_num_seqs"), where, "engine.max_num_seqs") or d_seqs
+    block = _num(eng.get("block_size"), where, "engine.block_size") or BLOCK_TOKENS
+    if block != BLOCK_TOKENS:
+        raise Refusal(f"engine.block_size={block}: only 16-token blocks are modelled")
+    if eng.get("chunked_prefill") is False:
+        raise Refusal("chunked prefill disabled is not modelled yet")
+    prefix = eng.get("prefix_caching")
+    prefix = True if prefix is None else bool(prefix)
+    is_async = eng.get("async_scheduling")
+    if is_async is None:
+        v = engine_version(version)
+        is_async = v is not None and v >= ASYNC_SCHEDULING_SINCE
+    util = _num(eng.get("gpu_memory_utilization"), where, "engine.gpu_memory_utilization", float, 0.0) or 0.9
+    max_model_len = _num(eng.get("max_model_len"), where, "engine.max_model_len")
+    notes = []
+    observed = (eng.get("observed_kv_blocks") or {}).get("gpu_kv_blocks")
+    if observed is not None:
+        kv_blocks, kv_source = _num(observed, where, "engine.observed_kv_blocks.gpu_kv_blocks"), "observed"
+    else:
+        fn = kv_blocks_fn or (lambda m, g, t, e: estimate_kv_blocks(m, g, t, util))
+        kv_blocks, kv_source = int(fn(model, gpu, tp, eng)), "estimated"
+    if (eng.get("cpu_offload_gib") or 0) > 0:
+        notes.append(f"CPU KV offload ({eng['cpu_offload_gib']} GiB) is not modelled")
+    try:
+        ops.dims(model, tp)
+    except InputError as e:
+        raise InputError(str(e), where, "tp") from None
+    requests = wl_mod.from_record(rec["workload"], where, max_model_len, **(workload_options or {}))
+    if not len(requests):
+        raise Refusal("the workload sends no request")
+    if kv_blocks * BLOCK_TOKENS < int(requests.prompt_tokens.max()) + int(requests.output_tokens.max()):
+        raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
+    return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
+                      kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes)
+
+
+# ---------------------------------------------------------------- simulation
+
+@dataclass(frozen=True)
+class Options:
+    ingress_ms: float = INGRESS_MS
+    client_ms: float = CLIENT_MS
+    stage_interval_s: float = STAGE_INTERVAL_S
+    max_iterations: int = 2_000_000
+
+
+def _bucket(n: int, lo: int = 1) -> int:
+    return 1 << max(int(math.ceil(math.log2(max(n, lo, 1)))), 0)
+
+
+def _window(dep: Deployment) -> int:
+    """Requests scheduled per step, to start with: a closed loop's clients over two rounds, else 128.  A run
+    whose queue outgrows it is run again with a window four times as large (`scheduler.Result.overflow`)."""
+    r = dep.requests
+    need = 2 * r.n_users if r.kind == "closed" else 128
+    return min(_bucket(need, 64), _bucket(len(r)))
+
+
+class Simulator:
+    """Loads tables, calibrations and step lookups once; runs deployments, vmapped where their shapes
+    agree."""
+
+    def __init__(self, bench_data=None, calibration: str = "default", allow_other_gpu: bool = False,
+                 options: Options = Options()):
+        self.bench_data, self.calibration, self.allow_other_gpu = bench_data, calibration, allow_other_gpu
+        self.options = options
+        self._tables, self._cal, self.calibration_used = {}, {}, {}
+
+    def tables(self, gpu: GPU):
+        if gpu.name not in self._tables:
+            self._tables[gpu.name] = load_tables(self.bench_data, gpu)
+        return self._tables[gpu.name]
+
+    def params(self, gpu: GPU, version) -> Params:
+        if gpu.name not in self._cal:
+            cal, desc = _calibration()(self.calibration, [gpu.name], allow_other_gpu=self.allow_other_gpu,
+                                       table_sources={gpu.name: self.tables(gpu).sources})
+            self._cal[gpu.name] = cal.get(gpu.name)
+            self.calibration_used[gpu.name] = desc
+        c = self._cal[gpu.name]
+        return c.params_for(engine_key(version)) if c else Params()
+
+    def step_model(self, dep: Deployment):
+        su = setup(dep.model, self.tables(dep.gpu), dep.tp)
+        a = su.arrays
+        lk = specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu)
+        on = jax.tree_util.tree_map(lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                                         else np.float32), su.on_gpu)
+        params = jax.tree_util.tree_map(np.float32, self.params(dep.gpu, dep.engine_version))
+        return su.static, lk, on, params
+
+    def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
+        """One closed-loop request's duration from send to the client's reading its last token, with every
+        client's request decoding beside it: ingress + its prefill alone + (OSL − 1) decode steps of
+        min(C, max_num_seqs) requests at the middle context + client time (step model, µs -> s)."""
+        r, o = dep.requests, self.options
+        isl, osl = float(r.prompt_tokens[0]), float(r.output_tokens[0])
+        b = float(min(r.n_users, dep.max_seqs))
+        d = ops.dims(dep.model, dep.tp)
+        sm = sch.StepModel(lk, on, params)
+        fn = _step_time_fn(static)
+        pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
+        dec = float(fn(sm, b, b * float(ops.decode_keys(d, isl + osl / 2)), 0.0, 0.0, 0.0))
+        return (o.ingress_ms + o.client_ms) / 1e3 + (pre + (osl - 1) * dec) * 1e-6
+
+    def engine(self, dep: Deployment) -> sch.Engine:
+        o = self.options
+        return sch.Engine(np.int32(dep.max_batched_tokens), np.int32(dep.max_seqs), np.int32(dep.kv_blocks),
+                          np.int32(BLOCK_TOKENS), np.bool_(dep.prefix_caching), np.bool_(dep.async_scheduling),
+                          np.float32(o.ingress_ms / 1e3), np.float32(o.client_ms / 1e3),
+                          np.float32(o.stage_interval_s))
+
+    def run(self, deps: list[Deployment], batch: int = 16) -> list[tuple[Deployment, dict]]:
+        """Simulate every deployment; returns (deployment, per-request and engine results as numpy)."""
+        prepared = [(dep,) + self.step_model(dep) for dep in deps]
+        for dep, static, lk, on, params in prepared:
+            if dep.requests.kind == "closed" and dep.requests.start != "together":
+                dep.requests = wl_mod.stagger_start(dep.requests, self.request_duration_s(dep, static, lk, on, params))
+        groups: dict = {}
+        for p in prepared:
+            groups.setdefault(p[1], []).append(p)
+        out = {}
+        for static, members in groups.items():
+            lookups = common_shapes([m[2] for m in members])
+            int_tokens = all(m[0].max_batched_tokens + m[0].max_seqs <= TOKEN_TABLE for m in members)
+            lookups = [dataclasses.replace(lk, int_tokens=int_tokens) for lk in lookups]
+            items = [(m[0], sch.StepModel(lk, m[3], m[4])) for m, lk in zip(members, lookups)]
+            items.sort(key=lambda x: (x[0].requests.kind, _expected_work(x[0])))
+            for lo in range(0, len(items), batch):
+                chunk = items[lo:lo + batch]
+                for dep, res in zip([c[0] for c in chunk], self._run_chunk(static, chunk)):
+                    out[id(dep)] = (dep, res)
+        return [out[id(d)] for d in deps]
+
+    def _run_chunk(self, static, chunk):
+        deps = [c[0] for c in chunk]
+        R = _bucket(max(len(d.requests) for d in deps), 256)
+        W = min(max(_window(d) for d in deps), R)
+        while True:
+            out = self._run_window(static, chunk, R, W)
+            if W >= R or not any(o["overflow"] for o in out):
+                return out
+            W = min(4 * W, R)
+
+    def _run_window(self, static, chunk, R, W):
+        deps = [c[0] for c in chunk]
+        U = _bucket(max(d.requests.n_users for d in deps), 1)
+        G = _bucket(max(d.requests.n_groups for d in deps), 1)
+        S = max(len(d.requests.stage_requests) for d in deps)
+        wls = [_padded(d.requests, R, S) for d in deps]
+        engines = [self.engine(d) for d in deps]
+        sms = [c[1] for c in chunk]
+        kw = dict(static=static, window=W, n_users=U, n_groups=G, max_iterations=self.options.max_iterations)
+        if len(chunk) == 1:
+            res = [sch.simulate(sms[0], engines[0], wls[0], **kw)]
+        else:
+            stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
+            r = jax.vmap(lambda sm, e, w: sch.simulate(sm, e, w, **kw))(stack(sms), stack(engines), stack(wls))
+            res = [jax.tree_util.tree_map(lambda a, i=i: a[i], r) for i in range(len(chunk))]
+        out = []
+        for d, rs in zip(deps, res):
+            n = len(d.requests)
+            rs = {k: np.asarray(v) for k, v in rs._asdict().items()}
+            out.append({**{k: (v[:n] if v.ndim and v.shape[0] == R else v) for k, v in rs.items()}, "window": W})
+        return out
+
+
+@functools.lru_cache(maxsize=None)
+def _step_time_fn(static):
+    return jax.jit(lambda sm, n_dec, keys, n_pre, tokens, pairs: sch._step_us(sm, static, n_dec, keys, n_pre,
+                                                                                 tokens, pairs))
+
+
+def _expected_work(dep: Deployment) -> float:
+    r = dep.requests
+    return float(r.output_tokens.sum()) / max(dep.max_seqs, 1)
+
+
+def _padded(r: wl_mod.Requests, R: int, S: int) -> sch.Workload:
+    n = len(r)
+
+    def p(a, fill, dtype):
+        out = np.full(R, fill, dtype)
+        out[:n] = a
+        return out
+    stage_requests = np.zeros(S, np.int32)
+    stage_requests[:len(r.stage_requests)] = r.stage_requests
+    return sch.Workload(
+        offset_s=p(r.offset_s, np.inf, np.float32), stage=p(r.stage, 0, np.int32), gate=p(r.gate, False, bool),
+        succ=p(r.succ, -1, np.int32), prompt_tokens=p(r.prompt_tokens, 1, np.int32),
+        output_tokens=p(r.output_tokens, 1, np.int32), user=p(r.user, -1, np.int32),
+        group=p(r.group, -1, np.int32), sys_tokens=p(r.sys_tokens, 0, np.int32), reuse=p(r.reuse, False, bool),
+        valid=p(np.ones(n, bool), False, bool), stage_requests=stage_requests)
+
+
+# ---------------------------------------------------------------- statistics
+
+def _latency_stats(ttft, e2e, out_tokens) -> dict:
+    """Means and percentiles (numpy's linear percentiles) in ms; ITL as the benchmarks' reports derive it,
+    (mean E2E − mean TTFT) / (mean output tokens − 1); TPOT the mean of each request's
+    (E2E − TTFT) / (output tokens − 1)."""
+    if len(ttft) == 0:
+        return {k: None for k in METRICS}
+    o = out_tokens.astype(np.float64)
+    tpot = np.where(o > 1, (e2e - ttft) / np.maximum(o - 1, 1), 0.0)
+    return {
+        "ttft_mean_ms": float(ttft.mean()), "ttft_p90_ms": float(np.percentile(ttft, 90)),
+        "ttft_p99_ms": float(np.percentile(ttft, 99)), "tpot_mean_ms": float(tpot.mean()),
+        "itl_mean_ms": float((e2e.mean() - ttft.mean()) / max(o.mean() - 1, 1)),
+        "e2e_mean_ms": float(e2e.mean()), "e2e_p90_ms": float(np.percentile(e2e, 90)),
+        "e2e_p99_ms": float(np.percentile(e2e, 99))}
+
+
+def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict:
+    """The record's output line (without ``id``): predictions under the keys of ``measured``, throughput,
+    KV-cache use, and how the simulation went."""
+    r = dep.requests
+    client = options.client_ms / 1e3
+    send = res["send_s"].astype(np.float64)
+    finished = np.isfinite(res["done_s"])
+    ttft = (res["first_s"] - send + client) * 1e3
+    e2e = (res["done_s"] - send + client) * 1e3
+    m = r.measured & finished
+    pred = _latency_stats(ttft[m], e2e[m], r.output_tokens[m])
+    if r.kind == "open":
+        pred["stages"] = [_latency_stats(ttft[m & (r.stage == s)], e2e[m & (r.stage == s)],
+                                         r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
+    span = float(np.max(np.where(m, res["done_s"] + client, -np.inf)) - np.min(np.where(m, send, np.inf))) \
+        if m.any() else float("nan")
+    gpus = dep.tp
+    out_tok = float(r.output_tokens[m].sum())
+    tput = {"requests_per_s": float(m.sum()) / span if span > 0 else None,
+            "output_tokens_per_s": out_tok / span if span > 0 else None,
+            "output_tokens_per_s_per_gpu": out_tok / span / gpus if span > 0 else None,
+            "output_tokens_per_s_per_user": (1e3 / pred["itl_mean_ms"]) if pred.get("itl_mean_ms") else None}
+    end = float(res["end_s"])
+    kv = {"blocks": dep.kv_blocks, "source": dep.kv_source,
+          "mean_used": float(res["kv_block_s"]) / end / dep.kv_blocks if end > 0 else 0.0,
+          "peak_used": float(res["kv_peak_blocks"]) / dep.kv_blocks,
+          "prefix_hit_tokens_mean": float(res["hit_tokens"][m].mean()) if m.any() else 0.0,
+          "preemptions": int(res["preemptions"].sum())}
+    sim = {"requests": len(r), "measured_requests": int(m.sum()), "finished": int(finished.sum()),
+           "rejected": r.rejected, "steps": int(res["steps"]), "engine_s": end,
+           "busy_fraction": float(res["busy_s"]) / end if end > 0 else 0.0,
+           "complete": bool(res["complete"]), "overflow": bool(res["overflow"]), "window": int(res["window"]),
+           "async_scheduling": dep.async_scheduling, "max_num_batched_tokens": dep.max_batched_tokens,
+           "max_num_seqs": dep.max_seqs}
+    notes = list(dep.notes)
+    if not res["complete"]:
+        notes.append("the simulation stopped before every request finished (iteration limit or a request "
+                     "that can never be scheduled)")
+    if res["overflow"]:
+        notes.append("more requests waited than the simulation window holds: queueing is underestimated")
+    return {"predicted": _round(pred), "throughput": _round(tput), "kv_cache": _round(kv), "simulation": sim,
+            "notes": notes}
+
+
+def _round(x):
+    if isinstance(x, dict):
+        return {k: _round(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_round(v) for v in x]
+    if isinstance(x, float):
+        return round(x, 4) if math.isfinite(x) else None
+    return x
+
+
+# ---------------------------------------------------------------- records and the command
+
+def read_serving_records(path, exclude_gpus: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
+    """(record, "file:line") for each line; records on ``exclude_gpus`` are dropped before anything else
+    reads them."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", str(path))
+    skip = {get_gpu(g).name for g in exclude_gpus}
+    out, seen = [], set()
+    with path.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
+            if not isinstance(rec, dict):
+                raise InputError("a record must be a JSON object", where)
+            try:
+                if skip and get_gpu(rec.get("gpu", "")).name in skip:
+                    continue
+            except InputError:
+                pass
+            rec = {k: v for k, v in rec.items() if k != "measured"}
+            if "id" not in rec:
+                raise InputError("missing required field", where, "id")
+            if rec["id"] in seen:
+                raise InputError(f"duplicate id {rec['id']!r}", where, "id")
+            seen.add(rec["id"])
+            out.append((rec, where))
+    return out
+
+
+def serve(records, model_configs=None, bench_data=None, calibration: str = "default",
+          allow_other_gpu: bool = False, options: Options = Options(), workload_options: dict | None = None,
+          kv_blocks_fn=None, batch: int = 16) -> list[dict]:
+    """Serving estimates for one record (a dict) or many (dicts, or (dict, location) pairs): one output
+    dict per record, ``{"id", "predicted", "throughput", "kv_cache", "simulation", "notes"}`` or
+    ``{"id", "refused": reason}``."""
+    if isinstance(records, dict):
+        records = [records]
+    items = [r if isinstance(r, tuple) else (r, f"record {i}") for i, r in enumerate(records)]
+    sim = Simulator(bench_data, calibration, allow_other_gpu, options)
+    outs, deps = [], []
+    for rec, where in items:
+        try:
+            dep = resolve(rec, where, model_configs, kv_blocks_fn, workload_options)
+            sim.tables(dep.gpu)
+            deps.append(dep)
+            outs.append(dep)
+        except Refusal as e:
+            outs.append({"id": str(rec.get("id")), "refused": str(e)})
+    results = {id(d): statistics(d, res, options) for d, res in sim.run(deps, batch=batch)}
+    final = []
+    for o in outs:
+        if isinstance(o, Deployment):
+            final.append({"id": o.id, **results[id(o)]})
+        else:
+            final.append(o)
+    serve.calibration_used = sim.calibration_used
+    return final
+
+
+def compare(path, outs: list[dict], exclude_gpus: tuple[str, ...] = ()) -> list[dict]:
+    """Predicted against the ``measured`` blocks of the records file (for accuracy reports; the prediction
+    never reads them): one row per priced record and measured metric (top level), with the error in %."""
+    path = Path(path)
+    skip = {get_gpu(g).name for g in exclude_gpus}
+    measured = {}
+    with path.open() as fh:
+        for line in fh:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            try:
+                if skip and get_gpu(rec.get("gpu", "")).name in skip:
+                    continue
+            except InputError:
+                pass
+            measured[str(rec.get("id"))] = rec.get("measured") or {}
+    rows = []
+    for o in outs:
+        m = measured.get(o["id"], {})
+        for k in METRICS:
+            if "predicted" in o and isinstance(m.get(k), (int, float)) and o["predicted"].get(k):
+                rows.append({"id": o["id"], "metric": k, "measured": m[k], "predicted": o["predicted"][k],
+                             "error_pct": 100.0 * (o["predicted"][k] / m[k] - 1.0)})
+    return rows
+
+
+def error_summary(rows: list[dict]) -> list[dict]:
+    """Per metric: records, MAPE, median |error| and signed median error (%)."""
+    out = []
+    for k in METRICS:
+        e = np.array([r["error_pct"] for r in rows if r["metric"] == k])
+        if len(e):
+            out.append({"metric": k, "n": len(e), "mape_pct": float(np.mean(np.abs(e))),
+                        "median_abs_pct": float(np.median(np.abs(e))), "signed_median_pct": float(np.median(e))})
+    return out
+
+
+def add_serve_arguments(sp) -> None:
+    sp.add_argument("records", help="serving records, JSON Lines (schema: docs/serving.md)")
+    sp.add_argument("--model-configs", default=None,
+                    help="folder of <model>/config.json (default: configs shipped in the package)")
+    sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
+    sp.add_argument("--calibration", default="default", help="none | default | PATH (as for predict)")
+    sp.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
+    sp.add_argument("--out", default=None, help="write one JSON line per record here")
+    sp.add_argument("--client-ms", type=float, default=CLIENT_MS,
+                    help=f"client-side time added to TTFT and E2E (default {CLIENT_MS})")
+    sp.add_argument("--ingress-ms", type=float, default=INGRESS_MS,
+                    help=f"client send -> visible to the scheduler (default {INGRESS_MS})")
+    sp.add_argument("--multi-turn", choices=("repeat", "accumulate"), default="repeat",
+                    help="what a chat user's later turn sends (docs/serving.md; default repeat)")
+    sp.add_argument("--rounds", type=int, default=10, help="closed loop: requests per client (default 10)")
+    sp.add_argument("--warmup-rounds", type=int, default=1,
+                    help="closed loop: each client's first requests left out of the statistics (default 1)")
+    sp.add_argument("--start", choices=wl_mod.START, default="random",
+                    help="closed loop: clients' first requests at random times within one request's duration "
+                         "(default), evenly over it, or all at once (docs/serving.md)")
+    sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
+                    help="inference-perf load type whose timer draws the send times (default constant)")
+    sp.add_argument("--exclude-gpu", action="append", default=[],
+                    help="drop records on this GPU before reading them (repeatable)")
+    sp.add_argument("--compare", action="store_true",
+                    help="print the errors against the records' measured blocks (read after predicting)")
+
+
+def run_serve(args) -> int:
+    from ..cli import _atomic_write, _print_table
+    if args.rounds < 1 or args.warmup_rounds < 0:
+        raise InputError("--rounds must be >= 1 and --warmup-rounds >= 0", field="rounds")
+    items = read_serving_records(args.records, tuple(args.exclude_gpu))
+    t0 = time.perf_counter()
+    outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
+                 Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms),
+                 {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
+                  "start": args.start, "arrivals": args.arrivals})
+    took = time.perf_counter() - t0
+    if args.out:
+        _atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))
+    priced = [o for o in outs if "predicted" in o]
+    print(f"costmodel serve: {len(outs)} records, {len(priced)} priced, {len(outs) - len(priced)} refused "
+          f"({took:.1f} s); calibration: " + "; ".join(f"{g}: {d}" for g, d in serve.calibration_used.items()))
+    rows = [{"id": o["id"][:48], "ttft_ms": o["predicted"]["ttft_mean_ms"],
+             "itl_ms": o["predicted"]["itl_mean_ms"], "e2e_ms": o["predicted"]["e2e_mean_ms"],
+             "out_tok_s": o["throughput"]["output_tokens_per_s"]} for o in priced]
+    _print_table(rows)
+    reasons: dict = {}
+    for o in outs:
+        if "refused" in o:
+            why = o["refused"]
+            why = next((p for p in why.split(": ") if "not supported" in p), why)
+            reasons.setdefault(why, []).append(o["id"])
+    for why, ids in reasons.items():
+        print(f"  refused {len(ids)} ({ids[0]}{', ...' if len(ids) > 1 else ''}): {why}", file=sys.stderr)
+    if args.compare:
+        summary = error_summary(compare(args.records, outs, tuple(args.exclude_gpu)))
+        if summary:
+            print("errors against measured (%):")
+            _print_table(summary)
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0

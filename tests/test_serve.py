@@ -1,0 +1,369 @@
+"""Serving estimates: the scheduler simulation against hand-computed scenarios (one request alone, a closed
+loop at concurrency 1, prefix-cache hits), properties (no request lost or duplicated, also across
+preemptions; latency non-decreasing in load and prompt length; throughput under the all-decode roofline),
+vmap over deployments = a Python loop, workloads as inference-perf sends them, records to predictions and
+refusals, the command line and bad input."""
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import costmodel as cm
+from costmodel import ops
+from costmodel.apps import scheduler as sch
+from costmodel.apps import serve as sv
+from costmodel.apps import workloads as wlm
+from costmodel.errors import InputError
+from costmodel.fastlookup import specialise
+from costmodel.params import Params
+
+REPO = Path(__file__).resolve().parent.parent
+R, W, U, G, S = 64, 64, 8, 4, 2  # one compiled shape for every scenario below
+INGRESS, CLIENT = 0.002, 0.009
+
+
+@pytest.fixture(scope="module")
+def model():
+    tables = cm.load_tables(REPO / "bench_data", cm.get_gpu("H100"))
+    su = cm.setup(cm.load_model("llama-2-7b"), tables, 1)
+    a = su.arrays
+    lk = dataclasses.replace(specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu), int_tokens=True)
+    on = jax.tree_util.tree_map(lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                                                     else np.float32), su.on_gpu)
+    sm = sch.StepModel(lk, on, jax.tree_util.tree_map(np.float32, Params()))
+    step = jax.jit(lambda n_dec, keys, n_pre, tok, pairs: sch._step_us(sm, su.static, n_dec, keys, n_pre, tok, pairs))
+    return su, sm, step
+
+
+def engine(budget=2048, seqs=16, blocks=4000, prefix=True, is_async=False):
+    return sch.Engine(np.int32(budget), np.int32(seqs), np.int32(blocks), np.int32(16), np.bool_(prefix),
+                      np.bool_(is_async), np.float32(INGRESS), np.float32(CLIENT), np.float32(1.0))
+
+
+def workload(offsets, prompt, output, user=None, group=None, sys_tokens=0, reuse=False, gate=None, succ=None):
+    n = len(offsets)
+    out = {}
+    for name, v, fill, dt in (("offset_s", offsets, np.inf, np.float32), ("prompt_tokens", prompt, 1, np.int32),
+                              ("output_tokens", output, 1, np.int32), ("user", user, -1, np.int32),
+                              ("group", group, -1, np.int32), ("sys_tokens", sys_tokens, 0, np.int32),
+                              ("reuse", reuse, False, bool), ("gate", gate, False, bool),
+                              ("succ", succ, -1, np.int32)):
+        a = np.full(R, fill, dt)
+        a[:n] = fill if v is None else v
+        out[name] = a
+    return sch.Workload(stage=np.zeros(R, np.int32), valid=np.arange(R) < n,
+                        stage_requests=np.array([n, 0], np.int32), **out)
+
+
+def run(model, wl, eng):
+    su, sm, _ = model
+    r = sch.simulate(sm, eng, wl, static=su.static, window=W, n_users=U, n_groups=G, max_iterations=200_000)
+    return {k: np.asarray(v) for k, v in r._asdict().items()}
+
+
+def t_prefill(model, new, cached):
+    su, _, step = model
+    d = su.on_gpu.dims
+    return float(step(0.0, 0.0, 1.0, float(new), float(ops.prefill_pairs_tiled(d, float(new), float(cached))))) * 1e-6
+
+
+def t_decode(model, ctx_list):
+    su, _, step = model
+    d = su.on_gpu.dims
+    keys = float(sum(float(ops.decode_keys(d, float(c))) for c in ctx_list))
+    return float(step(float(len(ctx_list)), keys, 0.0, 0.0, 0.0)) * 1e-6
+
+
+# ---------------------------------------------------------------- hand-computed scenarios
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_one_request_alone(model, is_async):
+    """Alone on the engine: TTFT = ingress + its prefill step + client time; E2E adds one batch-1 decode step
+    per further token, at context P, P+1, ...; async scheduling changes nothing without other arrivals."""
+    P, O = 1000, 5
+    r = run(model, workload([0.0], [P], [O]), engine(is_async=is_async))
+    ttft = r["first_s"][0] - r["send_s"][0] + CLIENT
+    e2e = r["done_s"][0] - r["send_s"][0] + CLIENT
+    want_ttft = INGRESS + t_prefill(model, P, 0) + CLIENT
+    want_e2e = want_ttft + sum(t_decode(model, [P + k]) for k in range(O - 1))
+    assert ttft == pytest.approx(want_ttft, rel=1e-4)
+    assert e2e == pytest.approx(want_e2e, rel=1e-4)
+    assert int(r["steps"]) == O
+
+
+def test_chunked_prefill_alone(model):
+    """A 1000-token prompt under a 512-token budget: chunks of 512 and 488 (after 512 cached)."""
+    r = run(model, workload([0.0], [1000], [2]), engine(budget=512))
+    ttft = r["first_s"][0] - r["send_s"][0] + CLIENT
+    assert ttft == pytest.approx(INGRESS + t_prefill(model, 512, 0) + t_prefill(model, 488, 512) + CLIENT, rel=1e-4)
+
+
+def test_closed_loop_concurrency_one(model):
+    """One client: each request runs alone, so TPOT is the mean batch-1 decode step over its contexts, and the
+    next request is sent when the client has read the last token."""
+    P, O, n = 300, 8, 4
+    i = np.arange(n)
+    wl = workload(np.zeros(n), [P] * n, [O] * n, user=np.zeros(n), gate=i >= 1, succ=np.where(i + 1 < n, i + 1, -1))
+    r = run(model, wl, engine())
+    tpot = (r["done_s"][:n] - r["first_s"][:n]) / (O - 1)
+    want = np.mean([t_decode(model, [P + k]) for k in range(O - 1)])
+    np.testing.assert_allclose(tpot, want, rtol=1e-3)
+    e2e = r["done_s"][:n] - r["send_s"][:n] + CLIENT
+    np.testing.assert_allclose(r["send_s"][1:n], r["send_s"][:n - 1] + e2e[:n - 1], rtol=1e-5)
+    # and the batch-1 decode step itself
+    assert tpot[0] == pytest.approx(t_decode(model, [P + (O - 2) / 2]), rel=2e-3)
+
+
+def test_prefix_cache_hit(model):
+    """The same prompt sent again after the first answered: its full 16-token blocks hit (never the last
+    token), so its prefill computes the remaining tokens after them."""
+    P = 1000
+    r = run(model, workload([0.0, 5.0], [P, P], [3, 3], user=[0, 0], reuse=True), engine())
+    hit = 16 * ((P - 1) // 16)
+    assert list(r["hit_tokens"][:2]) == [0, hit]
+    ttft = r["first_s"][1] - r["send_s"][1] + CLIENT
+    assert ttft == pytest.approx(INGRESS + t_prefill(model, P - hit, hit) + CLIENT, rel=1e-4)
+
+
+def test_shared_system_prompt(model):
+    """A second user of the same group hits the group's system prompt blocks only."""
+    r = run(model, workload([0.0, 5.0], [600, 600], [2, 2], user=[0, 1], group=[0, 0], sys_tokens=100, reuse=True),
+            engine())
+    assert list(r["hit_tokens"][:2]) == [0, 96]
+
+
+def test_preemption_recomputes_and_finishes(model):
+    """KV for little more than two prompts: requests are preempted (recompute) and every one still ends with
+    its first and last tokens."""
+    n = 6
+    r = run(model, workload(np.zeros(n), [400] * n, [200] * n), engine(blocks=60))
+    assert r["preemptions"][:n].sum() > 0
+    assert bool(r["complete"])
+    assert np.all(np.isfinite(r["done_s"][:n])) and np.all(r["first_s"][:n] <= r["done_s"][:n])
+
+
+# ---------------------------------------------------------------- properties
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 40))
+    rate = draw(st.floats(0.5, 50.0))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    offsets = np.cumsum(rng.exponential(1.0 / rate, n))
+    prompt = rng.integers(1, 1500, n)
+    output = rng.integers(1, 60, n)
+    users = rng.integers(-1, U, n)
+    eng = dict(budget=draw(st.sampled_from([64, 256, 2048])), seqs=draw(st.integers(1, 16)),
+               blocks=draw(st.integers(100, 3000)), prefix=draw(st.booleans()), is_async=draw(st.booleans()))
+    return offsets, prompt, output, users, eng
+
+
+FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@FAST
+@given(scenarios())
+def test_no_request_lost_or_duplicated(model, sc):
+    """Every request that was sent gets exactly one first and one last token, after its arrival, whatever
+    the budget, running limit, KV capacity (preemptions) and prefix hits."""
+    offsets, prompt, output, users, eng = sc
+    n = len(offsets)
+    r = run(model, workload(offsets, prompt, output, user=users, reuse=True), engine(**eng))
+    assert bool(r["complete"]) and not bool(r["overflow"])
+    first, done, send = r["first_s"][:n], r["done_s"][:n], r["send_s"][:n]
+    assert np.all(np.isfinite(first)) and np.all(np.isfinite(done))
+    assert np.all(first >= send + INGRESS - 1e-4) and np.all(done >= first)
+    assert np.all(np.isinf(r["done_s"][n:]))  # padding never runs
+    assert np.array_equal(r["generated"][:n], output)  # each answer exactly its output tokens
+    assert int(r["decode_tokens"]) <= int((output - 1).sum())  # recomputed tokens come back as prefill
+
+
+@FAST
+@given(scenarios(), st.floats(1.2, 4.0))
+def test_latency_non_decreasing_in_rate(model, sc, factor):
+    """The same arrivals compressed in time (a higher rate): mean TTFT and E2E do not decrease, up to the
+    batching economy of steps (two prompts that now share a step can finish sooner than one after the
+    other; over 300 random scenarios the mean fell by at most 3.4 %).  With the KV cache short,
+    preemption makes the scheduler less monotone still (a request that now waits for blocks can spare
+    another a recompute), so the property is checked with room for every request."""
+    offsets, prompt, output, users, eng = sc
+    eng["blocks"] = 4000
+    a = run(model, workload(offsets, prompt, output), engine(**eng))
+    b = run(model, workload(offsets / factor, prompt, output), engine(**eng))
+    n = len(offsets)
+    for key in ("first_s", "done_s"):
+        lat_a = np.mean(a[key][:n] - a["send_s"][:n])
+        lat_b = np.mean(b[key][:n] - b["send_s"][:n])
+        assert lat_b >= lat_a * 0.95, (key, lat_a, lat_b)
+
+
+@FAST
+@given(scenarios(), st.integers(1, 400))
+def test_latency_non_decreasing_in_prompt(model, sc, extra):
+    """Longer prompts (every one ``extra`` tokens longer): mean TTFT and E2E do not decrease (no tolerance
+    needed: 300 random scenarios never showed a decrease)."""
+    offsets, prompt, output, users, eng = sc
+    eng["blocks"] = 4000
+    a = run(model, workload(offsets, prompt, output), engine(**eng))
+    b = run(model, workload(offsets, prompt + extra, output), engine(**eng))
+    n = len(offsets)
+    for key in ("first_s", "done_s"):
+        lat_a = np.mean(a[key][:n] - a["send_s"][:n])
+        lat_b = np.mean(b[key][:n] - b["send_s"][:n])
+        assert lat_b >= lat_a * (1 - 1e-3) - 1e-5
+
+
+@FAST
+@given(scenarios())
+def test_throughput_under_decode_roofline(model, sc):
+    """Output tokens per second of engine time never exceed the best all-decode step: b requests decoding
+    at the shortest context, for any b up to the running limit."""
+    offsets, prompt, output, users, eng = sc
+    n = len(offsets)
+    r = run(model, workload(offsets, prompt, output), engine(**eng))
+    rate = float(output.sum()) / float(r["busy_s"])
+    ctx = int(prompt.min())
+    best = max(b / t_decode(model, [ctx] * b) for b in range(1, int(eng["seqs"]) + 1))
+    assert rate <= best * (1 + 1e-4)
+    assert n >= 1
+
+
+def test_vmap_equals_loop(model):
+    """Three deployments (budgets, running limits, KV, scheduling mode, residual parameters) in one vmapped
+    call give the per-deployment results."""
+    su, sm, _ = model
+    rng = np.random.default_rng(0)
+    n = 30
+    wls = [workload(np.cumsum(rng.exponential(0.05, n)), rng.integers(10, 1200, n), rng.integers(1, 40, n),
+                    user=rng.integers(0, U, n), reuse=True) for _ in range(3)]
+    engs = [engine(2048, 16, 4000), engine(256, 4, 300, is_async=True), engine(512, 8, 150, prefix=False)]
+    sms = [sm, sm._replace(params=jax.tree_util.tree_map(np.float32, Params(step_overhead_us=600.0))), sm]
+    kw = dict(static=su.static, window=W, n_users=U, n_groups=G, max_iterations=200_000)
+    stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
+    batched = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw))(stack(sms), stack(engs), stack(wls))
+    for i in range(3):
+        one = sch.simulate(sms[i], engs[i], wls[i], **kw)
+        for key in ("first_s", "done_s", "hit_tokens", "preemptions", "steps", "busy_s"):
+            np.testing.assert_allclose(np.asarray(getattr(batched, key))[i], np.asarray(getattr(one, key)),
+                                       rtol=1e-6, err_msg=key)
+
+
+# ---------------------------------------------------------------- workloads
+
+def test_closed_loop_requests():
+    r = wlm.closed_loop({"concurrency": 4, "input_tokens": 100, "output_tokens": 10}, "x", rounds=3,
+                        warmup_rounds=1)
+    assert len(r) == 12 and list(r.succ[:4]) == [4, 5, 6, 7] and list(r.succ[8:]) == [-1] * 4
+    assert not r.gate[:4].any() and r.gate[4:].all() and r.measured.sum() == 8
+    assert list(r.user[:8]) == [0, 1, 2, 3] * 2 and not r.reuse.any()
+    spread = wlm.stagger_start(dataclasses.replace(r, start="spread"), 2.0)
+    np.testing.assert_allclose(spread.offset_s[:4], [0.0, 0.5, 1.0, 1.5])
+    rand = wlm.stagger_start(r, 2.0)
+    assert r.start == "random" and np.all((rand.offset_s[:4] >= 0) & (rand.offset_s[:4] < 2.0))
+    assert np.all(spread.offset_s[4:] == 0) and np.all(rand.offset_s[4:] == 0)
+
+
+def test_shared_prefix_requests():
+    w = {"type": "inference_perf_shared_prefix", "stages": [{"rate": 2.0, "duration_s": 10},
+                                                            {"rate": 4.0, "duration_s": 5}],
+         "seed": 1, "num_unique_system_prompts": 2, "num_users_per_system_prompt": 3, "system_prompt_len": 100,
+         "question_len": 50, "output_len": 20, "enable_multi_turn_chat": True}
+    r = wlm.from_record(w, "x")
+    assert list(r.stage_requests) == [20, 20] and len(r) == 40
+    assert list(r.user[:8]) == [0, 1, 2, 3, 4, 5, 0, 1] and list(r.user[20:22]) == [0, 1]  # restarts per stage
+    assert np.all(r.prompt_tokens == 150) and np.all(np.bincount(r.group[:6]) == 3)
+    assert r.succ[0] == 6 and r.gate[6] and not r.gate[5] and r.succ[19] == -1 and not r.gate[20]
+    assert np.all(np.diff(r.offset_s[:20]) >= 0) and r.offset_s[0] >= 1.0
+    acc = wlm.from_record(w, "x", max_model_len=400, multi_turn="accumulate")
+    # turn t of a user: 100 + t * 70 + 50 tokens; with 20 output tokens up to 360 fit in 400, 430 does not
+    assert sorted(set(acc.prompt_tokens.tolist())) == [150, 220, 290, 360]
+    assert acc.rejected == 40 - len(acc)
+    w2 = dict(w, enable_multi_turn_chat=False)
+    r2 = wlm.from_record(w2, "x")
+    assert not r2.gate.any() and np.all(r2.succ == -1)
+
+
+def test_poisson_timer():
+    t = wlm.poisson_times(np.random.default_rng(0), 5.0, 3000)
+    assert len(t) == 3000 and abs(t[-1] - 600) < 30 and np.all(np.diff(t) >= 0)
+
+
+# ---------------------------------------------------------------- records, refusals, command line
+
+def _records(tmp_path):
+    cfg = tmp_path / "configs"
+    (cfg / "tiny-moe").mkdir(parents=True)
+    (cfg / "tiny-moe" / "config.json").write_text(json.dumps({
+        "architectures": ["MixtralForCausalLM"], "hidden_size": 512, "num_attention_heads": 8,
+        "num_key_value_heads": 8, "num_hidden_layers": 2, "intermediate_size": 1024, "vocab_size": 1000,
+        "num_local_experts": 8}))
+    open_loop = {"id": "dense-open", "model": "llama-2-7b", "gpu": "H100", "tp": 1,
+                 "engine": {"name": "vllm", "version": "0.15.1", "max_num_batched_tokens": 2048, "max_num_seqs": 128,
+                            "observed_kv_blocks": {"gpu_kv_blocks": 7000}},
+                 "workload": {"type": "inference_perf_shared_prefix", "stages": [{"rate": 4.0, "duration_s": 4},
+                                                                                 {"rate": 8.0, "duration_s": 2}],
+                              "seed": 3, "num_unique_system_prompts": 2, "num_users_per_system_prompt": 2,
+                              "system_prompt_len": 100, "question_len": 300, "output_len": 30,
+                              "enable_multi_turn_chat": True},
+                 "measured": {"ttft_mean_ms": 1.0}}
+    closed = {"id": "dense-closed", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "mode": "agg",
+              "engine": {"name": "vllm", "version": "0.12.0"},
+              "workload": {"type": "closed", "concurrency": 4, "input_tokens": 500, "output_tokens": 20}}
+    moe = dict(closed, id="moe", model="tiny-moe")
+    disagg = dict(closed, id="disagg", mode="disagg")
+    dp = dict(closed, id="dp", attention_dp=2)
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in (open_loop, closed, moe, disagg, dp)))
+    return path, cfg
+
+
+def test_serve_records_and_refusals(tmp_path):
+    path, cfg = _records(tmp_path)
+    outs = sv.serve(sv.read_serving_records(path), model_configs=cfg, calibration="none",
+                    workload_options={"rounds": 3})
+    by = {o["id"]: o for o in outs}
+    assert [o["id"] for o in outs] == ["dense-open", "dense-closed", "moe", "disagg", "dp"]
+    assert "mixture-of-experts" in by["moe"]["refused"]
+    assert "disaggregated" in by["disagg"]["refused"] and "attention_dp" in by["dp"]["refused"]
+    o = by["dense-open"]
+    for k in sv.METRICS:
+        assert o["predicted"][k] > 0
+    assert len(o["predicted"]["stages"]) == 2 and o["simulation"]["complete"]
+    assert o["simulation"]["requests"] == 32 and o["simulation"]["async_scheduling"]
+    assert o["kv_cache"]["source"] == "observed" and o["kv_cache"]["prefix_hit_tokens_mean"] > 0
+    c = by["dense-closed"]
+    assert c["simulation"]["measured_requests"] == 8 and not c["simulation"]["async_scheduling"]
+    assert c["simulation"]["max_num_batched_tokens"] == 8192 and c["kv_cache"]["source"] == "estimated"
+    assert c["throughput"]["output_tokens_per_s"] > 0 and c["predicted"]["tpot_mean_ms"] > 0
+
+
+def test_cli(tmp_path, capsys):
+    from costmodel.cli import main
+    path, cfg = _records(tmp_path)
+    out = tmp_path / "out.jsonl"
+    assert main(["serve", str(path), "--model-configs", str(cfg), "--calibration", "none", "--rounds", "3",
+                 "--out", str(out)]) == 0
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [x["id"] for x in lines] == ["dense-open", "dense-closed", "moe", "disagg", "dp"]
+    assert "2 priced, 3 refused" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda r: r.pop("workload"), "workload"),
+    (lambda r: r["workload"].update(concurrency=0), "workload.concurrency"),
+    (lambda r: r["workload"].update(type="trace"), "workload.type"),
+    (lambda r: r.update(tp="two"), "tp"),
+])
+def test_bad_input_names_line_and_field(tmp_path, mutate, field):
+    rec = {"id": "a", "model": "llama-2-7b", "gpu": "H100", "tp": 1,
+           "workload": {"type": "closed", "concurrency": 2, "input_tokens": 10, "output_tokens": 5}}
+    mutate(rec)
+    path = tmp_path / "bad.jsonl"
+    path.write_text("\n" + json.dumps(rec) + "\n")
+    with pytest.raises(InputError, match=rf"bad.jsonl:2.*field '{field}'"):
+        sv.serve(sv.read_serving_records(path))
