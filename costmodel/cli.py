@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .apps import bench, sweep
+from .apps import bench, serve, sweep
 from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
 from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
@@ -152,17 +152,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="one parameter set for all records, not one per engine version (vllm_version)")
     sp.set_defaults(func=run_fit_cli)
 
-    sp = sub.add_parser("sweep", help="evaluate a space of step configurations (YAML/JSON spec) to Parquet/CSV")
-    sweep.add_sweep_arguments(sp)
-    sp.set_defaults(func=sweep.run_sweep)
-    sp = sub.add_parser("bench", help="time the vectorized sweep against a per-configuration loop")
-    bench.add_bench_arguments(sp)
-    sp.set_defaults(func=bench.run_bench)
-
-    from .apps import serve as _serve
-    sp = sub.add_parser("serve", help="serving estimates (TTFT, TPOT/ITL, E2E, throughput) of deployments under load")
-    _serve.add_serve_arguments(sp)
-    sp.set_defaults(func=_serve.run_serve)
+    for name, help_, add, run in (
+            ("sweep", "evaluate a space of step configurations (YAML/JSON spec) to Parquet/CSV",
+             sweep.add_sweep_arguments, sweep.run_sweep),
+            ("bench", "time the vectorized sweep against a per-configuration loop", bench.add_bench_arguments,
+             bench.run_bench),
+            ("serve", "serving estimates (TTFT, TPOT/ITL, E2E, throughput) of deployments under load",
+             serve.add_serve_arguments, serve.run_serve)):
+        sp = sub.add_parser(name, help=help_)
+        add(sp)
+        sp.set_defaults(func=run)
 
     sp = sub.add_parser("import-aiconfigurator", help="convert AIConfigurator's kernel database to bench_data")
     aiconfigurator.add_arguments(sp)

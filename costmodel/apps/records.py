@@ -388,6 +388,12 @@ class Predictor:
         return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
 
 
+def _some(items: list[str], shown: int) -> str:
+    """The first ``shown`` of ``items``, comma-separated, and how many more there are."""
+    more = f" and {len(items) - shown} more" if len(items) > shown else ""
+    return ", ".join(items[:shown]) + more
+
+
 # The engine settings under which `kv_fit_warning` asks whether a step's KV cache fits (vLLM's defaults).
 KV_CHECK = {"gpu_memory_utilization": 0.9, "max_num_batched_tokens": 8192, "max_num_seqs": 256}
 
@@ -410,10 +416,9 @@ def kv_fit_warning(records: list[Record], capacity_of, shown: int = 3, seen: set
                 break
     if not bad:
         return None
-    listed = ", ".join(f"{r.where} ({n} tokens > {t} at TP {r.tp})" for r, n, t in bad[:shown])
-    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    listed = _some([f"{r.where} ({n} tokens > {t} at TP {r.tp})" for r, n, t in bad], shown)
     return (f"{len(bad)} record(s) hold more KV cache in one step than their GPUs keep for it at "
-            f"gpu_memory_utilization {KV_CHECK['gpu_memory_utilization']} (priced all the same): {listed}{more}")
+            f"gpu_memory_utilization {KV_CHECK['gpu_memory_utilization']} (priced all the same): {listed}")
 
 
 def context_warning(records: list[Record], models: list, shown: int = 3, seen: set | None = None) -> str | None:
@@ -426,10 +431,9 @@ def context_warning(records: list[Record], models: list, shown: int = 3, seen: s
     seen.update(("context", r.where) for r, _, _ in bad)
     if not bad:
         return None
-    listed = ", ".join(f"{r.where} ({c} > {m.max_position_embeddings:.0f} for {m.name})" for r, m, c in bad[:shown])
-    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    listed = _some([f"{r.where} ({c} > {m.max_position_embeddings:.0f} for {m.name})" for r, m, c in bad], shown)
     return (f"{len(bad)} record(s) hold contexts longer than their model's max_position_embeddings (priced "
-            f"all the same): {listed}{more}")
+            f"all the same): {listed}")
 
 
 # `noise_warning` names the table points a prediction read that the noise policy lowered by more than this
@@ -459,12 +463,10 @@ def noise_warning(groups, tables: dict[str, Tables], bound: float = NOISE_WARN_B
     if not hits:
         return None
     worst = sorted(hits.items(), key=lambda kv: -abs(math.log(kv[1].measured_us / kv[1].used_us)))
-    listed = ", ".join(f"{g} {tab} {a.where} ({a.measured_us:.4g} -> {a.used_us:.4g} µs"
-                       f"{', dropped: ' + a.reason if a.reason != 'envelope' else ''})"
-                       for (g, tab, _), a in worst[:shown])
-    more = f" and {len(hits) - shown} more" if len(hits) > shown else ""
+    listed = _some([f"{g} {tab} {a.where} ({a.measured_us:.4g} -> {a.used_us:.4g} µs"
+                    f"{', dropped: ' + a.reason if a.reason != 'envelope' else ''})" for (g, tab, _), a in worst], shown)
     return (f"these predictions read {len(hits)} table point(s) that the noise policy lowered by more than "
-            f"{bound:.0%} or dropped: {listed}{more} (costmodel tables lists every adjusted point)")
+            f"{bound:.0%} or dropped: {listed} (costmodel tables lists every adjusted point)")
 
 
 def roofline_floor_us(groups, n_records: int) -> np.ndarray:
@@ -486,10 +488,9 @@ def below_floor_warning(records: list[Record], floor: np.ndarray, shown: int = 5
     bad = [(r, fl) for r, fl in zip(records, floor) if r.measured_us is not None and r.measured_us < fl]
     if not bad:
         return None
-    listed = ", ".join(f"{r.where} ({r.measured_us:.0f} < {fl:.0f} µs)" for r, fl in bad[:shown])
-    more = f" and {len(bad) - shown} more" if len(bad) > shown else ""
+    listed = _some([f"{r.where} ({r.measured_us:.0f} < {fl:.0f} µs)" for r, fl in bad], shown)
     return (f"warning: {len(bad)} record(s) measured faster than their GEMMs' roofline at peak, which is "
-            f"physically impossible (mis-timed or mis-attributed steps?): {listed}{more}")
+            f"physically impossible (mis-timed or mis-attributed steps?): {listed}")
 
 
 @functools.lru_cache(maxsize=None)

@@ -29,7 +29,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
+from ..calibration import resolve_calibration
 from ..errors import InputError
+from ..io import atomic_write, check_output_file, number, print_table, refuse_overwrite
 from ..fastlookup import TOKEN_TABLE, common_shapes, specialise
 from ..hardware import GPU, get_gpu
 from ..model import load_model
@@ -47,14 +49,6 @@ STAGE_INTERVAL_S = 1.0  # inference-perf's default pause between load stages
 METRICS = ("ttft_mean_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms", "itl_mean_ms", "e2e_mean_ms",
            "e2e_p90_ms", "e2e_p99_ms")
 WEIGHT_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}  # priced; mxfp4 / int4_wo are not yet
-
-
-def _calibration():
-    try:  # the calibration module is moving out of apps.fit
-        from ..calibration import resolve_calibration
-    except ImportError:
-        from .fit import resolve_calibration
-    return resolve_calibration
 
 
 # ---------------------------------------------------------------- engine settings
@@ -227,7 +221,7 @@ class Simulator:
 
     def params(self, gpu: GPU, version) -> Params:
         if gpu.name not in self._cal:
-            cal, desc = _calibration()(self.calibration, [gpu.name], allow_other_gpu=self.allow_other_gpu,
+            cal, desc = resolve_calibration(self.calibration, [gpu.name], allow_other_gpu=self.allow_other_gpu,
                                        table_sources={gpu.name: self.tables(gpu).sources})
             self._cal[gpu.name] = cal.get(gpu.name)
             self.calibration_used[gpu.name] = desc
@@ -531,14 +525,14 @@ def add_serve_arguments(sp) -> None:
     sp.add_argument("--calibration", default="default", help="none | default | PATH (as for predict)")
     sp.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
     sp.add_argument("--out", default=None, help="write one JSON line per record here")
-    sp.add_argument("--client-ms", type=float, default=CLIENT_MS,
+    sp.add_argument("--client-ms", type=number(float, 0), default=CLIENT_MS,
                     help=f"client-side time added to TTFT and E2E (default {CLIENT_MS})")
-    sp.add_argument("--ingress-ms", type=float, default=INGRESS_MS,
+    sp.add_argument("--ingress-ms", type=number(float, 0), default=INGRESS_MS,
                     help=f"client send -> visible to the scheduler (default {INGRESS_MS})")
     sp.add_argument("--multi-turn", choices=("repeat", "accumulate"), default="repeat",
                     help="what a chat user's later turn sends (docs/serving.md; default repeat)")
-    sp.add_argument("--rounds", type=int, default=10, help="closed loop: requests per client (default 10)")
-    sp.add_argument("--warmup-rounds", type=int, default=1,
+    sp.add_argument("--rounds", type=number(int, 1), default=10, help="closed loop: requests per client (default 10)")
+    sp.add_argument("--warmup-rounds", type=number(int, 0), default=1,
                     help="closed loop: each client's first requests left out of the statistics (default 1)")
     sp.add_argument("--start", choices=wl_mod.START, default="random",
                     help="closed loop: clients' first requests at random times within one request's duration "
@@ -552,9 +546,9 @@ def add_serve_arguments(sp) -> None:
 
 
 def run_serve(args) -> int:
-    from ..cli import _atomic_write, _print_table
-    if args.rounds < 1 or args.warmup_rounds < 0:
-        raise InputError("--rounds must be >= 1 and --warmup-rounds >= 0", field="rounds")
+    if args.out:
+        check_output_file(args.out)
+        refuse_overwrite(args.out, [args.records])
     items = read_serving_records(args.records, tuple(args.exclude_gpu))
     t0 = time.perf_counter()
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
@@ -563,14 +557,14 @@ def run_serve(args) -> int:
                   "start": args.start, "arrivals": args.arrivals})
     took = time.perf_counter() - t0
     if args.out:
-        _atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))
+        atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))
     priced = [o for o in outs if "predicted" in o]
     print(f"costmodel serve: {len(outs)} records, {len(priced)} priced, {len(outs) - len(priced)} refused "
           f"({took:.1f} s); calibration: " + "; ".join(f"{g}: {d}" for g, d in serve.calibration_used.items()))
     rows = [{"id": o["id"][:48], "ttft_ms": o["predicted"]["ttft_mean_ms"],
              "itl_ms": o["predicted"]["itl_mean_ms"], "e2e_ms": o["predicted"]["e2e_mean_ms"],
              "out_tok_s": o["throughput"]["output_tokens_per_s"]} for o in priced]
-    _print_table(rows)
+    print_table(rows)
     reasons: dict = {}
     for o in outs:
         if "refused" in o:
@@ -583,7 +577,7 @@ def run_serve(args) -> int:
         summary = error_summary(compare(args.records, outs, tuple(args.exclude_gpu)))
         if summary:
             print("errors against measured (%):")
-            _print_table(summary)
+            print_table(summary)
     if args.out:
         print(f"wrote {args.out}")
     return 0
