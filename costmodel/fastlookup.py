@@ -115,12 +115,12 @@ class Series:
     cells: int = _static()
 
     @staticmethod
-    def build(x, coef) -> "Series":
-        """From grid ``x`` [N] and coefficients ``coef`` [4, N-1, S] (interpax's `.c` layout)."""
-        c = np.asarray(coef, np.float64)
-        planes = np.ascontiguousarray(np.moveaxis(c, 2, 1).reshape(4, -1)).astype(np.float32)  # [4, S·cells]
-        x = np.asarray(x, np.float32)
-        return Series(Finder.build(x), x[:-1], planes, x.shape[0] - 1)
+    def build(x, coef, finder: Finder | None = None) -> "Series":
+        """From grid ``x`` [N] and coefficients ``coef`` [4, N-1, S] (interpax's `.c` layout; numpy, or JAX
+        inside a jitted setup function with a prebuilt ``finder``)."""
+        planes = coef.swapaxes(1, 2).reshape(4, -1).astype(np.float32)  # [4, S·cells]
+        return Series(Finder.build(x) if finder is None else finder, x[:-1].astype(np.float32), planes,
+                      x.shape[0] - 1)
 
     def __call__(self, s: int, xq, slope_hi):
         """Series ``s`` at log value ``xq``: the cubic inside the grid, log-log slope ``slope_hi`` above."""
@@ -158,18 +158,23 @@ class RefinedAttn:
 
 
 def _crossings(P: np.ndarray, width: float) -> list[float]:
-    """Offsets u in (0, width) where two of the cubics P [Nb, 4] (coefficients of u^3 .. u^0) cross."""
-    out = []
-    for a in range(P.shape[0]):
-        for b in range(a + 1, P.shape[0]):
-            d = P[a] - P[b]
-            nz = np.nonzero(np.abs(d) > 1e-300)[0]
-            if nz.size == 0 or nz[0] == 3:
-                continue
-            r = np.roots(d[nz[0]:])
-            r = r[np.abs(r.imag) < 1e-9].real
-            out += [float(v) for v in r if 1e-9 * width < v < (1 - 1e-9) * width]
-    return sorted(set(out))
+    """Offsets u in (0, width) where two of the cubics P [Nb, 4] (coefficients of u^3 .. u^0) cross: the real
+    eigenvalues of each difference's companion matrix (as `np.roots`), all cubic pairs in one call."""
+    a, b = np.triu_indices(P.shape[0], 1)
+    D = P[a] - P[b]
+    cubic = np.abs(D[:, 0]) > 1e-300
+    C = D[cubic]
+    A = np.zeros((len(C), 3, 3))
+    A[:, 0, :] = -C[:, 1:] / C[:, :1]
+    A[:, 1, 0] = A[:, 2, 1] = 1.0
+    roots = [np.linalg.eigvals(A).ravel()] if len(C) else []
+    for d in D[~cubic]:  # lower degree
+        nz = np.nonzero(np.abs(d) > 1e-300)[0]
+        if nz.size and nz[0] < 3:
+            roots.append(np.roots(d[nz[0]:]))
+    r = np.concatenate(roots) if roots else np.zeros(0)
+    r = r[np.abs(r.imag) < 1e-9].real
+    return sorted(set(float(v) for v in r if 1e-9 * width < v < (1 - 1e-9) * width))
 
 
 def refine_attention(coef: np.ndarray, t: AttnTable):
@@ -292,31 +297,32 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
     d = ops.Dims(*(np.float32(v) for v in on.dims))
     gl = _gemm_shapes(d)
     dec_c, pre_c = int(on.decode_layout), int(on.prefill_layout)
-    gc, cc, dc, pc, floor = (np.asarray(a, np.float64) for a in _once(
+    comm_x = np.asarray(comm.log_bytes, np.float32) if comm is not None else np.zeros(2, np.float32)
+    finders = Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x)
+    gc, cc, dc, pc, floor, tok = jax.tree_util.tree_map(np.asarray, _once(
         _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
         np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
-        np.int32(pre_c)))
-    gemm_series = Series.build(gemm.log_m, gc)
-    if comm is not None:
-        comm_series = Series.build(comm.log_bytes, cc[..., None])
-    else:
-        comm_series = Series.build(np.zeros(2, np.float32), np.zeros((4, 1, 1)))
+        np.int32(pre_c), finders, d, comm is not None))
     f32 = np.float32
-    out = FastLookup(gemm_series, f32(floor), np.zeros((5, 1), f32),
-                     _refined(dc, decode), f32(on.decode_kv_scale), f32(np.exp(decode.log_t[dec_c, 0, 0])),
-                     _refined(pc, prefill), f32(on.prefill_len_scale), comm_series,
-                     np.zeros(1, f32), np.zeros(1, f32), d, comm is not None)
-    tok = _once(_tokens, gemm_series, out.gemm_log_floor, comm_series, d, comm is not None)
-    return dataclasses.replace(out, **{k: np.concatenate([v[..., :1], v], axis=-1)
-                                       for k, v in jax.tree_util.tree_map(np.asarray, tok).items()})
+    return FastLookup(Series.build(np.asarray(gemm.log_m, np.float32), gc, finders[0]), f32(floor),
+                      _per_token(tok["tok_gemm"]), _refined(dc.astype(np.float64), decode), f32(on.decode_kv_scale),
+                      f32(np.exp(decode.log_t[dec_c, 0, 0])), _refined(pc.astype(np.float64), prefill),
+                      f32(on.prefill_len_scale), Series.build(comm_x, cc[..., None], finders[1]),
+                      _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]), d, comm is not None)
 
 
-@jax.jit
-def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c):
-    """The interpolants `specialise` needs, as interpax's spline coefficients (one compilation per table
-    shapes): the five GEMMs' blended log-m cubics [4, Nm-1, 5] (the blend of the neighbouring shapes'
-    splines is the spline of the blend), the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], the
-    two attention head layouts' cubics [4, Nl-1, Nb], and the GEMM table's log floor."""
+def _per_token(v: np.ndarray) -> np.ndarray:
+    """A per-token table indexed by the count itself (entry 0, never read, repeats entry 1)."""
+    return np.concatenate([v[..., :1], v], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=11)
+def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm):
+    """What `specialise` computes, in one compilation per table shapes: interpax's spline coefficients of
+    the five GEMMs' blended log-m cubics [4, Nm-1, 5] (the blend of the neighbouring shapes' splines is the
+    spline of the blend), of the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], of the two attention
+    head layouts [4, Nl-1, Nb], the GEMM table's log floor, and the per-token tables (index m - 1): the
+    lookup's own GEMM and all-reduce functions (`_gemm_us`, `_comm_us`) at every integer."""
     def one(k, n):
         series, offset, w = gemm_shape_blend(gemm, k, n)
         c = monotone_spline(gemm.log_m, series.T).c @ w
@@ -326,7 +332,17 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c):
           if comm is not None else jnp.zeros((4, 1)))
     dc = monotone_spline(decode.log_len, decode.log_t[dec_c]).c
     pc = monotone_spline(prefill.log_len, prefill.log_t[pre_c]).c
-    return gc, cc, dc, pc, gemm_log_floor(gemm)
+    floor = gemm_log_floor(gemm)
+    m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
+    gemm_s = Series.build(gemm.log_m, gc, finders[0])
+    tok = {"tok_gemm": jnp.stack([_gemm_us(gemm_s, floor, i, jnp.log(m)) for i in range(5)])}
+    if has_comm:
+        comm_s = Series.build(comm.log_bytes, cc[..., None], finders[1])
+        tok["tok_comm"] = _comm_us(comm_s, ops.allreduce_bytes(d, m))
+        tok["tok_gather"] = _comm_us(comm_s, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
+    else:
+        tok["tok_comm"] = tok["tok_gather"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
+    return gc, cc, dc, pc, floor, tok
 
 
 def _gemm_shapes(d: ops.Dims) -> list[ops.Gemm]:
@@ -341,19 +357,6 @@ def _refined(coef: np.ndarray, t: AttnTable) -> RefinedAttn:
     refined = RefinedAttn(Finder.build(nodes), x0, coef.astype(np.float32), Finder.build(lb), bx0, bdx,
                           np.float32(np.exp(lb[-1])), lb.size)
     return _widen(refined, max(2, lb.size))  # a lookup reads columns j and j + 1
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _tokens(gemm: Series, gemm_log_floor, comm: Series, d: ops.Dims, has_comm: bool) -> dict:
-    """The per-token tables (index m - 1): the lookup's own GEMM and all-reduce functions at every integer."""
-    m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
-    out = {"tok_gemm": jnp.stack([_gemm_us(gemm, gemm_log_floor, i, jnp.log(m)) for i in range(5)])}
-    if has_comm:
-        out["tok_comm"] = _comm_us(comm, ops.allreduce_bytes(d, m))
-        out["tok_gather"] = _comm_us(comm, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
-    else:
-        out["tok_comm"] = out["tok_gather"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
-    return out
 
 
 def common_shapes(lookups: list[FastLookup]) -> list[FastLookup]:
