@@ -128,9 +128,14 @@ def decode_table_us(attn, floor_us, kv_scale, n_req, total_keys):
     table function ``attn`` (`attn_on`) whose kv lengths are scaled by ``kv_scale``.  Below the table's
     kv grid the time falls in proportion to kv length (bandwidth-bound work), never below ``floor_us``
     (the layout's smallest measured time: the kernel's fixed cost)."""
-    n = jnp.maximum(n_req, 1.0)
-    t = attn(n, jnp.maximum(total_keys / n, 1.0) * kv_scale, DECODE_SLOPE_HI, DECODE_SLOPE_LO)
+    t = attn(*decode_query(n_req, total_keys, kv_scale), DECODE_SLOPE_HI, DECODE_SLOPE_LO)
     return jnp.where(n_req > 0, jnp.maximum(t, floor_us), 0.0)
+
+
+def decode_query(n_req, total_keys, kv_scale):
+    """Where a decode call reads its table: (sequences, kv length scaled to the layout), at least 1 each."""
+    n = jnp.maximum(n_req, 1.0)
+    return n, jnp.maximum(total_keys / n, 1.0) * kv_scale
 
 
 def decode_cold_us(table_us, fixed_us, kv_bytes, hw: Hardware, p: Params):
@@ -159,10 +164,15 @@ def prefill_table_us(attn, len_scale, n_req, total_pairs):
     a table function ``attn`` (`attn_on`) whose sequence lengths are scaled by ``len_scale``: each chunk is
     priced as the uncached sequence with the same mean number of pairs.  Below the grid the time falls in
     proportion to the length, down to the kernel floor applied by the caller."""
-    n = jnp.maximum(n_req, 1.0)
-    seq = jnp.sqrt(2.0 * jnp.maximum(total_pairs / n, 0.5))
-    t = attn(n, seq * len_scale, PREFILL_SLOPE_HI, PREFILL_SLOPE_LO)
+    t = attn(*prefill_query(n_req, total_pairs, len_scale), PREFILL_SLOPE_HI, PREFILL_SLOPE_LO)
     return jnp.where(n_req > 0, t, 0.0)
+
+
+def prefill_query(n_req, total_pairs, len_scale):
+    """Where a prefill call reads its table: (chunks, the uncached sequence length with the chunks' mean
+    query-key pairs, scaled to the layout)."""
+    n = jnp.maximum(n_req, 1.0)
+    return n, jnp.sqrt(2.0 * jnp.maximum(total_pairs / n, 0.5)) * len_scale
 
 
 def attn_prefill_us(table: AttnTable, c, len_scale, n_req, total_pairs, p: Params):

@@ -30,7 +30,8 @@ from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
-from .tables import AttnTable, CommTable, GemmTable, Tables, fold_batch, gemm_table_us, nearest_layout
+from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, bracket, fold_batch,
+                     gemm_table_us, nearest_layout)
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
@@ -148,14 +149,10 @@ def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
 
 
 def _nodes(grid, x) -> np.ndarray:
-    """Grid nodes a linear bracket (clamped to the ends) of each query gives a nonzero weight: [2, Q] node
+    """Grid nodes `tables.bracket` (clamped to the ends) gives a nonzero weight for each query: [2, Q] node
     indices, -1 for none.  ``grid`` and ``x`` are log-scaled."""
-    grid, x = np.asarray(grid, np.float64), np.atleast_1d(np.asarray(x, np.float64))
-    if len(grid) == 1:
-        return np.stack([np.zeros(len(x), int), np.full(len(x), -1)])
-    i = np.clip(np.searchsorted(grid, x) - 1, 0, len(grid) - 2)
-    w = np.clip((x - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)
-    return np.stack([np.where(w < 1.0, i, -1), np.where(w > 0.0, i + 1, -1)])
+    i, w = (np.asarray(v) for v in jax.vmap(lambda q: bracket(grid, q))(jnp.atleast_1d(jnp.asarray(x, jnp.float32))))
+    return np.stack([np.where(w < 1.0, i[:, 0], -1), np.where(w > 0.0, i[:, 1], -1)])
 
 
 def _cells(*axes) -> set:
@@ -188,15 +185,14 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
     for x in step_gemms(d, Batch(f.n_decode, f.decode_keys, f.n_prefill, f.tokens - f.n_decode, f.prefill_pairs)):
         m = np.log(np.unique(np.maximum(x.m, 1.0)))
         gemm |= _cells(_nodes(g.log_k, np.log(float(x.k))), _nodes(g.log_n, np.log(float(x.n))), _nodes(g.log_m, m))
-    for kind, table, c, n, length, slope in (
+    for kind, table, c, n, (batch, length), slope in (
             ("decode", a.decode, int(on.decode_layout), f.n_decode,
-             np.maximum(f.decode_keys / np.maximum(f.n_decode, 1.0), 1.0) * float(on.decode_kv_scale), 1.0),
+             kt.decode_query(f.n_decode, f.decode_keys, on.decode_kv_scale), DECODE_SLOPE_HI),
             ("prefill", a.prefill, int(on.prefill_layout), f.n_prefill,
-             np.sqrt(2.0 * np.maximum(f.prefill_pairs / np.maximum(f.n_prefill, 1.0), 0.5))
-             * float(on.prefill_len_scale), 2.0)):
+             kt.prefill_query(f.n_prefill, f.prefill_pairs, on.prefill_len_scale), PREFILL_SLOPE_HI)):
         sel = n > 0
-        bb, length = fold_batch(n[sel], float(np.exp(table.log_b[-1])), length[sel], slope, xp=np)
-        out[kind] = _cells(c, _nodes(table.log_len, np.log(length)), _nodes(table.log_b, np.log(bb)))
+        bb, length = fold_batch(batch[sel], jnp.exp(table.log_b[-1]), length[sel], slope)
+        out[kind] = _cells(c, _nodes(table.log_len, jnp.log(length)), _nodes(table.log_b, jnp.log(bb)))
     out["decode"].add((int(on.decode_layout), 0, 0))
     if a.comm is not None and su.tp > 1:
         msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))

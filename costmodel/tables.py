@@ -154,15 +154,15 @@ def gemm_shape_blend(t: GemmTable, k, n):
     """The measured shapes around (k, n) and how `gemm_table_us` blends them: their log-time m-series
     [4, Nm] (k0n0, k0n1, k1n0, k1n1), the log work ratio added to each [4], and the bilinear weights [4]."""
     lk, ln = jnp.log(k), jnp.log(n)
-    ik, wk = _bracket(t.log_k, lk)
-    i_n, wn = _bracket(t.log_n, ln)
+    ik, wk = bracket(t.log_k, lk)
+    i_n, wn = bracket(t.log_n, ln)
     series = t.log_t[ik[:, None], i_n[None, :], :].reshape(4, -1)
     offset = (lk - t.log_k[ik]).repeat(2) + jnp.tile(ln - t.log_n[i_n], 2)
     w = jnp.outer(jnp.stack([1.0 - wk, wk]), jnp.stack([1.0 - wn, wn])).reshape(4)
     return series, offset, w
 
 
-def _bracket(grid, x):
+def bracket(grid, x):
     """Indices of the two grid nodes around x (clamped to the ends) and the weight of the upper one."""
     if grid.shape[0] == 1:
         return jnp.zeros(2, jnp.int32), jnp.float32(0.0)
@@ -180,13 +180,12 @@ def attn_table_us(t: AttnTable, c, batch, length, slope_hi, slope_lo=0.0):
     return jnp.exp(blend_secondary_axis(jnp.log(b), t.log_b, rows))
 
 
-def fold_batch(batch, b_max, length, slope_hi, xp=jnp):
+def fold_batch(batch, b_max, length, slope_hi):
     """``batch`` sequences of ``length`` as at most ``b_max`` sequences of the same total work, where work
-    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length).  ``xp``: the array
-    module (numpy for plain arrays)."""
-    b = xp.clip(batch, 1.0, b_max)
+    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length)."""
+    b = jnp.clip(batch, 1.0, b_max)
     ratio = batch / b  # ratio ** (1 / slope_hi), without pow for the usual slopes (pow is a libm call)
-    return b, length * (ratio if slope_hi == 1.0 else xp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
+    return b, length * (ratio if slope_hi == 1.0 else jnp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
 
 
 def comm_table_us(t: CommTable, gpus, nbytes):
