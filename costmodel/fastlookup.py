@@ -311,6 +311,19 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
                       _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]), d, comm is not None)
 
 
+def of_setup(su) -> FastLookup:
+    """The `FastLookup` of a `step.Setup` (unpadded)."""
+    a = su.arrays
+    return specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu)
+
+
+def as_scalars(tree):
+    """A pytree of numbers (a `step.ModelOnGPU`, `Params`) as float32/int32 numpy scalars, so that every
+    group of a sweep or deployment of a serving run passes the same types to one compilation."""
+    return jax.tree_util.tree_map(
+        lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer) else np.float32), tree)
+
+
 def _per_token(v: np.ndarray) -> np.ndarray:
     """A per-token table indexed by the count itself (entry 0, never read, repeats entry 1)."""
     return np.concatenate([v[..., :1], v], axis=-1)

@@ -32,7 +32,7 @@ from .. import ops
 from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..io import atomic_write, check_output_file, number, print_table, refuse_overwrite
-from ..fastlookup import TOKEN_TABLE, common_shapes, specialise
+from ..fastlookup import TOKEN_TABLE, as_scalars, common_shapes, of_setup
 from ..hardware import GPU, get_gpu
 from ..model import load_model
 from ..params import Params, engine_key, engine_version
@@ -230,12 +230,7 @@ class Simulator:
 
     def step_model(self, dep: Deployment):
         su = setup(dep.model, self.tables(dep.gpu), dep.tp)
-        a = su.arrays
-        lk = specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu)
-        on = jax.tree_util.tree_map(lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
-                                                         else np.float32), su.on_gpu)
-        params = jax.tree_util.tree_map(np.float32, self.params(dep.gpu, dep.engine_version))
-        return su.static, lk, on, params
+        return su.static, of_setup(su), as_scalars(su.on_gpu), as_scalars(self.params(dep.gpu, dep.engine_version))
 
     def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
         """One closed-loop request's duration from send to the client's reading its last token, with every

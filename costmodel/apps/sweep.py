@@ -57,7 +57,7 @@ from .. import ops
 from .. import tables as tables_mod
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..fastlookup import TOKEN_TABLE, FastLookup, common_shapes, specialise
+from ..fastlookup import TOKEN_TABLE, FastLookup, as_scalars, common_shapes, of_setup
 from ..hardware import get_gpu
 from ..io import atomic_write, write_frame, write_json
 from ..model import ModelConfig, load_model, normalize_dtype
@@ -97,8 +97,7 @@ class Group:
     calibration: str  # description
 
     def lookup(self) -> FastLookup:
-        a = self.setup.arrays
-        return specialise(a.gemm, a.decode, a.prefill, a.comm, self.setup.on_gpu)
+        return of_setup(self.setup)
 
 
 @dataclass(frozen=True)
@@ -168,12 +167,6 @@ def _on_cpu() -> bool:
 @functools.cache
 def _compiled(mode: Mode, static: Static, n_devices: int) -> _Compiled:
     return _Compiled(mode, static, n_devices)
-
-
-def _as_arrays(on: ModelOnGPU) -> ModelOnGPU:
-    """A group's `ModelOnGPU` as float32/int32 scalars, so that every group shares one compilation."""
-    return jax.tree_util.tree_map(lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
-                                                       else np.float32), on)
 
 
 # ---------------------------------------------------------------- groups
@@ -695,7 +688,7 @@ class Evaluator:
             fn = _compiled(self.mode, gr.setup.static, n_dev)
             self._fns.append(fn)
             self._sh = fn.sh
-            rest = (_as_arrays(gr.setup.on_gpu), jax.tree_util.tree_map(np.float32, gr.params))
+            rest = (as_scalars(gr.setup.on_gpu), as_scalars(gr.params))
             self.tables.append({integral: jax.device_put((dataclasses.replace(lk, int_tokens=integral),) + rest, fn.rep)
                                 for integral in (False, True)})
 
