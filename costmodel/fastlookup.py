@@ -270,7 +270,8 @@ _SETUP_EXE: dict = {}
 
 def _once(fn, *args):
     """``fn(*args)`` for a jitted setup function, compiled with `SETUP_COMPILER_OPTIONS` where the backend
-    takes them, once per argument structure and shapes."""
+    takes them, once per argument structure and shapes (bool arguments are static: not passed to the
+    compiled call)."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     key = (fn, tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
     if key not in _SETUP_EXE:
@@ -306,7 +307,7 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
     f32 = np.float32
     return FastLookup(Series.build(np.asarray(gemm.log_m, np.float32), gc, finders[0]), f32(floor),
                       _per_token(tok["tok_gemm"]), _refined(dc.astype(np.float64), decode), f32(on.decode_kv_scale),
-                      f32(np.exp(decode.log_t[dec_c, 0, 0])), _refined(pc.astype(np.float64), prefill),
+                      f32(kt.attn_floor_us(decode, dec_c)), _refined(pc.astype(np.float64), prefill),
                       f32(on.prefill_len_scale), Series.build(comm_x, cc[..., None], finders[1]),
                       _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]), d, comm is not None)
 
