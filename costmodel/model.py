@@ -1,10 +1,13 @@
-"""Model architecture read from a Hugging Face `config.json` (dense decoder-only transformers)."""
+"""Model architecture read from a Hugging Face `config.json`: `Arch` (every shape the memory model needs, for
+dense, MoE, MLA, sliding-window and hybrid models) and `ModelConfig` (the view the step model prices)."""
 from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, NamedTuple
 
 from .errors import InputError
 from .io import read_json
@@ -237,3 +240,445 @@ def load_model(name_or_path: str, configs_dir: str | Path | None = None, where: 
     looked = configs_dir if configs_dir else default_model_configs_dir()
     raise InputError(f"no config.json for model '{name_or_path}' under {looked}", where, "model")
 
+
+# ----------------------------------------------------------------------------------------------------------
+# Precision of stored weights
+# ----------------------------------------------------------------------------------------------------------
+
+class Precision(NamedTuple):
+    """How one weight matrix is stored.  ``kind``: bf16, fp16, fp32, fp8 (per-output-channel fp32 scale),
+    fp8_block (fp32 scale per 128x128 block), mxfp4 (4-bit e2m1 + one e8m0 byte per 32 weights: 4.25
+    bits), nvfp4 (4-bit + one fp8 scale per 16: 4.5 bits), int4 (weight-only, packed 4-bit + a bf16 scale
+    per ``group`` weights along the input dimension, plus a 4-bit zero point per group when
+    ``zero_point``)."""
+
+    kind: str
+    group: int = 0
+    zero_point: bool = False
+
+    def matrix_bytes(self, k: int, n: int) -> float:
+        """Bytes of a k x n matrix (k = input features, n = output features) with its scales."""
+        kind = self.kind
+        if kind == "count":  # parameters, not bytes
+            return float(k * n)
+        if kind in ("bf16", "fp16"):
+            return 2.0 * k * n
+        if kind == "fp32":
+            return 4.0 * k * n
+        if kind == "fp8":
+            return 1.0 * k * n + 4.0 * n
+        if kind == "fp8_block":
+            return 1.0 * k * n + 4.0 * math.ceil(k / 128) * math.ceil(n / 128)
+        if kind == "mxfp4":
+            return k * n / 2.0 + math.ceil(k / 32) * n
+        if kind == "nvfp4":
+            return k * n / 2.0 + math.ceil(k / 16) * n + 4.0
+        if kind == "int4":
+            groups = math.ceil(k / self.group) * n
+            return k * n / 2.0 + 2.0 * groups + (0.5 * groups if self.zero_point else 0.0)
+        raise InputError(f"unknown weight precision '{kind}'", field="weights")
+
+    @property
+    def element_bytes(self) -> float:
+        """Bytes of one unquantised element (biases, norms, embeddings in this precision)."""
+        return {"bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "count": 1.0}.get(self.kind, 2.0)
+
+    @property
+    def label(self) -> str:
+        return f"int4_wo_g{self.group}" if self.kind == "int4" else self.kind
+
+
+_PRECISION_NAMES = ("bf16", "fp16", "fp32", "fp8", "fp8_block", "mxfp4", "nvfp4", "int4_wo", "int4_wo_g<N>")
+
+
+def precision(name: str | Precision, field: str = "weights") -> Precision:
+    """Parse a precision name: bf16, fp16, fp32, fp8, fp8_block, mxfp4, nvfp4, int4_wo (group 128) or
+    int4_wo_g<N> (group N)."""
+    if isinstance(name, Precision):
+        return name
+    key = str(name).lower().replace("-", "_")
+    if key in ("bfloat16", "float16", "half", "float32"):
+        key = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32"}[key]
+    if key in ("bf16", "fp16", "fp32", "fp8", "fp8_block", "mxfp4", "nvfp4"):
+        return Precision(key)
+    m = re.fullmatch(r"int4(?:_wo)?(?:_g(\d+))?", key)
+    if m:
+        return Precision("int4", int(m.group(1) or 128))
+    raise InputError(f"unknown weight precision '{name}' (expected one of {', '.join(_PRECISION_NAMES)})",
+                     field=field)
+
+
+class Quant(NamedTuple):
+    """Precision of each class of weights."""
+
+    attention: Precision  # q/k/v/o, MLA projections, linear-attention projections, DSA indexer
+    dense_mlp: Precision  # dense MLP layers
+    shared_experts: Precision
+    experts: Precision  # routed experts
+    high: Precision  # embedding, lm_head, router, norms, biases: the model dtype
+    source: str  # where it came from: "config" (quantization_config / torch_dtype) or "override"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Architecture read from config.json
+# ----------------------------------------------------------------------------------------------------------
+
+class Arch(NamedTuple):
+    """Shapes that decide memory, for the whole model (before any parallelism)."""
+
+    name: str
+    model_type: str
+    dtype: str  # model dtype: bf16 or fp16 (activations, KV cache "auto", unquantised weights)
+    hidden: int
+    vocab: int
+    tie_embeddings: bool
+    attn_types: tuple  # per layer: "full", "sliding", "chunked" (Llama-4 local) or "linear" (Gated DeltaNet)
+    mlp_types: tuple  # per layer: "dense" or "moe"
+    heads: int
+    kv_heads: int
+    head_dim: int
+    window: int  # sliding-window tokens (0 if none)
+    chunk: int  # chunked-local attention chunk tokens (0 if none)
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm_params: int  # q/k norm weights per layer
+    attn_output_gate: bool  # q projection also produces a per-channel output gate (Qwen3-Next / 3.5)
+    sinks: bool  # one learned attention sink per head (gpt-oss)
+    # multi-head latent attention (DeepSeek-V2/V3, Kimi-K2): mla = kv_lora_rank > 0
+    q_lora_rank: int
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    index_heads: int  # DeepSeek sparse attention indexer (DeepSeek-V3.2, GLM-5): 0 if none
+    index_head_dim: int
+    # MLP
+    intermediate: int  # dense MLP layers
+    moe_intermediate: int  # one routed expert
+    experts: int
+    top_k: int
+    shared_intermediate: int  # all shared experts of a layer together (0 if none)
+    shared_gate: bool  # sigmoid gate on the shared expert (Qwen2-MoE / Qwen3-Next)
+    router_bias: bool
+    router_correction_bias: bool  # e_score_correction_bias (DeepSeek-V3 noaux_tc, MiniMax-M2)
+    expert_bias: bool  # biases on expert matrices (gpt-oss)
+    # Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5)
+    lin_k_heads: int
+    lin_v_heads: int
+    lin_k_dim: int
+    lin_v_dim: int
+    conv_kernel: int
+    # RoPE cos/sin cache that vLLM builds on the GPU at load time
+    rope_positions: int
+    rotary_dim: int
+    vision_params: int  # vision tower + projector, estimated (0 if none)
+    quant: Quant
+
+    @property
+    def layers(self) -> int:
+        return len(self.attn_types)
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+
+def _cfg_int(cfg: dict, key: str, where: str, default: Any = None, positive: bool = True) -> int:
+    v = cfg.get(key, default)
+    if v is None:
+        raise InputError("missing required key", where, key)
+    if not isinstance(v, int) or isinstance(v, bool) or v < (1 if positive else 0):
+        raise InputError(f"must be a {'positive' if positive else 'non-negative'} integer, got {v!r}", where, key)
+    return v
+
+
+def _dtype_of(cfg: dict, top: dict, where: str) -> str:
+    raw = cfg.get("torch_dtype") or cfg.get("dtype") or top.get("torch_dtype") or top.get("dtype") or "bfloat16"
+    if str(raw).lower() in ("float32", "fp32"):
+        return "bf16"  # vLLM's dtype "auto" serves fp32 checkpoints in 16-bit
+    d = normalize_dtype(raw, where, "torch_dtype")
+    if d == "fp8":
+        raise InputError("torch_dtype fp8 is a weight format: say it in quantization_config", where, "torch_dtype")
+    return d
+
+
+def _matches(patterns: list, *needles: str) -> bool:
+    """Whether a quantisation ignore list names a module class (plain substrings or 're:' regexes)."""
+    for pat in patterns or []:
+        p = str(pat)
+        if p.startswith("re:"):
+            body = p[3:]
+            if any(re.search(body, n) for n in needles):
+                return True
+        elif any(n in p for n in needles):
+            return True
+    return False
+
+
+def _quant_from_config(qc: dict | None, dtype: str, where: str) -> Quant:
+    high = Precision(dtype)
+    if not qc:
+        return Quant(high, high, high, high, high, "config")
+    method = str(qc.get("quant_method", "")).lower()
+    field = "quantization_config.quant_method"
+    if method == "fp8":
+        p = Precision("fp8_block") if qc.get("weight_block_size") else Precision("fp8")
+        skip = qc.get("modules_to_not_convert") or qc.get("ignored_layers") or []
+        attn = high if _matches(skip, "self_attn") else p  # linear_attn.conv1d & co. stay in their class
+        return Quant(attn, p, p, p, high, "config")
+    if method == "mxfp4":
+        # vLLM's Mxfp4 method quantises the experts only; attention, router, embeddings stay 16-bit
+        return Quant(high, high, high, Precision("mxfp4"), high, "config")
+    if method in ("awq", "gptq", "awq_marlin", "gptq_marlin"):
+        bits = qc.get("bits", qc.get("w_bit", 4))
+        if bits != 4:
+            raise InputError(f"only 4-bit {method} is modelled, got bits={bits}", where, "quantization_config.bits")
+        g = qc.get("group_size", qc.get("q_group_size", 128))
+        g = 128 if g in (None, -1) else int(g)
+        p = Precision("int4", g, zero_point=not qc.get("sym", False) or method.startswith("awq"))
+        return Quant(p, p, p, p, high, "config")
+    if method == "compressed-tensors":
+        groups = qc.get("config_groups") or {}
+        if not groups:
+            raise InputError("compressed-tensors without config_groups", where, "quantization_config.config_groups")
+        w = next(iter(groups.values())).get("weights") or {}
+        bits, typ = w.get("num_bits"), w.get("type")
+        if bits == 8 and typ == "float":
+            p = Precision("fp8_block") if w.get("block_structure") or w.get("strategy") == "block" else Precision("fp8")
+        elif bits == 4 and typ == "int":
+            p = Precision("int4", int(w.get("group_size") or 128), zero_point=not w.get("symmetric", True))
+        elif bits == 4 and typ == "float":
+            p = Precision("nvfp4")
+        else:
+            raise InputError(f"compressed-tensors weights num_bits={bits} type={typ} are not modelled", where,
+                             "quantization_config.config_groups")
+        ig = qc.get("ignore") or []
+        attn = high if _matches(ig, "self_attn.q_proj", "self_attn.qkv_proj", "self_attn.o_proj") else p
+        shared = high if _matches(ig, "shared_experts.gate_proj", "shared_expert.gate_proj",
+                                  "mlp.shared_experts.down_proj") else p
+        dense = high if _matches(ig, "mlp.gate_proj", "mlp.down_proj", "mlp.gate_up_proj") else p
+        return Quant(attn, dense, shared, p, high, "config")
+    raise InputError(f"quantization method '{qc.get('quant_method')}' is not modelled (known: fp8, "
+                     "compressed-tensors, mxfp4, awq, gptq)", where, field)
+
+
+def _quant_override(base: Quant, weights: str | None, moe_weights: str | None) -> Quant:
+    """Apply per-call precisions.  ``weights`` names the precision of the linear layers (attention, dense
+    MLP, shared experts) and, unless ``moe_weights`` is given, of the routed experts too.  A name that
+    matches the checkpoint's own format keeps the checkpoint's per-module choices (its ignore lists);
+    mxfp4 only ever applies to routed experts (as in vLLM).  Embeddings, lm_head, router and norms stay in
+    the model dtype."""
+    if weights is None and moe_weights is None:
+        return base
+    q = base
+    if weights is not None:
+        p = precision(weights, "weights")
+        same = p.kind == base.experts.kind or (p.kind == "fp8" and base.experts.kind == "fp8_block")
+        if not same:
+            lin = base.high if p.kind == "mxfp4" else p
+            q = Quant(lin, lin, lin, p, base.high, "override")
+    if moe_weights is not None:
+        p = precision(moe_weights, "moe_weights")
+        if not (p.kind == q.experts.kind or (p.kind == "fp8" and q.experts.kind == "fp8_block")):
+            q = q._replace(experts=p, source="override")
+    return q
+
+
+def _vision_params(vc: dict | None, text_hidden: int) -> int:
+    """Parameters of a ViT-style vision tower and its projector into the language model, estimated from
+    ``vision_config``: per layer 4h² + 2hi (attention and MLP matrices) plus biases and two norms; patch and
+    position embeddings; a projector (Llama-4's pixel-shuffle MLP + linear, a 2x2 patch merger, or a single
+    linear).  Accurate to a few per cent, which is well under 1 % of any model here."""
+    if not vc:
+        return 0
+    h = vc.get("hidden_size") or vc.get("vt_hidden_size") or vc.get("embed_dim")
+    i = vc.get("intermediate_size") or vc.get("vt_intermediate_size") or (4 * h if h else None)
+    n = vc.get("num_hidden_layers") or vc.get("vt_num_hidden_layers") or vc.get("depth")
+    if not (h and i and n):
+        return 0
+    per_layer = 4 * h * h + 2 * h * i + 4 * h + i + h + 4 * h
+    p = vc.get("patch_size", 14)
+    total = n * per_layer + vc.get("num_channels", 3) * p * p * h
+    if vc.get("image_size"):
+        total += ((vc["image_size"] // p) ** 2 + 1) * h
+    if vc.get("projector_input_dim"):  # Llama-4: pixel-shuffle MLP, then the multimodal projector
+        total += i * vc["projector_input_dim"] + vc["projector_input_dim"] * vc.get("projector_output_dim", 0)
+        total += vc.get("vision_output_dim", vc.get("projector_output_dim", 0)) * text_hidden
+    elif vc.get("merge_kernel_size"):  # patch merger over k x k patches
+        mk = vc["merge_kernel_size"]
+        d = (vc.get("mm_hidden_size") or h) * int(mk[0]) * int(mk[1])
+        total += d * d + d * text_hidden
+    else:
+        total += h * text_hidden
+    return int(total)
+
+
+def arch_from_config(cfg: dict, name: str = "model", where: str = "config.json") -> Arch:
+    """Read the shapes that decide memory from a parsed config.json.  Multimodal wrappers: the language
+    model is read from ``text_config``; the vision tower is estimated from ``vision_config``."""
+    if not isinstance(cfg, dict):
+        raise InputError("config.json must be a JSON object", where)
+    top = cfg
+    vision = None
+    if isinstance(cfg.get("text_config"), dict):
+        vision = cfg.get("vision_config")
+        cfg = {**cfg["text_config"]}
+        for k in ("quantization_config", "tie_word_embeddings"):
+            if k not in cfg and k in top:
+                cfg[k] = top[k]
+    mt = str(cfg.get("model_type") or top.get("model_type") or "")
+    dtype = _dtype_of(cfg, top, where)
+    hidden = _cfg_int(cfg, "hidden_size", where)
+    L = _cfg_int(cfg, "num_hidden_layers", where)
+    vocab = _cfg_int(cfg, "vocab_size", where)
+    heads = _cfg_int(cfg, "num_attention_heads", where)
+    kv_heads = _cfg_int(cfg, "num_key_value_heads", where) if cfg.get("num_key_value_heads") is not None else heads
+    head_dim = _cfg_int(cfg, "head_dim", where) if cfg.get("head_dim") else hidden // heads
+
+    # --- attention type of each layer ---
+    window = chunk = 0
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None:
+        if not isinstance(layer_types, list) or len(layer_types) != L:
+            raise InputError(f"must list one type per layer ({L})", where, "layer_types")
+        table = {"full_attention": "full", "sliding_attention": "sliding", "linear_attention": "linear"}
+        bad = [t for t in layer_types if t not in table]
+        if bad:
+            raise InputError(f"unknown layer type '{bad[0]}' (known: {', '.join(table)})", where, "layer_types")
+        attn = tuple(table[t] for t in layer_types)
+        if "sliding" in attn:
+            window = _cfg_int(cfg, "sliding_window", where)
+    elif cfg.get("full_attention_interval") and cfg.get("linear_num_value_heads"):
+        k = _cfg_int(cfg, "full_attention_interval", where)
+        attn = tuple("full" if (i + 1) % k == 0 else "linear" for i in range(L))
+    elif cfg.get("attention_chunk_size"):
+        chunk = _cfg_int(cfg, "attention_chunk_size", where)
+        nope = cfg.get("no_rope_layers") or [int((i + 1) % 4 != 0) for i in range(L)]
+        if len(nope) != L:
+            raise InputError(f"must list one flag per layer ({L})", where, "no_rope_layers")
+        attn = tuple("chunked" if nope[i] else "full" for i in range(L))
+    elif cfg.get("sliding_window") and cfg.get("use_sliding_window", True) is not False:
+        window = _cfg_int(cfg, "sliding_window", where)
+        start = cfg.get("max_window_layers", 0) if "use_sliding_window" in cfg else 0
+        attn = tuple("sliding" if i >= (start or 0) else "full" for i in range(L))
+    else:
+        attn = ("full",) * L
+
+    # --- MLA ---
+    mla = bool(cfg.get("kv_lora_rank"))
+    q_lora = kv_lora = nope_d = rope_d = v_d = 0
+    if mla:
+        kv_lora = _cfg_int(cfg, "kv_lora_rank", where)
+        q_lora = cfg.get("q_lora_rank") or 0
+        nope_d = _cfg_int(cfg, "qk_nope_head_dim", where)
+        rope_d = _cfg_int(cfg, "qk_rope_head_dim", where)
+        v_d = _cfg_int(cfg, "v_head_dim", where)
+    index_heads = cfg.get("index_n_heads") or 0
+    index_dim = cfg.get("index_head_dim") or 0
+
+    # --- MLP type of each layer, experts ---
+    n_exp = (cfg.get("num_local_experts") or cfg.get("num_experts") or cfg.get("n_routed_experts")
+             or cfg.get("num_routed_experts") or 0)
+    top_k = cfg.get("num_experts_per_tok") or cfg.get("experts_per_token") or (1 if n_exp else 0)
+    inter = cfg.get("intermediate_size") or 0
+    moe_inter = shared = 0
+    shared_gate = False
+    if not n_exp:
+        mlp = ("dense",) * L
+        moe_inter = 0
+    elif "first_k_dense_replace" in cfg or "n_shared_experts" in cfg or "num_shared_experts" in cfg:
+        first = cfg.get("first_k_dense_replace", 0) or 0
+        freq = cfg.get("moe_layer_freq", 1) or 1
+        mlp = tuple("moe" if i >= first and i % freq == 0 else "dense" for i in range(L))
+        moe_inter = _cfg_int(cfg, "moe_intermediate_size", where)
+        shared = (cfg.get("n_shared_experts") or cfg.get("num_shared_experts") or 0) * moe_inter
+    elif mt.startswith("llama4"):
+        step = cfg.get("interleave_moe_layer_step", 1) or 1
+        moe_layers = cfg.get("moe_layers")
+        mlp = tuple("moe" if (moe_layers is not None and i in moe_layers)
+                    or (moe_layers is None and (i + 1) % step == 0) else "dense" for i in range(L))
+        moe_inter = _cfg_int(cfg, "intermediate_size", where)
+        shared = moe_inter  # one shared expert of the expert size in every MoE layer
+        inter = cfg.get("intermediate_size_mlp") or inter
+    elif "moe_intermediate_size" in cfg:  # Qwen2/3-MoE, Qwen3-Next, Qwen3.5
+        step = cfg.get("decoder_sparse_step", 1) or 1
+        only = set(cfg.get("mlp_only_layers") or [])
+        mlp = tuple("moe" if i not in only and (i + 1) % step == 0 else "dense" for i in range(L))
+        moe_inter = _cfg_int(cfg, "moe_intermediate_size", where)
+        shared = cfg.get("shared_expert_intermediate_size") or 0
+        shared_gate = shared > 0
+    else:  # Mixtral, gpt-oss, MiniMax-M2: intermediate_size is the expert's
+        mlp = ("moe",) * L
+        moe_inter = _cfg_int(cfg, "intermediate_size", where)
+        shared = cfg.get("shared_intermediate_size") or 0
+    if "dense" in mlp and not inter:
+        raise InputError("missing required key", where, "intermediate_size")
+    if n_exp and top_k > n_exp:
+        raise InputError(f"num_experts_per_tok={top_k} exceeds the {n_exp} experts", where, "num_experts_per_tok")
+
+    # --- Gated DeltaNet ---
+    lin = dict(lin_k_heads=0, lin_v_heads=0, lin_k_dim=0, lin_v_dim=0, conv_kernel=0)
+    if "linear" in attn:
+        lin = dict(lin_k_heads=_cfg_int(cfg, "linear_num_key_heads", where),
+                   lin_v_heads=_cfg_int(cfg, "linear_num_value_heads", where),
+                   lin_k_dim=_cfg_int(cfg, "linear_key_head_dim", where),
+                   lin_v_dim=_cfg_int(cfg, "linear_value_head_dim", where),
+                   conv_kernel=_cfg_int(cfg, "linear_conv_kernel_dim", where))
+
+    # --- norms, biases, gates ---
+    qk_norm = 0
+    if mt.startswith("qwen3") or mt.startswith("qwen3_5"):
+        qk_norm = 2 * head_dim
+    if cfg.get("use_qk_norm") and cfg.get("qk_norm_type") == "per_layer":
+        qk_norm = (heads + kv_heads) * head_dim
+    qkv_bias = bool(cfg.get("attention_bias")) or mt in ("qwen2", "qwen2_moe")
+    o_bias = bool(cfg.get("attention_bias")) and mt not in ("qwen2", "qwen2_moe")
+    gate = bool(cfg.get("attn_output_gate", mt == "qwen3_next"))
+
+    # --- RoPE cache: [positions, rotary_dim] in the model dtype (vLLM get_rope) ---
+    rs = cfg.get("rope_scaling") or cfg.get("rope_parameters") or {}
+    positions = cfg.get("max_position_embeddings") or 0
+    if str(rs.get("rope_type", rs.get("type", ""))) in ("yarn", "deepseek_yarn") and rs.get("factor"):
+        positions = int(rs.get("original_max_position_embeddings", positions) * rs["factor"])
+    rot = rope_d if mla else int(head_dim * (rs.get("partial_rotary_factor") or cfg.get("partial_rotary_factor")
+                                              or 1.0))
+    if cfg.get("rotary_dim"):
+        rot = cfg["rotary_dim"]
+
+    quant = _quant_from_config(cfg.get("quantization_config"), dtype, where)
+    return Arch(
+        name=name, model_type=mt, dtype=dtype, hidden=hidden, vocab=vocab,
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)), attn_types=attn, mlp_types=mlp,
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim, window=window, chunk=chunk, qkv_bias=qkv_bias,
+        o_bias=o_bias, qk_norm_params=qk_norm, attn_output_gate=gate, sinks=mt == "gpt_oss",
+        q_lora_rank=q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope_d, qk_rope_head_dim=rope_d,
+        v_head_dim=v_d, index_heads=index_heads, index_head_dim=index_dim, intermediate=inter,
+        moe_intermediate=moe_inter, experts=n_exp, top_k=top_k, shared_intermediate=shared,
+        shared_gate=shared_gate, router_bias=mt == "gpt_oss",
+        router_correction_bias=cfg.get("topk_method") == "noaux_tc" or bool(cfg.get("use_routing_bias")),
+        expert_bias=mt == "gpt_oss", **lin, rope_positions=int(positions), rotary_dim=int(rot),
+        vision_params=_vision_params(vision, hidden), quant=quant,
+    )
+
+
+def load_arch(name_or_path: str | Path, configs_dir: str | Path | None = None) -> Arch:
+    """An `Arch` from a model folder name (under ``configs_dir``, the packaged configs, or the shared
+    ``model_configs``) or a path to a config.json or its folder."""
+    dirs = ([Path(configs_dir)] if configs_dir else []) + [default_model_configs_dir(), shared_dir() / "model_configs"]
+    c = config_path(name_or_path, configs_dir, [shared_dir() / "model_configs"])
+    if c is None:
+        raise InputError(f"no config.json for model '{name_or_path}' under {', '.join(map(str, dirs))}",
+                         field="model")
+    return arch_from_config(read_json(c), name=c.parent.name, where=str(c))
+
+
+def as_arch(model: str | Path | dict | Arch, weights: str | None = None, moe_weights: str | None = None) -> Arch:
+    """Accept a name/path, a parsed config.json or an `Arch`, with optional precision overrides."""
+    if isinstance(model, Arch):
+        a = model
+    elif isinstance(model, dict):
+        a = arch_from_config(model)
+    else:
+        a = load_arch(model)
+    q = _quant_override(a.quant, weights, moe_weights)
+    return a if q is a.quant else a._replace(quant=q)

@@ -9,7 +9,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from costmodel import InputError, memory as m
+from costmodel import InputError, memory as m, model
 
 GiB = 2 ** 30
 
@@ -172,12 +172,12 @@ def test_gpt_oss_120b_mxfp4():
 
 
 def test_precision_bytes():
-    assert m.precision("fp8").matrix_bytes(4096, 1024) == 4096 * 1024 + 4 * 1024
-    assert m.precision("mxfp4").matrix_bytes(64, 10) == 64 * 10 / 2 + 2 * 10  # 4.25 bits a weight
-    assert m.precision("int4_wo").matrix_bytes(256, 8) == 256 * 8 / 2 + 2 * 2 * 8  # group 128, bf16 scales
-    assert m.precision("int4_wo_g32").group == 32
+    assert model.precision("fp8").matrix_bytes(4096, 1024) == 4096 * 1024 + 4 * 1024
+    assert model.precision("mxfp4").matrix_bytes(64, 10) == 64 * 10 / 2 + 2 * 10  # 4.25 bits a weight
+    assert model.precision("int4_wo").matrix_bytes(256, 8) == 256 * 8 / 2 + 2 * 2 * 8  # group 128, bf16 scales
+    assert model.precision("int4_wo_g32").group == 32
     with pytest.raises(InputError, match="weights"):
-        m.precision("int3")
+        model.precision("int3")
 
 
 def test_overrides_and_checkpoint_formats():
@@ -212,14 +212,14 @@ def test_layout_errors_name_the_field():
     with pytest.raises(InputError, match="unknown layout field"):
         m.as_layout({"tp": 2, "ep": 2})
     with pytest.raises(InputError, match="hidden_size"):
-        m.arch_from_config({k: v for k, v in LLAMA31_8B.items() if k != "hidden_size"}, where="x/config.json")
+        model.arch_from_config({k: v for k, v in LLAMA31_8B.items() if k != "hidden_size"}, where="x/config.json")
     # multi-head attention configs may leave the KV heads out or null
     mha = dict(LLAMA31_8B, num_key_value_heads=None)
     assert m.kv_bytes_per_token(mha) == 2 * 32 * 128 * 2 * 32
     with pytest.raises(InputError, match="num_key_value_heads"):
-        m.arch_from_config(dict(LLAMA31_8B, num_key_value_heads=0), where="x/config.json")
+        model.arch_from_config(dict(LLAMA31_8B, num_key_value_heads=0), where="x/config.json")
     with pytest.raises(InputError, match="quant_method"):
-        m.arch_from_config(dict(LLAMA31_8B, quantization_config={"quant_method": "bitsandbytes"}))
+        model.arch_from_config(dict(LLAMA31_8B, quantization_config={"quant_method": "bitsandbytes"}))
 
 
 def test_pipeline_stages_split_like_vllm():
@@ -300,7 +300,7 @@ def _divisors_for(a):
 
 def test_every_shared_config_parses_with_positive_kv_and_shrinking_weights(shared):
     for folder in sorted((shared / "model_configs").iterdir()):
-        a = m.load_arch(folder)
+        a = model.load_arch(folder)
         tps = _divisors_for(a)
         assert tps, a.name
         weights = [m.weight_bytes_per_gpu(a, t).total for t in tps]
@@ -317,8 +317,8 @@ def test_shared_configs_match_the_inline_ones(shared):
             m.weight_bytes_per_gpu(cfg, 2 if name != "gpt-oss-120b" else 1), name
     # the shared DeepSeek-V3 config spells the expert counts num_routed_experts / num_shared_experts
     assert m.param_count("deepseek_v3") == 671_026_419_200
-    assert m.load_arch("kimi-k2.5").quant.experts.label == "int4_wo_g32"
-    assert m.load_arch("kimi-k2.5").quant.attention.kind == "bf16"
+    assert model.load_arch("kimi-k2.5").quant.experts.label == "int4_wo_g32"
+    assert model.load_arch("kimi-k2.5").quant.attention.kind == "bf16"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import numpy as np
 from .. import memory
 from ..errors import InputError, warn
 from ..hardware import get_gpu
-from ..model import load_model, normalize_dtype
+from ..model import load_arch, load_model, normalize_dtype
 from ..params import Calibration, Params, engine_key, engine_version
 from ..step import (BREAKDOWN, batched_features, bucket, cells_read, combine, make_step_fn, pack_steps, setup,
                     validate_step)
@@ -300,7 +300,7 @@ class Predictor:
         if key not in self._capacity:
             try:
                 self._capacity[key] = memory.kv_capacity_tokens(
-                    memory.load_arch(r.model, self.model_configs), r.tp, get_gpu(r.gpu), weights=r.dtype, **KV_CHECK)
+                    load_arch(r.model, self.model_configs), r.tp, get_gpu(r.gpu), weights=r.dtype, **KV_CHECK)
             except InputError:
                 self._capacity[key] = None
         return self._capacity[key]
