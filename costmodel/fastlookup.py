@@ -32,6 +32,7 @@ import numpy as np
 
 from . import kernel_time as kt
 from . import ops
+from .errors import InputError
 from .interp import extension, monotone_spline
 from .step import Batch, step_gemms
 from .tables import AttnTable, CommTable, GemmTable, comm_gpu_weights, fold_batch, gemm_log_floor, gemm_shape_blend
@@ -313,7 +314,11 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
 
 
 def of_setup(su) -> FastLookup:
-    """The `FastLookup` of a `step.Setup` (unpadded)."""
+    """The `FastLookup` of a `step.Setup` (unpadded).  Mixture-of-experts models are priced by `step.TableLookup`
+    only (predict, fit) so far: refused here with the reason."""
+    if su.static.moe:
+        raise InputError(f"{su.model.name} is a mixture-of-experts model: sweeps and serving estimates do not price "
+                         "its experts yet (costmodel predict does)", field="model")
     a = su.arrays
     return specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu)
 

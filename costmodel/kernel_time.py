@@ -6,6 +6,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 
 from . import ops
+from .interp import interp_work_axis
 from .params import Params
 from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, attn_table_us, comm_table_us,
                      gemm_table_us)
@@ -210,3 +211,20 @@ def allreduce_combine(table_us, has_table: bool, tp, nbytes, hw: Hardware, p: Pa
 def allreduce_us(comm: CommTable | None, tp, nbytes, hw: Hardware, p: Params):
     """One all-reduce of ``nbytes`` per GPU over ``tp`` GPUs (µs); see `allreduce_combine`."""
     return allreduce_combine(allreduce_table_us(comm, tp, nbytes), comm is not None, tp, nbytes, hw, p)
+
+
+class MoeCurve(NamedTuple):
+    """The fused-MoE call of one model's routed experts (one layer, one GPU, at one layout and precision),
+    measured over the tokens entering the layer: log tokens [T] and log µs [T]."""
+
+    log_tokens: jnp.ndarray
+    log_us: jnp.ndarray
+
+
+MOE_SLOPE_HI = 1.0  # beyond the largest measured token count the experts are compute-bound: time ∝ tokens
+
+
+def moe_table_us(curve: MoeCurve, tokens):
+    """The routed experts of one layer at ``tokens`` tokens (µs): monotone in tokens, held below the first
+    measured count, proportional to tokens beyond the last."""
+    return jnp.exp(interp_work_axis(jnp.log(jnp.maximum(tokens, 1.0)), curve.log_tokens, curve.log_us, MOE_SLOPE_HI))

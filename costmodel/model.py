@@ -12,18 +12,28 @@ from typing import Any, NamedTuple
 from .errors import InputError
 from .io import read_json
 
-SUPPORTED_ARCHS = (
-    "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-)
+DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Mixture-of-experts models with standard (GQA) attention and no shared experts or with TP-split ones.
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM")
+SUPPORTED_ARCHS = DENSE_ARCHS + MOE_ARCHS
 # Keys whose presence marks an architecture the dense model does not describe yet.
-_UNSUPPORTED_KEYS = {
-    "num_local_experts": "mixture-of-experts", "num_experts": "mixture-of-experts",
-    "n_routed_experts": "mixture-of-experts", "kv_lora_rank": "multi-head latent attention (MLA)",
-    "layer_types": "hybrid attention layers", "linear_num_value_heads": "linear attention",
+_UNSUPPORTED_KEYS = {  # attention kinds first: they are what a refused MoE model lacks most often
+    "kv_lora_rank": "multi-head latent attention (MLA)", "layer_types": "hybrid attention layers",
+    "linear_num_value_heads": "linear attention", "num_local_experts": "mixture-of-experts",
+    "num_experts": "mixture-of-experts", "n_routed_experts": "mixture-of-experts",
+}
+# Why a mixture-of-experts architecture outside MOE_ARCHS is refused: what its attention needs beyond the tables.
+_WHY_NOT = {
+    "GptOssForCausalLM": "gpt-oss is not supported yet: its attention (head_dim 64, learned sinks, alternating "
+                         "128-token sliding window) has no measured table",
+    "Qwen3NextForCausalLM": "Qwen3-Next is not supported yet: its Gated DeltaNet linear-attention layers have no "
+                            "measured table",
 }
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
            "float8": "fp8", "fp8": "fp8", "float8_e4m3fn": "fp8"}
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
+# How routed experts can be stored (fp8_block: fp8 with a scale per 128x128 block; int4_wo: 4-bit weight-only).
+MOE_WEIGHTS = ("bf16", "fp16", "fp8", "fp8_block", "mxfp4", "int4_wo")
 
 
 def normalize_dtype(value: str, where: str | None = None, field: str = "dtype") -> str:
@@ -51,13 +61,30 @@ class ModelConfig:
     sliding_window: float = math.inf  # tokens each query attends to at most (inf = full attention)
     qk_norm: bool = False  # Qwen3 RMS-normalizes q and k per head
     max_position_embeddings: float = math.inf  # longest context the model was built for (inf = unstated)
+    # mixture of experts (all 0 for a dense model)
+    experts: int = 0  # routed experts per MoE layer
+    top_k: int = 0  # experts per token
+    moe_intermediate: int = 0  # one expert's intermediate size
+    shared_intermediate: int = 0  # all shared experts of a layer together (0 if none)
+    moe_layers: int = 0  # layers whose MLP is a mixture of experts
+    expert_dtype: str = ""  # how the routed experts are stored: bf16, fp16, fp8, fp8_block, mxfp4, int4_wo
 
     @property
     def weight_bytes(self) -> int:
         return DTYPE_BYTES[self.dtype]
 
+    def with_expert_dtype(self, expert_dtype: str) -> "ModelConfig":
+        """The mixture-of-experts model with its routed experts stored as ``expert_dtype`` (`MOE_WEIGHTS`)."""
+        if not self.experts:
+            raise InputError(f"{self.name} has no experts", field="moe_weights")
+        if expert_dtype not in MOE_WEIGHTS:
+            raise InputError(f"must be one of {', '.join(MOE_WEIGHTS)}, got {expert_dtype!r}", field="moe_weights")
+        return replace(self, expert_dtype=expert_dtype)
+
     def with_dtype(self, dtype: str) -> "ModelConfig":
-        return replace(self, dtype=normalize_dtype(dtype))
+        """The model with every GEMM weight (experts included) stored as ``dtype``."""
+        dt = normalize_dtype(dtype)
+        return replace(self, dtype=dt, expert_dtype=dt if self.experts else "")
 
     @classmethod
     def from_dict(cls, cfg: dict, name: str, where: str) -> "ModelConfig":
@@ -70,11 +97,11 @@ class ModelConfig:
         if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
             raise InputError(f'must be a list of names like ["LlamaForCausalLM"], got {archs!r}', where,
                              "architectures")
-        for key, what in _UNSUPPORTED_KEYS.items():
-            if cfg.get(key):
-                raise InputError(f"{what} ({key}={cfg[key]!r}) is not supported yet; supported: dense "
-                                 f"{', '.join(SUPPORTED_ARCHS)}", where, key)
         arch = archs[0] if archs else cfg.get("model_type", "?")
+        for key, what in _UNSUPPORTED_KEYS.items():
+            if cfg.get(key) and not (arch in MOE_ARCHS and what == "mixture-of-experts"):
+                why = _WHY_NOT.get(arch, f"{what} ({key}={cfg[key]!r}) is not supported yet")
+                raise InputError(f"{why}; supported: {', '.join(SUPPORTED_ARCHS)}", where, key)
         if arch not in SUPPORTED_ARCHS:
             raise InputError(f"architecture '{arch}' is not supported yet; supported: "
                              f"{', '.join(SUPPORTED_ARCHS)}", where, "architectures")
@@ -115,7 +142,20 @@ class ModelConfig:
             intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
             tie_embeddings=bool(tie), dtype=dtype, sliding_window=float(window),
             qk_norm=cfg.get("model_type") == "qwen3", max_position_embeddings=float(max_pos),
-        )
+        ) if arch not in MOE_ARCHS else cls(
+            name=name, arch=arch, hidden_size=hidden, num_layers=need("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+            intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
+            tie_embeddings=bool(tie), dtype=dtype, sliding_window=float(window),
+            max_position_embeddings=float(max_pos), **_moe_fields(arch_from_config(cfg, name, where)))
+
+
+def _moe_fields(a: "Arch") -> dict:
+    """The mixture-of-experts fields of `ModelConfig` (and its q/k norm), from the architecture reader."""
+    expert_dtype = {"int4": "int4_wo"}.get(a.quant.experts.kind, a.quant.experts.kind)
+    return dict(experts=a.experts, top_k=a.top_k, moe_intermediate=a.moe_intermediate,
+                shared_intermediate=a.shared_intermediate, moe_layers=a.mlp_types.count("moe"),
+                expert_dtype=expert_dtype, qk_norm=a.qk_norm_params > 0)
 
 
 def json_type(v) -> str:

@@ -1,7 +1,11 @@
-"""FLOPs and bytes of each operator of a dense decoder layer, per GPU under tensor parallelism.
+"""FLOPs and bytes of each operator of a decoder layer (dense or mixture-of-experts), per GPU under tensor and
+expert parallelism.
 
 Shapes are the sharded ones one GPU runs (Megatron-style TP as in vLLM): QKV and gate/up are split by
 columns, O and down by rows; query heads are split, KV heads are split or replicated when fewer than TP.
+A mixture-of-experts layer (vLLM's fused MoE) replaces the dense MLP by a router GEMM, the routed experts
+(each token's ``top_k`` experts; the experts split ``moe_ep`` ways, each expert's matrices ``tp / moe_ep``
+ways) and, in some models, shared experts that every token passes through (a dense MLP, TP-split).
 All functions are pure `jax.numpy` on scalars (or arrays that broadcast), so they vmap and differentiate.
 FLOPs count a multiply-add as 2.  Bytes are HBM traffic.
 """
@@ -33,6 +37,17 @@ class Dims(NamedTuple):
     weight_bytes: float  # bytes per weight element (2 bf16/fp16, 1 fp8)
     window: float  # sliding-window length in tokens (inf = full attention)
     qk_norm: float  # 1 when q and k are RMS-normalized per head (Qwen3)
+    moe_layers: float = 0.0  # layers whose MLP is a mixture of experts (the others have a dense MLP)
+    experts: float = 0.0  # routed experts per MoE layer (whole model)
+    top_k: float = 0.0  # experts each token is routed to
+    moe_inter: float = 0.0  # one expert's intermediate size on one GPU (split tp / moe_ep ways)
+    shared_inter: float = 0.0  # intermediate size of the shared experts on one GPU (0 if none)
+    moe_ep: float = 1.0  # expert parallelism: the experts are spread over this many GPUs
+
+    @property
+    def dense_layers(self):
+        """Layers with a dense MLP."""
+        return self.layers - self.moe_layers
 
 
 def per_gpu_heads(q_heads: int, kv_heads: int, head_dim: int, tp: int) -> tuple[int, int, int] | None:
@@ -52,13 +67,15 @@ def per_gpu_layouts(models, tps) -> tuple[tuple[int, int, int], ...]:
     return tuple(sorted({h for hq, hkv, d in models for tp in tps if (h := per_gpu_heads(hq, hkv, d, tp))}))
 
 
-def dims(cfg: ModelConfig, tp: int) -> Dims:
-    """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp``."""
+def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1) -> Dims:
+    """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp`` and, for a mixture-of-experts model, expert
+    parallelism ``moe_ep`` inside the TP group (vLLM's ``--enable-expert-parallel``: ``moe_ep = tp``)."""
     heads = per_gpu_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp)
     bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
     if bad:
         raise InputError(f"tp={tp} must divide {' and '.join(bad)} of {cfg.name}", field="tp")
+    moe_tp = moe_split(cfg, tp, moe_ep)
     if heads is None:  # KV heads neither split evenly nor replicated evenly
         raise InputError(f"tp={tp} must divide num_key_value_heads={cfg.num_kv_heads} of {cfg.name}, or be a "
                          "multiple of it (vLLM splits KV heads evenly or replicates them)", field="tp")
@@ -68,8 +85,29 @@ def dims(cfg: ModelConfig, tp: int) -> Dims:
         kv_heads=float(kv_heads), head_dim=float(head_dim),
         inter=cfg.intermediate_size / tp, vocab=float(-(-cfg.vocab_size // tp)), tp=float(tp),
         weight_bytes=float(DTYPE_BYTES[cfg.dtype]), window=min(float(cfg.sliding_window), NO_WINDOW),
-        qk_norm=float(cfg.qk_norm),
+        qk_norm=float(cfg.qk_norm), moe_layers=float(cfg.moe_layers), experts=float(cfg.experts),
+        top_k=float(cfg.top_k), moe_inter=cfg.moe_intermediate / moe_tp, shared_inter=cfg.shared_intermediate / tp,
+        moe_ep=float(moe_ep),
     )
+
+
+def moe_split(cfg: ModelConfig, tp: int, moe_ep: int) -> int:
+    """The TP degree of each expert's matrices (``tp / moe_ep``), after checking that the layout can shard the
+    model's experts; 1 for a dense model (which only accepts ``moe_ep = 1``)."""
+    if not cfg.experts:
+        if moe_ep != 1:
+            raise InputError(f"moe_ep={moe_ep} needs a mixture-of-experts model; {cfg.name} is dense", field="moe_ep")
+        return 1
+    if moe_ep < 1 or tp % moe_ep:
+        raise InputError(f"moe_ep={moe_ep} must divide tp={tp} (experts are spread inside the TP group)",
+                         field="moe_ep")
+    if cfg.experts % moe_ep:
+        raise InputError(f"moe_ep={moe_ep} must divide the {cfg.experts} experts of {cfg.name}", field="moe_ep")
+    moe_tp = tp // moe_ep
+    if cfg.moe_intermediate % moe_tp or cfg.shared_intermediate % tp:
+        raise InputError(f"tp/moe_ep={moe_tp} must divide moe_intermediate_size={cfg.moe_intermediate} of "
+                         f"{cfg.name} (and tp={tp} its shared experts' {cfg.shared_intermediate})", field="tp")
+    return moe_tp
 
 
 class Gemm(NamedTuple):
@@ -98,6 +136,41 @@ def layer_gemms(d: Dims, tokens) -> dict[str, Gemm]:
         "gate_up_proj": Gemm(tokens, d.hidden, 2.0 * d.inter),
         "down_proj": Gemm(tokens, d.inter, d.hidden),
     }
+
+
+def moe_gemms(d: Dims, tokens, shared: bool) -> dict[str, Gemm]:
+    """The dense GEMMs of one mixture-of-experts layer at M = tokens: the router (replicated on every GPU, n =
+    experts) and, when the model has shared experts, their gate/up and down projections (TP-split).  The
+    routed experts are one fused-MoE call priced from its own table (`moe_routed_flops`).  ``shared``: the model
+    has shared experts (a static choice, as the list's length is)."""
+    out = {"router": Gemm(tokens, d.hidden, d.experts)}
+    if shared:
+        out["shared_gate_up_proj"] = Gemm(tokens, d.hidden, 2.0 * d.shared_inter)
+        out["shared_down_proj"] = Gemm(tokens, d.shared_inter, d.hidden)
+    return out
+
+
+def moe_routed_pairs(d: Dims, tokens):
+    """(token, expert) pairs one GPU computes in the routed experts: tokens · top_k spread evenly over the
+    ``moe_ep`` GPUs of the expert group."""
+    return tokens * d.top_k / d.moe_ep
+
+
+def moe_routed_flops(d: Dims, tokens):
+    """FLOPs of the routed experts on one GPU: gate/up (2 · moe_inter outputs) and down per routed pair."""
+    return 2.0 * moe_routed_pairs(d, tokens) * 3.0 * d.hidden * d.moe_inter
+
+
+def moe_active_experts(d: Dims, tokens):
+    """Expected local experts that at least one of ``tokens`` tokens is routed to (uniform routing: each of
+    the tokens · top_k choices misses a given expert with probability 1 - 1/experts)."""
+    miss = jnp.exp(tokens * d.top_k * jnp.log1p(-1.0 / jnp.maximum(d.experts, 2.0)))
+    return d.experts / d.moe_ep * (1.0 - miss)
+
+
+def moe_routed_weight_bytes(d: Dims, tokens, expert_weight_bytes):
+    """Expert weight bytes one GPU reads in a MoE layer: the matrices of the experts that tokens reach."""
+    return moe_active_experts(d, tokens) * 3.0 * d.hidden * d.moe_inter * expert_weight_bytes
 
 
 def lm_head_gemm(d: Dims, sampled) -> Gemm:
@@ -140,21 +213,26 @@ def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
 
     rmsnorm: two fused add+RMSNorm kernels (read x and residual, write both);
     rope: read and write q and k; kv_cache_write: read new k, v and store them into the paged cache;
-    activation: SiLU(gate)·up reads 2·inter, writes inter; qk_norm (Qwen3): read and write q and k.
+    activation: SiLU(gate)·up reads 2·inter, writes inter (dense MLP layers and shared experts; the routed
+    experts' activation is inside the fused-MoE call); qk_norm (Qwen3): read and write q and k.  Averaged over
+    the layers when dense and MoE layers differ.
     """
     qk = (d.q_heads + d.kv_heads) * d.head_dim
+    act_inter = jnp.where(d.moe_layers > 0, (d.dense_layers * d.inter + d.moe_layers * d.shared_inter) / d.layers,
+                          d.inter)
     return {
         "rmsnorm": 2.0 * (4.0 * tokens * d.hidden * ACT_BYTES + d.hidden * ACT_BYTES),
         "rope": 2.0 * tokens * qk * ACT_BYTES,
         "kv_cache_write": 2.0 * tokens * 2.0 * d.kv_heads * d.head_dim * ACT_BYTES,
-        "activation": 3.0 * tokens * d.inter * ACT_BYTES,
+        "activation": 3.0 * tokens * act_inter * ACT_BYTES,
         "qk_norm": d.qk_norm * 2.0 * tokens * qk * ACT_BYTES,
     }
 
 
 def memory_kernels_per_layer(d: Dims):
-    """Launches of bandwidth-bound kernels per layer: 2 RMSNorm, RoPE, KV write, activation (+ q/k norm)."""
-    return 5.0 + d.qk_norm
+    """Launches of bandwidth-bound kernels per layer: 2 RMSNorm, RoPE, KV write, activation (+ q/k norm; + the
+    router's top-k softmax in MoE layers, averaged over the layers)."""
+    return 5.0 + d.qk_norm + d.moe_layers / d.layers
 
 
 def allreduce_bytes(d: Dims, tokens):

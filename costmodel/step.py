@@ -30,11 +30,16 @@ from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
+from .interp import suffix_min
 from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, bracket, fold_batch,
-                     gemm_table_us, nearest_layout)
+                     gemm_table_us, load_moe, moe_curve, moe_layouts, nearest_layout)
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
+MOE_PART = "moe"  # the breakdown's extra part for mixture-of-experts models (router, routed and shared experts)
+# Expert load the fused-MoE curves are read at: AIConfigurator's tables measure balanced routing and two
+# power-law skews; served traffic is skewed.
+MOE_DISTRIBUTION = "power_law_1.01"
 
 
 class Step(NamedTuple):
@@ -99,6 +104,7 @@ class Arrays(NamedTuple):
     decode: AttnTable
     prefill: AttnTable
     comm: CommTable | None
+    moe: kt.MoeCurve | None = None  # the routed experts' fused-MoE call (mixture-of-experts models)
 
 
 class ModelOnGPU(NamedTuple):
@@ -121,6 +127,8 @@ class Static:
     table_weight_bytes: float
     compute_ratio: float = 1.0  # kt.CROSS_DTYPE_COMPUTE_RATIO for the (table, model) dtypes
     has_comm_table: bool = False  # all-reduce from a measured table (else analytic)
+    moe: bool = False  # mixture-of-experts layers (router GEMM and the fused-MoE call)
+    shared_experts: bool = False  # their shared experts (two more GEMMs)
 
 
 @dataclass
@@ -134,18 +142,46 @@ class Setup:
     on_gpu: ModelOnGPU
     static: Static
     gemm_table_dtype: str
+    moe_ep: int = 1
 
 
-def setup(model: ModelConfig, tables: Tables, tp: int) -> Setup:
-    """Bind a model, a GPU's tables and a TP degree; pick the GEMM table and attention head layouts."""
-    d = ops.dims(model, tp)
+def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1) -> Setup:
+    """Bind a model, a GPU's tables and a TP degree (and, for a mixture-of-experts model, its expert
+    parallelism inside the TP group); pick the GEMM table, attention head layouts and fused-MoE curve."""
+    d = ops.dims(model, tp, moe_ep)
     g = kt.choose_gemm_table(tables, model.dtype)
     dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
     pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
     on_gpu = ModelOnGPU(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
-    arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce)
-    static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None)
-    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype)
+    moe = moe_curve_of(model, tables, tp, moe_ep) if model.experts else None
+    arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce, moe)
+    static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
+                    moe=bool(model.experts), shared_experts=bool(model.shared_intermediate))
+    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep)
+
+
+def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt.MoeCurve:
+    """The measured fused-MoE curve of ``model``'s experts on ``tables``' GPU at this layout (the expert
+    matrices split ``tp / moe_ep`` ways, the experts ``moe_ep`` ways), with measured times above a time
+    measured for more tokens lowered to it (`interp.suffix_min`, the tables' policy).  A shape, precision or
+    layout the GPU's MoE table did not measure is refused, naming what it has."""
+    df = next((df for name in tables.gpu.table_dirs if (df := load_moe(name)) is not None), None)
+    where = f"MoE table of {tables.gpu.name}"
+    if df is None:
+        raise InputError(f"{where}: none ships with costmodel, so the experts of {model.name} cannot be priced",
+                         field="gpu")
+    dtype = "bf16" if model.expert_dtype == "fp16" else model.expert_dtype
+    shape = (model.hidden_size, model.moe_intermediate, model.experts, model.top_k)
+    got = moe_curve(df, dtype, *shape, tp // moe_ep, moe_ep, MOE_DISTRIBUTION)
+    if got is None:
+        have = moe_layouts(df, dtype, *shape)
+        raise InputError(
+            f"{where} has no {dtype} curve for {model.name}'s experts (hidden {shape[0]}, expert intermediate "
+            f"{shape[1]}, {shape[2]} experts, top-{shape[3]}) at moe_tp={tp // moe_ep}, moe_ep={moe_ep}; measured: "
+            f"{', '.join(have) if have else 'none for this shape'}", field="moe_ep" if have else "model")
+    tokens, us = (np.asarray(a, np.float64) for a in got)
+    us = suffix_min(us[None, :], (1,))[0]
+    return kt.MoeCurve(jnp.asarray(np.log(tokens), jnp.float32), jnp.asarray(np.log(us), jnp.float32))
 
 
 def _nodes(grid, x) -> np.ndarray:
@@ -182,7 +218,8 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
     out: dict[str, set] = {}
     g = a.gemm
     gemm = out.setdefault(f"gemm/{su.gemm_table_dtype}", set())
-    for x in step_gemms(d, Batch(f.n_decode, f.decode_keys, f.n_prefill, f.tokens - f.n_decode, f.prefill_pairs)):
+    for x in step_gemms(d, Batch(f.n_decode, f.decode_keys, f.n_prefill, f.tokens - f.n_decode, f.prefill_pairs),
+                        su.static):
         m = np.log(np.unique(np.maximum(x.m, 1.0)))
         gemm |= _cells(_nodes(g.log_k, np.log(float(x.k))), _nodes(g.log_n, np.log(float(x.n))), _nodes(g.log_m, m))
     for kind, table, c, n, (batch, length), slope in (
@@ -200,9 +237,13 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
     return out
 
 
-def step_gemms(d: ops.Dims, batch: Batch) -> list[ops.Gemm]:
-    """The five GEMMs of a step: qkv, o, gate_up, down (per layer, M = tokens) and lm_head (M = sampled)."""
-    return list(ops.layer_gemms(d, batch.tokens).values()) + [ops.lm_head_gemm(d, batch.sampled)]
+def step_gemms(d: ops.Dims, batch: Batch, static: Static | None = None) -> list[ops.Gemm]:
+    """The GEMMs of a step: qkv, o, gate_up, down (per layer, M = tokens), lm_head (M = sampled), and for a
+    mixture-of-experts model (``static.moe``) the router and shared-expert GEMMs of `ops.moe_gemms`."""
+    out = list(ops.layer_gemms(d, batch.tokens).values()) + [ops.lm_head_gemm(d, batch.sampled)]
+    if static is not None and static.moe:
+        out += list(ops.moe_gemms(d, batch.tokens, static.shared_experts).values())
+    return out
 
 
 class TableLookup(NamedTuple):
@@ -228,6 +269,10 @@ class TableLookup(NamedTuple):
     def attn_floor_us(self):
         return kt.attn_floor_us(self.arrays.decode, self.on.decode_layout)
 
+    def moe_us(self, tokens):
+        """The routed experts' fused-MoE call of one layer at ``tokens`` tokens, table time (µs)."""
+        return kt.moe_table_us(self.arrays.moe, tokens)
+
     def layer_allreduce_us(self, tokens):
         """One all-reduce of the hidden states of ``tokens`` tokens over the TP group, table time (µs; 0
         without a table or at TP 1)."""
@@ -246,7 +291,7 @@ class Features(NamedTuple):
     tokens: jax.Array  # tokens computed this step (prefill new + one per decode)
     n_prefill: jax.Array
     n_decode: jax.Array
-    gemm: kt.GemmFeatures  # [5]: qkv, o, gate_up, down (per layer), lm_head
+    gemm: kt.GemmFeatures  # [5]: qkv, o, gate_up, down (per layer), lm_head (+ `ops.moe_gemms` for MoE models)
     attn_prefill_us: jax.Array  # prefill attention table time per layer
     attn_decode_us: jax.Array  # decode attention table time per layer
     attn_floor_us: jax.Array  # fixed cost of the attention kernel (decode table floor)
@@ -259,6 +304,7 @@ class Features(NamedTuple):
     gather_bytes: jax.Array  # its all-reduce-equivalent message (`ops.logits_gather_message`)
     decode_keys: jax.Array  # `Batch.decode_keys` (where the decode table is read: `cells_read`)
     prefill_pairs: jax.Array  # `Batch.prefill_pairs`
+    moe_us: jax.Array  # the routed experts' fused-MoE call per MoE layer, table time (0 for a dense model)
 
 
 def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Features:
@@ -266,7 +312,7 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
     `fastlookup.FastLookup`)."""
     d, hw = on.dims, on.hw
     tokens, sampled = batch.tokens, batch.sampled
-    gl = step_gemms(d, batch)
+    gl = step_gemms(d, batch, static)
     # A Python loop, not a nested vmap: XLA:CPU (jax 0.10.2) returned wrong table values for a vmap over
     # the five GEMMs inside a vmap over more than ~6500 steps (tests/test_step_batching.py guards this).
     per = [kt.gemm_features(t, g, d.weight_bytes, static.table_weight_bytes, hw)
@@ -285,7 +331,8 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
         comm_table_us=lookup.layer_allreduce_us(tokens), comm_bytes=msg,
         gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather,
-        decode_keys=batch.decode_keys, prefill_pairs=batch.prefill_pairs)
+        decode_keys=batch.decode_keys, prefill_pairs=batch.prefill_pairs,
+        moe_us=lookup.moe_us(tokens) if static.moe else jnp.zeros_like(jnp.asarray(tokens, jnp.float32)))
 
 
 def features(arrays: Arrays, on: ModelOnGPU, step: Step, static: Static) -> Features:
@@ -296,7 +343,7 @@ def features(arrays: Arrays, on: ModelOnGPU, step: Step, static: Static) -> Feat
 def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     """Step time (µs) and breakdown from the step's features and the residual parameters."""
     d, hw, p = on.dims, on.hw, params
-    g = kt.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5]
+    g = kt.gemm_combine(f.gemm, hw, p, static.gemm_same_dtype, static.compute_ratio)  # [5] (+ MoE GEMMs)
     has_pre, has_dec = f.n_prefill > 0, f.n_decode > 0
     # One varlen kernel per layer serves prefills and decodes.  Its fixed cost in the engine is the decode
     # table's floor (smallest time) times attn_fixed_scale.  Decode-only: t_dec (`kt.decode_cold_us`).
@@ -313,7 +360,7 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
     overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
     parts = {
-        "gemm": d.layers * jnp.sum(g[:4]),
+        "gemm": d.layers * jnp.sum(g[:4]) if not static.moe else d.layers * (g[0] + g[1]) + d.dense_layers * (g[2] + g[3]),
         "attn_prefill": d.layers * t_pre,
         "attn_decode": d.layers * t_dec,
         "memory_ops": d.layers * memory,
@@ -321,6 +368,8 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
         "lm_head_sampling": head,
         "overhead": overhead,
     }
+    if static.moe:  # router, routed experts (the fused-MoE call, an engine GEMM like the others), shared experts
+        parts["moe"] = d.moe_layers * (f.moe_us * p.gemm_scale + jnp.sum(g[5:], axis=0))
     return sum(parts.values()), parts
 
 

@@ -572,3 +572,34 @@ def nearest_layout(layouts: list[tuple[int, int, int]], hq: float, hkv: float, d
     q, kv, dd = layouts[c]
     scale = (hkv * d) / (kv * dd) if kind == "decode" else math.sqrt((hq * d) / (q * dd))
     return c, scale
+
+
+# ---------------------------------------------------------------- mixture of experts (provisional)
+
+def load_moe(gpu: str, data_dir=None):
+    """The fused-MoE table of ``gpu`` (bench_data/moe/<gpu>/data.csv) as a DataFrame, None without one."""
+    import pandas as pd
+    path = Path(data_dir or default_bench_data()) / "moe" / gpu / "data.csv"
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _moe_rows(df, dtype, hidden, inter, experts, topk):
+    return df[(df.dtype == dtype) & (df.hidden_size == hidden) & (df.inter_size == inter)
+              & (df.num_experts == experts) & (df.topk == topk)]
+
+
+def moe_curve(df, dtype, hidden, inter, experts, topk, moe_tp, moe_ep, distribution=None):
+    """(num_tokens ascending, latency_us) of one measured shape, None if not measured."""
+    r = _moe_rows(df, dtype, hidden, inter, experts, topk)
+    r = r[(r.moe_tp == moe_tp) & (r.moe_ep == moe_ep)]
+    if distribution is not None:
+        r = r[r.distribution == distribution]
+    if r.empty:
+        return None
+    r = r.sort_values("num_tokens")
+    return r.num_tokens.to_numpy(float), r.latency_us.to_numpy(float)
+
+
+def moe_layouts(df, dtype, hidden, inter, experts, topk) -> list[str]:
+    r = _moe_rows(df, dtype, hidden, inter, experts, topk)
+    return [f"moe_tp={a} moe_ep={b}" for a, b in sorted(set(zip(r.moe_tp, r.moe_ep)))]

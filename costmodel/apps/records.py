@@ -1,7 +1,10 @@
 """Step records (JSON Lines): reading, validation and batched prediction.
 
 Record schema (one JSON object a line, UTF-8): required ``id``, ``model``, ``gpu``, ``tp``, ``steps``;
-optional ``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype),
+optional ``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config's weight dtype), ``moe_ep``
+(expert parallelism inside the TP group for a mixture-of-experts model; default 1, vLLM's
+``--enable-expert-parallel`` is ``moe_ep = tp``), ``moe_weights`` (how its routed experts are stored: bf16,
+fp16, fp8, fp8_block, mxfp4, int4_wo; default: the config's quantization, or ``dtype``),
 ``vllm_version``, ``timing`` and ``async_scheduling`` (see `Record.timed_steps`); ``max_num_batched_tokens``
 and ``approx`` are accepted and not used; any other field is ignored with a warning (`unknown_fields`).
 Each step is ``{"prefill": [[new, cached], ...], "decode": [ctx, ...]}``.
@@ -22,7 +25,7 @@ import numpy as np
 from .. import memory
 from ..errors import InputError, warn
 from ..hardware import get_gpu
-from ..model import load_arch, load_model, normalize_dtype
+from ..model import MOE_WEIGHTS, load_arch, load_model, normalize_dtype
 from ..params import Calibration, Params, engine_key, engine_version
 from ..step import (BREAKDOWN, batched_features, bucket, cells_read, combine, make_step_fn, pack_steps, setup,
                     validate_step)
@@ -64,6 +67,8 @@ class Record:
     timing: str | None = None  # "interval" or "own"; None: "interval" for kind "step", else "own"
     async_scheduling: bool | None = None  # None: from vllm_version (`ASYNC_SCHEDULING_SINCE`)
     extra: dict = field(default_factory=dict)
+    moe_ep: int = 1  # GPUs of the TP group the routed experts are spread over
+    moe_weights: str | None = None  # storage of the routed experts (`model.MOE_WEIGHTS`); None: the model's
 
     @property
     def engine(self) -> str | None:
@@ -103,7 +108,7 @@ def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
 # Fields a record may carry: used ones, and ``max_num_batched_tokens`` and ``approx`` (written by the step
 # tracers, accepted and not used).  Others are reported by `read_records`.
 RECORD_FIELDS = ("id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
-                 "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx")
+                 "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx", "moe_ep", "moe_weights")
 STEP_FIELDS = ("prefill", "decode")
 
 
@@ -197,6 +202,12 @@ def parse_record(obj, where: str) -> Record:
     tp = obj["tp"]
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise InputError(f"must be a positive integer, got {tp!r}", where, "tp")
+    moe_ep = obj.get("moe_ep", 1)
+    if isinstance(moe_ep, bool) or not isinstance(moe_ep, int) or moe_ep < 1:
+        raise InputError(f"must be a positive integer, got {moe_ep!r}", where, "moe_ep")
+    moe_weights = _optional_str(obj, "moe_weights", where)
+    if moe_weights is not None and moe_weights not in MOE_WEIGHTS:
+        raise InputError(f"must be one of {', '.join(MOE_WEIGHTS)}, got {moe_weights!r}", where, "moe_weights")
     steps = obj["steps"]
     if not isinstance(steps, list) or not steps:
         raise InputError("must be a non-empty list of steps", where, "steps")
@@ -223,11 +234,12 @@ def parse_record(obj, where: str) -> Record:
     if is_async is not None and not isinstance(is_async, bool):
         raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
     known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
-             "async_scheduling"}
+             "async_scheduling", "moe_ep", "moe_weights"}
     return Record(id=str(rid), model=obj["model"], gpu=obj["gpu"], tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
                   kind=kind, source=source, dtype=dtype, timing=timing,
-                  async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known})
+                  async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known}, moe_ep=moe_ep,
+                  moe_weights=moe_weights)
 
 
 def max_context(steps: list) -> int:
@@ -282,13 +294,15 @@ class Predictor:
         return self._tables[gpu.name]
 
     def setup_for(self, r: Record):
-        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype)
+        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype, r.moe_ep, r.moe_weights)
         if key not in self._setups:
             try:
                 m = load_model(r.model, self.model_configs)
                 if r.dtype:
                     m = m.with_dtype(r.dtype)
-                self._setups[key] = setup(m, self.tables(r.gpu, r.where), r.tp)
+                if r.moe_weights:
+                    m = m.with_expert_dtype(r.moe_weights)
+                self._setups[key] = setup(m, self.tables(r.gpu, r.where), r.tp, r.moe_ep)
             except InputError as e:
                 raise InputError(str(e), r.where) from None
         return self._setups[key]
@@ -296,11 +310,13 @@ class Predictor:
     def kv_capacity(self, r: Record):
         """The KV-cache capacity (`memory.KVCapacity`) of ``r``'s model on its GPU at its TP degree, with vLLM's
         defaults (`KV_CHECK`), or None where the memory model does not describe the model."""
-        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype)
+        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype, r.moe_ep, r.moe_weights)
         if key not in self._capacity:
+            layout = memory.Layout(tp=r.tp, moe_tp=r.tp // r.moe_ep, moe_ep=r.moe_ep) if r.moe_ep > 1 else r.tp
             try:
                 self._capacity[key] = memory.kv_capacity_tokens(
-                    load_arch(r.model, self.model_configs), r.tp, get_gpu(r.gpu), weights=r.dtype, **KV_CHECK)
+                    load_arch(r.model, self.model_configs), layout, get_gpu(r.gpu), weights=r.dtype,
+                    moe_weights=r.moe_weights, **KV_CHECK)
             except InputError:
                 self._capacity[key] = None
         return self._capacity[key]
@@ -383,8 +399,8 @@ class Predictor:
                     bad = int(own[np.argmax(~np.isfinite(t) | (t <= 0))])
                     raise InputError("model produced a non-finite or non-positive time", records[bad].where)
                 np.add.at(total, own, t)
-                for k in BREAKDOWN:
-                    np.add.at(parts[k], own, np.asarray(br[k], dtype=np.float64))
+                for k in br:
+                    np.add.at(parts.setdefault(k, np.zeros(len(records))), own, np.asarray(br[k], dtype=np.float64))
         return (total, parts, roofline_floor_us(groups, len(records))) if with_floor else (total, parts)
 
 
