@@ -136,6 +136,9 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         model = load_model(str(rec["model"]), model_configs)
     except InputError as e:
         raise Refusal(f"model {rec['model']}: {e}") from None
+    if model.experts:
+        raise Refusal(f"model {rec['model']} is a mixture-of-experts model: serving estimates do not price its "
+                      "experts yet (costmodel predict does)")
     if weights is not None:
         if weights not in WEIGHT_DTYPES:
             raise Refusal(f"weights '{weights}' are not priced yet (bf16, fp16, fp8)")
