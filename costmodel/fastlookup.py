@@ -13,8 +13,9 @@ either), built once per (model, GPU, TP) from the same tables and the same inter
   cross, so that on each piece a column's value is one known column's cubic and a lookup reads two;
 * a cell is found by a lookup table on the float32 bucket of x plus a few comparisons (`Finder`), and
   coefficients are read by 1-D gathers: all on scalars per configuration, which XLA vectorizes on CPU;
-* for integer token counts up to `TOKEN_TABLE`, GEMM and all-reduce times are read from per-token tables,
-  which are these same functions evaluated at every integer.
+* a mixture-of-experts model's fused-MoE curve (`kernel_time.moe_table_us`) is one cubic in log tokens;
+* for integer token counts up to `TOKEN_TABLE`, GEMM, fused-MoE and all-reduce times are read from per-token
+  tables, which are these same functions evaluated at every integer.
 
 The physics (which GEMMs, message sizes, how attention arguments are formed) stays in `step`, `ops` and
 `kernel_time`; only the evaluation of the tables is specialised here.
@@ -32,7 +33,6 @@ import numpy as np
 
 from . import kernel_time as kt
 from . import ops
-from .errors import InputError
 from .interp import extension, monotone_spline
 from .step import Batch, step_gemms
 from .tables import AttnTable, CommTable, GemmTable, comm_gpu_weights, fold_batch, gemm_log_floor, gemm_shape_blend
@@ -214,9 +214,9 @@ class FastLookup:
     """The table times of one model on one GPU at one TP degree (`step.TableLookup`'s methods), specialised.
     Build with `specialise`; `common_shapes` pads several to one shape so one compilation serves them."""
 
-    gemm: Series  # 5 series in log m: qkv, o, gate_up, down, lm_head (`step.step_gemms` order)
+    gemm: Series  # G series in log m, `step.step_gemms` order: qkv, o, gate_up, down, lm_head (+ MoE GEMMs)
     gemm_log_floor: jax.Array
-    tok_gemm: jax.Array  # [5, TOKEN_TABLE + 1] µs at every integer m (index 0 unused)
+    tok_gemm: jax.Array  # [G, TOKEN_TABLE + 1] µs at every integer m (index 0 unused)
     decode: RefinedAttn
     decode_kv_scale: jax.Array
     decode_floor_us: jax.Array
@@ -225,6 +225,8 @@ class FastLookup:
     comm: Series  # 1 series in log bytes, for the model's TP degree
     tok_comm: jax.Array  # [TOKEN_TABLE + 1] layer all-reduce µs at every integer token count
     tok_gather: jax.Array  # [TOKEN_TABLE + 1] logits all-gather µs at every integer number of sampled requests
+    moe: Series  # 1 series in log tokens: the fused-MoE call (a placeholder, never read, for a dense model)
+    tok_moe: jax.Array  # [TOKEN_TABLE + 1] fused-MoE µs at every integer token count
     dims: ops.Dims
     has_comm: bool = _static()
     int_tokens: bool = _static(default=False)  # read GEMM and all-reduce times from the per-token tables
@@ -255,6 +257,11 @@ class FastLookup:
         if self.int_tokens:
             return self._tp_only(_take(self.tok_gather, sampled.astype(jnp.int32)))
         return self._tp_only(self._comm(jnp.maximum(ops.logits_gather_message(self.dims, sampled), 1.0)))
+
+    def moe_us(self, tokens):
+        if self.int_tokens:
+            return _take(self.tok_moe, tokens.astype(jnp.int32))
+        return _moe_us(self.moe, tokens)
 
     def _comm(self, nbytes):
         return _comm_us(self.comm, nbytes)
@@ -294,33 +301,43 @@ def _comm_us(comm: Series, nbytes):
     return jnp.exp(comm(0, jnp.log(nbytes), 1.0))
 
 
-def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: CommTable | None, on) -> FastLookup:
-    """The `FastLookup` of a `step.ModelOnGPU` ``on`` on these tables (unpadded: see `common_shapes`)."""
+def _moe_us(moe: Series, tokens):
+    """`kernel_time.moe_table_us` of the specialised curve (µs)."""
+    return jnp.exp(moe(0, jnp.log(jnp.maximum(tokens, 1.0)), kt.MOE_SLOPE_HI))
+
+
+_NO_MOE = kt.MoeCurve(np.arange(2, dtype=np.float32), np.zeros(2, np.float32))  # a dense model's placeholder curve
+
+
+def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: CommTable | None, on,
+               moe: kt.MoeCurve | None = None, static=None) -> FastLookup:
+    """The `FastLookup` of a `step.ModelOnGPU` ``on`` on these tables (unpadded: see `common_shapes`);
+    ``moe`` and ``static`` (`step.Static`) for a mixture-of-experts model."""
     d = ops.Dims(*(np.float32(v) for v in on.dims))
-    gl = _gemm_shapes(d)
+    gl = step_gemms(d, Batch(*(np.float32(1.0),) * 5), static)
     dec_c, pre_c = int(on.decode_layout), int(on.prefill_layout)
     comm_x = np.asarray(comm.log_bytes, np.float32) if comm is not None else np.zeros(2, np.float32)
-    finders = Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x)
-    gc, cc, dc, pc, floor, tok = jax.tree_util.tree_map(np.asarray, _once(
+    moe = _NO_MOE if moe is None else kt.MoeCurve(*(np.asarray(a, np.float32) for a in moe))
+    finders = (Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x),
+               Finder.build(moe.log_tokens))
+    gc, cc, dc, pc, mc, floor, tok = jax.tree_util.tree_map(np.asarray, _once(
         _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
         np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
-        np.int32(pre_c), finders, d, comm is not None))
+        np.int32(pre_c), finders, d, comm is not None, moe))
     f32 = np.float32
     return FastLookup(Series.build(np.asarray(gemm.log_m, np.float32), gc, finders[0]), f32(floor),
                       _per_token(tok["tok_gemm"]), _refined(dc.astype(np.float64), decode), f32(on.decode_kv_scale),
                       f32(kt.attn_floor_us(decode, dec_c)), _refined(pc.astype(np.float64), prefill),
                       f32(on.prefill_len_scale), Series.build(comm_x, cc[..., None], finders[1]),
-                      _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]), d, comm is not None)
+                      _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]),
+                      Series.build(moe.log_tokens, mc[..., None], finders[2]), _per_token(tok["tok_moe"]), d,
+                      comm is not None)
 
 
 def of_setup(su) -> FastLookup:
-    """The `FastLookup` of a `step.Setup` (unpadded).  Mixture-of-experts models are priced by `step.TableLookup`
-    only (predict, fit) so far: refused here with the reason."""
-    if su.static.moe:
-        raise InputError(f"{su.model.name} is a mixture-of-experts model: sweeps and serving estimates do not price "
-                         "its experts yet (costmodel predict does)", field="model")
+    """The `FastLookup` of a `step.Setup` (unpadded)."""
     a = su.arrays
-    return specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu)
+    return specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu, a.moe, su.static)
 
 
 def as_scalars(tree):
@@ -336,12 +353,13 @@ def _per_token(v: np.ndarray) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=11)
-def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm):
+def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm, moe):
     """What `specialise` computes, in one compilation per table shapes: interpax's spline coefficients of
-    the five GEMMs' blended log-m cubics [4, Nm-1, 5] (the blend of the neighbouring shapes' splines is the
+    the G GEMMs' blended log-m cubics [4, Nm-1, G] (the blend of the neighbouring shapes' splines is the
     spline of the blend), of the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], of the two attention
-    head layouts [4, Nl-1, Nb], the GEMM table's log floor, and the per-token tables (index m - 1): the
-    lookup's own GEMM and all-reduce functions (`_gemm_us`, `_comm_us`) at every integer."""
+    head layouts [4, Nl-1, Nb], of the fused-MoE curve [4, Nt-1], the GEMM table's log floor, and the per-token
+    tables (index m - 1): the lookup's own GEMM, all-reduce and fused-MoE functions (`_gemm_us`, `_comm_us`,
+    `_moe_us`) at every integer."""
     def one(k, n):
         series, offset, w = gemm_shape_blend(gemm, k, n)
         c = monotone_spline(gemm.log_m, series.T).c @ w
@@ -351,21 +369,19 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
           if comm is not None else jnp.zeros((4, 1)))
     dc = monotone_spline(decode.log_len, decode.log_t[dec_c]).c
     pc = monotone_spline(prefill.log_len, prefill.log_t[pre_c]).c
+    mc = monotone_spline(moe.log_tokens, moe.log_us).c
     floor = gemm_log_floor(gemm)
     m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
     gemm_s = Series.build(gemm.log_m, gc, finders[0])
-    tok = {"tok_gemm": jnp.stack([_gemm_us(gemm_s, floor, i, jnp.log(m)) for i in range(5)])}
+    tok = {"tok_gemm": jnp.stack([_gemm_us(gemm_s, floor, i, jnp.log(m)) for i in range(ks.shape[0])]),
+           "tok_moe": _moe_us(Series.build(moe.log_tokens, mc[..., None], finders[2]), m)}
     if has_comm:
         comm_s = Series.build(comm.log_bytes, cc[..., None], finders[1])
         tok["tok_comm"] = _comm_us(comm_s, ops.allreduce_bytes(d, m))
         tok["tok_gather"] = _comm_us(comm_s, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
     else:
         tok["tok_comm"] = tok["tok_gather"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
-    return gc, cc, dc, pc, floor, tok
-
-
-def _gemm_shapes(d: ops.Dims) -> list[ops.Gemm]:
-    return step_gemms(d, Batch(*(np.float32(1.0),) * 5))
+    return gc, cc, dc, pc, mc, floor, tok
 
 
 def _refined(coef: np.ndarray, t: AttnTable) -> RefinedAttn:
@@ -384,8 +400,10 @@ def common_shapes(lookups: list[FastLookup]) -> list[FastLookup]:
     series strides to the longest; everything else by repeating its last entry (never read)."""
     gcells = max(x.gemm.cells for x in lookups)
     ccells = max(x.comm.cells for x in lookups)
+    mcells = max(x.moe.cells for x in lookups)
     nb = {k: max(2, max(getattr(x, k).nb for x in lookups)) for k in ("decode", "prefill")}
     lookups = [dataclasses.replace(x, gemm=_restride(x.gemm, gcells), comm=_restride(x.comm, ccells),
+                                   moe=_restride(x.moe, mcells),
                                    decode=_widen(x.decode, nb["decode"]), prefill=_widen(x.prefill, nb["prefill"]))
                for x in lookups]
     ks = [max(col) for col in zip(*([f.k for f in _finders(x)] for x in lookups))]
@@ -410,7 +428,8 @@ def common_shapes(lookups: list[FastLookup]) -> list[FastLookup]:
 
 
 def _finders(x: FastLookup) -> list[Finder]:
-    return [x.gemm.finder, x.comm.finder, x.decode.finder, x.decode.bfinder, x.prefill.finder, x.prefill.bfinder]
+    return [x.gemm.finder, x.comm.finder, x.decode.finder, x.decode.bfinder, x.prefill.finder, x.prefill.bfinder,
+            x.moe.finder]
 
 
 def _with_depths(x: FastLookup, ks: list[int]) -> FastLookup:
@@ -419,7 +438,7 @@ def _with_depths(x: FastLookup, ks: list[int]) -> FastLookup:
     return dataclasses.replace(
         x, gemm=dataclasses.replace(x.gemm, finder=fd[0]), comm=dataclasses.replace(x.comm, finder=fd[1]),
         decode=dataclasses.replace(x.decode, finder=fd[2], bfinder=fd[3]),
-        prefill=dataclasses.replace(x.prefill, finder=fd[4], bfinder=fd[5]))
+        prefill=dataclasses.replace(x.prefill, finder=fd[4], bfinder=fd[5]), moe=dataclasses.replace(x.moe, finder=fd[6]))
 
 
 def _pad_last(v: np.ndarray, target: tuple) -> np.ndarray:

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -137,8 +138,27 @@ def test_moe_gradient_is_finite(mixtral_h100_setup):
     assert np.all(np.isfinite(np.asarray(g))) and float(jnp.sum(g)) > 0
 
 
-def test_sweeps_refuse_moe_models_with_the_reason(shared):
+def test_sweep_of_moe_and_dense_groups_equals_predict(shared, h100):
+    """A sweep mixing MoE and dense groups (one padded lookup shape for all) gives `predict`'s step times and
+    MoE parts (integer token counts: the per-token tables)."""
     from costmodel.apps import sweep as sw
-    with pytest.raises(InputError, match="mixture-of-experts model: sweeps and serving estimates"):
-        sw.sweep({"model": ["qwen3-30b-a3b"], "gpu": "H100", "tp": [1], "n_decode": [8], "decode_ctx": [100]},
-                 model_configs=shared / "model_configs")
+    from costmodel.apps.records import Predictor, parse_record
+    rng = np.random.default_rng(7)
+    n = 24
+    df = pd.DataFrame({"model": rng.choice(["qwen3-30b-a3b", "mixtral-8x7b-v0.1", "llama-3.1-8b"], n),
+                       "gpu": "H100", "tp": 2, "calibration": "none",
+                       "n_decode": rng.integers(0, 64, n), "decode_ctx": rng.integers(0, 20_000, n),
+                       "n_prefill": rng.integers(0, 3, n), "prefill_new": rng.integers(1, 20_000, n),
+                       "prefill_cached": rng.integers(0, 5_000, n)})
+    df.loc[(df.n_decode == 0) & (df.n_prefill == 0), "n_decode"] = 1
+    got = sw.sweep(df, model_configs=shared / "model_configs", tables={"H100-SXM": h100})
+    steps = [{"prefill": [[int(r.prefill_new), int(r.prefill_cached)]] * int(r.n_prefill),
+              "decode": [int(r.decode_ctx)] * int(r.n_decode)} for r in df.itertuples()]
+    records = [parse_record({"id": str(i), "model": r.model, "gpu": "H100", "tp": 2, "steps": [s]}, f"row {i}")
+               for i, (r, s) in enumerate(zip(df.itertuples(), steps))]
+    pred = Predictor(model_configs=shared / "model_configs")
+    pred._tables["H100-SXM"] = h100
+    total, parts = pred.predict(records, Params())
+    np.testing.assert_allclose(got.step_us, total, rtol=1e-5)
+    np.testing.assert_allclose(got.moe, parts["moe"], rtol=1e-5)
+    assert (got.moe[df.model == "llama-3.1-8b"] == 0).all() and (got.moe[df.model != "llama-3.1-8b"] > 0).all()

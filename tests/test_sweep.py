@@ -26,6 +26,7 @@ from conftest import sweep_stopped_after
 
 RTOL = 1e-5  # float32: the two paths round differently (float32 sums over requests, log/exp order)
 REPO = Path(__file__).resolve().parent.parent
+MIXTRAL = str(Path(os.environ.get("COSTMODEL_SHARED", REPO.parent / "shared")) / "model_configs" / "mixtral-8x7b-v0.1")
 
 
 def _random_batches(rng, n, tps=(1, 2, 4)):
@@ -62,12 +63,12 @@ def _reference(df, model, tables, params=None):
     """The general path (`step_time` over padded per-request steps) for every row at its TP."""
     steps = cm.pack_steps(_as_steps(df))
     out = np.zeros(len(df))
-    parts = {k: np.zeros(len(df)) for k in sw.BREAKDOWN}
+    parts = {k: np.zeros(len(df)) for k in sw.BREAKDOWN + (sw.MOE_PART,)}
     for tp in sorted(df.tp.unique()):
         sel = df.tp.to_numpy() == tp
         t, br = _ref_fn(cm.setup(cm.load_model(model), tables, int(tp)), steps, params)
         out[sel] = t[sel]
-        for k in parts:
+        for k in br:
             parts[k][sel] = br[k][sel]
     return out, parts
 
@@ -78,7 +79,7 @@ def h100():
 
 
 @pytest.mark.parametrize("model,gpu,tokens", [("llama-3.1-8b", "H100", "any"), ("llama-3.1-8b", "H100", "int"),
-                                              ("qwen3-8b", "A100", "any")])
+                                              ("qwen3-8b", "A100", "any"), (MIXTRAL, "H100", "any")])
 def test_fast_path_equals_step_time(model, gpu, tokens):
     """Precomputed per-GEMM m-series, refined attention tables and LUT cell search (token counts beyond the
     per-token tables: "any"), or the per-token GEMM/all-reduce tables ("int"), == `step_time`."""
@@ -95,7 +96,7 @@ def test_fast_path_equals_step_time(model, gpu, tokens):
     assert (general == 0 and per_token > 0) if tokens == "int" else general > 0
     ref, parts = _reference(df, model, tables)
     np.testing.assert_allclose(got.step_us.to_numpy(), ref, rtol=RTOL)
-    for k in sw.BREAKDOWN:
+    for k in sw.RESULT_COLUMNS[1:]:
         np.testing.assert_allclose(got[k].to_numpy(), parts[k], rtol=RTOL, atol=1e-3)
 
 
@@ -195,7 +196,7 @@ def test_axes_space(axes_full):
     assert len(axes_full) == n and axes_full.config_id.tolist() == list(range(n))
     empty = (axes_full.n_decode == 0) & (axes_full.n_prefill == 0)
     assert axes_full.step_us[empty].isna().all() and axes_full.step_us[~empty].gt(0).all()
-    assert list(axes_full.columns[-8:]) == list(sw.RESULT_COLUMNS)
+    assert list(axes_full.columns[-len(sw.RESULT_COLUMNS):]) == list(sw.RESULT_COLUMNS)
     assert sorted(axes_full.decode_ctx.unique()) == [100, 669, 4481, 30000]
     with pytest.raises(InputError, match="unknown axis"):
         sw.make_space({**AXES, "n_decodes": [1]})

@@ -64,6 +64,7 @@ from ..model import ModelConfig, load_model, normalize_dtype
 from ..params import Params
 from ..step import (
     BREAKDOWN,
+    MOE_PART,
     Batch,
     ModelOnGPU,
     Setup,
@@ -81,7 +82,7 @@ GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype")
 GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None}
 BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_new", "prefill_cached",
                  "prefill_tokens", "prefill_pairs")
-RESULT_COLUMNS = ("step_us",) + BREAKDOWN
+RESULT_COLUMNS = ("step_us",) + BREAKDOWN + (MOE_PART,)  # MOE_PART: 0 for a dense model
 DEFAULT_CHUNK = 1 << 20
 
 
@@ -118,7 +119,7 @@ def fast_chunk(mode: Mode, static: Static, lookup: FastLookup, on: ModelOnGPU, p
         tokens, pairs = (pre_a, pre_b) if mode.prefill_total else prefill_of_means(d, n_pre, pre_a, pre_b)
         total, parts = combine(batch_features(lookup, on, Batch(n_dec, keys, n_pre, tokens, pairs), static),
                                on, params, static)
-        return [total] + [parts[k] for k in BREAKDOWN]
+        return [total] + [parts[k] for k in BREAKDOWN] + [parts.get(MOE_PART, jnp.zeros_like(total))]
 
     ok = (b0 + b2) > 0
     return tuple(jnp.where(ok, v, jnp.nan) for v in jax.vmap(one)(b0, b1, b2, b3, b4))
@@ -669,7 +670,7 @@ DEFAULT_CALL = 1 << 17  # configurations per kernel call (intermediates of 512 K
 class Evaluator:
     """Compiled fast evaluation of a space's groups.  `submit(g, batch)` dispatches rows of any groups
     (asynchronously, in calls of ``call_size`` rows of one group each, sharded over ``devices`` local
-    devices); `fetch(handle)` returns [8, k]: ``step_us`` and the `BREAKDOWN` (µs)."""
+    devices); `fetch(handle)` returns [9, k]: ``step_us``, the `BREAKDOWN` and the MoE part (µs)."""
 
     def __init__(self, space: Space, call_size: int = DEFAULT_CALL, model_configs=None, bench_data=None,
                  allow_other_gpu=False, devices: int | None = None, tables: dict | None = None):
@@ -758,7 +759,7 @@ class Evaluator:
         return out
 
     def __call__(self, g: np.ndarray, batch: list[np.ndarray]) -> np.ndarray:
-        """[8, k]: step_us and the breakdown."""
+        """[9, k]: step_us and the breakdown (`RESULT_COLUMNS`)."""
         return np.stack(self.fetch(self.submit(g, batch))) if len(g) else np.zeros((len(RESULT_COLUMNS), 0),
                                                                                       np.float32)
 
