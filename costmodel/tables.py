@@ -572,3 +572,137 @@ def nearest_layout(layouts: list[tuple[int, int, int]], hq: float, hkv: float, d
     q, kv, dd = layouts[c]
     scale = (hkv * d) / (kv * dd) if kind == "decode" else math.sqrt((hq * d) / (q * dd))
     return c, scale
+
+
+# ---------------------------------------------------------------- fused MoE tables
+
+MOE_COLUMNS = ("dtype", "num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep",
+               "distribution", "latency_us", "kernel")
+MOE_INT_COLUMNS = ("num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep")
+MOE_SHAPE_COLUMNS = ("dtype", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep", "distribution")
+MOE_DTYPES = ("bf16", "fp8", "fp8_block", "int4_wo", "mxfp4", "nvfp4")
+# The expert-load distribution a curve is taken from when none is asked for, first measured one wins:
+# AIConfigurator's generic MoE models (Mixtral, Qwen3-MoE, gpt-oss) query power_law_1.2, its DeepSeek-style
+# models power_law_1.01.
+MOE_DISTRIBUTION_PREFERENCE = ("power_law_1.2", "power_law_1.01", "balanced")
+
+_TABLE_CACHE: dict = {}
+
+
+def _gpu_table_file(gpu: str, data_dir, parts: tuple[str, ...]) -> Path | None:
+    """``DATA_DIR/<parts>/<gpu folder>/data.csv`` for the first of the GPU's table folder names
+    (`hardware.GPU.table_dirs`; a name `hardware` does not know is taken as the folder name) that has one."""
+    from .hardware import find_gpu
+
+    root = Path(data_dir) if data_dir is not None else default_bench_data()
+    known = find_gpu(gpu)
+    names = known.table_dirs if known is not None else (str(gpu),)
+    for name in names:
+        f = root.joinpath(*parts, name, "data.csv")
+        if f.is_file():
+            return f
+    return None
+
+
+def _cached_frame(path: Path, read):
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = read(path)
+    return _TABLE_CACHE[key]
+
+
+def _check_labels(df: pd.DataFrame, path: Path, column: str, allowed: tuple[str, ...] | None) -> None:
+    """Every value of the text column ``column`` non-empty and, with ``allowed``, one of them; InputError
+    naming the file line otherwise (a header line, then one line per row)."""
+    vals = df[column]
+    bad = vals.isna() | (vals.astype(str).str.strip() == "")
+    if allowed is not None:
+        bad |= ~vals.isin(allowed)
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy()))
+        want = f" (expected one of {', '.join(allowed)})" if allowed is not None else ""
+        raise InputError(f"bad value {vals.iloc[row]!r}{want}", f"{path}:{row + 2}", column)
+
+
+def _read_moe(path: Path) -> pd.DataFrame:
+    numeric = tuple(c for c in MOE_COLUMNS if c not in ("dtype", "distribution", "kernel"))
+    text, _ = read_csv_text(path)
+    head = pd.read_csv(io.StringIO(text), nrows=0).columns
+    missing = [c for c in MOE_COLUMNS if c not in head]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", str(path))
+    df = _read_csv(path, numeric + ("dtype", "kernel"))
+    for c in MOE_INT_COLUMNS:
+        frac = df[c] != np.round(df[c])
+        if frac.any():
+            row = int(np.argmax(frac.to_numpy()))
+            raise InputError(f"not a whole number: {df[c].iloc[row]}", f"{path}:{row + 2}", c)
+        df[c] = df[c].astype(np.int64)
+    df["distribution"] = df["distribution"].astype(str)
+    _check_labels(df, path, "dtype", MOE_DTYPES)
+    _check_labels(df, path, "distribution", None)
+    _check_labels(df, path, "kernel", None)
+    dup = df.duplicated(list(MOE_SHAPE_COLUMNS) + ["num_tokens"])
+    if dup.any():
+        row = int(np.argmax(dup.to_numpy()))
+        raise InputError("a second row for the same shape and num_tokens", f"{path}:{row + 2}", "num_tokens")
+    return df[list(MOE_COLUMNS)].sort_values(list(MOE_SHAPE_COLUMNS) + ["num_tokens"]).reset_index(drop=True)
+
+
+def load_moe(gpu: str, data_dir=None) -> pd.DataFrame | None:
+    """The fused-MoE table of ``gpu`` (a `hardware` GPU name or a table folder name) from
+    ``DATA_DIR/moe/<gpu>/data.csv`` (default: the repo's bench_data/), or None when there is none.
+
+    One row per measured point, columns `MOE_COLUMNS`: ``latency_us`` is one GPU's expert computation of one
+    MoE layer (grouped gate/up GEMM, activation, grouped down GEMM; no router GEMM, shared experts or EP
+    dispatch/combine) for ``num_tokens`` tokens entering the layer, summed over the attention-DP ranks that
+    feed it; that GPU holds ``num_experts / moe_ep`` experts with ``inter_size / moe_tp`` of each one's
+    intermediate width.  Sorted by shape, then num_tokens.  The frame is shared between calls: do not
+    modify it.  InputError (file:line, column) for a malformed file."""
+    path = _gpu_table_file(gpu, data_dir, ("moe",))
+    return None if path is None else _cached_frame(path, _read_moe)
+
+
+def moe_shapes(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
+    """The measured MoE shapes (`MOE_SHAPE_COLUMNS` plus ``points``, ``min_tokens``, ``max_tokens``), of one
+    dtype or all."""
+    if dtype is not None:
+        df = df[df["dtype"] == dtype]
+    g = df.groupby(list(MOE_SHAPE_COLUMNS), sort=True)["num_tokens"]
+    return g.agg(points="size", min_tokens="min", max_tokens="max").reset_index()
+
+
+def moe_shapes_text(df: pd.DataFrame, dtype: str | None = None, limit: int = 40) -> str:
+    """The measured (hidden, inter, experts, topk) shapes, each with its (moe_tp, moe_ep) pairs, as one line
+    for an error message: ``dtype hidden/inter/experts/topk tp x ep ...; ...``."""
+    s = moe_shapes(df, dtype)
+    if s.empty:
+        return f"no {dtype} MoE shapes" if dtype else "no MoE shapes"
+    out = []
+    for (dt, h, i, e, k), g in s.groupby(["dtype", "hidden_size", "inter_size", "num_experts", "topk"]):
+        par = sorted({(int(a), int(b)) for a, b in zip(g["moe_tp"], g["moe_ep"])})
+        out.append(f"{dt} hidden={h} inter={i} experts={e} topk={k} (tp x ep: "
+                   f"{' '.join(f'{a}x{b}' for a, b in par)})")
+    more = f"; ... {len(out) - limit} more" if len(out) > limit else ""
+    return "; ".join(out[:limit]) + more
+
+
+def moe_curve(df: pd.DataFrame, dtype: str, hidden: int, inter: int, experts: int, topk: int, moe_tp: int,
+              moe_ep: int, distribution: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(num_tokens ascending, latency_us) of the one measured curve of that exact shape in a `load_moe`
+    frame, or None when it was not measured.  ``distribution`` None takes the first measured of
+    `MOE_DISTRIBUTION_PREFERENCE` (then any other, by name)."""
+    sel = df[(df["dtype"] == dtype) & (df["hidden_size"] == int(hidden)) & (df["inter_size"] == int(inter))
+             & (df["num_experts"] == int(experts)) & (df["topk"] == int(topk)) & (df["moe_tp"] == int(moe_tp))
+             & (df["moe_ep"] == int(moe_ep))]
+    if sel.empty:
+        return None
+    have = set(sel["distribution"])
+    if distribution is None:
+        order = [d for d in MOE_DISTRIBUTION_PREFERENCE if d in have] + sorted(have - set(MOE_DISTRIBUTION_PREFERENCE))
+        distribution = order[0]
+    elif distribution not in have:
+        return None
+    c = sel[sel["distribution"] == distribution].sort_values("num_tokens")
+    return c["num_tokens"].to_numpy(np.int64), c["latency_us"].to_numpy(np.float64)
