@@ -73,7 +73,7 @@ def test_repo_table_row_converted_by_hand():
     assert "bf16 hidden=2048 inter=768 experts=128 topk=8" in tables.moe_shapes_text(df, "bf16")
 
 
-@pytest.mark.parametrize("gpu", ["h100_sxm", "h200_sxm", "b200_sxm", "a100_sxm"])
+@pytest.mark.parametrize("gpu", ["h100_sxm", "h200_sxm", "b200_sxm", "a100_sxm", "l40s"])
 def test_every_imported_gpu_has_a_moe_table(gpu):
     df = tables.load_moe(gpu)
     assert df is not None and len(df) > 1000
