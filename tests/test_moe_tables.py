@@ -26,7 +26,7 @@ def test_convert_moe_units_names_distributions_and_subsampling():
     src = pd.DataFrame(
         _src_rows("bfloat16", "power_law_1.2", tokens, flat_then_linear)
         + _src_rows("bfloat16", "balanced", tokens, flat_then_linear)
-        + _src_rows("w4a16_mxfp4", "power_law_1.01", [1, 2], [0.5, 0.6],
+        + _src_rows("w4a16_mxfp4", "power_law_1.01", [1, 2, 4], [0.5, 0.6, 0.9],
                     kernel="vllm_gptossmxfp4moe_triton_oaitritonmxfp4expertsmonolithic")
         + _src_rows("w4a8_mxfp4_mxfp8", "power_law_1.2", [1, 2], [0.5, 0.6]))
     out, st = aic.convert_moe(src, tol=0.015)
@@ -38,9 +38,10 @@ def test_convert_moe_units_names_distributions_and_subsampling():
     assert bf["latency_us"].tolist() == pytest.approx([20.0, 20.0, 160.0])  # ms -> us
     assert set(bf["kernel"]) == {"triton"}
     mx = out[out["dtype"] == "mxfp4"]
-    assert mx["kernel"].tolist() == ["triton_monolithic"] * 2 and mx["latency_us"].tolist() == pytest.approx([500, 600])
+    assert mx["kernel"].tolist() == ["triton_monolithic"] * 3
+    assert mx["latency_us"].tolist() == pytest.approx([500, 600, 900])
     everything, _ = aic.convert_moe(src, tol=None, distributions=None)
-    assert len(everything) == 2 * 8 + 2  # both bf16 distributions whole, and mxfp4
+    assert len(everything) == 2 * 8 + 3  # both bf16 distributions whole, and mxfp4
 
 
 def test_convert_moe_refuses_two_kernels_for_one_shape():
@@ -104,3 +105,29 @@ def test_load_moe_refuses_non_positive_latency_and_duplicates(tmp_path):
                                    "bf16,1,2048,768,128,8,1,1,power_law_1.2,21,triton"])
     with pytest.raises(InputError, match="same shape"):
         tables.load_moe("H100", root)
+
+
+def test_convert_moe_drops_short_curves_and_keeps_three_points_of_a_straight_line():
+    line = [0.001 * t for t in (1, 2, 4, 8, 16, 32)]  # time proportional to tokens: two points would do
+    src = pd.DataFrame(_src_rows("bfloat16", "power_law_1.2", [1, 2, 4, 8, 16, 32], line)
+                       + _src_rows("bfloat16", "power_law_1.2", [1, 2], [0.1, 0.2], ep=2))
+    out, st = aic.convert_moe(src)
+    assert out["moe_ep"].unique().tolist() == [1] and len(out) == 3
+    assert out["num_tokens"].iloc[0] == 1 and out["num_tokens"].iloc[-1] == 32
+    assert [c["num_tokens"] for c in st["short_curves_dropped"]] == [[1, 2]]
+
+
+def test_moe_leave_one_out_by_hand():
+    from costmodel.tabletools.crossval import moe_leave_one_out
+
+    def curve(ep, tokens, lat):
+        return pd.DataFrame({"dtype": "bf16", "num_tokens": tokens, "hidden_size": 2048, "inter_size": 768,
+                             "num_experts": 128, "topk": 8, "moe_tp": 1, "moe_ep": ep,
+                             "distribution": "power_law_1.2", "latency_us": lat, "kernel": "triton"})
+    power = curve(1, [1, 4, 16, 64], [10.0, 20.0, 40.0, 80.0])  # t = 10 * x^0.5: exact in log-log
+    three = curve(2, [1, 2, 4], [10.0, 30.0, 40.0])  # middle predicted from the line (1, 10)-(4, 40): 20
+    res = moe_leave_one_out(pd.concat([power, three], ignore_index=True))
+    assert len(res) == 2 + 1
+    assert res[res.moe_ep == 1].rel_err.abs().max() < 1e-4
+    mid = res[res.moe_ep == 2].iloc[0]
+    assert mid.predicted_us == pytest.approx(20.0, rel=1e-4) and mid.rel_err == pytest.approx(20 / 30 - 1, rel=1e-3)

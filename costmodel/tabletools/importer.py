@@ -93,6 +93,7 @@ MOE_DTYPES = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block", "int4_
 MOE_DISTRIBUTIONS = ("power_law_1.01", "power_law_1.2")
 MOE_COLUMNS = ["dtype", "num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep",
                "distribution", "latency_us", "kernel"]
+MOE_MIN_POINTS = 3
 MOE_SHAPE = ["dtype", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep", "distribution"]
 ATTN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "fp8": "fp8", "half": "fp16"}
 COMM_DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "half": ("fp16", 2),
@@ -469,6 +470,14 @@ def convert_moe(src: pd.DataFrame, tol: float | None = 0.015, distributions=MOE_
         raise ValueError(f"moe_perf: {int((kernels > 1).sum())} shapes were measured with several kernels")
     df, ndup = _median_dedup(df, MOE_SHAPE + ["kernel", "num_tokens"])
     stats["duplicates_merged"] = int(ndup)
+    # A curve needs three points for the monotone cubic along num_tokens; shorter ones are incomplete
+    # collections (a single num_tokens, or a few smallest ones).
+    size = df.groupby(MOE_SHAPE)["num_tokens"].transform("size")
+    short = df[size < MOE_MIN_POINTS]
+    stats["short_curves_dropped"] = [
+        {**dict(zip(MOE_SHAPE, k)), "num_tokens": sorted(map(int, g["num_tokens"]))}
+        for k, g in short.groupby(MOE_SHAPE)]
+    df = df[size >= MOE_MIN_POINTS]
     parts = []
     for dt, g in df.groupby("dtype", sort=True):
         g = g.sort_values(MOE_SHAPE + ["num_tokens"])
@@ -479,7 +488,11 @@ def convert_moe(src: pd.DataFrame, tol: float | None = 0.015, distributions=MOE_
             masks = []
             for _, c in g.groupby(MOE_SHAPE, sort=False):
                 x, lat = c["num_tokens"].to_numpy(), c["latency"].to_numpy()[None]
-                keep = loglog_subsample(x, lat, tol) if len(x) > 2 else np.ones(len(x), bool)
+                keep = loglog_subsample(x, lat, tol)
+                if keep.sum() < MOE_MIN_POINTS:  # a straight line: keep its worst-fitting interior point too
+                    lx, ly = np.log(x), np.log(lat[0])
+                    err = np.abs(ly - np.interp(lx, lx[[0, -1]], ly[[0, -1]]))
+                    keep[1 + int(np.argmax(err[1:-1]))] = True
                 masks.append(keep)
                 errs.append(_interp_errors(x, lat, keep))
             g = g[np.concatenate(masks)]
@@ -859,6 +872,12 @@ def _provenance_lines(s: dict, layouts) -> list[str]:
                      f"({st['rows_kept'] / max(st['rows'], 1):.1%}) by the same log-log subsampling along "
                      f"num_tokens (tol {tol_txt}); reconstruction error of the dropped points: max "
                      f"{st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}.")
+        if m.get("short_curves_dropped"):
+            L.append(f"  * {len(m['short_curves_dropped'])} curves with fewer than {MOE_MIN_POINTS} num_tokens points "
+                     "dropped (incomplete collections; nothing to interpolate along): " + "; ".join(
+                         f"{c['dtype']} {c['hidden_size']}/{c['inter_size']}/{c['num_experts']}x{c['topk']} "
+                         f"tp{c['moe_tp']} ep{c['moe_ep']} {c['distribution']} tokens {c['num_tokens']}"
+                         for c in m["short_curves_dropped"]) + ".")
         if m.get("duplicates_merged"):
             L.append(f"  * {m['duplicates_merged']} duplicate rows merged by median.")
     L += [
