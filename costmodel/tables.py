@@ -49,7 +49,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .hardware import GPU
+from .hardware import GPU, find_gpu
 from .interp import OUTLIER_FACTOR, blend_secondary_axis, fill_work_axis, interp_work_axis, low_outliers, suffix_min
 from .io import read_text_utf8
 from .model import normalize_dtype
@@ -592,8 +592,6 @@ _TABLE_CACHE: dict = {}
 def _gpu_table_file(gpu: str, data_dir, parts: tuple[str, ...]) -> Path | None:
     """``DATA_DIR/<parts>/<gpu folder>/data.csv`` for the first of the GPU's table folder names
     (`hardware.GPU.table_dirs`; a name `hardware` does not know is taken as the folder name) that has one."""
-    from .hardware import find_gpu
-
     root = Path(data_dir) if data_dir is not None else default_bench_data()
     known = find_gpu(gpu)
     names = known.table_dirs if known is not None else (str(gpu),)
@@ -706,3 +704,62 @@ def moe_curve(df: pd.DataFrame, dtype: str, hidden: int, inter: int, experts: in
         return None
     c = sel[sel["distribution"] == distribution].sort_values("num_tokens")
     return c["num_tokens"].to_numpy(np.int64), c["latency_us"].to_numpy(np.float64)
+
+
+# ---------------------------------------------------------------- MLA module tables
+
+MLA_KINDS = {"prefill": "seq_len", "decode": "kv_len"}  # kind -> length column
+MLA_CURVE_COLUMNS = ("dtype", "kv_dtype", "gemm_dtype", "num_heads", "batch_size")
+MLA_DTYPES = ("bf16", "fp16", "fp8", "fp8_block", "nvfp4")
+
+
+def _read_mla(path: Path, kind: str) -> pd.DataFrame:
+    length = MLA_KINDS[kind]
+    cols = ("kernel",) + MLA_CURVE_COLUMNS + (length, "latency_us")
+    text, _ = read_csv_text(path)
+    missing = [c for c in cols if c not in pd.read_csv(io.StringIO(text), nrows=0).columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", str(path))
+    df = _read_csv(path, ("num_heads", "batch_size", length, "latency_us", "kernel"))
+    for c in ("num_heads", "batch_size", length):
+        frac = df[c] != np.round(df[c])
+        if frac.any():
+            row = int(np.argmax(frac.to_numpy()))
+            raise InputError(f"not a whole number: {df[c].iloc[row]}", f"{path}:{row + 2}", c)
+        df[c] = df[c].astype(np.int64)
+    for c in ("dtype", "kv_dtype", "gemm_dtype"):
+        _check_labels(df, path, c, MLA_DTYPES)
+    _check_labels(df, path, "kernel", None)
+    dup = df.duplicated(list(MLA_CURVE_COLUMNS) + [length])
+    if dup.any():
+        row = int(np.argmax(dup.to_numpy()))
+        raise InputError("a second row for the same curve and length", f"{path}:{row + 2}", length)
+    return df[list(cols)].sort_values(list(MLA_CURVE_COLUMNS) + [length]).reset_index(drop=True)
+
+
+def load_mla(gpu: str, kind: str, data_dir=None) -> pd.DataFrame | None:
+    """The MLA attention-module table of ``gpu`` for ``kind`` "prefill" or "decode" from
+    ``DATA_DIR/mla/<kind>/<gpu>/data.csv`` (default: the repo's bench_data/), or None when there is none.
+
+    One row per measured point, columns ``kernel``, `MLA_CURVE_COLUMNS`, ``seq_len`` | ``kv_len``,
+    ``latency_us``: one layer's whole MLA block (q/kv projections, attention, output projection) on one GPU
+    for DeepSeek-V3's geometry with ``num_heads`` heads on that GPU; prefill: ``batch_size`` sequences of
+    ``seq_len`` new tokens, no cached prefix; decode: one new token per sequence over ``kv_len`` cached
+    tokens.  ``kernel`` is the vLLM backend that ran the point (it changes along a prefill curve).  Shared
+    between calls: do not modify.  InputError (file:line, column) for a malformed file."""
+    if kind not in MLA_KINDS:
+        raise InputError(f"unknown MLA table kind {kind!r} (expected prefill or decode)", field="kind")
+    path = _gpu_table_file(gpu, data_dir, ("mla", kind))
+    return None if path is None else _cached_frame(path, lambda p: _read_mla(p, kind))
+
+
+def mla_curve(df: pd.DataFrame, num_heads: int, batch_size: int, kv_dtype: str = "bf16",
+              gemm_dtype: str = "bf16", dtype: str = "bf16") -> tuple[np.ndarray, np.ndarray] | None:
+    """(length ascending, latency_us) of one measured curve of a `load_mla` frame (whatever kernel ran each
+    length), or None when it was not measured."""
+    sel = df[(df["num_heads"] == int(num_heads)) & (df["batch_size"] == int(batch_size))
+             & (df["kv_dtype"] == kv_dtype) & (df["gemm_dtype"] == gemm_dtype) & (df["dtype"] == dtype)]
+    if sel.empty:
+        return None
+    length = "seq_len" if "seq_len" in sel.columns else "kv_len"
+    return sel[length].to_numpy(np.int64), sel["latency_us"].to_numpy(np.float64)

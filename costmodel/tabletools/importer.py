@@ -23,6 +23,13 @@ collector scripts and the data itself):
 * All-reduce (``custom_allreduce_perf`` and ``nccl_perf``): ``message_size`` is
   the number of **elements** per GPU (the nccl collector divides nccl-tests'
   byte size by the element size), so bytes = elements * sizeof(dtype).
+* MLA modules (``mla_context_module_perf``, ``mla_generation_module_perf``):
+  vLLM's whole MLA attention block of one layer on one GPU for DeepSeek-V3's
+  geometry, ``num_heads`` = heads on that GPU (``tp_size`` is always 1);
+  context: ``batch_size`` sequences of ``isl`` new tokens (``step`` 0);
+  generation: one new token per sequence, ``step`` = KV length.  In
+  AIConfigurator it stands in for the q/kv projections, the attention and
+  the output projection together (``sdk/models/deepseek.py``).
 * Fused MoE (``moe_perf``): one GPU's expert computation of one MoE layer
   (grouped gate/up GEMM, activation, grouped down GEMM) for ``num_tokens``
   tokens, each routed to ``topk`` of ``num_experts`` experts, the GPU holding
@@ -506,6 +513,60 @@ def convert_moe(src: pd.DataFrame, tol: float | None = 0.015, distributions=MOE_
     return out[MOE_COLUMNS].reset_index(drop=True), stats
 
 
+MLA_PHASES = {"prefill": ("mla_context_module_perf", "isl", "seq_len"),
+              "decode": ("mla_generation_module_perf", "step", "kv_len")}
+# One curve = one (dtype, kv_dtype, gemm_dtype, num_heads, batch_size) along the length; vLLM runs different
+# kernels on different stretches of it (short prefills on the MLA decode kernel, long ones on FA varlen),
+# recorded per row in ``kernel``.
+MLA_CURVE = ["dtype", "kv_dtype", "gemm_dtype", "num_heads", "batch_size"]
+
+
+def mla_columns(phase: str) -> list[str]:
+    return ["kernel"] + MLA_CURVE + [MLA_PHASES[phase][2], "latency_us"]
+
+
+def convert_mla(src: pd.DataFrame, phase: str, tol: float | None = 0.015):
+    """mla_*_module_perf rows -> (``mla_columns(phase)`` frame, stats).  ``kernel`` = source ``kernel_source``,
+    ``dtype`` = ``mla_dtype``, ``gemm_dtype`` = ``gemm_type``; length = ``isl`` (prefill, only rows without a
+    cached prefix) or ``step`` (decode).  With ``tol`` each curve is subsampled along the length like the
+    GEMM curves."""
+    _, src_len, length = MLA_PHASES[phase]
+    df = src
+    if phase == "prefill" and "step" in df:
+        df = df[df["step"] == 0]
+    if phase == "decode" and "isl" in df:
+        df = df[df["isl"] == 1]
+    names = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block", "float16": "fp16", "nvfp4": "nvfp4"}
+    df = df.assign(kernel=df["kernel_source"].astype(str), dtype=df["mla_dtype"].map(names),
+                   kv_dtype=df["kv_cache_dtype"].map(names), gemm_dtype=df["gemm_type"].map(names),
+                   **{length: df[src_len].astype(int)}).dropna(subset=["dtype", "kv_dtype", "gemm_dtype"])
+    df, ndup = _median_dedup(df, ["kernel"] + MLA_CURVE + [length])
+    # where two kernels measured the same point, keep the faster (none do in the 0.24.0 data)
+    n0 = len(df)
+    df = df.sort_values("latency").drop_duplicates(MLA_CURVE + [length]).sort_values(MLA_CURVE + [length])
+    overlaps = n0 - len(df)
+    errs, masks = [], []
+    for _, c in df.groupby(MLA_CURVE, sort=False):
+        x, lat = c[length].to_numpy(), c["latency"].to_numpy()[None]
+        keep = np.ones(len(x), bool)
+        if tol is not None and len(x) > MOE_MIN_POINTS:
+            keep = loglog_subsample(x, lat, tol)
+            if keep.sum() < MOE_MIN_POINTS:
+                keep[len(x) // 2] = True
+            errs.append(_interp_errors(x, lat, keep))
+        masks.append(keep)
+    out = df[np.concatenate(masks)] if masks else df
+    errs = np.concatenate(errs) if errs else np.zeros(0)
+    stats = {"source_rows": int(len(src)), "rows": int(len(df)), "rows_kept": int(len(out)),
+             "duplicates_merged": int(ndup), "kernel_overlaps_dropped": int(overlaps),
+             "curves": int(df.groupby(MLA_CURVE).ngroups),
+             "kernels": sorted(map(str, df["kernel"].unique())), "models": sorted(map(str, src["model"].unique()))
+             if "model" in src else [], "drop_err_max": float(errs.max()) if errs.size else 0.0,
+             "drop_err_median": float(np.median(errs)) if errs.size else 0.0}
+    out = out.assign(latency_us=out["latency"] * 1e3)
+    return out[mla_columns(phase)].reset_index(drop=True), stats
+
+
 # --------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------
@@ -732,6 +793,18 @@ def import_aiconfigurator(
                 p = build / "moe" / gpu / "data.csv"
                 record(p, _fmt_csv(moe, p, {"latency_us": 4}), len(moe))
 
+        # MLA modules (the requested engine's only: another engine's module is another implementation) ----
+        for phase, (table, _, _) in MLA_PHASES.items():
+            hit = _find_table(sysdata, "mla", engine, table, version)
+            if hit is None or hit[0] != engine:
+                continue
+            src = use("mla", table)
+            tab, st = convert_mla(src, phase, tol)
+            summary["stats"][f"mla_{phase}"] = st
+            if len(tab):
+                p = build / "mla" / phase / gpu / "data.csv"
+                record(p, _fmt_csv(tab, p, {"latency_us": 4}), len(tab))
+
         # kinds this import has none of: the target's own tables for the GPU stay ------------------------
         for rel in _gpu_parts(gpu):
             if not (build / rel).exists() and (out / rel).exists() and rel.suffix != ".md":
@@ -751,7 +824,8 @@ def _gpu_parts(gpu: str) -> list[Path]:
     """What an import writes for ``gpu``, relative to the table folder: one folder per table kind and the
     provenance note."""
     return [Path("gemm") / gpu, Path("mha") / "decode" / gpu, Path("mha") / "prefill" / gpu,
-            Path("allreduce") / gpu, Path("moe") / gpu, Path(f"SOURCE_{gpu}.md")]
+            Path("allreduce") / gpu, Path("moe") / gpu, Path("mla") / "prefill" / gpu, Path("mla") / "decode" / gpu,
+            Path(f"SOURCE_{gpu}.md")]
 
 
 def _swap_in(build: Path, out: Path, gpu: str) -> None:
@@ -880,6 +954,17 @@ def _provenance_lines(s: dict, layouts) -> list[str]:
                          for c in m["short_curves_dropped"]) + ".")
         if m.get("duplicates_merged"):
             L.append(f"  * {m['duplicates_merged']} duplicate rows merged by median.")
+    for phase in MLA_PHASES:
+        st = s["stats"].get(f"mla_{phase}")
+        if st:
+            L.append(f"* MLA {phase} module ({', '.join(st['models'])} geometry; `num_heads` per GPU): {st['rows']} rows, "
+                     f"{st['curves']} curves (dtype, kv_dtype, gemm_dtype, num_heads, batch_size; `kernel` per row = the vLLM "
+                     f"backend that ran that length), kernels "
+                     f"{', '.join(st['kernels'])}; kept {st['rows_kept']} rows by the same log-log subsampling along "
+                     f"{MLA_PHASES[phase][2]} (tol {tol_txt}); reconstruction error of the dropped points: max "
+                     f"{st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}."
+                     + (" Prefill: rows with a cached prefix (step > 0) left out." if phase == "prefill" else
+                        " `kv_len` = source `step`."))
     L += [
         "* decode: `kv_len` = source `step` (sequence length in the KV cache incl. the new token; "
         "grid 2^j-1). prefill: `dtype` fp8 = FP8-KV-cache path.",
