@@ -69,3 +69,4 @@ def test_curve_leave_one_out_groups_by_curve_not_kernel():
                        "num_heads": 16, "batch_size": 1, "seq_len": [1, 4, 16], "latency_us": [10.0, 20.0, 40.0]})
     res = curve_leave_one_out(df, tables.MLA_CURVE_COLUMNS, "seq_len")
     assert len(res) == 1 and res.rel_err.iloc[0] == pytest.approx(0.0, abs=1e-4)  # 10 * x^0.5 exactly
+
