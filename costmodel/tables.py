@@ -9,6 +9,8 @@ Layout read (per GPU folder name, see `hardware.GPU.table_dirs`):
   File names ``{hq}-{hkv}-{d}-tp{T}.csv`` give full-model heads run under TP=T (one GPU's share is
   hq/T, hkv/T); ``{hq}-{hkv}-{d}.csv`` give the heads one GPU ran.
 * ``allreduce/<gpu>/data.csv``  ``kernel,num_gpus,message_bytes,latency_us[,dtype]`` (optional).
+* ``moe/<gpu>/data.csv``  fused-MoE curves (`load_moe`, `moe_curve`); ``mla/{prefill,decode}/<gpu>/data.csv``
+  MLA attention-module curves (`load_mla`, `mla_curve`).  Both optional, read on request, not by `load_tables`.
 
 Off-grid policy (documented in the README, reported by `costmodel tables`):
 * ``latency_us`` is the measurement; ``mfu`` columns are ignored (derived and sometimes rounded to 0).
