@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .apps import bench, serve, sweep
+from .apps.tables_info import coverage
 from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
 from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
@@ -93,6 +94,7 @@ def cmd_tables(args) -> int:
     info["adjusted_points"] = {k: {"n": len(v), "median_pct": round(float(np.median(v)) * 100, 2),
                                    "max_pct": round(float(np.max(v)) * 100, 1)} for k, v in by.items()}
     info["notes"] = t.notes
+    info["coverage"] = coverage(t)
     print(json.dumps(info, indent=1))
     return 0
 
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", required=True)
     sp.set_defaults(func=cmd_kernels)
 
-    sp = sub.add_parser("tables", help="list the kernel tables loaded for a GPU, their grids and provenance")
+    sp = sub.add_parser("tables", help="list the kernel tables loaded for a GPU, their grids, provenance and "
+                                       "coverage per op and precision (GEMM, attention, all-reduce, MoE, MLA)")
     sp.add_argument("--gpu", required=True)
     sp.add_argument("--bench-data", default=None)
     sp.set_defaults(func=cmd_tables)

@@ -13,7 +13,9 @@ All figures are dense (no 2:4 sparsity) vendor peaks.  Sources, in the order of 
   dense, HBM3e 8 TB/s, 180 GB, NVLink 5 1.8 TB/s bidirectional.
 * A100-SXM4-40GB: NVIDIA A100 datasheet (2021): as the 80 GB part with HBM2 1.555 TB/s, 40 GB.
 * L40S (PCIe, 48 GB): NVIDIA L40S datasheet (2023): BF16 362 TFLOP/s, FP8 733 TFLOP/s dense, GDDR6 864 GB/s,
-  48 GB, no NVLink: GPU-to-GPU traffic goes over PCIe 4.0 x16, 32 GB/s each way.
+  48 GB, no NVLink: GPU-to-GPU traffic goes over PCIe 4.0 x16, 32 GB/s each way.  AIConfigurator's
+  `systems/l40s.yaml` (aiconfigurator-core 0.12.0), which its L40S tables were measured against, gives the
+  same: BF16 362.05 TFLOP/s, FP8 733 TFLOP/s, 864 GB/s, PCIe 4.0 32 GB/s per direction as the intra-node link.
 
 `memory_bytes` is the device memory the CUDA driver reports as total (`cudaMemGetInfo`, what
 `torch.cuda.mem_get_info()` returns and what vLLM multiplies by `gpu_memory_utilization`): the marketing

@@ -32,14 +32,11 @@ from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
 from .interp import suffix_min
 from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, bracket, fold_batch,
-                     gemm_table_us, load_moe, moe_curve, moe_layouts, nearest_layout)
+                     gemm_table_us, load_moe, moe_curve, moe_shapes, nearest_layout)
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
 MOE_PART = "moe"  # the breakdown's extra part for mixture-of-experts models (router, routed and shared experts)
-# Expert load the fused-MoE curves are read at: AIConfigurator's tables measure balanced routing and two
-# power-law skews; served traffic is skewed.
-MOE_DISTRIBUTION = "power_law_1.01"
 
 
 class Step(NamedTuple):
@@ -163,18 +160,21 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1) -> Setup
 def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt.MoeCurve:
     """The measured fused-MoE curve of ``model``'s experts on ``tables``' GPU at this layout (the expert
     matrices split ``tp / moe_ep`` ways, the experts ``moe_ep`` ways), with measured times above a time
-    measured for more tokens lowered to it (`interp.suffix_min`, the tables' policy).  A shape, precision or
+    measured for more tokens lowered to it (`interp.suffix_min`, the tables' policy), at the expert load
+    `tables.moe_curve` prefers (`tables.MOE_DISTRIBUTION_PREFERENCE`).  A shape, precision or
     layout the GPU's MoE table did not measure is refused, naming what it has."""
-    df = next((df for name in tables.gpu.table_dirs if (df := load_moe(name)) is not None), None)
+    df = load_moe(tables.gpu.name)
     where = f"MoE table of {tables.gpu.name}"
     if df is None:
         raise InputError(f"{where}: none ships with costmodel, so the experts of {model.name} cannot be priced",
                          field="gpu")
     dtype = "bf16" if model.expert_dtype == "fp16" else model.expert_dtype
     shape = (model.hidden_size, model.moe_intermediate, model.experts, model.top_k)
-    got = moe_curve(df, dtype, *shape, tp // moe_ep, moe_ep, MOE_DISTRIBUTION)
+    got = moe_curve(df, dtype, *shape, tp // moe_ep, moe_ep)
     if got is None:
-        have = moe_layouts(df, dtype, *shape)
+        s = moe_shapes(df, dtype)
+        s = s[(s.hidden_size == shape[0]) & (s.inter_size == shape[1]) & (s.num_experts == shape[2]) & (s.topk == shape[3])]
+        have = [f"moe_tp={a} moe_ep={b}" for a, b in sorted(set(zip(s.moe_tp, s.moe_ep)))]
         raise InputError(
             f"{where} has no {dtype} curve for {model.name}'s experts (hidden {shape[0]}, expert intermediate "
             f"{shape[1]}, {shape[2]} experts, top-{shape[3]}) at moe_tp={tp // moe_ep}, moe_ep={moe_ep}; measured: "

@@ -9,6 +9,8 @@ Layout read (per GPU folder name, see `hardware.GPU.table_dirs`):
   File names ``{hq}-{hkv}-{d}-tp{T}.csv`` give full-model heads run under TP=T (one GPU's share is
   hq/T, hkv/T); ``{hq}-{hkv}-{d}.csv`` give the heads one GPU ran.
 * ``allreduce/<gpu>/data.csv``  ``kernel,num_gpus,message_bytes,latency_us[,dtype]`` (optional).
+* ``moe/<gpu>/data.csv``  fused-MoE curves (`load_moe`, `moe_curve`); ``mla/{prefill,decode}/<gpu>/data.csv``
+  MLA attention-module curves (`load_mla`, `mla_curve`).  Both optional, read on request, not by `load_tables`.
 
 Off-grid policy (documented in the README, reported by `costmodel tables`):
 * ``latency_us`` is the measurement; ``mfu`` columns are ignored (derived and sometimes rounded to 0).
@@ -49,7 +51,7 @@ import numpy as np
 import pandas as pd
 
 from .errors import InputError
-from .hardware import GPU
+from .hardware import GPU, find_gpu
 from .interp import OUTLIER_FACTOR, blend_secondary_axis, fill_work_axis, interp_work_axis, low_outliers, suffix_min
 from .io import read_text_utf8
 from .model import normalize_dtype
@@ -574,32 +576,192 @@ def nearest_layout(layouts: list[tuple[int, int, int]], hq: float, hkv: float, d
     return c, scale
 
 
-# ---------------------------------------------------------------- mixture of experts (provisional)
+# ---------------------------------------------------------------- fused MoE tables
 
-def load_moe(gpu: str, data_dir=None):
-    """The fused-MoE table of ``gpu`` (bench_data/moe/<gpu>/data.csv) as a DataFrame, None without one."""
-    import pandas as pd
-    path = Path(data_dir or default_bench_data()) / "moe" / gpu / "data.csv"
-    return pd.read_csv(path) if path.is_file() else None
+MOE_COLUMNS = ("dtype", "num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep",
+               "distribution", "latency_us", "kernel")
+MOE_INT_COLUMNS = ("num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep")
+MOE_SHAPE_COLUMNS = ("dtype", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep", "distribution")
+MOE_DTYPES = ("bf16", "fp8", "fp8_block", "int4_wo", "mxfp4", "nvfp4")
+# The expert-load distribution a curve is taken from when none is asked for, first measured one wins:
+# AIConfigurator's generic MoE models (Mixtral, Qwen3-MoE, gpt-oss) query power_law_1.2, its DeepSeek-style
+# models power_law_1.01.
+MOE_DISTRIBUTION_PREFERENCE = ("power_law_1.2", "power_law_1.01", "balanced")
+
+_TABLE_CACHE: dict = {}
 
 
-def _moe_rows(df, dtype, hidden, inter, experts, topk):
-    return df[(df.dtype == dtype) & (df.hidden_size == hidden) & (df.inter_size == inter)
-              & (df.num_experts == experts) & (df.topk == topk)]
+def _gpu_table_file(gpu: str, data_dir, parts: tuple[str, ...]) -> Path | None:
+    """``DATA_DIR/<parts>/<gpu folder>/data.csv`` for the first of the GPU's table folder names
+    (`hardware.GPU.table_dirs`; a name `hardware` does not know is taken as the folder name) that has one."""
+    root = Path(data_dir) if data_dir is not None else default_bench_data()
+    known = find_gpu(gpu)
+    names = known.table_dirs if known is not None else (str(gpu),)
+    for name in names:
+        f = root.joinpath(*parts, name, "data.csv")
+        if f.is_file():
+            return f
+    return None
 
 
-def moe_curve(df, dtype, hidden, inter, experts, topk, moe_tp, moe_ep, distribution=None):
-    """(num_tokens ascending, latency_us) of one measured shape, None if not measured."""
-    r = _moe_rows(df, dtype, hidden, inter, experts, topk)
-    r = r[(r.moe_tp == moe_tp) & (r.moe_ep == moe_ep)]
-    if distribution is not None:
-        r = r[r.distribution == distribution]
-    if r.empty:
+def _cached_frame(path: Path, read):
+    st = path.stat()
+    key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE[key] = read(path)
+    return _TABLE_CACHE[key]
+
+
+def _check_labels(df: pd.DataFrame, path: Path, column: str, allowed: tuple[str, ...] | None) -> None:
+    """Every value of the text column ``column`` non-empty and, with ``allowed``, one of them; InputError
+    naming the file line otherwise (a header line, then one line per row)."""
+    vals = df[column]
+    bad = vals.isna() | (vals.astype(str).str.strip() == "")
+    if allowed is not None:
+        bad |= ~vals.isin(allowed)
+    if bad.any():
+        row = int(np.argmax(bad.to_numpy()))
+        want = f" (expected one of {', '.join(allowed)})" if allowed is not None else ""
+        raise InputError(f"bad value {vals.iloc[row]!r}{want}", f"{path}:{row + 2}", column)
+
+
+def _read_moe(path: Path) -> pd.DataFrame:
+    numeric = tuple(c for c in MOE_COLUMNS if c not in ("dtype", "distribution", "kernel"))
+    text, _ = read_csv_text(path)
+    head = pd.read_csv(io.StringIO(text), nrows=0).columns
+    missing = [c for c in MOE_COLUMNS if c not in head]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", str(path))
+    df = _read_csv(path, numeric + ("dtype", "kernel"))
+    for c in MOE_INT_COLUMNS:
+        frac = df[c] != np.round(df[c])
+        if frac.any():
+            row = int(np.argmax(frac.to_numpy()))
+            raise InputError(f"not a whole number: {df[c].iloc[row]}", f"{path}:{row + 2}", c)
+        df[c] = df[c].astype(np.int64)
+    df["distribution"] = df["distribution"].astype(str)
+    _check_labels(df, path, "dtype", MOE_DTYPES)
+    _check_labels(df, path, "distribution", None)
+    _check_labels(df, path, "kernel", None)
+    dup = df.duplicated(list(MOE_SHAPE_COLUMNS) + ["num_tokens"])
+    if dup.any():
+        row = int(np.argmax(dup.to_numpy()))
+        raise InputError("a second row for the same shape and num_tokens", f"{path}:{row + 2}", "num_tokens")
+    return df[list(MOE_COLUMNS)].sort_values(list(MOE_SHAPE_COLUMNS) + ["num_tokens"]).reset_index(drop=True)
+
+
+def load_moe(gpu: str, data_dir=None) -> pd.DataFrame | None:
+    """The fused-MoE table of ``gpu`` (a `hardware` GPU name or a table folder name) from
+    ``DATA_DIR/moe/<gpu>/data.csv`` (default: the repo's bench_data/), or None when there is none.
+
+    One row per measured point, columns `MOE_COLUMNS`: ``latency_us`` is one GPU's expert computation of one
+    MoE layer (grouped gate/up GEMM, activation, grouped down GEMM; no router GEMM, shared experts or EP
+    dispatch/combine) for ``num_tokens`` tokens entering the layer, summed over the attention-DP ranks that
+    feed it; that GPU holds ``num_experts / moe_ep`` experts with ``inter_size / moe_tp`` of each one's
+    intermediate width.  Sorted by shape, then num_tokens.  The frame is shared between calls: do not
+    modify it.  InputError (file:line, column) for a malformed file."""
+    path = _gpu_table_file(gpu, data_dir, ("moe",))
+    return None if path is None else _cached_frame(path, _read_moe)
+
+
+def moe_shapes(df: pd.DataFrame, dtype: str | None = None) -> pd.DataFrame:
+    """The measured MoE shapes (`MOE_SHAPE_COLUMNS` plus ``points``, ``min_tokens``, ``max_tokens``), of one
+    dtype or all."""
+    if dtype is not None:
+        df = df[df["dtype"] == dtype]
+    g = df.groupby(list(MOE_SHAPE_COLUMNS), sort=True)["num_tokens"]
+    return g.agg(points="size", min_tokens="min", max_tokens="max").reset_index()
+
+
+def moe_shapes_text(df: pd.DataFrame, dtype: str | None = None, limit: int = 40) -> str:
+    """The measured (hidden, inter, experts, topk) shapes, each with its (moe_tp, moe_ep) pairs, as one line
+    for an error message: ``dtype hidden/inter/experts/topk tp x ep ...; ...``."""
+    s = moe_shapes(df, dtype)
+    if s.empty:
+        return f"no {dtype} MoE shapes" if dtype else "no MoE shapes"
+    out = []
+    for (dt, h, i, e, k), g in s.groupby(["dtype", "hidden_size", "inter_size", "num_experts", "topk"]):
+        par = sorted({(int(a), int(b)) for a, b in zip(g["moe_tp"], g["moe_ep"])})
+        out.append(f"{dt} hidden={h} inter={i} experts={e} topk={k} (tp x ep: "
+                   f"{' '.join(f'{a}x{b}' for a, b in par)})")
+    more = f"; ... {len(out) - limit} more" if len(out) > limit else ""
+    return "; ".join(out[:limit]) + more
+
+
+def moe_curve(df: pd.DataFrame, dtype: str, hidden: int, inter: int, experts: int, topk: int, moe_tp: int,
+              moe_ep: int, distribution: str | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """(num_tokens ascending, latency_us) of the one measured curve of that exact shape in a `load_moe`
+    frame, or None when it was not measured.  ``distribution`` None takes the first measured of
+    `MOE_DISTRIBUTION_PREFERENCE` (then any other, by name)."""
+    sel = df[(df["dtype"] == dtype) & (df["hidden_size"] == int(hidden)) & (df["inter_size"] == int(inter))
+             & (df["num_experts"] == int(experts)) & (df["topk"] == int(topk)) & (df["moe_tp"] == int(moe_tp))
+             & (df["moe_ep"] == int(moe_ep))]
+    if sel.empty:
         return None
-    r = r.sort_values("num_tokens")
-    return r.num_tokens.to_numpy(float), r.latency_us.to_numpy(float)
+    have = set(sel["distribution"])
+    if distribution is None:
+        order = [d for d in MOE_DISTRIBUTION_PREFERENCE if d in have] + sorted(have - set(MOE_DISTRIBUTION_PREFERENCE))
+        distribution = order[0]
+    elif distribution not in have:
+        return None
+    c = sel[sel["distribution"] == distribution].sort_values("num_tokens")
+    return c["num_tokens"].to_numpy(np.int64), c["latency_us"].to_numpy(np.float64)
 
 
-def moe_layouts(df, dtype, hidden, inter, experts, topk) -> list[str]:
-    r = _moe_rows(df, dtype, hidden, inter, experts, topk)
-    return [f"moe_tp={a} moe_ep={b}" for a, b in sorted(set(zip(r.moe_tp, r.moe_ep)))]
+# ---------------------------------------------------------------- MLA module tables
+
+MLA_KINDS = {"prefill": "seq_len", "decode": "kv_len"}  # kind -> length column
+MLA_CURVE_COLUMNS = ("dtype", "kv_dtype", "gemm_dtype", "num_heads", "batch_size")
+MLA_DTYPES = ("bf16", "fp16", "fp8", "fp8_block", "nvfp4")
+
+
+def _read_mla(path: Path, kind: str) -> pd.DataFrame:
+    length = MLA_KINDS[kind]
+    cols = ("kernel",) + MLA_CURVE_COLUMNS + (length, "latency_us")
+    text, _ = read_csv_text(path)
+    missing = [c for c in cols if c not in pd.read_csv(io.StringIO(text), nrows=0).columns]
+    if missing:
+        raise InputError(f"missing column(s) {missing}", str(path))
+    df = _read_csv(path, ("num_heads", "batch_size", length, "latency_us", "kernel"))
+    for c in ("num_heads", "batch_size", length):
+        frac = df[c] != np.round(df[c])
+        if frac.any():
+            row = int(np.argmax(frac.to_numpy()))
+            raise InputError(f"not a whole number: {df[c].iloc[row]}", f"{path}:{row + 2}", c)
+        df[c] = df[c].astype(np.int64)
+    for c in ("dtype", "kv_dtype", "gemm_dtype"):
+        _check_labels(df, path, c, MLA_DTYPES)
+    _check_labels(df, path, "kernel", None)
+    dup = df.duplicated(list(MLA_CURVE_COLUMNS) + [length])
+    if dup.any():
+        row = int(np.argmax(dup.to_numpy()))
+        raise InputError("a second row for the same curve and length", f"{path}:{row + 2}", length)
+    return df[list(cols)].sort_values(list(MLA_CURVE_COLUMNS) + [length]).reset_index(drop=True)
+
+
+def load_mla(gpu: str, kind: str, data_dir=None) -> pd.DataFrame | None:
+    """The MLA attention-module table of ``gpu`` for ``kind`` "prefill" or "decode" from
+    ``DATA_DIR/mla/<kind>/<gpu>/data.csv`` (default: the repo's bench_data/), or None when there is none.
+
+    One row per measured point, columns ``kernel``, `MLA_CURVE_COLUMNS`, ``seq_len`` | ``kv_len``,
+    ``latency_us``: one layer's whole MLA block (q/kv projections, attention, output projection) on one GPU
+    for DeepSeek-V3's geometry with ``num_heads`` heads on that GPU; prefill: ``batch_size`` sequences of
+    ``seq_len`` new tokens, no cached prefix; decode: one new token per sequence over ``kv_len`` cached
+    tokens.  ``kernel`` is the vLLM backend that ran the point (it changes along a prefill curve).  Shared
+    between calls: do not modify.  InputError (file:line, column) for a malformed file."""
+    if kind not in MLA_KINDS:
+        raise InputError(f"unknown MLA table kind {kind!r} (expected prefill or decode)", field="kind")
+    path = _gpu_table_file(gpu, data_dir, ("mla", kind))
+    return None if path is None else _cached_frame(path, lambda p: _read_mla(p, kind))
+
+
+def mla_curve(df: pd.DataFrame, num_heads: int, batch_size: int, kv_dtype: str = "bf16",
+              gemm_dtype: str = "bf16", dtype: str = "bf16") -> tuple[np.ndarray, np.ndarray] | None:
+    """(length ascending, latency_us) of one measured curve of a `load_mla` frame (whatever kernel ran each
+    length), or None when it was not measured."""
+    sel = df[(df["num_heads"] == int(num_heads)) & (df["batch_size"] == int(batch_size))
+             & (df["kv_dtype"] == kv_dtype) & (df["gemm_dtype"] == gemm_dtype) & (df["dtype"] == dtype)]
+    if sel.empty:
+        return None
+    length = "seq_len" if "seq_len" in sel.columns else "kv_len"
+    return sel[length].to_numpy(np.int64), sel["latency_us"].to_numpy(np.float64)

@@ -14,7 +14,7 @@ from costmodel import InputError, ops, step
 from costmodel.hardware import get_gpu
 from costmodel.model import MOE_ARCHS, SUPPORTED_ARCHS, load_model
 from costmodel.params import Params
-from costmodel.tables import load_moe, load_tables
+from costmodel.tables import load_moe, load_tables, moe_curve
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +96,8 @@ def _time(su, decode=(), prefill=()):
 def test_fused_moe_time_is_the_measured_curve(mixtral, h100):
     """At a measured token count the experts cost exactly what the table measured (one layer, µs)."""
     su = step.setup(mixtral, h100, 2)
-    df = load_moe("h100_sxm")
-    r = df[(df.dtype == "bf16") & (df.hidden_size == 4096) & (df.inter_size == 14336) & (df.num_experts == 8)
-           & (df.topk == 2) & (df.moe_tp == 2) & (df.moe_ep == 1) & (df.distribution == step.MOE_DISTRIBUTION)]
-    r = r.sort_values("num_tokens")
-    n, us = int(r.num_tokens.iloc[-1]), float(r.latency_us.iloc[-1])  # the largest count: nothing above lowers it
+    tokens, us = moe_curve(load_moe("h100_sxm"), "bf16", 4096, 14336, 8, 2, 2, 1)
+    n, us = int(tokens[-1]), float(us[-1])  # the largest count: nothing above lowers it
     got = float(step.TableLookup(su.arrays, su.on_gpu).moe_us(jnp.float32(n)))
     assert got == pytest.approx(us, rel=1e-4)
     t, parts = _time(su, prefill=[(n, 0)])

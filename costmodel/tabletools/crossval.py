@@ -1,6 +1,7 @@
 """Cross-validation of the kernel tables.
 
     python -m costmodel.tabletools.crossval [--bench-data DIR ...] [--points 300] [--seed 0] [--no-loo] [--no-cross]
+                                 [--no-moe]
                                  [--cross A B] [--gpu H100] [--collections GPU]... [--out FILE.md]
 
 1. **Leave-one-out (LOO) interpolation error**, per bench_data folder, GPU and kernel type (GEMM per dtype,
@@ -28,7 +29,13 @@
    points inside the predicting table's measured range (GEMM m, k, n; attention: same per-GPU layout
    measured, length and batch within that layout's range).
 
-3. **Engine collections** (``--collections GPU``, needs ``aiconfigurator-core``): AIConfigurator's BF16 GEMM
+3. **Fused-MoE curves** (``--no-moe`` skips): per GPU and dtype of ``moe/<gpu>/data.csv``, every interior
+   point of every measured curve (one shape, moe_tp x moe_ep and distribution) is dropped in turn and
+   predicted from the rest of its curve by the library's monotone interpolation along the work axis
+   (`interp.interp_work_axis` on log num_tokens vs log latency, as along GEMM m).  All points, no sampling.
+   The MLA-module tables (``mla/{prefill,decode}/<gpu>``) get the same along seq_len / kv_len.
+
+4. **Engine collections** (``--collections GPU``, needs ``aiconfigurator-core``): AIConfigurator's BF16 GEMM
    collections of one GPU (one per engine and version, the same cuBLAS call) as latency ratios to the newest
    vLLM one, and the folders under ``bench_data/measured/`` against each collection (`collection_report`).
 
@@ -58,8 +65,10 @@ from ..hardware import get_gpu
 from ..io import write_text
 from ..model import DTYPE_BYTES
 from ..params import Params
-from ..tables import (attn_table_us, comm_table_us, default_bench_data, gemm_table_us, load_allreduce,
-                     load_attention, load_gemm, load_tables, nearest_layout)
+from ..interp import interp_work_axis
+from ..tables import (MLA_CURVE_COLUMNS, MLA_KINDS, MOE_SHAPE_COLUMNS, attn_table_us, comm_table_us, default_bench_data, gemm_table_us,
+                     load_allreduce, load_attention, load_gemm, load_mla, load_moe, load_tables,
+                     nearest_layout)
 from .importer import _safe_version_key, gemm_collections
 
 PROG = "python -m costmodel.tabletools.crossval"
@@ -228,6 +237,85 @@ def loo_report(roots: list[Path], points: int = 300, seed: int = 0, log=None) ->
                     if log:
                         log(f"  LOO {_label(root)} {gpu} {label}: {len(res)}/{len(g)} cells in "
                             f"{time.perf_counter() - t0:.0f} s")
+    return rows
+
+
+# ---------------------------------------------------------------- fused-MoE curves
+
+
+@jax.jit
+def _loo_along_work_axis(lx, ly):
+    """Log latency at each interior node of one curve (log x ``lx``, log y ``ly``, shape [n]) predicted by
+    `interp_work_axis` from the other n-1 nodes; shape [n-2]."""
+    n = lx.shape[0]
+    keep = np.array([[j for j in range(n) if j != i] for i in range(1, n - 1)])  # static: n is a shape
+    return jax.vmap(lambda k, q: interp_work_axis(q, lx[k], ly[k], 1.0))(keep, lx[1:-1])
+
+
+def curve_leave_one_out(df: pd.DataFrame, keys, x: str) -> pd.DataFrame:
+    """Every interior point of every curve (rows sharing ``keys``, ascending along column ``x``) with
+    ``predicted_us`` from the rest of its curve and ``rel_err`` = predicted / measured - 1."""
+    parts = []
+    for _, c in df.groupby(list(keys), sort=False):
+        if len(c) < 3:
+            continue
+        c = c.sort_values(x)
+        lx = jnp.log(jnp.asarray(c[x].to_numpy(float)))
+        ly = jnp.log(jnp.asarray(c["latency_us"].to_numpy(float)))
+        pred = np.exp(np.asarray(_loo_along_work_axis(lx, ly)))
+        inner = c.iloc[1:-1].copy()
+        inner["predicted_us"] = pred
+        parts.append(inner)
+    if not parts:
+        return df.iloc[:0].assign(predicted_us=[], rel_err=[])
+    out = pd.concat(parts)
+    out["rel_err"] = out["predicted_us"] / out["latency_us"] - 1.0
+    return out
+
+
+def moe_leave_one_out(df: pd.DataFrame) -> pd.DataFrame:
+    """`curve_leave_one_out` of a `tables.load_moe` frame along num_tokens."""
+    return curve_leave_one_out(df, MOE_SHAPE_COLUMNS, "num_tokens")
+
+
+def mla_loo_report(roots: list[Path], log=None) -> list[dict]:
+    """MLA-module LOO along the length (seq_len / kv_len) per bench_data root, GPU, kind, kv and GEMM dtype."""
+    rows = []
+    for root in roots:
+        for kind, length in MLA_KINDS.items():
+            for folder in sorted(p for p in (Path(root) / "mla" / kind).glob("*") if (p / "data.csv").is_file()):
+                try:
+                    df = load_mla(folder.name, kind, root)
+                except InputError as e:
+                    rows.append({"bench_data": _label(root), "gpu": folder.name, "kind": kind, "note": f"not loadable: {e}"})
+                    continue
+                res = curve_leave_one_out(df, MLA_CURVE_COLUMNS, length)
+                for (kv, gd), g in res.groupby(["kv_dtype", "gemm_dtype"]):
+                    sub = df[(df.kv_dtype == kv) & (df.gemm_dtype == gd)]
+                    rows.append({"bench_data": _label(root), "gpu": folder.name, "kind": kind, "kv_dtype": kv,
+                                 "gemm_dtype": gd, "kernels": " ".join(sorted(sub.kernel.unique())),
+                                 "curves": int(sub.groupby(list(MLA_CURVE_COLUMNS)).ngroups), **summarize(g.rel_err)})
+    return rows
+
+
+def moe_loo_report(roots: list[Path], log=None) -> list[dict]:
+    """MoE LOO summary rows per bench_data root, GPU and dtype."""
+    rows = []
+    for root in roots:
+        for folder in sorted(p for p in (Path(root) / "moe").glob("*") if (p / "data.csv").is_file()):
+            t0 = time.perf_counter()
+            try:
+                df = load_moe(folder.name, root)
+            except InputError as e:
+                rows.append({"bench_data": _label(root), "gpu": folder.name, "dtype": "–", "note": f"not loadable: {e}"})
+                continue
+            res = moe_leave_one_out(df)
+            for dtype, g in res.groupby("dtype"):
+                rows.append({"bench_data": _label(root), "gpu": folder.name, "dtype": dtype,
+                             "curves": int(df[df["dtype"] == dtype].groupby(list(MOE_SHAPE_COLUMNS)).ngroups),
+                             **summarize(g.rel_err)})
+            if log:
+                log(f"  MoE LOO {_label(root)} {folder.name}: {len(res)} points in {time.perf_counter() - t0:.0f} s")
     return rows
 
 
@@ -405,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-loo", action="store_true")
     ap.add_argument("--no-cross", action="store_true")
+    ap.add_argument("--no-moe", action="store_true", help="skip the fused-MoE and MLA curves' leave-one-out")
     ap.add_argument("--cross", nargs=2, type=Path, metavar=("A", "B"),
                     help="the two bench_data folders of the cross-source check (default: the first two)")
     ap.add_argument("--gpu", default="H100", help="GPU of the cross-source check and kernel floors (default H100)")
@@ -425,6 +514,12 @@ def main(argv: list[str] | None = None) -> int:
             rows = loo_report(roots, args.points, args.seed, log)
             parts += [f"\n### Leave-one-out interpolation error (up to {args.points} random cells per kernel "
                       f"type, seed {args.seed})\n\n", markdown(rows, PCT)]
+        if not args.no_moe:
+            rows = moe_loo_report(roots, log)
+            parts += ["\n### Fused MoE: leave-one-out along num_tokens (every interior point of every curve)\n\n",
+                      markdown(rows, PCT)]
+            parts += ["\n### MLA modules: leave-one-out along the length (every interior point of every curve)\n\n",
+                      markdown(mla_loo_report(roots, log), PCT)]
         cross = args.cross or (roots[:2] if len(roots) >= 2 else None)
         if not args.no_cross and cross:
             parts += [f"\n### {args.gpu} cross-source error (points of one folder priced from the other's "

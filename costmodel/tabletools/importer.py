@@ -23,6 +23,23 @@ collector scripts and the data itself):
 * All-reduce (``custom_allreduce_perf`` and ``nccl_perf``): ``message_size`` is
   the number of **elements** per GPU (the nccl collector divides nccl-tests'
   byte size by the element size), so bytes = elements * sizeof(dtype).
+* MLA modules (``mla_context_module_perf``, ``mla_generation_module_perf``):
+  vLLM's whole MLA attention block of one layer on one GPU for DeepSeek-V3's
+  geometry, ``num_heads`` = heads on that GPU (``tp_size`` is always 1);
+  context: ``batch_size`` sequences of ``isl`` new tokens (``step`` 0);
+  generation: one new token per sequence, ``step`` = KV length.  In
+  AIConfigurator it stands in for the q/kv projections, the attention and
+  the output projection together (``sdk/models/deepseek.py``).
+* Fused MoE (``moe_perf``): one GPU's expert computation of one MoE layer
+  (grouped gate/up GEMM, activation, grouped down GEMM) for ``num_tokens``
+  tokens, each routed to ``topk`` of ``num_experts`` experts, the GPU holding
+  ``num_experts / moe_ep_size`` experts with ``inter_size / moe_tp_size`` of
+  each one's intermediate width.  ``num_tokens`` counts the tokens of all
+  attention-DP ranks feeding the layer: AIConfigurator's MoE op looks the
+  table up at (tokens on one attention rank) x ``attention_dp_size``.  The
+  router GEMM, shared experts and the EP dispatch/combine are separate ops
+  (``sdk/models/blocks/moe.py``), not in this time.  ``distribution`` is the
+  expert-load skew the collector drew the routing from.
 
 The package is optional: it is imported inside :func:`import_aiconfigurator`
 only when no explicit ``systems_dir`` is given.
@@ -74,6 +91,17 @@ GPU_ALIASES = {
 # FP8 checkpoints use).  ``fp8_block`` (DeepSeek-style 128x128 block scales,
 # several competing kernels) and ``nvfp4`` are not exported.
 GEMM_DTYPES = {"bfloat16": "bf16", "fp8": "fp8"}
+# Source MoE dtype -> output dtype (``w4a8_mxfp4_mxfp8`` and other source dtypes are not exported).
+MOE_DTYPES = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block", "int4_wo": "int4_wo",
+              "w4a16_mxfp4": "mxfp4", "nvfp4": "nvfp4"}
+# The expert-load distributions AIConfigurator's model classes query: power_law with alpha 1.2 (MOEModel:
+# Mixtral, Qwen3-MoE, gpt-oss, ...) and alpha 1.01 (DeepSeek, Kimi, MiniMax-M3, Nemotron-H, hybrid MoE).
+# ``balanced`` is only read when a user overrides the workload distribution, so it is left out by default.
+MOE_DISTRIBUTIONS = ("power_law_1.01", "power_law_1.2")
+MOE_COLUMNS = ["dtype", "num_tokens", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep",
+               "distribution", "latency_us", "kernel"]
+MOE_MIN_POINTS = 3
+MOE_SHAPE = ["dtype", "hidden_size", "inter_size", "num_experts", "topk", "moe_tp", "moe_ep", "distribution"]
 ATTN_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "fp8": "fp8", "half": "fp16"}
 COMM_DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "half": ("fp16", 2),
                "float32": ("fp32", 4), "int8": ("int8", 1)}
@@ -416,6 +444,129 @@ def finish_allreduce(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     ].reset_index(drop=True)
 
 
+def moe_kernel_name(source: str) -> str:
+    """Source ``kernel_source`` -> the short ``kernel`` column: vLLM's MoE backend.  The source names read
+    ``vllm_<quant method>_<backend>_<experts class>[_<suffix>]`` (e.g.
+    ``vllm_modeloptfp8moe_flashinfer_cutlass_flashinferexperts``); the short name keeps the backend, a
+    ``monolithic``/``modular`` variant of the experts class and any suffix (``flashinfer_cutlass``,
+    ``flashinfer_trtllm_monolithic``, ``marlin_situ_as_silu``).  Names of another form are kept whole."""
+    parts = str(source).split("_")
+    if parts[0] != "vllm" or len(parts) < 4 or not any("experts" in t for t in parts[2:]):
+        return str(source)
+    i = next(j for j in range(2, len(parts)) if "experts" in parts[j])
+    variant = parts[i].split("experts", 1)[1]
+    return "_".join(parts[2:i] + ([variant] if variant else []) + parts[i + 1:])
+
+
+def convert_moe(src: pd.DataFrame, tol: float | None = 0.015, distributions=MOE_DISTRIBUTIONS):
+    """moe_perf rows -> (MOE_COLUMNS frame, stats).  ``distributions``: the ``distribution`` values kept
+    (``None``: all).  With ``tol``, each curve's interior ``num_tokens`` points are dropped where log-log
+    linear interpolation from the kept neighbours reproduces them within ``tol`` (`loglog_subsample`)."""
+    df = src[src["moe_dtype"].isin(MOE_DTYPES)]
+    if distributions is not None:
+        df = df[df["distribution"].isin(distributions)]
+    df = df.assign(dtype=df["moe_dtype"].map(MOE_DTYPES), moe_tp=df["moe_tp_size"].astype(int),
+                   moe_ep=df["moe_ep_size"].astype(int), kernel=df["kernel_source"].map(moe_kernel_name))
+    skipped = sorted(set(map(str, src["moe_dtype"])) - set(MOE_DTYPES))
+    stats = {"source_rows": int(len(src)), "skipped_dtypes": skipped,
+             "distributions": sorted(map(str, df["distribution"].unique())),
+             "distributions_dropped": sorted(set(map(str, src["distribution"])) - set(df["distribution"])),
+             "dtypes": {}}
+    kernels = df.groupby(MOE_SHAPE)["kernel_source"].nunique()
+    if (kernels > 1).any():  # one curve per shape is what the loader serves
+        raise ValueError(f"moe_perf: {int((kernels > 1).sum())} shapes were measured with several kernels")
+    df, ndup = _median_dedup(df, MOE_SHAPE + ["kernel", "num_tokens"])
+    stats["duplicates_merged"] = int(ndup)
+    # A curve needs three points for the monotone cubic along num_tokens; shorter ones are incomplete
+    # collections (a single num_tokens, or a few smallest ones).
+    size = df.groupby(MOE_SHAPE)["num_tokens"].transform("size")
+    short = df[size < MOE_MIN_POINTS]
+    stats["short_curves_dropped"] = [
+        {**dict(zip(MOE_SHAPE, k)), "num_tokens": sorted(map(int, g["num_tokens"]))}
+        for k, g in short.groupby(MOE_SHAPE)]
+    df = df[size >= MOE_MIN_POINTS]
+    parts = []
+    for dt, g in df.groupby("dtype", sort=True):
+        g = g.sort_values(MOE_SHAPE + ["num_tokens"])
+        st = {"rows": int(len(g)), "curves": int(g.groupby(MOE_SHAPE).ngroups),
+              "kernels": sorted(map(str, g["kernel"].unique())), "shapes": int(g.groupby(MOE_SHAPE[1:5]).ngroups)}
+        errs = []
+        if tol is not None:
+            masks = []
+            for _, c in g.groupby(MOE_SHAPE, sort=False):
+                x, lat = c["num_tokens"].to_numpy(), c["latency"].to_numpy()[None]
+                keep = loglog_subsample(x, lat, tol)
+                if keep.sum() < MOE_MIN_POINTS:  # a straight line: keep its worst-fitting interior point too
+                    lx, ly = np.log(x), np.log(lat[0])
+                    err = np.abs(ly - np.interp(lx, lx[[0, -1]], ly[[0, -1]]))
+                    keep[1 + int(np.argmax(err[1:-1]))] = True
+                masks.append(keep)
+                errs.append(_interp_errors(x, lat, keep))
+            g = g[np.concatenate(masks)]
+        errs = np.concatenate(errs) if errs else np.zeros(0)
+        st.update(rows_kept=int(len(g)), drop_err_max=float(errs.max()) if errs.size else 0.0,
+                  drop_err_median=float(np.median(errs)) if errs.size else 0.0)
+        stats["dtypes"][dt] = st
+        parts.append(g)
+    out = pd.concat(parts) if parts else df.iloc[:0]
+    out = out.assign(latency_us=out["latency"] * 1e3)
+    return out[MOE_COLUMNS].reset_index(drop=True), stats
+
+
+MLA_PHASES = {"prefill": ("mla_context_module_perf", "isl", "seq_len"),
+              "decode": ("mla_generation_module_perf", "step", "kv_len")}
+# One curve = one (dtype, kv_dtype, gemm_dtype, num_heads, batch_size) along the length; vLLM runs different
+# kernels on different stretches of it (short prefills on the MLA decode kernel, long ones on FA varlen),
+# recorded per row in ``kernel``.
+MLA_CURVE = ["dtype", "kv_dtype", "gemm_dtype", "num_heads", "batch_size"]
+
+
+def mla_columns(phase: str) -> list[str]:
+    return ["kernel"] + MLA_CURVE + [MLA_PHASES[phase][2], "latency_us"]
+
+
+def convert_mla(src: pd.DataFrame, phase: str, tol: float | None = 0.015):
+    """mla_*_module_perf rows -> (``mla_columns(phase)`` frame, stats).  ``kernel`` = source ``kernel_source``,
+    ``dtype`` = ``mla_dtype``, ``gemm_dtype`` = ``gemm_type``; length = ``isl`` (prefill, only rows without a
+    cached prefix) or ``step`` (decode).  With ``tol`` each curve is subsampled along the length like the
+    GEMM curves."""
+    _, src_len, length = MLA_PHASES[phase]
+    df = src
+    if phase == "prefill" and "step" in df:
+        df = df[df["step"] == 0]
+    if phase == "decode" and "isl" in df:
+        df = df[df["isl"] == 1]
+    names = {"bfloat16": "bf16", "fp8": "fp8", "fp8_block": "fp8_block", "float16": "fp16", "nvfp4": "nvfp4"}
+    df = df.assign(kernel=df["kernel_source"].astype(str), dtype=df["mla_dtype"].map(names),
+                   kv_dtype=df["kv_cache_dtype"].map(names), gemm_dtype=df["gemm_type"].map(names),
+                   **{length: df[src_len].astype(int)}).dropna(subset=["dtype", "kv_dtype", "gemm_dtype"])
+    df, ndup = _median_dedup(df, ["kernel"] + MLA_CURVE + [length])
+    # where two kernels measured the same point, keep the faster (none do in the 0.24.0 data)
+    n0 = len(df)
+    df = df.sort_values("latency").drop_duplicates(MLA_CURVE + [length]).sort_values(MLA_CURVE + [length])
+    overlaps = n0 - len(df)
+    errs, masks = [], []
+    for _, c in df.groupby(MLA_CURVE, sort=False):
+        x, lat = c[length].to_numpy(), c["latency"].to_numpy()[None]
+        keep = np.ones(len(x), bool)
+        if tol is not None and len(x) > MOE_MIN_POINTS:
+            keep = loglog_subsample(x, lat, tol)
+            if keep.sum() < MOE_MIN_POINTS:
+                keep[len(x) // 2] = True
+            errs.append(_interp_errors(x, lat, keep))
+        masks.append(keep)
+    out = df[np.concatenate(masks)] if masks else df
+    errs = np.concatenate(errs) if errs else np.zeros(0)
+    stats = {"source_rows": int(len(src)), "rows": int(len(df)), "rows_kept": int(len(out)),
+             "duplicates_merged": int(ndup), "kernel_overlaps_dropped": int(overlaps),
+             "curves": int(df.groupby(MLA_CURVE).ngroups),
+             "kernels": sorted(map(str, df["kernel"].unique())), "models": sorted(map(str, src["model"].unique()))
+             if "model" in src else [], "drop_err_max": float(errs.max()) if errs.size else 0.0,
+             "drop_err_median": float(np.median(errs)) if errs.size else 0.0}
+    out = out.assign(latency_us=out["latency"] * 1e3)
+    return out[mla_columns(phase)].reset_index(drop=True), stats
+
+
 # --------------------------------------------------------------------------
 # driver
 # --------------------------------------------------------------------------
@@ -508,6 +659,7 @@ def import_aiconfigurator(
     package_version: str | None = None,
     tol: float | None = 0.015,
     bf16_consensus: bool = True,
+    moe_distributions: Sequence[str] | None = MOE_DISTRIBUTIONS,
 ) -> dict:
     """Convert one GPU's AIConfigurator tables into ``out_dir`` (InferSim schema).
 
@@ -522,7 +674,9 @@ def import_aiconfigurator(
     installed package is used.  tol: relative tolerance of the GEMM m-grid
     subsampling (``None`` disables it).  bf16_consensus: BF16 GEMM latency = per-shape median over the
     newest collection of every engine (each times the same cuBLAS call through ``torch`` linear; see
-    `bf16_gemm_consensus`) instead of the requested engine's alone.
+    `bf16_gemm_consensus`) instead of the requested engine's alone.  moe_distributions: the expert-load
+    ``distribution`` values of the MoE table written (``None``: every one measured); tol also subsamples the
+    MoE curves along ``num_tokens``.
 
     Returns a summary dict (files written, sizes, versions, stats)."""
     if systems_dir is None:
@@ -630,6 +784,27 @@ def import_aiconfigurator(
             p = build / "allreduce" / gpu / "data.csv"
             record(p, _fmt_csv(ar, p, {"latency_us": 4}), len(ar))
 
+        # fused MoE ---------------------------------------------------------
+        src = use("moe", "moe_perf")
+        if src is not None:
+            moe, st = convert_moe(src, tol, moe_distributions)
+            summary["stats"]["moe"] = st
+            if len(moe):
+                p = build / "moe" / gpu / "data.csv"
+                record(p, _fmt_csv(moe, p, {"latency_us": 4}), len(moe))
+
+        # MLA modules (the requested engine's only: another engine's module is another implementation) ----
+        for phase, (table, _, _) in MLA_PHASES.items():
+            hit = _find_table(sysdata, "mla", engine, table, version)
+            if hit is None or hit[0] != engine:
+                continue
+            src = use("mla", table)
+            tab, st = convert_mla(src, phase, tol)
+            summary["stats"][f"mla_{phase}"] = st
+            if len(tab):
+                p = build / "mla" / phase / gpu / "data.csv"
+                record(p, _fmt_csv(tab, p, {"latency_us": 4}), len(tab))
+
         # kinds this import has none of: the target's own tables for the GPU stay ------------------------
         for rel in _gpu_parts(gpu):
             if not (build / rel).exists() and (out / rel).exists() and rel.suffix != ".md":
@@ -649,7 +824,8 @@ def _gpu_parts(gpu: str) -> list[Path]:
     """What an import writes for ``gpu``, relative to the table folder: one folder per table kind and the
     provenance note."""
     return [Path("gemm") / gpu, Path("mha") / "decode" / gpu, Path("mha") / "prefill" / gpu,
-            Path("allreduce") / gpu, Path(f"SOURCE_{gpu}.md")]
+            Path("allreduce") / gpu, Path("moe") / gpu, Path("mla") / "prefill" / gpu, Path("mla") / "decode" / gpu,
+            Path(f"SOURCE_{gpu}.md")]
 
 
 def _swap_in(build: Path, out: Path, gpu: str) -> None:
@@ -752,6 +928,43 @@ def _provenance_lines(s: dict, layouts) -> list[str]:
                 L.append(f"  * {st['prefix_rows_dropped']} rows with a cached prefix (step>0) dropped.")
             if st.get("duplicates_merged"):
                 L.append(f"  * {st['duplicates_merged']} duplicate rows merged by median.")
+    m = s["stats"].get("moe")
+    if m:
+        dists = ", ".join(m["distributions"]) or "none"
+        L.append(f"* fused MoE: source `moe_dtype` -> `dtype`: " + ", ".join(f"{a} -> {b}" for a, b in MOE_DTYPES.items())
+                 + f"; not exported: {', '.join(m['skipped_dtypes']) or 'none'}. Distributions written: {dists}"
+                 + (f"; dropped: {', '.join(m['distributions_dropped'])} (AIConfigurator's model classes query "
+                    "power_law_1.2 or power_law_1.01)" if m["distributions_dropped"] else "") + ". "
+                 "`kernel` = vLLM's MoE backend, shortened from the source `kernel_source` listed above (quant-method "
+                 "class and experts class dropped, a monolithic/modular variant kept). `num_tokens` = tokens entering "
+                 "the layer summed over the attention-DP ranks (AIConfigurator queries tokens per rank x "
+                 "attention_dp_size); the time is one GPU's experts only (no router GEMM, shared experts or "
+                 "EP dispatch/combine).")
+        for dt, st in m["dtypes"].items():
+            L.append(f"  * {dt}: {st['rows']} rows ({st['curves']} curves, {st['shapes']} (hidden, inter, experts, "
+                     f"topk) shapes; kernels {', '.join(st['kernels'])}); kept {st['rows_kept']} rows "
+                     f"({st['rows_kept'] / max(st['rows'], 1):.1%}) by the same log-log subsampling along "
+                     f"num_tokens (tol {tol_txt}); reconstruction error of the dropped points: max "
+                     f"{st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}.")
+        if m.get("short_curves_dropped"):
+            L.append(f"  * {len(m['short_curves_dropped'])} curves with fewer than {MOE_MIN_POINTS} num_tokens points "
+                     "dropped (incomplete collections; nothing to interpolate along): " + "; ".join(
+                         f"{c['dtype']} {c['hidden_size']}/{c['inter_size']}/{c['num_experts']}x{c['topk']} "
+                         f"tp{c['moe_tp']} ep{c['moe_ep']} {c['distribution']} tokens {c['num_tokens']}"
+                         for c in m["short_curves_dropped"]) + ".")
+        if m.get("duplicates_merged"):
+            L.append(f"  * {m['duplicates_merged']} duplicate rows merged by median.")
+    for phase in MLA_PHASES:
+        st = s["stats"].get(f"mla_{phase}")
+        if st:
+            L.append(f"* MLA {phase} module ({', '.join(st['models'])} geometry; `num_heads` per GPU): {st['rows']} rows, "
+                     f"{st['curves']} curves (dtype, kv_dtype, gemm_dtype, num_heads, batch_size; `kernel` per row = the vLLM "
+                     f"backend that ran that length), kernels "
+                     f"{', '.join(st['kernels'])}; kept {st['rows_kept']} rows by the same log-log subsampling along "
+                     f"{MLA_PHASES[phase][2]} (tol {tol_txt}); reconstruction error of the dropped points: max "
+                     f"{st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}."
+                     + (" Prefill: rows with a cached prefix (step > 0) left out." if phase == "prefill" else
+                        " `kv_len` = source `step`."))
     L += [
         "* decode: `kv_len` = source `step` (sequence length in the KV cache incl. the new token; "
         "grid 2^j-1). prefill: `dtype` fp8 = FP8-KV-cache path.",
@@ -780,8 +993,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-bf16-consensus", action="store_true",
                         help="take BF16 GEMMs from the requested engine's collection alone instead of the "
                              "per-shape median over every engine's collection")
+    parser.add_argument("--moe-distributions", default=",".join(MOE_DISTRIBUTIONS),
+                        help="comma-separated expert-load distributions of the MoE table, or 'all' "
+                             f"(default: {','.join(MOE_DISTRIBUTIONS)})")
     parser.add_argument("--systems-dir", default=None,
                         help="read a directory laid out like aiconfigurator_core/systems instead of the installed package")
+
+
+def _distributions(spec: str | None):
+    if spec is None:
+        return MOE_DISTRIBUTIONS
+    return None if spec.strip() == "all" else tuple(x.strip() for x in spec.split(",") if x.strip())
 
 
 def run(args) -> int:
@@ -792,6 +1014,7 @@ def run(args) -> int:
             tol=(getattr(args, "tol", 0.015) or None),
             systems_dir=getattr(args, "systems_dir", None),
             bf16_consensus=not getattr(args, "no_bf16_consensus", False),
+            moe_distributions=_distributions(getattr(args, "moe_distributions", None)),
         )
     except InputError:
         raise  # the command line's one-line error, exit status 2
