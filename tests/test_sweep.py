@@ -196,7 +196,7 @@ def test_axes_space(axes_full):
     assert len(axes_full) == n and axes_full.config_id.tolist() == list(range(n))
     empty = (axes_full.n_decode == 0) & (axes_full.n_prefill == 0)
     assert axes_full.step_us[empty].isna().all() and axes_full.step_us[~empty].gt(0).all()
-    assert list(axes_full.columns[-len(sw.RESULT_COLUMNS):]) == list(sw.RESULT_COLUMNS)
+    assert list(axes_full.columns[-len(sw.RESULT_COLUMNS) - 1:]) == list(sw.RESULT_COLUMNS) + [sw.KV_FITS]
     assert sorted(axes_full.decode_ctx.unique()) == [100, 669, 4481, 30000]
     with pytest.raises(InputError, match="unknown axis"):
         sw.make_space({**AXES, "n_decodes": [1]})
@@ -309,3 +309,19 @@ def test_bench_json(capsys):
     c = r["call_split"]
     assert c["configs"] == r["call_size"] and min(c["copy_in_s"], c["eval_s"], c["copy_out_s"]) > 0
     assert c["in_bytes"] == 5 * 4 * c["configs"] and c["out_bytes"] == 8 * 4 * c["configs"]  # float32 columns
+
+
+def test_kv_fits_marks_configurations_whose_kv_cache_does_not_fit(h100):
+    """Llama-3.1-70B's BF16 weights (141 GB) leave no KV cache on one 80 GB H100; Llama-3.1-8B at TP 1 holds
+    one 1,000-token decode but not 256 decodes of 30,000 tokens (256 x 1,876 blocks, more than the whole
+    80 GB)."""
+    df = sw.sweep({"model": ["llama-3.1-70b", "llama-3.1-8b"], "gpu": "H100", "tp": [1], "n_decode": [1, 256],
+                   "decode_ctx": [1000, 30000], "calibration": "none"}, tables={"H100-SXM": h100})
+    fits = dict(zip(zip(df.model, df.n_decode, df.decode_ctx), df.kv_fits))
+    assert not any(v for (m, _, _), v in fits.items() if m == "llama-3.1-70b")
+    assert fits[("llama-3.1-8b", 1, 1000)] and not fits[("llama-3.1-8b", 256, 30000)]
+    cap = cm.memory.kv_capacity_tokens("llama-3.1-8b", 1, cm.get_gpu("H100"), **sw.KV_CHECK)
+    n = cap.blocks // (30001 // 16 + 1)  # decodes of 30,000 cached tokens that just fit, and one more
+    df = sw.sweep({"model": "llama-3.1-8b", "gpu": "H100", "n_decode": [n, n + 1], "decode_ctx": [30000],
+                   "calibration": "none"}, tables={"H100-SXM": h100})
+    assert df.kv_fits.tolist() == [True, False]

@@ -53,14 +53,14 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from .. import ops
+from .. import memory, ops
 from .. import tables as tables_mod
 from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..fastlookup import TOKEN_TABLE, FastLookup, as_scalars, common_shapes, of_setup
 from ..hardware import get_gpu
 from ..io import atomic_write, write_frame, write_json
-from ..model import ModelConfig, load_model, normalize_dtype
+from ..model import ModelConfig, load_arch, load_model, normalize_dtype
 from ..params import Params
 from ..step import (
     BREAKDOWN,
@@ -77,12 +77,14 @@ from ..step import (
     setup,
     summarize,
 )
+from .records import KV_CHECK
 
 GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype")
 GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None}
 BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_new", "prefill_cached",
                  "prefill_tokens", "prefill_pairs")
 RESULT_COLUMNS = ("step_us",) + BREAKDOWN + (MOE_PART,)  # MOE_PART: 0 for a dense model
+KV_FITS = "kv_fits"  # the column saying whether a configuration's KV cache fits (`kv_fits`)
 DEFAULT_CHUNK = 1 << 20
 
 
@@ -96,6 +98,7 @@ class Group:
     setup: Setup
     params: Params
     calibration: str  # description
+    kv: memory.KVCapacity | None = None  # KV-cache pool at vLLM's defaults (`records.KV_CHECK`); None: not modelled
 
     def lookup(self) -> FastLookup:
         return of_setup(self.setup)
@@ -198,7 +201,12 @@ class _Resolver:
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
         cal = params.get(g.name)
-        return Group(key, su, cal.pooled if cal else Params(), desc)
+        try:
+            kv = memory.kv_capacity_tokens(load_arch(str(model), self.model_configs), int(tp), g,
+                                           weights=normalize_dtype(dtype) if dtype else None, **KV_CHECK)
+        except InputError:
+            kv = None
+        return Group(key, su, cal.pooled if cal else Params(), desc, kv)
 
 
 def _norm_key(model, gpu, tp, cal, dtype, where: str | None = None) -> tuple:
@@ -663,6 +671,21 @@ def make_space(space, defaults: dict | None = None, model_configs=None) -> Space
 
 
 # ---------------------------------------------------------------- running
+
+def kv_fits(groups: list[Group], mode: Mode, g: np.ndarray, b: list[np.ndarray]) -> pd.arrays.BooleanArray:
+    """Whether each configuration's requests fit in its group's KV-cache pool at once (`memory.batch_fits`:
+    each request's cached + new tokens in whole blocks; decodes hold ctx + 1).  Given as totals
+    (``decode_keys``, ``prefill_tokens``) the batch is taken as one request of each total, a lower bound.
+    NA where the memory model does not describe the group's model."""
+    kv = [gr.kv for gr in groups]
+    blocks = np.array([c.blocks if c else -1 for c in kv], np.float64)[g]
+    size = np.array([c.block_size if c else 1 for c in kv], np.float64)[g]
+    per = np.array([c.groups if c else 1 for c in kv], np.float64)[g]
+    n_dec, dec, n_pre, pre_a, pre_b = (np.asarray(x, np.float64) for x in b)
+    need = (np.ceil(dec / size) if mode.decode_total else n_dec * np.ceil((dec + 1.0) / size)) + \
+        (np.ceil(pre_a / size) if mode.prefill_total else n_pre * np.ceil((pre_a + pre_b) / size))
+    return pd.arrays.BooleanArray(need * per <= blocks, blocks < 0)
+
 
 DEFAULT_CALL = 1 << 17  # configurations per kernel call (intermediates of 512 KiB: fastest on a 2-core CPU)
 
@@ -1287,11 +1310,12 @@ def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, ben
     bar = _Progress(pl.configs_here, progress)
     pending = None  # (k, rows cols, device result): overlap the next chunk's input build with this one's compute
 
-    def finish(k, cols, res):
+    def finish(k, cols, res, fits):
         vals = ev.fetch(res)
         df = pd.DataFrame(cols)
         for i, name in enumerate(RESULT_COLUMNS):
             df[name] = vals[i]
+        df[KV_FITS] = fits
         if parts_dir is not None:
             write_frame(parts_dir / _chunk_name(k, fmt), df, fmt)
         if collect:
@@ -1315,7 +1339,7 @@ def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, ben
             res = ev.submit(g, b)
             if pending is not None:
                 finish(*pending)
-            pending = (k, cols, res)
+            pending = (k, cols, res, kv_fits(ev.groups, ev.mode, g, b))
         if pending is not None:
             finish(*pending)
             pending = None
@@ -1327,7 +1351,8 @@ def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, ben
             _merge(files, target, fmt)
         else:  # this process has no chunk: an empty file with the columns
             g, b, cols = sp.rows(0, 0)
-            write_frame(target, pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS}}), fmt)
+            write_frame(target, pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS},
+                                        KV_FITS: pd.array([], dtype="boolean")}), fmt)
         if not keep_parts:
             shutil.rmtree(parts_dir, ignore_errors=True)
     info = SweepInfo(sp.n, C, list(mine), computed, time.perf_counter() - t0, None if target is None else str(target),
@@ -1338,7 +1363,8 @@ def _run(sp, target, C, pl, process_index, process_count, t0, model_configs, ben
             outd["frame"] = pd.concat(frames, ignore_index=True)
         else:
             g, b, cols = sp.rows(0, 0)
-            outd["frame"] = pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS}})
+            outd["frame"] = pd.DataFrame({**cols, **{c: np.zeros(0, np.float32) for c in RESULT_COLUMNS},
+                                        KV_FITS: pd.array([], dtype="boolean")})
     return outd
 
 
