@@ -438,7 +438,8 @@ def _with_depths(x: FastLookup, ks: list[int]) -> FastLookup:
     return dataclasses.replace(
         x, gemm=dataclasses.replace(x.gemm, finder=fd[0]), comm=dataclasses.replace(x.comm, finder=fd[1]),
         decode=dataclasses.replace(x.decode, finder=fd[2], bfinder=fd[3]),
-        prefill=dataclasses.replace(x.prefill, finder=fd[4], bfinder=fd[5]), moe=dataclasses.replace(x.moe, finder=fd[6]))
+        prefill=dataclasses.replace(x.prefill, finder=fd[4], bfinder=fd[5]),
+        moe=dataclasses.replace(x.moe, finder=fd[6]))
 
 
 def _pad_last(v: np.ndarray, target: tuple) -> np.ndarray:

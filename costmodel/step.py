@@ -173,7 +173,8 @@ def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt
     got = moe_curve(df, dtype, *shape, tp // moe_ep, moe_ep)
     if got is None:
         s = moe_shapes(df, dtype)
-        s = s[(s.hidden_size == shape[0]) & (s.inter_size == shape[1]) & (s.num_experts == shape[2]) & (s.topk == shape[3])]
+        s = s[(s.hidden_size == shape[0]) & (s.inter_size == shape[1]) & (s.num_experts == shape[2])
+              & (s.topk == shape[3])]
         have = [f"moe_tp={a} moe_ep={b}" for a, b in sorted(set(zip(s.moe_tp, s.moe_ep)))]
         raise InputError(
             f"{where} has no {dtype} curve for {model.name}'s experts (hidden {shape[0]}, expert intermediate "
@@ -360,7 +361,8 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
     overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
     parts = {
-        "gemm": d.layers * jnp.sum(g[:4]) if not static.moe else d.layers * (g[0] + g[1]) + d.dense_layers * (g[2] + g[3]),
+        "gemm": (d.layers * jnp.sum(g[:4]) if not static.moe  # attention projections; dense MLP layers' own
+                 else d.layers * (g[0] + g[1]) + d.dense_layers * (g[2] + g[3])),
         "attn_prefill": d.layers * t_pre,
         "attn_decode": d.layers * t_dec,
         "memory_ops": d.layers * memory,
