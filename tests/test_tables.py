@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from costmodel.ops import per_gpu_heads
 from costmodel.tables import attn_table_us, gemm_table_us, nearest_layout
 
 
@@ -52,6 +53,15 @@ def test_repo_tables_reproduce_measured_points(h100_repo):
     t = h100_repo
     df = t.measured["gemm"]
     _check_gemm_points(t, "bf16", df[df.dtype == "bf16"].sample(2000, random_state=0))
+
+
+def test_repo_tables_have_moe_and_gpt_oss_layouts_at_tp4(h100_repo):
+    """The per-GPU layouts of Qwen3-235B-A22B (64 q / 4 kv heads of 128) and gpt-oss (64 / 8 of 64) at TP 4
+    are measured tables on H100, not approximations from another layout."""
+    for hq, hkv, d in ((64, 4, 128), (64, 8, 64)):
+        layout = per_gpu_heads(hq, hkv, d, 4)
+        assert layout in h100_repo.decode_heads and layout in h100_repo.prefill_heads
+    assert per_gpu_heads(64, 4, 128, 4) == (16, 1, 128) and per_gpu_heads(64, 8, 64, 4) == (16, 2, 64)
 
 
 def test_gemm_beyond_grid_scales_with_work(h100_infersim):

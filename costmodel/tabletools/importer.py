@@ -108,21 +108,25 @@ COMM_DTYPES = {"bfloat16": ("bf16", 2), "float16": ("fp16", 2), "half": ("fp16",
 
 ENGINE_FALLBACK = ("vllm", "sglang", "trtllm")
 
-# (name, query heads, kv heads) of common dense models; head_dim 128.
+# (name, query heads, kv heads, head_dim) of common models: dense, then mixture-of-experts.
 COMMON_MODELS = (
-    ("Llama-2-7B", 32, 32),
-    ("Llama-3-8B / Mistral-7B / Qwen3-8B / Mistral-Nemo", 32, 8),
-    ("Llama-2/3-70B / CodeLlama-34B", 64, 8),
-    ("Qwen2.5-7B", 28, 4),
-    ("Qwen3-14B", 40, 8),
-    ("Yi-34B", 56, 8),
-    ("Qwen2.5-1.5B", 12, 2),
-    ("Qwen2.5-3B", 16, 2),
+    ("Llama-2-7B", 32, 32, 128),
+    ("Llama-3-8B / Mistral-7B / Qwen3-8B / Mistral-Nemo / Mixtral-8x7B", 32, 8, 128),
+    ("Llama-2/3-70B / CodeLlama-34B", 64, 8, 128),
+    ("Qwen2.5-7B", 28, 4, 128),
+    ("Qwen3-14B", 40, 8, 128),
+    ("Yi-34B", 56, 8, 128),
+    ("Qwen2.5-1.5B", 12, 2, 128),
+    ("Qwen2.5-3B", 16, 2, 128),
+    ("Mixtral-8x22B / MiniMax-M2.5", 48, 8, 128),
+    ("Qwen3-30B-A3B", 32, 4, 128),
+    ("Qwen3-235B-A22B", 64, 4, 128),
+    ("gpt-oss-20b / gpt-oss-120b", 64, 8, 64),
 )
 
 
 # their per-GPU (hq, hkv, d) at TP 1, 2, 4 and 8
-DEFAULT_HEAD_LAYOUTS = per_gpu_layouts([(hq, hkv, 128) for _, hq, hkv in COMMON_MODELS], (1, 2, 4, 8))
+DEFAULT_HEAD_LAYOUTS = per_gpu_layouts([(hq, hkv, d) for _, hq, hkv, d in COMMON_MODELS], (1, 2, 4, 8))
 
 
 # --------------------------------------------------------------------------
