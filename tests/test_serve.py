@@ -60,9 +60,10 @@ def workload(offsets, prompt, output, user=None, group=None, sys_tokens=0, reuse
                         stage_requests=np.array([n, 0], np.int32), **out)
 
 
-def run(model, wl, eng):
+def run(model, wl, eng, decode_steps=sch.DECODE_STEPS):
     su, sm, _ = model
-    r = sch.simulate(sm, eng, wl, static=su.static, window=W, n_users=U, n_groups=G, max_iterations=200_000)
+    r = sch.simulate(sm, eng, wl, static=su.static, window=W, n_users=U, n_groups=G, max_iterations=200_000,
+                     decode_steps=decode_steps)
     return {k: np.asarray(v) for k, v in r._asdict().items()}
 
 
@@ -181,6 +182,26 @@ def test_no_request_lost_or_duplicated(model, sc):
     assert np.all(np.isinf(r["done_s"][n:]))  # padding never runs
     assert np.array_equal(r["generated"][:n], output)  # each answer exactly its output tokens
     assert int(r["decode_tokens"]) <= int((output - 1).sum())  # recomputed tokens come back as prefill
+
+
+@FAST
+@given(scenarios())
+def test_repeated_decode_steps_change_nothing(model, sc):
+    """Running identical decode-only steps several per loop iteration gives the schedule of one step per
+    iteration: the same steps, tokens, hits, preemptions and KV use, times within float32 rounding."""
+    offsets, prompt, output, users, eng = sc
+    n = len(offsets)
+    wl = workload(offsets, prompt, output, user=users, reuse=True)
+    one = run(model, wl, engine(**eng), decode_steps=1)
+    many = run(model, wl, engine(**eng))
+    for key in ("steps", "generated", "hit_tokens", "preemptions", "kv_peak_blocks", "prefill_tokens",
+                "decode_tokens", "complete"):
+        np.testing.assert_array_equal(many[key], one[key], err_msg=key)
+    for key in ("first_s", "done_s"):
+        np.testing.assert_allclose(many[key][:n], one[key][:n], rtol=2e-6, atol=2e-6, err_msg=key)
+    for key in ("end_s", "busy_s", "kv_block_s"):
+        np.testing.assert_allclose(many[key], one[key], rtol=1e-5, err_msg=key)
+    assert int(many["iterations"]) <= int(one["iterations"])
 
 
 @FAST

@@ -128,20 +128,25 @@ def _step_us(sm: StepModel, static, n_dec, keys, n_pre, tokens, pairs):
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+DECODE_STEPS = 16  # engine steps one loop iteration can run when they are identical decode-only steps
+
+
 def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
-             max_iterations: int) -> Result:
+             max_iterations: int, decode_steps: int = DECODE_STEPS) -> Result:
     """Run ``wl`` on one engine until every request finished (or ``max_iterations`` loop iterations).
 
     ``window`` requests (from the oldest unfinished one) are scheduled per step (`Result.overflow` says
-    when more were waiting); ``n_users`` and ``n_groups`` size the prefix-cache tables (at least 1).
+    when more were waiting); ``n_users`` and ``n_groups`` size the prefix-cache tables (at least 1).  One
+    loop iteration runs up to ``decode_steps`` engine steps when they are the same decodes (see the module
+    docstring); the result does not depend on it beyond float32 rounding of the clock.
     Jitted (one compilation per static arguments and shapes); `jax.vmap` maps it over deployments."""
-    return _compiled(static, window, n_users, n_groups, max_iterations)(sm, engine, wl)
+    return _compiled(static, window, n_users, n_groups, max_iterations, decode_steps)(sm, engine, wl)
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled(static, window, n_users, n_groups, max_iterations):
+def _compiled(static, window, n_users, n_groups, max_iterations, decode_steps=DECODE_STEPS):
     fn = functools.partial(_simulate, static=static, window=window, n_users=n_users, n_groups=n_groups,
-                           max_iterations=max_iterations)
+                           max_iterations=max_iterations, decode_steps=decode_steps)
     if jax.default_backend() == "cpu":
         try:
             return jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)
@@ -151,8 +156,12 @@ def _compiled(static, window, n_users, n_groups, max_iterations):
 
 
 def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
-              max_iterations: int) -> Result:
+              max_iterations: int, decode_steps: int = DECODE_STEPS) -> Result:
     R = wl.prompt_tokens.shape[0]
+    K = max(int(decode_steps), 1)
+    jj = jnp.arange(K, dtype=jnp.int32)
+    price = jax.vmap(lambda n_dec, keys, n_pre, tokens, pairs: _step_us(sm, static, n_dec, keys, n_pre, tokens,
+                                                                       pairs))
     S = wl.stage_requests.shape[0]
     W = window
     N = R + W + 1  # W padding entries (the window never leaves the arrays) + one scatter sink
@@ -248,21 +257,24 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         blk = jnp.where(admit, blk_w, blk) + jnp.where(keep, new_b, 0)
         st = jnp.where(admit, RUNNING, st)
 
-        # 3. the step as the step model's batch summary
+        # 3. the step as the step model's batch summary, and the decode-only steps that would repeat it
+        # (entry j: the decodes at j more tokens of context, nothing else)
         tok = tok_r + tok_w
         sched = tok > 0
         any_sched = jnp.any(sched)
         is_dec = sched & (gen >= 1) & (comp == P + gen - 1)
         is_pre = sched & ~is_dec
         n_dec = jnp.sum(is_dec).astype(f32)
-        keys = jnp.sum(jnp.where(is_dec, ops.decode_keys(d, comp.astype(f32)), 0.0))
+        ctx_j = comp[:, None] + jj[None, :]  # [W, K]
+        keys_j = jnp.sum(jnp.where(is_dec[:, None], ops.decode_keys(d, ctx_j.astype(f32)), 0.0), axis=0)
         n_pre = jnp.sum(is_pre).astype(f32)
         tokens = jnp.sum(jnp.where(is_pre, tok, 0)).astype(f32)
         pairs = jnp.sum(jnp.where(is_pre, ops.prefill_pairs_tiled(d, tok.astype(f32), comp.astype(f32)), 0.0))
         dummy = ~any_sched
-        t_us = _step_us(sm, static, jnp.where(dummy, 1.0, n_dec), jnp.where(dummy, 1.0, keys), n_pre, tokens,
-                        pairs)
-        dt = jnp.where(any_sched, t_us * 1e-6, 0.0).astype(f32)
+        first_j = jj == 0
+        t_us = price(jnp.where(dummy, 1.0, n_dec) + jnp.zeros(K, f32), jnp.where(dummy & first_j, 1.0, keys_j),
+                     jnp.where(first_j, n_pre, 0.0), jnp.where(first_j, tokens, 0.0), jnp.where(first_j, pairs, 0.0))
+        dt_j = (t_us * 1e-6).astype(f32)
 
         # nothing ran: after a preemption of every running request, or (async) with arrivals since the
         # previous step's start, schedule again at `now`; otherwise jump to the next arrival
@@ -271,6 +283,25 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         rescan = ~any_sched & (any_pre | (engine.async_scheduling & s["busy"]))
         jump = ~any_sched & ~rescan
         stuck = jump & ~jnp.isfinite(nxt)  # nothing runs, nothing will arrive, requests remain
+
+        # decode-only steps repeat exactly while no request finishes before the last of them, nothing new
+        # becomes visible to the scheduler (the cutoff of step j is its start, or under async scheduling
+        # the start of the step before), every decode's new block fits, and nothing waits that could be
+        # admitted (waiting requests only when the running limit is reached)
+        held_j = jnp.sum(blk) + jnp.sum(jnp.where(is_dec[:, None], _ceil_div(ctx_j + 1, B) - _ceil_div(comp + 1, B)[:, None],
+                                                  0), axis=0)  # [K] blocks held during step j
+        start_j = now + _excl(dt_j)
+        cutoff_j = jnp.where(engine.async_scheduling, jnp.concatenate([now[None], start_j[:-1]]), start_j)
+        fin_left = jnp.min(jnp.where(is_dec, O - gen, K))
+        repeat = (any_sched & (n_pre == 0) & ~any_pre & ~jnp.any(admit)
+                  & (~jnp.any(cand) | (slots <= 0)))
+        ok_j = first_j | (repeat & (jj < fin_left) & (cutoff_j < nxt) & (held_j <= engine.kv_blocks.astype(i32)))
+        k = jnp.sum(ok_j).astype(i32)  # each condition is monotone in j
+        in_k = jj < k
+        dt = jnp.where(any_sched, jnp.sum(jnp.where(in_k, dt_j, 0.0)), 0.0).astype(f32)
+        last_start = now + jnp.sum(jnp.where(jj < k - 1, dt_j, 0.0))
+        held_mid = jnp.sum(jnp.where(jj == k - 2, held_j, 0))
+        kv_block_s = jnp.where(any_sched, jnp.sum(jnp.where(in_k, dt_j * held_j.astype(f32), 0.0)), 0.0)
         # Kahan sum of the engine clock
         y = dt - s["comp"]
         t_new = now + y
@@ -278,13 +309,18 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         t_new = jnp.where(jump & jnp.isfinite(nxt), jnp.maximum(now, nxt), t_new)
         kcomp = jnp.where(jump, 0.0, kcomp)
 
-        # 4. outputs
+        # 4. outputs (the decodes of the repeated steps each sample one token per step)
+        extra = jnp.where(is_dec, k - 1, 0)
         comp = comp + tok
         emit = sched & (comp == P + gen)
         gen = gen + emit
         first = jnp.where(emit & (gen == 1), t_new, first)
+        gen = gen + extra
+        comp = comp + extra
+        blk = jnp.where(is_dec, _ceil_div(comp, B), blk)
         fin = emit & (gen >= O)
         done = jnp.where(fin, t_new, done)
+        running = st == RUNNING
         st = jnp.where(fin, DONE, st)
         blk_held_step = jnp.sum(blk)
         blk = jnp.where(fin, 0, blk)
@@ -294,11 +330,14 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         touched = admit | fin | preempted
         uw = jnp.where(touched & (user >= 0), user, U)
         ucache_val = jnp.where(fin, ((P + O - 1) // B) * B, (P // B) * B)
-        ucache = s["ucache"].at[jnp.where((admit | fin) & (user >= 0), user, U)].set(ucache_val)
+        # what the repeated steps before the last evicted (they only add blocks: the last one evicts most)
+        ucache, gcache = _evict(s["ucache"], s["gcache"], s["ulast"], s["glast"], running, user, group, u_sys, g_sys,
+                                B, jnp.where(k >= 2, engine.kv_blocks.astype(i32) - held_mid, 2**30), U, G)
+        ucache = ucache.at[jnp.where((admit | fin) & (user >= 0), user, U)].set(ucache_val)
         uowner = s["uowner"].at[jnp.where(admit & (user >= 0), user, U)].set(idx)
         ulast = s["ulast"].at[uw].max(jnp.where(touched, t_new, -INF))
         gw = jnp.where((admit | fin) & (group >= 0), group, G)
-        gcache = s["gcache"].at[gw].set(True)
+        gcache = gcache.at[gw].set(True)
         glast = s["glast"].at[gw].max(jnp.where(admit | fin, t_new, -INF))
         ucache, gcache = _evict(ucache, gcache, ulast, glast, st == RUNNING, user, group, u_sys, g_sys, B,
                                 engine.kv_blocks.astype(i32) - jnp.sum(blk), U, G)
@@ -325,11 +364,10 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
             first=put(s["first"], first), done=put(s["done"], done), stage_start=stage_start,
             stage_done=stage_done, ucache=ucache, uowner=uowner, ulast=ulast, gcache=gcache, glast=glast,
             base=base + lead.astype(i32), now=t_new, comp=kcomp,
-            prev_start=jnp.where(any_sched, now, t_new), busy=any_sched,
-            it=s["it"] + 1, steps=s["steps"] + any_sched, busy_s=s["busy_s"] + dt,
-            kv_block_s=s["kv_block_s"] + dt * blk_held_step.astype(f32),
-            kv_peak=jnp.maximum(s["kv_peak"], blk_held_step),
-            pre_tok=s["pre_tok"] + tokens, dec_tok=s["dec_tok"] + n_dec * any_sched,
+            prev_start=jnp.where(any_sched, last_start, t_new), busy=any_sched,
+            it=s["it"] + 1, steps=s["steps"] + k * any_sched, busy_s=s["busy_s"] + dt,
+            kv_block_s=s["kv_block_s"] + kv_block_s, kv_peak=jnp.maximum(s["kv_peak"], blk_held_step),
+            pre_tok=s["pre_tok"] + tokens, dec_tok=s["dec_tok"] + n_dec * k * any_sched,
             overflow=overflow, stuck=s["stuck"] | stuck)
 
     s = jax.lax.while_loop(cond, body, state)
