@@ -185,6 +185,32 @@ def test_no_request_lost_or_duplicated(model, sc):
 
 
 @FAST
+@given(st.integers(2, 12), st.integers(64, 1000), st.integers(64, 200), st.booleans(), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_preemption_loses_nothing(model, n, P, O, prefix, is_async, seed):
+    """Count in = count out across preemptions: n identical requests sent together whose prompts all fit
+    the KV cache at once but whose answers do not (capacity: every prompt's blocks + 1, at least one whole
+    request) are preempted and recomputed, and every one still finishes exactly once with exactly its
+    output tokens, none before it was sent; a few smaller later arrivals ride along."""
+    rng = np.random.default_rng(seed)
+    late = rng.integers(0, 6)
+    offsets = np.concatenate([np.zeros(n), np.sort(rng.uniform(0.0, 2.0, late))])
+    prompt = np.concatenate([np.full(n, P), rng.integers(1, P + 1, late)])
+    output = np.concatenate([np.full(n, O), rng.integers(1, O + 1, late)])
+    blocks = n * -(-P // 16) + 1
+    eng = engine(budget=n * P, seqs=16, blocks=max(blocks, -(-(prompt + output).max() // 16)), prefix=prefix,
+                 is_async=is_async)
+    r = run(model, workload(offsets, prompt, output), eng)
+    total = len(offsets)
+    assert r["preemptions"][:total].sum() > 0
+    assert bool(r["complete"]) and not bool(r["overflow"])
+    assert np.array_equal(r["generated"][:total], output)
+    assert np.all(np.isfinite(r["first_s"][:total])) and np.all(np.isfinite(r["done_s"][:total]))
+    assert np.all(r["first_s"][:total] >= r["send_s"][:total] + INGRESS - 1e-4)
+    assert np.all(np.isinf(r["done_s"][total:])) and np.all(r["generated"][total:] == 0)
+
+
+@FAST
 @given(scenarios())
 def test_repeated_decode_steps_change_nothing(model, sc):
     """Running identical decode-only steps several per loop iteration gives the schedule of one step per
@@ -242,8 +268,10 @@ def test_latency_non_decreasing_in_prompt(model, sc, extra):
 @FAST
 @given(scenarios())
 def test_throughput_under_decode_roofline(model, sc):
-    """Output tokens per second of engine time never exceed the best all-decode step: b requests decoding
-    at the shortest context, for any b up to the running limit."""
+    """Output tokens per second of engine time never exceed the all-decode roofline: the output rate of
+    steps that are all decodes of a full batch (max_num_seqs requests) at the shortest context, from the
+    same step model (taken as the best b / step time over every batch size b up to the limit, which is
+    that rate where larger decode batches are more efficient)."""
     offsets, prompt, output, users, eng = sc
     n = len(offsets)
     r = run(model, workload(offsets, prompt, output), engine(**eng))
