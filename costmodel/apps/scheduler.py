@@ -274,31 +274,42 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         blk = jnp.where(admit, blk_w, blk) + jnp.where(keep, new_b, 0)
         st = jnp.where(admit, RUNNING, st)
 
-        # 3. the step as the step model's batch summary, and the decode-only steps that would repeat it
-        # (entry j: the decodes at j more tokens of context, nothing else)
+        # 3. the step as the step model's batch summary, and the decode-only steps that may follow it: entry 0
+        # of the K entries is this step, entry j >= 1 the requests running after it decoding at j - 1 more
+        # tokens of context, nothing else
         sched = tok > 0
         is_dec = sched & (gen >= 1) & (comp == P + gen - 1)
         is_pre = sched & ~is_dec
+        comp1 = comp + tok  # after entry 0
+        emit = sched & (comp1 == P + gen)
+        gen1 = gen + emit
+        fin0 = emit & (gen1 >= O)
+        run1 = (st == RUNNING) & ~fin0
+        dec1 = run1 & (gen1 >= 1) & (comp1 == P + gen1 - 1)
         # sums over the window by a cumulative sum, which XLA materialises: the per-request values of the
         # [W, K] arrays below are read back from it (as differences), else XLA recomputes the scheduling above
         # for every one of their elements
-        cs4 = jnp.cumsum(jnp.stack([is_dec, is_pre, jnp.where(is_pre, tok, 0), sched, blk, admit, cand,
-                                    jnp.where(is_dec, comp, 0)], 1).astype(i32), 0)
-        each = cs4 - jnp.concatenate([jnp.zeros((1, 8), i32), cs4[:-1]])
-        dec_i, comp_i = each[:, 0] > 0, each[:, 7]
-        ctx_j = comp_i[:, None] + jj[None, :]  # [W, K]
-        keys_j = jnp.sum(jnp.where(dec_i[:, None], ops.decode_keys(d, ctx_j.astype(f32)), 0.0), 0)
-        # blocks held during step j: a decode at comp = qB + m computed tokens holds q + 1 blocks, and
-        # floor((m + j) / B) more j steps later
-        held_j = cs4[-1, 4] + jnp.sum(jnp.where(dec_i[:, None], (comp_i % B)[:, None] + jj[None, :], 0) // B, 0)
+        cs4 = jnp.cumsum(jnp.stack([is_dec, is_pre, jnp.where(is_pre, tok, 0), sched, blk, cand & ~admit, fin0,
+                                    run1, dec1, jnp.where(dec1, comp1, 0)], 1).astype(i32), 0)
+        each = cs4 - jnp.concatenate([jnp.zeros((1, 10), i32), cs4[:-1]])
+        d1_i, c1_i = each[:, 8] > 0, each[:, 9]
+        later = jj[None, :] >= 1
+        keys_j = jnp.sum(jnp.where(d1_i[:, None] & later, ops.decode_keys(d, (c1_i[:, None] + jj[None, :] - 1).astype(f32)),
+                                   0.0), 0)
+        # blocks held during entry j: a decode holding c = qB + m tokens (0 < m <= B) holds q + 1 blocks, and
+        # floor((m + j - 1) / B) more at entry j
+        held_j = cs4[-1, 4] + jnp.sum(jnp.where(d1_i[:, None], ((c1_i - 1) % B + 1)[:, None] + jj[None, :] - 1, 0) // B, 0)
         n_dec, n_pre, tokens = (cs4[-1, j].astype(f32) for j in range(3))
-        any_sched, any_admit, any_cand = cs4[-1, 3] > 0, cs4[-1, 5] > 0, cs4[-1, 6] > 0
+        any_sched, waiting_left, any_fin0 = cs4[-1, 3] > 0, cs4[-1, 5] > 0, cs4[-1, 6] > 0
+        n_run1, n_dec1 = cs4[-1, 7], cs4[-1, 8]
+        keys = jnp.sum(jnp.where(is_dec, ops.decode_keys(d, comp.astype(f32)), 0.0))
         pairs = jnp.sum(jnp.where(is_pre, ops.prefill_pairs_tiled(d, tok.astype(f32), comp.astype(f32)), 0.0))
-        mins = jnp.min(jnp.stack([jnp.where(future, arrive, INF), jnp.where(is_dec, O - gen, K).astype(f32)], 1), 0)
+        mins = jnp.min(jnp.stack([jnp.where(future, arrive, INF), jnp.where(dec1, O - gen1, K).astype(f32)], 1), 0)
         nxt, fin_left = mins[0], mins[1]
         dummy = ~any_sched
         first_j = jj == 0
-        t_us = price(jnp.where(dummy, 1.0, n_dec) + jnp.zeros(K, f32), jnp.where(dummy & first_j, 1.0, keys_j),
+        t_us = price(jnp.where(first_j, jnp.where(dummy, 1.0, n_dec), jnp.maximum(n_dec1, 1).astype(f32)),
+                     jnp.where(first_j, jnp.where(dummy, 1.0, keys), jnp.maximum(keys_j, 1.0)),
                      jnp.where(first_j, n_pre, 0.0), jnp.where(first_j, tokens, 0.0), jnp.where(first_j, pairs, 0.0))
         dt_j = (t_us * 1e-6).astype(f32)
 
@@ -308,14 +319,16 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         jump = ~any_sched & ~rescan
         stuck = jump & ~jnp.isfinite(nxt)  # nothing runs, nothing will arrive, requests remain
 
-        # decode-only steps repeat exactly while no request finishes before the last of them, nothing new
-        # becomes visible to the scheduler (the cutoff of step j is its start, or under async scheduling
-        # the start of the step before), every decode's new block fits, and nothing waits that could be
-        # admitted (waiting requests only when the running limit is reached)
+        # entries 1.. are what vLLM runs next while every running request decodes (none preempted or finished
+        # in entry 0, none still prefilling, all within the token budget), no request finishes before the last
+        # entry, nothing new becomes visible to the scheduler (the cutoff of entry j is its start, or under
+        # async scheduling the start of the entry before), every decode's new block fits, and nothing waits
+        # that could be admitted (waiting requests only when the running limit is reached)
         start_j = now + jnp.sum(jnp.where(jj[None, :] < jj[:, None], dt_j[None, :], 0.0), 1)  # [K]
         cutoff_j = jnp.where(engine.async_scheduling, jnp.concatenate([now[None], start_j[:-1]]), start_j)
-        repeat = any_sched & (n_pre == 0) & ~any_pre & ~any_admit & (~any_cand | (slots <= 0))
-        ok_j = first_j | (repeat & (jj < fin_left) & (cutoff_j < nxt) & (held_j <= kv))
+        repeat = (any_sched & ~any_pre & ~any_fin0 & (n_dec1 > 0) & (n_dec1 == n_run1) & (n_dec1 <= budget)
+                  & (~waiting_left | (engine.max_seqs.astype(i32) - n_run1 <= 0)))
+        ok_j = first_j | (repeat & (jj <= fin_left) & (cutoff_j < nxt) & (held_j <= kv))
         k = jnp.sum(ok_j).astype(i32)  # each condition is monotone in j
         in_k = jj < k
         dt = jnp.where(any_sched, jnp.sum(jnp.where(in_k, dt_j, 0.0)), 0.0).astype(f32)
@@ -329,36 +342,37 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         kcomp = (t_new - now) - y
         t_new = jnp.where(jump & jnp.isfinite(nxt), jnp.maximum(now, nxt), t_new)
         kcomp = jnp.where(jump, 0.0, kcomp)
+        t_0 = jnp.where(k > 1, now + dt_j[0], t_new)  # end of entry 0
 
-        # 4. outputs (the decodes of the repeated steps each sample one token per step)
-        extra = jnp.where(is_dec, k - 1, 0)
-        comp = comp + tok
-        emit = sched & (comp == P + gen)
-        gen = gen + emit
-        first = jnp.where(emit & (gen == 1), t_new, first)
-        gen = gen + extra
-        comp = comp + extra
-        blk = jnp.where(is_dec, _ceil_div(comp, B), blk)
-        fin = emit & (gen >= O)
+        # 4. outputs (each decode of entries 1.. samples one token per entry)
+        extra = jnp.where(dec1, k - 1, 0)
+        comp = comp1 + extra
+        gen = gen1 + extra
+        first = jnp.where(emit & (gen1 == 1), t_0, first)
+        blk = jnp.where(extra > 0, _ceil_div(comp, B), blk)
+        fin = (emit | (extra > 0)) & (gen >= O)
         done = jnp.where(fin, t_new, done)
         running = st == RUNNING
         st = jnp.where(fin, DONE, st)
         r5 = jnp.sum(jnp.where(fin, blk, 0))
         blk = jnp.where(fin, 0, blk)
 
-        # prefix-cache bookkeeping: admitted prompts are cached as allocated, finished sequences on completion,
-        # preempted requests' freed blocks stay cached (most recently freed); what the repeated steps before
-        # the last evicted first (they only add blocks: the last of them evicts most)
-        utab, gtab, ulast = _evict(s["utab"], s["gtab"], s["ulast"], running, user, group, u_sys, g_sys, B,
+        # prefix-cache bookkeeping: admitted prompts are cached as allocated (end of entry 0), finished
+        # sequences on completion, preempted requests' freed blocks stay cached (most recently freed); what the
+        # entries before the last evicted comes between (they only add blocks: the last of them evicts most)
+        touched = admit | preempted
+        utab = s["utab"].at[jnp.concatenate([jnp.where(admit & (user >= 0), user, U)] * 2),
+                            jnp.concatenate([jnp.zeros(W, i32), jnp.ones(W, i32)])].set(
+            jnp.concatenate([(P // B) * B, idx]))
+        ulast = s["ulast"].at[jnp.where(touched & (user >= 0), user, U)].max(jnp.where(touched, t_0, -INF))
+        gtab = s["gtab"].at[jnp.where(admit & (group >= 0), group, G)].set(jnp.stack([jnp.ones(W, f32),
+                                                                                      jnp.full(W, t_0)], 1))
+        utab, gtab, ulast = _evict(utab, gtab, ulast, running, user, group, u_sys, g_sys, B,
                                    jnp.where(k >= 2, kv - held_mid, 2**30), U, G)
-        touched = admit | fin | preempted
-        put_u = (admit | fin) & (user >= 0)
-        utab = utab.at[jnp.concatenate([jnp.where(put_u, user, U), jnp.where(admit & (user >= 0), user, U)]),
-                       jnp.concatenate([jnp.zeros(W, i32), jnp.ones(W, i32)])].set(
-            jnp.concatenate([jnp.where(fin, ((P + O - 1) // B) * B, (P // B) * B), idx]))
-        ulast = ulast.at[jnp.where(touched & (user >= 0), user, U)].max(jnp.where(touched, t_new, -INF))
-        gtab = gtab.at[jnp.where((admit | fin) & (group >= 0), group, G)].set(jnp.stack([jnp.ones(W, f32),
-                                                                                         jnp.full(W, t_new)], 1))
+        utab = utab.at[jnp.where(fin & (user >= 0), user, U), 0].set(((P + O - 1) // B) * B)
+        ulast = ulast.at[jnp.where(fin & (user >= 0), user, U)].max(jnp.where(fin, t_new, -INF))
+        gtab = gtab.at[jnp.where(fin & (group >= 0), group, G)].set(jnp.stack([jnp.ones(W, f32),
+                                                                               jnp.full(W, t_new)], 1))
         utab, gtab, ulast = _evict(utab, gtab, ulast, st == RUNNING, user, group, u_sys, g_sys, B,
                                    kv - (held_last - r5), U, G)
 
@@ -389,7 +403,7 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
             prev_start=jnp.where(any_sched, last_start, t_new), busy=any_sched,
             it=s["it"] + 1, steps=s["steps"] + k * any_sched, busy_s=s["busy_s"] + dt,
             kv_block_s=s["kv_block_s"] + kv_block_s, kv_peak=jnp.maximum(s["kv_peak"], held_last),
-            pre_tok=s["pre_tok"] + tokens, dec_tok=s["dec_tok"] + n_dec * k * any_sched,
+            pre_tok=s["pre_tok"] + tokens, dec_tok=s["dec_tok"] + (n_dec + n_dec1 * (k - 1)) * any_sched,
             overflow=overflow, stuck=s["stuck"] | stuck)
 
     s = jax.lax.while_loop(cond, body, state)
