@@ -1,8 +1,10 @@
 """vLLM V1's scheduler under load, as one jitted loop over engine steps priced by the step model.
 
-The engine state lives in fixed-size arrays, one entry per request of the workload (padded), so a whole
+The engine state lives in fixed-size arrays: read-only request columns (one row per request of the workload,
+padded) and the state of a window of ``window`` requests from the oldest unfinished one on, so a whole
 serving experiment is one `jax.lax.while_loop` that `jax.vmap` maps over deployments and workloads of the
-same shapes.  Each iteration is one engine step (or an idle jump to the next arrival):
+same shapes.  Each iteration is an idle jump to the next arrival, or one engine step followed by up to
+``decode_steps - 1`` decode-only steps that vLLM would run next (step 6 below):
 
 1. **Arrivals.** A request is visible to the scheduler ``ingress_s`` after its client sent it.  With
    synchronous scheduling the step starting at ``now`` sees every request that arrived by ``now``; with
@@ -23,6 +25,12 @@ same shapes.  Each iteration is one engine step (or an idle jump to the next arr
    one is its first token, the last one (``output_tokens``) finishes it and frees its blocks.  A finished
    request releases the request it gates (a closed-loop client's next request, a chat user's next turn)
    at its client-side finish time, and the last request of a load stage starts the next stage.
+
+6. **Decode-only steps.**  When the step preempted and finished nothing and every request running after it
+   decodes next within the token budget, the next steps are those decodes one token further each, until a
+   request finishes (its step is the last), a request becomes visible to the scheduler, a decode's new
+   block does not fit, or a waiting request could be admitted (waiting requests only when the running
+   limit is reached).  Each is priced on its own contexts; the iteration ends after the last of them.
 
 Prefix cache: each request names a *user* (the identity of its prompt's reusable prefix: its own earlier
 turns, or the same prompt sent again) and a *group* (a shared system prompt of ``sys_tokens`` tokens).  A
@@ -128,7 +136,7 @@ def _step_us(sm: StepModel, static, n_dec, keys, n_pre, tokens, pairs):
 CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-DECODE_STEPS = 16  # engine steps one loop iteration can run when they are identical decode-only steps
+DECODE_STEPS = 16  # engine steps one loop iteration can run: a step and the decode-only steps after it
 
 
 def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,
@@ -137,8 +145,8 @@ def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int
 
     ``window`` requests (from the oldest unfinished one) are scheduled per step (`Result.overflow` says
     when more were waiting); ``n_users`` and ``n_groups`` size the prefix-cache tables (at least 1).  One
-    loop iteration runs up to ``decode_steps`` engine steps when they are the same decodes (see the module
-    docstring); the result does not depend on it beyond float32 rounding of the clock.
+    loop iteration runs up to ``decode_steps`` engine steps: a step and the decode-only steps after it (see the
+    module docstring); the result does not depend on it beyond float32 rounding of the clock.
     Jitted (one compilation per static arguments and shapes); `jax.vmap` maps it over deployments."""
     return _compiled(static, window, n_users, n_groups, max_iterations, decode_steps)(sm, engine, wl)
 
@@ -293,12 +301,12 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
                                     run1, dec1, jnp.where(dec1, comp1, 0)], 1).astype(i32), 0)
         each = cs4 - jnp.concatenate([jnp.zeros((1, 10), i32), cs4[:-1]])
         d1_i, c1_i = each[:, 8] > 0, each[:, 9]
-        later = jj[None, :] >= 1
-        keys_j = jnp.sum(jnp.where(d1_i[:, None] & later, ops.decode_keys(d, (c1_i[:, None] + jj[None, :] - 1).astype(f32)),
-                                   0.0), 0)
+        ctx_j = c1_i[:, None] + jj[None, :] - 1  # [W, K]: context of a decode at entry j >= 1
+        keys_j = jnp.sum(jnp.where(d1_i[:, None] & (jj[None, :] >= 1), ops.decode_keys(d, ctx_j.astype(f32)), 0.0), 0)
         # blocks held during entry j: a decode holding c = qB + m tokens (0 < m <= B) holds q + 1 blocks, and
         # floor((m + j - 1) / B) more at entry j
-        held_j = cs4[-1, 4] + jnp.sum(jnp.where(d1_i[:, None], ((c1_i - 1) % B + 1)[:, None] + jj[None, :] - 1, 0) // B, 0)
+        m_j = ((c1_i - 1) % B + 1)[:, None] + jj[None, :] - 1
+        held_j = cs4[-1, 4] + jnp.sum(jnp.where(d1_i[:, None], m_j, 0) // B, 0)
         n_dec, n_pre, tokens = (cs4[-1, j].astype(f32) for j in range(3))
         any_sched, waiting_left, any_fin0 = cs4[-1, 3] > 0, cs4[-1, 5] > 0, cs4[-1, 6] > 0
         n_run1, n_dec1 = cs4[-1, 7], cs4[-1, 8]
