@@ -313,16 +313,16 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
         measured.append(np.pad(r.measured, (0, R - len(r))))
     stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
     wl_b, eng_b = stack(wls), stack(engines)
-    sm_b = jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a), (closed_estimates,) + np.shape(a)), sm)
     measured = np.stack(measured)
     osl = wl_b.output_tokens.astype(np.float64)
     client = sim.options.client_ms / 1e3
     kw = dict(static=su.static, window=W, n_users=sv._bucket(U), n_groups=1,
               max_iterations=sim.options.max_iterations)
-    fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw))  # simulate is jitted itself
+    # one step model (tables and parameters) shared by every point: mapped over engines and workloads only
+    fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw), in_axes=(None, 0, 0))  # simulate is jitted itself
 
     def once():
-        r = fn(sm_b, eng_b, wl_b)
+        r = fn(sm, eng_b, wl_b)
         send, first, done = (np.asarray(x, np.float64) for x in (r.send_s, r.first_s, r.done_s))
         m = measured & np.isfinite(done)
         with np.errstate(invalid="ignore"):  # padding rows: inf - inf, masked out
