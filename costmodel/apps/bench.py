@@ -206,6 +206,10 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_bench(args) -> int:
     if getattr(args, "serve", False):
+        for name, low in (("estimates", 1), ("rounds", 2)):  # callers other than the CLI
+            v = getattr(args, name, None)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InputError(f"must be an integer >= {low}, got {v!r}", field="--" + name)
         r = bench_serve(args.bench_data, args.estimates, args.rounds, progress=not args.json)
         print(json.dumps(r)) if args.json else print_serve(r)
         return 0
