@@ -60,9 +60,10 @@ def workload(offsets, prompt, output, user=None, group=None, sys_tokens=0, reuse
                         stage_requests=np.array([n, 0], np.int32), **out)
 
 
-def run(model, wl, eng):
+def run(model, wl, eng, decode_steps=sch.DECODE_STEPS):
     su, sm, _ = model
-    r = sch.simulate(sm, eng, wl, static=su.static, window=W, n_users=U, n_groups=G, max_iterations=200_000)
+    r = sch.simulate(sm, eng, wl, static=su.static, window=W, n_users=U, n_groups=G, max_iterations=200_000,
+                     decode_steps=decode_steps)
     return {k: np.asarray(v) for k, v in r._asdict().items()}
 
 
@@ -184,6 +185,52 @@ def test_no_request_lost_or_duplicated(model, sc):
 
 
 @FAST
+@given(st.integers(2, 12), st.integers(64, 1000), st.integers(64, 200), st.booleans(), st.booleans(),
+       st.integers(0, 2**31 - 1))
+def test_preemption_loses_nothing(model, n, P, O, prefix, is_async, seed):
+    """Count in = count out across preemptions: n identical requests sent together whose prompts all fit
+    the KV cache at once but whose answers do not (capacity: every prompt's blocks + 1, at least one whole
+    request) are preempted and recomputed, and every one still finishes exactly once with exactly its
+    output tokens, none before it was sent; a few smaller later arrivals ride along."""
+    rng = np.random.default_rng(seed)
+    late = rng.integers(0, 6)
+    offsets = np.concatenate([np.zeros(n), np.sort(rng.uniform(0.0, 2.0, late))])
+    prompt = np.concatenate([np.full(n, P), rng.integers(1, P + 1, late)])
+    output = np.concatenate([np.full(n, O), rng.integers(1, O + 1, late)])
+    blocks = n * -(-P // 16) + 1
+    eng = engine(budget=n * P, seqs=16, blocks=max(blocks, -(-(prompt + output).max() // 16)), prefix=prefix,
+                 is_async=is_async)
+    r = run(model, workload(offsets, prompt, output), eng)
+    total = len(offsets)
+    assert r["preemptions"][:total].sum() > 0
+    assert bool(r["complete"]) and not bool(r["overflow"])
+    assert np.array_equal(r["generated"][:total], output)
+    assert np.all(np.isfinite(r["first_s"][:total])) and np.all(np.isfinite(r["done_s"][:total]))
+    assert np.all(r["first_s"][:total] >= r["send_s"][:total] + INGRESS - 1e-4)
+    assert np.all(np.isinf(r["done_s"][total:])) and np.all(r["generated"][total:] == 0)
+
+
+@FAST
+@given(scenarios())
+def test_repeated_decode_steps_change_nothing(model, sc):
+    """Running identical decode-only steps several per loop iteration gives the schedule of one step per
+    iteration: the same steps, tokens, hits, preemptions and KV use, times within float32 rounding."""
+    offsets, prompt, output, users, eng = sc
+    n = len(offsets)
+    wl = workload(offsets, prompt, output, user=users, reuse=True)
+    one = run(model, wl, engine(**eng), decode_steps=1)
+    many = run(model, wl, engine(**eng))
+    for key in ("steps", "generated", "hit_tokens", "preemptions", "kv_peak_blocks", "prefill_tokens",
+                "decode_tokens", "complete"):
+        np.testing.assert_array_equal(many[key], one[key], err_msg=key)
+    for key in ("first_s", "done_s"):
+        np.testing.assert_allclose(many[key][:n], one[key][:n], rtol=2e-6, atol=2e-6, err_msg=key)
+    for key in ("end_s", "busy_s", "kv_block_s"):
+        np.testing.assert_allclose(many[key], one[key], rtol=1e-5, err_msg=key)
+    assert int(many["iterations"]) <= int(one["iterations"])
+
+
+@FAST
 @given(scenarios(), st.floats(1.2, 4.0))
 def test_latency_non_decreasing_in_rate(model, sc, factor):
     """The same arrivals compressed in time (a higher rate): mean TTFT and E2E do not decrease, up to the
@@ -221,8 +268,10 @@ def test_latency_non_decreasing_in_prompt(model, sc, extra):
 @FAST
 @given(scenarios())
 def test_throughput_under_decode_roofline(model, sc):
-    """Output tokens per second of engine time never exceed the best all-decode step: b requests decoding
-    at the shortest context, for any b up to the running limit."""
+    """Output tokens per second of engine time never exceed the all-decode roofline: the output rate of
+    steps that are all decodes of a full batch (max_num_seqs requests) at the shortest context, from the
+    same step model (taken as the best b / step time over every batch size b up to the limit, which is
+    that rate where larger decode batches are more efficient)."""
     offsets, prompt, output, users, eng = sc
     n = len(offsets)
     r = run(model, workload(offsets, prompt, output), engine(**eng))

@@ -197,9 +197,22 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
     parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--serve", action="store_true",
+                        help="time the serving simulation instead: one open-loop experiment and a vmapped call of "
+                             "closed-loop estimates (--estimates, --rounds)")
+    parser.add_argument("--estimates", type=number(int, 1), default=4096, help="--serve: closed-loop estimates")
+    parser.add_argument("--rounds", type=number(int, 2), default=4, help="--serve: requests per closed-loop client")
 
 
 def run_bench(args) -> int:
+    if getattr(args, "serve", False):
+        for name, low in (("estimates", 1), ("rounds", 2)):  # callers other than the CLI
+            v = getattr(args, name, None)
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise InputError(f"must be an integer >= {low}, got {v!r}", field="--" + name)
+        r = bench_serve(args.bench_data, args.estimates, args.rounds, progress=not args.json)
+        print(json.dumps(r)) if args.json else print_serve(r)
+        return 0
     for name in ("configs", "loop_configs", "chunk", "call_size", "devices", "seed"):  # callers other than the CLI
         v = getattr(args, name, None)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1)):
@@ -227,3 +240,129 @@ def run_bench(args) -> int:
           f"({c['configs'] / c['eval_s'] / 1e6:,.0f} M/s), copy out {c['copy_out_s'] * 1e3:.2f} ms "
           f"({c['out_bytes'] / 1e6:.0f} MB)")
     return 0
+
+
+# ---------------------------------------------------------------- serve: `costmodel bench --serve`
+# Self-contained (the sweep benchmark above does not use it): how fast `scheduler.simulate` runs one open-loop
+# experiment and many closed-loop estimates in one vmapped call.
+
+# The shared open-loop file's Llama-2-7B TP1 codegen run (vLLM 0.15.1, inference-perf): 3,000 + 6,000 requests
+# over 1,200 s.
+SERVE_OPEN_RECORD = {
+    "id": "llama-2-7b-tp1-codegen", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "weights": "bf16",
+    "engine": {"version": "0.15.1", "max_num_batched_tokens": 2048, "max_num_seqs": 128, "max_model_len": 4096,
+               "observed_kv_blocks": {"gpu_kv_blocks": 7463}},
+    "workload": {"type": "inference_perf_shared_prefix", "stages": [{"rate": 5.0, "duration_s": 600},
+                                                                    {"rate": 10.0, "duration_s": 600}],
+                 "seed": 42, "num_unique_system_prompts": 11, "num_users_per_system_prompt": 4,
+                 "system_prompt_len": 100, "question_len": 466, "output_len": 247, "enable_multi_turn_chat": True}}
+# closed-loop estimates: one deployment's step model, every combination below (engine limits x workload)
+SERVE_CLOSED_MODEL, SERVE_CLOSED_TP = "llama-3.1-70b", 4
+SERVE_CLOSED_GRID = {"concurrency": (4, 8, 16, 32), "input_tokens": (1024, 4096), "output_tokens": (128, 256),
+                     "limits": ((2048, 256), (8192, 1024))}  # (max_num_batched_tokens, max_num_seqs)
+
+
+def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, reps: int = 3,
+                progress: bool = False) -> dict:
+    """Seconds per open-loop experiment (`SERVE_OPEN_RECORD`, after compilation, best of ``reps``) and
+    closed-loop estimates per second: ``closed_estimates`` (deployment, concurrency, ISL, OSL) points of
+    `SERVE_CLOSED_GRID` (repeated, each with its own random client start), each C clients x ``rounds``
+    requests, in one vmapped `scheduler.simulate` call plus the per-point mean TTFT and TPOT (numpy)."""
+    from . import scheduler as sch
+    from . import serve as sv
+    from . import workloads as wlm
+
+    out = {}
+    sim = sv.Simulator(bench_data)
+    times, res = [], None
+    for i in range(reps + 1):
+        dep = sv.resolve(SERVE_OPEN_RECORD, "bench")
+        t0 = time.perf_counter()
+        (dep, res), = sim.run([dep])
+        sv.statistics(dep, res)
+        times.append(time.perf_counter() - t0)
+        if progress:
+            print(f"  open loop {'(compiling)' if i == 0 else ''}: {times[-1]:.2f} s", file=sys.stderr)
+    out["open"] = {"requests": len(dep.requests), "engine_s": float(res["end_s"]), "steps": int(res["steps"]),
+                   "iterations": int(res["iterations"]), "window": int(res["window"]),
+                   "first_call_s": times[0], "s": min(times[1:])}
+
+    # closed loop: the unique points priced once for their start spread, then repeated with other seeds
+    tables = load_tables(bench_data, get_gpu(GPU))
+    su = setup(load_model(SERVE_CLOSED_MODEL), tables, SERVE_CLOSED_TP)
+    from ..fastlookup import as_scalars, of_setup
+    lk = of_setup(su)
+    import dataclasses
+    lk = dataclasses.replace(lk, int_tokens=True)
+    sm = sch.StepModel(lk, as_scalars(su.on_gpu), as_scalars(Params()))
+    g = SERVE_CLOSED_GRID
+    points = [(c, i, o, lim) for c in g["concurrency"] for i in g["input_tokens"] for o in g["output_tokens"]
+              for lim in g["limits"]]
+    base = []
+    for c, isl, osl, (tokens, seqs) in points:
+        rec = {"id": "p", "model": SERVE_CLOSED_MODEL, "gpu": GPU, "tp": SERVE_CLOSED_TP,
+               "engine": {"version": "0.12.0", "max_num_batched_tokens": tokens, "max_num_seqs": seqs},
+               "workload": {"type": "closed", "concurrency": c, "input_tokens": isl, "output_tokens": osl}}
+        dep = sv.resolve(rec, "bench", workload_options={"rounds": rounds})
+        base.append((dep, sim.request_duration_s(dep, su.static, lk, sm.on, sm.params)))
+    R = max(len(d.requests) for d, _ in base)
+    U = max(d.requests.n_users for d, _ in base)
+    W = min(sv._bucket(2 * U, 16), R)
+    wls, engines, measured = [], [], []
+    for n in range(closed_estimates):
+        dep, cycle = base[n % len(base)]
+        r = wlm.stagger_start(dep.requests, cycle, seed=n)
+        wls.append(sv._padded(r, R, 1))
+        engines.append(sim.engine(dep))
+        measured.append(np.pad(r.measured, (0, R - len(r))))
+    stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
+    wl_b, eng_b = stack(wls), stack(engines)
+    measured = np.stack(measured)
+    osl = wl_b.output_tokens.astype(np.float64)
+    client = sim.options.client_ms / 1e3
+    kw = dict(static=su.static, window=W, n_users=sv._bucket(U), n_groups=1,
+              max_iterations=sim.options.max_iterations)
+    # one step model (tables and parameters) shared by every point: mapped over engines and workloads only
+    fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw), in_axes=(None, 0, 0))  # simulate is jitted itself
+
+    def once():
+        r = fn(sm, eng_b, wl_b)
+        send, first, done = (np.asarray(x, np.float64) for x in (r.send_s, r.first_s, r.done_s))
+        m = measured & np.isfinite(done)
+        with np.errstate(invalid="ignore"):  # padding rows: inf - inf, masked out
+            ttft_ms = np.sum(np.where(m, first - send + client, 0.0), 1) / np.sum(m, 1) * 1e3
+            tpot_ms = np.sum(np.where(m, (done - first) / np.maximum(osl - 1, 1), 0.0), 1) / np.sum(m, 1) * 1e3
+        return r, ttft_ms, tpot_ms
+
+    t0 = time.perf_counter()
+    r, ttft_ms, tpot_ms = once()
+    first_s = time.perf_counter() - t0
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        r, ttft_ms, tpot_ms = once()
+        ts.append(time.perf_counter() - t0)
+    best = min(ts)
+    out["closed"] = {"estimates": closed_estimates, "unique_points": len(points), "model": SERVE_CLOSED_MODEL,
+                     "tp": SERVE_CLOSED_TP, "rounds": rounds, "requests_per_estimate_max": R, "window": W,
+                     "requests": int(sum(len(d.requests) for d, _ in base) * closed_estimates / len(base)),
+                     "iterations_max": int(np.max(np.asarray(r.iterations))),
+                     "complete": bool(np.all(np.asarray(r.complete))), "overflow": bool(np.any(np.asarray(r.overflow))),
+                     "first_call_s": first_s, "s": best, "estimates_per_s": closed_estimates / best,
+                     "ttft_ms_median": float(np.median(ttft_ms)), "tpot_ms_median": float(np.median(tpot_ms))}
+    dev = jax.local_devices()
+    out.update(platform=f"{dev[0].platform} x{len(dev)}", cpu_count=os.cpu_count(), jax=jax.__version__)
+    return out
+
+
+def print_serve(r: dict) -> None:
+    o, c = r["open"], r["closed"]
+    print(f"costmodel bench --serve: {r['platform']} ({r['cpu_count']} cores)")
+    print(f"  open loop ({SERVE_OPEN_RECORD['id']}, {o['requests']:,} requests, {o['engine_s']:,.0f} s of engine "
+          f"time, {o['steps']:,} steps in {o['iterations']:,} loop iterations, window {o['window']}): "
+          f"{o['s']:.2f} s after compilation (first call {o['first_call_s']:.1f} s)")
+    print(f"  closed loop ({c['model']} TP {c['tp']}, {c['estimates']:,} estimates of C clients x {c['rounds']} "
+          f"requests, {c['requests']:,} requests, at most {c['iterations_max']:,} loop iterations, window "
+          f"{c['window']}): {c['s']:.2f} s in one vmapped call = {c['estimates_per_s']:,.0f} estimates/s "
+          f"(first call {c['first_call_s']:.1f} s){'' if c['complete'] else '  INCOMPLETE'}"
+          f"{'  OVERFLOW' if c['overflow'] else ''}")

@@ -200,10 +200,11 @@ def _bucket(n: int, lo: int = 1) -> int:
 
 
 def _window(dep: Deployment) -> int:
-    """Requests scheduled per step, to start with: a closed loop's clients over two rounds, else 128.  A run
-    whose queue outgrows it is run again with a window four times as large (`scheduler.Result.overflow`)."""
+    """Requests scheduled per step, to start with: a closed loop's clients over two rounds, else 64 (the
+    per-step work grows with it).  A run whose queue outgrows it is run again with a window four times as
+    large (`scheduler.Result.overflow`)."""
     r = dep.requests
-    need = 2 * r.n_users if r.kind == "closed" else 128
+    need = 2 * r.n_users if r.kind == "closed" else 64
     return min(_bucket(need, 64), _bucket(len(r)))
 
 
