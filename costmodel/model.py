@@ -82,9 +82,11 @@ class ModelConfig:
         return replace(self, expert_dtype=expert_dtype)
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
-        """The model with every GEMM weight (experts included) stored as ``dtype``."""
+        """The model with every GEMM weight (experts included) stored as ``dtype``; fp8 keeps experts that the
+        checkpoint already stores as 128x128 block-scaled fp8 (`with_expert_dtype` picks per-tensor fp8)."""
         dt = normalize_dtype(dtype)
-        return replace(self, dtype=dt, expert_dtype=dt if self.experts else "")
+        expert = self.expert_dtype if (dt == "fp8" and self.expert_dtype == "fp8_block") else dt
+        return replace(self, dtype=dt, expert_dtype=expert if self.experts else "")
 
     @classmethod
     def from_dict(cls, cfg: dict, name: str, where: str) -> "ModelConfig":

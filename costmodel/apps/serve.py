@@ -28,15 +28,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import ops
+from .. import memory, ops
 from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..io import atomic_write, check_output_file, number, print_table, refuse_overwrite
 from ..fastlookup import TOKEN_TABLE, as_scalars, common_shapes, of_setup
 from ..hardware import GPU, get_gpu
-from ..model import load_model
+from ..model import load_arch, load_model
 from ..params import Params, engine_key, engine_version
-from ..step import setup
+from ..step import moe_curve_of, setup
 from ..tables import load_tables
 from . import scheduler as sch
 from . import workloads as wl_mod
@@ -53,6 +53,12 @@ WEIGHT_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}  # priced; mxfp4 
 
 # ---------------------------------------------------------------- engine settings
 
+def _kind(expert_dtype: str) -> str:
+    """A record's name for an expert precision: fp8 covers per-tensor and 128x128 block-scaled fp8 (a
+    record's ``moe_weights: fp8`` keeps a block-scaled checkpoint's blocks)."""
+    return "fp8" if expert_dtype == "fp8_block" else expert_dtype
+
+
 def default_batch_limits(gpu: GPU) -> tuple[int, int]:
     """vLLM V1's defaults for the OpenAI server (engine/arg_utils.py): 8192 tokens and 1024 sequences per
     step on GPUs with >= 70 GiB (except A100), else 2048 and 256."""
@@ -60,18 +66,19 @@ def default_batch_limits(gpu: GPU) -> tuple[int, int]:
     return (8192, 1024) if big else (2048, 256)
 
 
-def estimate_kv_blocks(model, gpu: GPU, tp: int, gpu_memory_utilization: float = 0.9,
-                       reserve_gib: float = 1.5) -> int:
-    """KV-cache blocks when the record gives none (``engine.observed_kv_blocks``): a stand-in until the
-    memory model lands.  vLLM sizes the cache as utilization × GPU memory − weights − what its profiling
-    run saw (activations, CUDA graphs, the CUDA context); the datasheet's "80 GB" of HBM is 80 GiB.  The
-    reserve (1.5 GiB) is a round figure: with it the estimate lands within 1 % of the blocks vLLM logged
-    for Llama-2-7B and Qwen2.5-7B on H100 at 0.9."""
-    d = ops.dims(model, tp)
-    per_token = 2 * d.layers * d.kv_heads * d.head_dim * ops.ACT_BYTES
-    mem = gpu.hbm_capacity_bytes / 1e9 * 2**30
-    free = gpu_memory_utilization * mem - float(ops.weight_bytes_per_gpu(d)) - reserve_gib * 2**30
-    return max(int(free // (per_token * BLOCK_TOKENS)), 0)
+def estimate_kv_blocks(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
+                       moe_weights: str | None = None) -> int:
+    """KV-cache blocks of a deployment whose record gives none (``engine.observed_kv_blocks``), from the
+    memory model (`memory.kv_capacity_tokens`: weights, profile-run activations, non-torch memory and, from
+    vLLM 0.21, CUDA graphs) at the engine's ``gpu_memory_utilization`` and batch limits; blocks of the
+    full-attention pool the scheduler draws from."""
+    tokens, seqs = default_batch_limits(gpu)
+    layout = memory.Layout(tp=tp, moe_tp=tp // moe_ep, moe_ep=moe_ep) if moe_ep > 1 else tp
+    cap = memory.kv_capacity_tokens(arch, layout, gpu, engine.get("gpu_memory_utilization") or 0.9,
+                                    max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
+                                    max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
+                                    moe_weights=moe_weights)
+    return max(cap.tokens // BLOCK_TOKENS, 0)
 
 
 @dataclass
@@ -94,6 +101,7 @@ class Deployment:
     max_model_len: int | None
     requests: wl_mod.Requests
     notes: list = field(default_factory=list)
+    moe_ep: int = 1  # GPUs of the TP group a mixture-of-experts model's experts are spread over
 
 
 class Refusal(Exception):
@@ -124,9 +132,8 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
     for key in ("pp", "dp", "attention_dp"):
         v = _num(rec.get(key) or 1, where, key)
         if v > 1:
-            raise Refusal(f"{key}={v}: only one engine with tensor parallelism is modelled yet")
-    if (rec.get("moe_ep") or 1) > 1:
-        raise Refusal(f"moe_ep={rec['moe_ep']}: expert parallelism is not modelled yet")
+            raise Refusal(f"{key}={v}: only one engine with tensor (and expert) parallelism is modelled yet")
+    moe_ep = _num(rec.get("moe_ep") or 1, where, "moe_ep")
     try:
         gpu = get_gpu(rec["gpu"])
     except InputError as e:
@@ -136,13 +143,20 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         model = load_model(str(rec["model"]), model_configs)
     except InputError as e:
         raise Refusal(f"model {rec['model']}: {e}") from None
-    if model.experts:
-        raise Refusal(f"model {rec['model']} is a mixture-of-experts model: serving estimates do not price its "
-                      "experts yet (costmodel predict does)")
     if weights is not None:
         if weights not in WEIGHT_DTYPES:
             raise Refusal(f"weights '{weights}' are not priced yet (bf16, fp16, fp8)")
         model = model.with_dtype(WEIGHT_DTYPES[weights])
+    moe_weights = rec.get("moe_weights")
+    if moe_weights is not None and model.experts and moe_weights != _kind(model.expert_dtype):
+        try:
+            model = model.with_expert_dtype(moe_weights)
+        except InputError as e:
+            raise InputError(str(e), where, "moe_weights") from None
+    try:
+        ops.dims(model, tp, moe_ep)
+    except InputError as e:
+        raise InputError(str(e), where) from None
     eng = rec.get("engine") or {}
     if not isinstance(eng, dict):
         raise InputError("must be an object", where, "engine")
@@ -168,21 +182,25 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
     if observed is not None:
         kv_blocks, kv_source = _num(observed, where, "engine.observed_kv_blocks.gpu_kv_blocks"), "observed"
     else:
-        fn = kv_blocks_fn or (lambda m, g, t, e: estimate_kv_blocks(m, g, t, util))
-        kv_blocks, kv_source = int(fn(model, gpu, tp, eng)), "estimated"
+        if kv_blocks_fn is not None:
+            kv_blocks = int(kv_blocks_fn(model, gpu, tp, eng))
+        else:
+            try:
+                kv_blocks = estimate_kv_blocks(load_arch(str(rec["model"]), model_configs), gpu, tp, moe_ep,
+                                               {**eng, "gpu_memory_utilization": util}, model.dtype,
+                                               model.expert_dtype or None)
+            except InputError as e:
+                raise Refusal(f"KV-cache capacity: {e}") from None
+        kv_source = "estimated"
     if (eng.get("cpu_offload_gib") or 0) > 0:
         notes.append(f"CPU KV offload ({eng['cpu_offload_gib']} GiB) is not modelled")
-    try:
-        ops.dims(model, tp)
-    except InputError as e:
-        raise InputError(str(e), where, "tp") from None
     requests = wl_mod.from_record(rec["workload"], where, max_model_len, **(workload_options or {}))
     if not len(requests):
         raise Refusal("the workload sends no request")
     if kv_blocks * BLOCK_TOKENS < int(requests.prompt_tokens.max()) + int(requests.output_tokens.max()):
         raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
     return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
-                      kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes)
+                      kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep)
 
 
 # ---------------------------------------------------------------- simulation
@@ -233,7 +251,7 @@ class Simulator:
         return c.params_for(engine_key(version)) if c else Params()
 
     def step_model(self, dep: Deployment):
-        su = setup(dep.model, self.tables(dep.gpu), dep.tp)
+        su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep)
         return su.static, of_setup(su), as_scalars(su.on_gpu), as_scalars(self.params(dep.gpu, dep.engine_version))
 
     def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
@@ -243,7 +261,7 @@ class Simulator:
         r, o = dep.requests, self.options
         isl, osl = float(r.prompt_tokens[0]), float(r.output_tokens[0])
         b = float(min(r.n_users, dep.max_seqs))
-        d = ops.dims(dep.model, dep.tp)
+        d = ops.dims(dep.model, dep.tp, dep.moe_ep)
         sm = sch.StepModel(lk, on, params)
         fn = _step_time_fn(static)
         pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
@@ -462,6 +480,11 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
     for rec, where in items:
         try:
             dep = resolve(rec, where, model_configs, kv_blocks_fn, workload_options)
+            if dep.model.experts:  # a shape, precision or layout the GPU's fused-MoE table lacks
+                try:
+                    moe_curve_of(dep.model, sim.tables(dep.gpu), dep.tp, dep.moe_ep)
+                except InputError as e:
+                    raise Refusal(str(e)) from None
             sim.tables(dep.gpu)
             deps.append(dep)
             outs.append(dep)
