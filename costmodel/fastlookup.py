@@ -264,7 +264,7 @@ class FastLookup:
 
 
 # Setup computations run once per table shapes and take milliseconds: compiled for compile time.  XLA:CPU's
-# fusion emitters (MLIR) take two thirds of the setup's compile time (about 1 s of a sweep's start); its
+# fusion emitters (MLIR) take two thirds of the setup's compile time (about 0.5 s of a sweep's start); its
 # legacy loop emitters give the same values bit for bit in a third of the time.
 _SETUP_GENERIC_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 SETUP_COMPILER_OPTIONS = {**_SETUP_GENERIC_OPTIONS, "xla_cpu_use_fusion_emitters": False}
