@@ -271,23 +271,29 @@ class FastLookup:
         return jnp.where(self.dims.tp > 1.0, t, 0.0) if self.has_comm else jnp.zeros_like(t)
 
 
-# Setup computations run once per table shapes and take microseconds: compiled for compile time.
-SETUP_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# Setup computations run once per table shapes and take milliseconds: compiled for compile time.  XLA:CPU's
+# fusion emitters (MLIR) take two thirds of the setup's compile time (about 0.5 s of a sweep's start); its
+# legacy loop emitters give the same values bit for bit in a third of the time.
+_SETUP_GENERIC_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+SETUP_COMPILER_OPTIONS = {**_SETUP_GENERIC_OPTIONS, "xla_cpu_use_fusion_emitters": False}
 _SETUP_EXE: dict = {}
 
 
 def _once(fn, *args):
     """``fn(*args)`` for a jitted setup function, compiled with `SETUP_COMPILER_OPTIONS` where the backend
-    takes them, once per argument structure and shapes (bool arguments are static: not passed to the
-    compiled call)."""
+    takes them (else with the backend-generic ones, else plainly), once per argument structure and
+    shapes (bool arguments are static: not passed to the compiled call)."""
     leaves, tree = jax.tree_util.tree_flatten(args)
     key = (fn, tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
     if key not in _SETUP_EXE:
         lowered = fn.lower(*args)
-        try:
-            _SETUP_EXE[key] = lowered.compile(compiler_options=SETUP_COMPILER_OPTIONS)
-        except Exception:  # a backend without these options
-            _SETUP_EXE[key] = lowered.compile()
+        for options in (SETUP_COMPILER_OPTIONS, _SETUP_GENERIC_OPTIONS, None):
+            try:
+                _SETUP_EXE[key] = lowered.compile(compiler_options=options)
+                break
+            except Exception:  # a backend without these options
+                if options is None:
+                    raise
     return _SETUP_EXE[key](*[a for a in args if not isinstance(a, bool)])
 
 

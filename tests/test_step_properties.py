@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from costmodel import Params, load_model, pack_steps, setup, step_time
 from costmodel.apps.records import _step_fn
-from costmodel.step import pad_steps
+from costmodel.step import Step, pad_steps
 
 SET = dict(max_examples=15, deadline=None)
 
@@ -28,9 +28,18 @@ steps_st = st.fixed_dictionaries({
 }).filter(lambda s: s["prefill"] or s["decode"])
 
 
+# Every drawn step is padded to these widths (at least steps_st's 4 prefills and 40 decodes, plus the one
+# decode test_monotone_in_tokens_and_context adds), so that each jitted function below compiles once per
+# setup instead of evaluating op by op.
+WIDTHS = (4, 64)
+
+
+def _one(s) -> Step:
+    return jax.tree_util.tree_map(lambda a: a[0], pad_steps(pack_steps([s]), *WIDTHS))
+
+
 def _time(su, s, params=Params()):
-    return float(step_time(su.arrays, su.on_gpu, params, jax.tree_util.tree_map(lambda a: a[0], pack_steps([s])),
-                           su.static)[0])
+    return float(_single_fn(su.static)(su.arrays, su.on_gpu, params, _one(s)))
 
 
 @settings(**SET)
@@ -75,6 +84,7 @@ def test_vmap_equals_python_loop(su_repo, steps):
 
 
 _SINGLE = {}
+_GRAD = {}
 
 
 def _single_fn(static):
@@ -84,12 +94,18 @@ def _single_fn(static):
     return _SINGLE[static]
 
 
+def _grad_fn(static):
+    """The gradient of one step's time with respect to the parameters, the tables and the step (jitted)."""
+    if static not in _GRAD:
+        f = lambda p, a, lay, s: step_time(a, lay, p, s, static)[0]  # noqa: E731
+        _GRAD[static] = jax.jit(jax.grad(f, argnums=(0, 1, 3)))
+    return _GRAD[static]
+
+
 @settings(max_examples=10, deadline=None)
 @given(steps_st)
 def test_gradients_finite(su, s):
-    step = jax.tree_util.tree_map(lambda a: a[0], pack_steps([s]))
-    f = lambda p, arrays, st_: step_time(arrays, su.on_gpu, p, st_, su.static)[0]
-    gp, ga, gs = jax.grad(f, argnums=(0, 1, 2))(Params(), su.arrays, step)
+    gp, ga, gs = _grad_fn(su.static)(Params(), su.arrays, su.on_gpu, _one(s))
     for leaf in jax.tree_util.tree_leaves((gp, ga, gs)):
         assert np.isfinite(np.asarray(leaf)).all()
     assert float(gp.step_overhead_us) == pytest.approx(1.0)
