@@ -1,6 +1,5 @@
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -34,22 +33,6 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
         jax.config.update("jax_persistent_cache_min_entry_size_bytes",
                           int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
-
-
-# The suite's time is mostly XLA:CPU compiling its many programs.  Its loop emitters compile them in about
-# two thirds of the time of its default fusion emitters (the same operations; the reference predictions
-# agree), so the tests use them, set through the environment before JAX's backend starts, so that the
-# pytest-xdist workers, the CLI and sweep subprocesses and the notebook kernels inherit it.  Set only where
-# this XLA knows the flag (an unknown flag in XLA_FLAGS aborts the process; a short subprocess tries it
-# first), and not where the caller has set it either way.
-_FAST_COMPILE_FLAG = "--xla_cpu_use_fusion_emitters=false"
-if "xla_cpu_use_fusion_emitters" not in os.environ.get("XLA_FLAGS", ""):
-    _flags = (os.environ.get("XLA_FLAGS", "") + " " + _FAST_COMPILE_FLAG).strip()
-    _probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"],
-                            env={**os.environ, "XLA_FLAGS": _flags, "JAX_PLATFORMS": "cpu"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    if _probe.returncode == 0:
-        os.environ["XLA_FLAGS"] = _flags
 
 
 def pytest_sessionfinish(session, exitstatus):
