@@ -371,7 +371,7 @@ def run_search(args) -> int:
     else:
         _print_report(res, args)
     if args.explain:
-        _print_rejections(res)
+        _print_rejections(res, sys.stderr if args.json else sys.stdout)
     problem = no_result_message(res)
     if problem:
         raise InputError(problem)
@@ -407,12 +407,12 @@ def _print_report(res: SearchResult, args) -> None:
         print(f"wrote {len(res.rows)} rows to {args.out}")
 
 
-def _print_rejections(res: SearchResult) -> None:
+def _print_rejections(res: SearchResult, stream) -> None:
     by: dict = {}
     for r in res.rejected:
         by.setdefault((r["reason"], r["detail"]), []).append(r)
-    print("Rejected candidates (configurations: layout x weights x concurrency):")
+    print("Rejected candidates (configurations: layout x weights x concurrency):", file=stream)
     for (reason, detail), rs in sorted(by.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
         layouts = sorted({f"{r['weights']} TP{r['tp']}" + (f" EP{r['moe_ep']}" if r["moe_ep"] > 1 else "")
                           for r in rs})
-        print(f"  {len(rs):4d}  {reason}: {detail} [{', '.join(layouts)}]")
+        print(f"  {len(rs):4d}  {reason}: {detail} [{', '.join(layouts)}]", file=stream)
