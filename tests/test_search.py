@@ -52,6 +52,8 @@ def test_kv_for_the_concurrency_and_fp8_without_tensor_cores():
     assert cap.fits and 64 * (32000 + 32) > cap.tokens  # the memory model's own numbers, not the search's
     res = sr.search("llama-3.1-8b", "H100", 1, isl=32000, osl=32, concurrency=(64,))
     assert res.rows == [] and res.rejected_counts == {sr.KV_DOES_NOT_FIT: 1, sr.TOO_MANY_GPUS: 3}
+    most = cap.blocks // -(-(32000 + 32) // 16)  # whole 16-token blocks per request
+    assert 0 < most < 64 and f"at most {most} requests" in res.rejected[0]["detail"]
     res = sr.search("llama-3.1-8b", "A100", 1, isl=256, osl=32, concurrency=(1,), weights=["fp8"])
     assert res.rejected_counts == {sr.PRECISION: 1, sr.TOO_MANY_GPUS: 3}
 

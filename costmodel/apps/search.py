@@ -166,10 +166,11 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                            f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
                     continue
                 dp = gpus // tp
+                most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
                 for c in concurrency:
                     if not batch_fits(cap, [isl + osl] * c):
-                        reject(tp, ep, w, KV_DOES_NOT_FIT,
-                               f"{c} x {isl + osl} tokens need more than {cap.tokens} KV tokens per replica", [c])
+                        reject(tp, ep, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per replica hold at most {most} "
+                               f"requests of {isl + osl} tokens", [c])
                         continue
                     rid = f"{w}-tp{tp}-ep{ep}-c{c}"
                     rec = {"id": rid, "model": model, "gpu": gpu, "tp": tp, "moe_ep": ep, "weights": w,
@@ -415,4 +416,6 @@ def _print_rejections(res: SearchResult, stream) -> None:
     for (reason, detail), rs in sorted(by.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
         layouts = sorted({f"{r['weights']} TP{r['tp']}" + (f" EP{r['moe_ep']}" if r["moe_ep"] > 1 else "")
                           for r in rs})
+        if reason == KV_DOES_NOT_FIT:
+            layouts = [f"{x}, concurrency {','.join(str(r['concurrency']) for r in rs)}" for x in layouts]
         print(f"  {len(rs):4d}  {reason}: {detail} [{', '.join(layouts)}]", file=stream)
