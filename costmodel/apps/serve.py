@@ -66,18 +66,24 @@ def default_batch_limits(gpu: GPU) -> tuple[int, int]:
     return (8192, 1024) if big else (2048, 256)
 
 
+def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
+                moe_weights: str | None = None) -> memory.KVCapacity:
+    """The memory model's KV-cache capacity of a deployment (`memory.kv_capacity_tokens`: weights,
+    profile-run activations, non-torch memory and, from vLLM 0.21, CUDA graphs) at the engine's
+    ``gpu_memory_utilization`` and batch limits (vLLM's defaults where the engine gives none)."""
+    tokens, seqs = default_batch_limits(gpu)
+    layout = memory.Layout(tp=tp, moe_tp=tp // moe_ep, moe_ep=moe_ep) if moe_ep > 1 else tp
+    return memory.kv_capacity_tokens(arch, layout, gpu, engine.get("gpu_memory_utilization") or 0.9,
+                                     max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
+                                     max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
+                                     moe_weights=moe_weights)
+
+
 def estimate_kv_blocks(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
                        moe_weights: str | None = None) -> int:
     """KV-cache blocks of a deployment whose record gives none (``engine.observed_kv_blocks``), from the
-    memory model (`memory.kv_capacity_tokens`: weights, profile-run activations, non-torch memory and, from
-    vLLM 0.21, CUDA graphs) at the engine's ``gpu_memory_utilization`` and batch limits; blocks of the
-    full-attention pool the scheduler draws from."""
-    tokens, seqs = default_batch_limits(gpu)
-    layout = memory.Layout(tp=tp, moe_tp=tp // moe_ep, moe_ep=moe_ep) if moe_ep > 1 else tp
-    cap = memory.kv_capacity_tokens(arch, layout, gpu, engine.get("gpu_memory_utilization") or 0.9,
-                                    max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
-                                    max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
-                                    moe_weights=moe_weights)
+    memory model (`kv_capacity`); blocks of the full-attention pool the scheduler draws from."""
+    cap = kv_capacity(arch, gpu, tp, moe_ep, engine, weights, moe_weights)
     return max(cap.tokens // BLOCK_TOKENS, 0)
 
 

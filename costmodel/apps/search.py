@@ -1,0 +1,421 @@
+"""Deployment search — ``costmodel search``: which parallel layout, precision and concurrency of a model on a
+budget of GPUs meets a TTFT/TPOT service-level objective at the most output tokens/s per GPU.
+
+The space is tensor parallelism (a divisor of the GPUs per node), for a mixture-of-experts model expert
+parallelism inside the TP group (``moe_ep`` 1 or ``tp``: vLLM's ``--enable-expert-parallel``), the weight
+precisions asked for, and the concurrency per replica; the GPUs left over by one replica hold more replicas
+(``dp = gpus // tp``), each an independent engine behind a round-robin router that sends it 1/dp of the
+clients.  Every candidate is first checked for what it needs (GPUs, divisibility of heads and experts, FP8
+tensor cores, weights and the KV cache of its concurrency in memory) and every rejection is counted by
+reason; the rest are scored with `serve.serve` on the closed-loop workload, one replica per record, so the
+numbers are those ``costmodel serve`` gives for the same record.  What is and is not searched:
+docs/search.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from .. import ops
+from ..errors import InputError
+from ..hardware import get_gpu
+from ..io import check_output_file, number, print_table, write_frame
+from ..memory import batch_fits
+from ..model import load_arch, load_model
+from . import serve as serve_mod
+
+DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_ENGINE_VERSION = "0.15.1"  # the newest engine the packaged calibration has parameters for
+GPU_MEMORY_UTILIZATION = 0.9
+GIB = 2.0**30
+
+# rejection reasons (the keys of SearchResult.rejected_counts)
+TOO_MANY_GPUS = "needs more GPUs than --gpus"
+DIVISIBILITY = "divisibility (heads, KV heads, experts)"
+PRECISION = "precision not available"
+WEIGHTS_DO_NOT_FIT = "memory: weights and activations do not fit"
+KV_DOES_NOT_FIT = "memory: KV cache cannot hold the concurrency's tokens"
+REFUSED = "refused by the serving simulation"
+
+
+@dataclass
+class SearchResult:
+    """Every candidate of a search: ``rows`` those scored (dicts, `ROW_FIELDS` and more), ``rejected`` those
+    refused before scoring ({"tp", "moe_ep", "weights", "concurrency", "reason", "detail"})."""
+
+    query: dict
+    rows: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def rejected_counts(self) -> dict:
+        return dict(Counter(r["reason"] for r in self.rejected).most_common())
+
+    @property
+    def feasible(self) -> list:
+        """Scored rows that meet the SLO (and the rate, when one is asked), best tokens/s per GPU first."""
+        return sorted((r for r in self.rows if r["meets_slo"]),
+                      key=lambda r: (-r["output_tokens_per_s_per_gpu"], -r["output_tokens_per_s_per_user"]))
+
+    @property
+    def pareto(self) -> list:
+        """The non-dominated feasible rows in tokens/s per GPU against tokens/s per user, by tokens/s per GPU."""
+        return [r for r in self.feasible if r["pareto"]]
+
+
+def pareto_mask(xs, ys) -> list[bool]:
+    """For points (x, y), both to maximize: whether no other point is at least as good in both and better in
+    one."""
+    pts = list(zip(xs, ys))
+    return [not any(a >= x and b >= y and (a > x or b > y) for a, b in pts) for x, y in pts]
+
+
+def tp_candidates(gpus_per_node: int) -> list[int]:
+    """Tensor-parallel degrees of one replica: the divisors of the GPUs of one node (its NVLink domain)."""
+    return [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
+
+
+def _layout_name(tp: int, moe_ep: int, dp: int) -> str:
+    return f"TP{tp}" + (f" EP{moe_ep}" if moe_ep > 1 else "") + f" x DP{dp}"
+
+
+def _precision_problem(model, weights: str, gpu) -> str | None:
+    if weights == "fp8" and gpu.fp8_flops <= 0:
+        return f"{gpu.name} has no FP8 tensor cores"
+    if model.dtype == "fp8" and weights != "fp8":
+        return f"the {model.name} checkpoint stores fp8 weights; vLLM does not serve them as {weights}"
+    return None
+
+
+def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: float | None = None,
+           tpot_ms: float | None = None, concurrency=DEFAULT_CONCURRENCY, rate: float | None = None,
+           weights=None, gpus_per_node: int = 8, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
+           max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+           engine_version: str = DEFAULT_ENGINE_VERSION, model_configs=None, bench_data=None,
+           calibration: str = "default", workload_options: dict | None = None) -> SearchResult:
+    """Search the deployments of ``model`` on ``gpus`` GPUs of type ``gpu`` for a closed loop of ``isl``
+    input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try;
+    ``rate``: requests/s the whole deployment must sustain (a row meets it when dp x the replica's predicted
+    request rate reaches it); ``weights``: precisions to try (default: the checkpoint's).  SLOs on the mean
+    TTFT and TPOT; None leaves that one open."""
+    t0 = time.perf_counter()
+    g = get_gpu(gpu)
+    for name, v in (("gpus", gpus), ("gpus_per_node", gpus_per_node), ("isl", isl), ("osl", osl)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"must be a positive integer, got {v!r}", field=name)
+    concurrency = sorted(set(concurrency))
+    if not concurrency or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in concurrency):
+        raise InputError(f"must be positive integers, got {concurrency!r}", field="concurrency")
+    base = load_model(model, model_configs)
+    arch = load_arch(model, model_configs)
+    weights = list(dict.fromkeys(weights or [base.dtype]))
+    for w in weights:
+        if w not in serve_mod.WEIGHT_DTYPES:
+            raise InputError(f"must be one of {', '.join(serve_mod.WEIGHT_DTYPES)}, got {w!r}", field="weights")
+    engine = {"name": "vllm", "version": engine_version, "gpu_memory_utilization": gpu_memory_utilization}
+    if max_num_batched_tokens:
+        engine["max_num_batched_tokens"] = max_num_batched_tokens
+    if max_num_seqs:
+        engine["max_num_seqs"] = max_num_seqs
+    d_tokens, d_seqs = serve_mod.default_batch_limits(g)
+    query = {"model": model, "gpu": g.name, "gpus": gpus, "gpus_per_node": gpus_per_node, "isl": isl,
+             "osl": osl, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "rate": rate, "concurrency": concurrency,
+             "weights": weights, "checkpoint_weights": base.dtype,
+             "engine": {**engine, "max_num_batched_tokens": max_num_batched_tokens or d_tokens,
+                        "max_num_seqs": max_num_seqs or d_seqs}}
+    result = SearchResult(query)
+
+    def reject(tp, ep, w, reason, detail, cs=concurrency):
+        result.rejected += [{"tp": tp, "moe_ep": ep, "weights": w, "concurrency": c, "reason": reason,
+                             "detail": detail} for c in cs]
+
+    candidates = []  # (record, row)
+    for w in weights:
+        m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
+        for tp in tp_candidates(gpus_per_node):
+            for ep in sorted({1, tp}) if base.experts else [1]:
+                if tp > gpus:
+                    reject(tp, ep, w, TOO_MANY_GPUS, f"tp={tp} > gpus={gpus}")
+                    continue
+                problem = _precision_problem(base, w, g)
+                if problem:
+                    reject(tp, ep, w, PRECISION, problem)
+                    continue
+                try:
+                    ops.dims(m, tp, ep)
+                except InputError as e:
+                    reject(tp, ep, w, DIVISIBILITY, str(e))
+                    continue
+                try:
+                    cap = serve_mod.kv_capacity(arch, g, tp, ep, engine, m.dtype, m.expert_dtype or None)
+                except InputError as e:
+                    reject(tp, ep, w, REFUSED, f"KV-cache capacity: {e}")
+                    continue
+                if not cap.fits:
+                    reject(tp, ep, w, WEIGHTS_DO_NOT_FIT,
+                           f"weights {cap.weight_bytes / GIB:.1f} GiB + activations {cap.activation_bytes / GIB:.1f} "
+                           f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
+                           f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
+                    continue
+                dp = gpus // tp
+                most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
+                for c in concurrency:
+                    if not batch_fits(cap, [isl + osl] * c):
+                        reject(tp, ep, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per replica hold at most {most} "
+                               f"requests of {isl + osl} tokens", [c])
+                        continue
+                    rid = f"{w}-tp{tp}-ep{ep}-c{c}"
+                    rec = {"id": rid, "model": model, "gpu": gpu, "tp": tp, "moe_ep": ep, "weights": w,
+                           "engine": dict(engine),
+                           "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
+                                        "output_tokens": osl}}
+                    row = {"layout": _layout_name(tp, ep, dp), "tp": tp, "moe_ep": ep, "dp": dp, "gpus_used": tp * dp,
+                           "weights": w, "concurrency_per_replica": c, "concurrency_total": c * dp,
+                           "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
+                           "kv_needed_bytes_per_gpu": c * (isl + osl) * cap.kv_bytes_per_token}
+                    candidates.append((rec, row))
+    outs = serve_mod.serve([r for r, _ in candidates], model_configs, bench_data, calibration,
+                           workload_options=workload_options) if candidates else []
+    for (rec, row), out in zip(candidates, outs):
+        if "refused" in out:
+            reject(rec["tp"], rec["moe_ep"], rec["weights"], REFUSED, out["refused"],
+                   [rec["workload"]["concurrency"]])
+            continue
+        p, t = out["predicted"], out["throughput"]
+        dp = row["dp"]
+        row.update({
+            "ttft_mean_ms": p["ttft_mean_ms"], "tpot_mean_ms": p["tpot_mean_ms"], "itl_mean_ms": p["itl_mean_ms"],
+            "e2e_mean_ms": p["e2e_mean_ms"], "output_tokens_per_s_per_gpu": t["output_tokens_per_s_per_gpu"],
+            "output_tokens_per_s_per_user": t["output_tokens_per_s_per_user"],
+            "output_tokens_per_s_total": t["output_tokens_per_s"] * dp,
+            "requests_per_s_total": t["requests_per_s"] * dp,
+            "kv_peak_used_fraction": out["kv_cache"]["peak_used"], "preemptions": out["kv_cache"]["preemptions"],
+            "notes": "; ".join(out["notes"])})
+        row["meets_slo"] = bool((ttft_ms is None or row["ttft_mean_ms"] <= ttft_ms)
+                                and (tpot_ms is None or row["tpot_mean_ms"] <= tpot_ms)
+                                and (rate is None or row["requests_per_s_total"] >= rate))
+        result.rows.append(row)
+    ok = [r for r in result.rows if r["meets_slo"]]
+    mask = pareto_mask([r["output_tokens_per_s_per_gpu"] for r in ok], [r["output_tokens_per_s_per_user"] for r in ok])
+    for r in result.rows:
+        r["pareto"] = False
+    for r, on in zip(ok, mask):
+        r["pareto"] = on
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def vllm_command(result: SearchResult, row: dict) -> str:
+    """The ``vllm serve`` command line of a scored row."""
+    q = result.query
+    parts = ["vllm serve", q["model"], f"--tensor-parallel-size {row['tp']}"]
+    if row["dp"] > 1:
+        parts.append(f"--data-parallel-size {row['dp']}")
+    if row["moe_ep"] > 1:
+        parts.append("--enable-expert-parallel")
+    parts += [f"--max-num-seqs {q['engine']['max_num_seqs']}",
+              f"--max-num-batched-tokens {q['engine']['max_num_batched_tokens']}",
+              f"--gpu-memory-utilization {q['engine']['gpu_memory_utilization']:g}"]
+    if row["weights"] == "fp8" and q["checkpoint_weights"] != "fp8":
+        parts.append("--quantization fp8")
+    return " ".join(parts)
+
+
+def no_result_message(result: SearchResult) -> str | None:
+    """Why a search has no configuration to recommend (one line), or None when it has one."""
+    if not result.rows:
+        why = ", ".join(f"{n} {reason}" for reason, n in result.rejected_counts.items())
+        return f"no feasible configuration: rejected {why} (--explain lists them)"
+    if not result.feasible:
+        q = result.query
+        best_ttft = min(r["ttft_mean_ms"] for r in result.rows)
+        best_tpot = min(r["tpot_mean_ms"] for r in result.rows)
+        best_rate = max(r["requests_per_s_total"] for r in result.rows)
+        return (f"none of the {len(result.rows)} scored configurations meets the objective (ttft_ms={q['ttft_ms']}, "
+                f"tpot_ms={q['tpot_ms']}, rate={q['rate']}); the lowest predicted mean TTFT is {best_ttft:.1f} ms, "
+                f"mean TPOT {best_tpot:.2f} ms, the highest request rate {best_rate:.2f}/s")
+    return None
+
+
+def _table_row(rank: int, r: dict) -> dict:
+    return {"rank": rank, "layout": r["layout"], "weights": r["weights"], "conc": r["concurrency_per_replica"],
+            "ttft_ms": r["ttft_mean_ms"], "tpot_ms": r["tpot_mean_ms"], "tok_s_gpu": r["output_tokens_per_s_per_gpu"],
+            "tok_s_user": r["output_tokens_per_s_per_user"], "tok_s_total": r["output_tokens_per_s_total"],
+            "weights_gib": r["weights_bytes_per_gpu"] / GIB, "kv_pool_gib": r["kv_pool_bytes_per_gpu"] / GIB,
+            "kv_need_gib": r["kv_needed_bytes_per_gpu"] / GIB, "pareto": "*" if r["pareto"] else ""}
+
+
+def summary(result: SearchResult, top: int) -> dict:
+    """The machine-readable summary (``--json``)."""
+    feasible = result.feasible
+    keep = ("layout", "tp", "moe_ep", "dp", "weights", "concurrency_per_replica", "concurrency_total",
+            "ttft_mean_ms", "tpot_mean_ms", "output_tokens_per_s_per_gpu", "output_tokens_per_s_per_user",
+            "output_tokens_per_s_total", "weights_bytes_per_gpu", "kv_pool_bytes_per_gpu")
+    brief = lambda r: {**{k: r[k] for k in keep}, "vllm_command": vllm_command(result, r)}  # noqa: E731
+    return {"query": result.query, "configurations_considered": len(result.rows) + len(result.rejected),
+            "configurations_scored": len(result.rows), "feasible": len(feasible),
+            "rejected": result.rejected_counts, "seconds": round(result.seconds, 2),
+            "pareto": [brief(r) for r in result.pareto], "ranked": [brief(r) for r in feasible[:top]],
+            "best": brief(feasible[0]) if feasible else None}
+
+
+def plot(result: SearchResult, path) -> str:
+    """The scored rows and the Pareto front as a PNG; the line to print (also when matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: --plot skipped"
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for ok, style in ((False, dict(c="0.75", s=12, label="misses the objective")),
+                      (True, dict(c="tab:blue", s=18, label="meets the objective"))):
+        rs = [r for r in result.rows if r["meets_slo"] == ok]
+        ax.scatter([r["output_tokens_per_s_per_user"] for r in rs], [r["output_tokens_per_s_per_gpu"] for r in rs],
+                   **style)
+    front = sorted(result.pareto, key=lambda r: r["output_tokens_per_s_per_user"])
+    ax.plot([r["output_tokens_per_s_per_user"] for r in front], [r["output_tokens_per_s_per_gpu"] for r in front],
+            "-o", c="tab:red", label="Pareto front")
+    for r in front:
+        ax.annotate(f"{r['layout']} c{r['concurrency_per_replica']}", (r["output_tokens_per_s_per_user"],
+                    r["output_tokens_per_s_per_gpu"]), fontsize=7)
+    q = result.query
+    ax.set_xlabel("output tokens/s per user")
+    ax.set_ylabel("output tokens/s per GPU")
+    ax.set_title(f"{q['model']} on {q['gpus']} x {q['gpu']}, ISL {q['isl']} / OSL {q['osl']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return f"wrote {path}"
+
+
+# ---------------------------------------------------------------- the command
+
+def _int_list(text: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise argparse.ArgumentTypeError(f"must be a comma-separated list of positive integers, got {text!r}")
+    return vals
+
+
+def add_search_arguments(sp) -> None:
+    sp.add_argument("--model", required=True, help="a folder of --model-configs (or of the packaged configs)")
+    sp.add_argument("--model-configs", default=None,
+                    help="folder of <model>/config.json (default: configs shipped in the package)")
+    sp.add_argument("--gpu", required=True, help="GPU type (H100, H200, A100, L40S, B200, ...)")
+    sp.add_argument("--gpus", type=number(int, 1), required=True, help="GPUs the deployment may use")
+    sp.add_argument("--gpus-per-node", type=number(int, 1), default=8,
+                    help="GPUs of one node: the largest tensor-parallel group (default 8)")
+    sp.add_argument("--isl", type=number(int, 1), required=True, help="input tokens per request")
+    sp.add_argument("--osl", type=number(int, 1), required=True, help="output tokens per request")
+    sp.add_argument("--ttft-ms", type=number(float, 0, low_open=True), default=None,
+                    help="SLO on the mean time to first token (default: none)")
+    sp.add_argument("--tpot-ms", type=number(float, 0, low_open=True), default=None,
+                    help="SLO on the mean time per output token (default: none)")
+    sp.add_argument("--rate", type=number(float, 0, low_open=True), default=None,
+                    help="requests/s the deployment must sustain (all replicas together)")
+    sp.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
+                    help="clients per replica to try, comma-separated (default 1,2,4,...,256)")
+    sp.add_argument("--weights", type=lambda s: [w.strip() for w in s.split(",") if w.strip()], default=None,
+                    help="weight precisions to try, comma-separated, of bf16, fp16, fp8 (default: the checkpoint's)")
+    sp.add_argument("--gpu-memory-utilization", type=number(float, 0, 1, low_open=True),
+                    default=GPU_MEMORY_UTILIZATION, help="vLLM's --gpu-memory-utilization (default 0.9)")
+    sp.add_argument("--max-num-batched-tokens", type=number(int, 1), default=None,
+                    help="vLLM's token budget per step (default: vLLM's for the GPU)")
+    sp.add_argument("--max-num-seqs", type=number(int, 1), default=None,
+                    help="vLLM's sequences per step (default: vLLM's for the GPU)")
+    sp.add_argument("--engine-version", default=DEFAULT_ENGINE_VERSION,
+                    help=f"vLLM version whose calibration prices the steps (default {DEFAULT_ENGINE_VERSION})")
+    sp.add_argument("--rounds", type=number(int, 2), default=10,
+                    help="closed loop: requests per client, the first left out (default 10)")
+    sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
+    sp.add_argument("--calibration", default="default", help="none | default | PATH (as for predict)")
+    sp.add_argument("--top", type=number(int, 1), default=10, help="configurations in the ranked table (default 10)")
+    sp.add_argument("--explain", action="store_true", help="list the rejected candidates by reason")
+    sp.add_argument("--out", default=None, help="every scored row to this .parquet or .csv file")
+    sp.add_argument("--plot", default=None, help="the Pareto front as a PNG (needs matplotlib)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+
+
+def run_search(args) -> int:
+    fmt = None
+    if args.out:
+        check_output_file(args.out)
+        fmt = {".parquet": "parquet", ".csv": "csv"}.get(Path(args.out).suffix.lower())
+        if fmt is None:
+            raise InputError("must end in .parquet or .csv", args.out, "out")
+    if args.plot:
+        check_output_file(args.plot, "plot")
+    res = search(args.model, args.gpu, args.gpus, isl=args.isl, osl=args.osl, ttft_ms=args.ttft_ms,
+                 tpot_ms=args.tpot_ms, concurrency=args.concurrency, rate=args.rate, weights=args.weights,
+                 gpus_per_node=args.gpus_per_node, gpu_memory_utilization=args.gpu_memory_utilization,
+                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                 engine_version=args.engine_version, model_configs=args.model_configs,
+                 bench_data=args.bench_data, calibration=args.calibration,
+                 workload_options={"rounds": args.rounds})
+    if args.out and res.rows:
+        write_frame(args.out, pd.DataFrame(res.rows), fmt)
+    if args.json:
+        print(json.dumps(summary(res, args.top), indent=1))
+    else:
+        _print_report(res, args)
+    if args.explain:
+        _print_rejections(res, sys.stderr if args.json else sys.stdout)
+    problem = no_result_message(res)
+    if problem:
+        raise InputError(problem)
+    if args.plot:
+        print(plot(res, args.plot), file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def _print_report(res: SearchResult, args) -> None:
+    q = res.query
+    considered = len(res.rows) + len(res.rejected)
+    goal = [f"mean TTFT <= {q['ttft_ms']:g} ms" if q["ttft_ms"] else "",
+            f"mean TPOT <= {q['tpot_ms']:g} ms" if q["tpot_ms"] else "",
+            f">= {q['rate']:g} requests/s" if q["rate"] else ""]
+    print(f"costmodel search: {q['model']} on {q['gpus']} x {q['gpu']}, ISL {q['isl']} / OSL {q['osl']}, "
+          f"objective: {', '.join(x for x in goal if x) or 'none'}")
+    print(f"  {considered} configurations, {len(res.rows)} scored, {len(res.feasible)} meet the objective, "
+          f"{len(res.pareto)} on the Pareto front ({res.seconds:.1f} s)")
+    for reason, n in res.rejected_counts.items():
+        print(f"  rejected {n}: {reason}")
+    print("  each replica (DP) is an independent engine behind a round-robin router; conc = clients per replica")
+    feasible = res.feasible
+    if not feasible:
+        return
+    print("Ranked by output tokens/s per GPU (* = on the Pareto front of tokens/s per GPU vs per user):")
+    print_table([_table_row(i, r) for i, r in enumerate(feasible[:args.top], 1)])
+    print("Pareto front:")
+    print_table([_table_row(feasible.index(r) + 1, r) for r in res.pareto])
+    print("vllm serve for the top configurations:")
+    for i, r in enumerate(feasible[:3], 1):
+        print(f"  {i}. {vllm_command(res, r)}  # {r['concurrency_total']} concurrent clients in all")
+    if args.out and res.rows:
+        print(f"wrote {len(res.rows)} rows to {args.out}")
+
+
+def _print_rejections(res: SearchResult, stream) -> None:
+    by: dict = {}
+    for r in res.rejected:
+        by.setdefault((r["reason"], r["detail"]), []).append(r)
+    print("Rejected candidates (configurations: layout x weights x concurrency):", file=stream)
+    for (reason, detail), rs in sorted(by.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
+        layouts = sorted({f"{r['weights']} TP{r['tp']}" + (f" EP{r['moe_ep']}" if r["moe_ep"] > 1 else "")
+                          for r in rs})
+        if reason == KV_DOES_NOT_FIT:
+            layouts = [f"{x}, concurrency {','.join(str(r['concurrency']) for r in rs)}" for x in layouts]
+        print(f"  {len(rs):4d}  {reason}: {detail} [{', '.join(layouts)}]", file=stream)
