@@ -308,7 +308,7 @@ def test_bench_json(capsys):
     assert r["max_rel_diff_vs_loop"] < RTOL and r["n_configs"] >= 20000
     c = r["call_split"]
     assert c["configs"] == r["call_size"] and min(c["copy_in_s"], c["eval_s"], c["copy_out_s"]) > 0
-    assert c["in_bytes"] == 5 * 4 * c["configs"] and c["out_bytes"] == 8 * 4 * c["configs"]  # float32 columns
+    assert c["in_bytes"] == 5 * 4 * c["configs"] and c["out_bytes"] == len(sw.RESULT_COLUMNS) * 4 * c["configs"]  # float32
 
 
 def test_kv_fits_marks_configurations_whose_kv_cache_does_not_fit(h100):
