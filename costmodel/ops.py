@@ -259,9 +259,3 @@ def sampling_bytes(d: Dims, sampled):
     TP, vLLM V1 all-gathers the vocab-parallel logits and every rank runs the sampler on all of them, so
     the passes cover ``vocab · tp`` entries, not one GPU's shard."""
     return 3.0 * sampled * d.vocab * d.tp * 4.0
-
-
-def weight_bytes_per_gpu(d: Dims):
-    """Weight bytes one GPU holds: decoder layers plus embedding and lm_head shards."""
-    per_layer = sum(g.k * g.n for g in layer_gemms(d, 1.0).values())
-    return d.layers * per_layer * d.weight_bytes + 2.0 * d.vocab * d.hidden * d.weight_bytes

@@ -20,9 +20,6 @@ def test_llama2_7b_tp1_hand_counts():
     # bytes of QKV in fp16: x 100*4096*2 + W 4096*12288*2 + y 100*12288*2
     assert float(ops.gemm_bytes(g["qkv_proj"], d.weight_bytes)) == pytest.approx(
         819200 + 100663296 + 2457600)
-    # all layer weights: 32 * (4096*12288 + 4096*4096 + 4096*22016 + 11008*4096) * 2 bytes
-    # plus embedding and lm_head 2 * 32000 * 4096 * 2 bytes = 13,214,154,752 + 524,288,000
-    assert float(ops.weight_bytes_per_gpu(d)) == pytest.approx(12952010752 + 524288000)
     # prefill chunk of 64 new tokens after 1024 cached: 64*1024 + 64*65/2 pairs per head
     pairs = float(ops.prefill_pairs(d, 64.0, 1024.0))
     assert pairs == 64 * 1024 + 2080
