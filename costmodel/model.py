@@ -14,7 +14,7 @@ from .io import read_json
 
 DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Mixture-of-experts models with standard (GQA) attention and no shared experts or with TP-split ones.
-MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM")
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM", "GptOssForCausalLM")
 SUPPORTED_ARCHS = DENSE_ARCHS + MOE_ARCHS
 # Keys whose presence marks an architecture the dense model does not describe yet.
 _UNSUPPORTED_KEYS = {  # attention kinds first: they are what a refused MoE model lacks most often
@@ -24,8 +24,6 @@ _UNSUPPORTED_KEYS = {  # attention kinds first: they are what a refused MoE mode
 }
 # Why a mixture-of-experts architecture outside MOE_ARCHS is refused: what its attention needs beyond the tables.
 _WHY_NOT = {
-    "GptOssForCausalLM": "gpt-oss is not supported yet: its attention (head_dim 64, learned sinks, alternating "
-                         "128-token sliding window) has no measured table",
     "Qwen3NextForCausalLM": "Qwen3-Next is not supported yet: its Gated DeltaNet linear-attention layers have no "
                             "measured table",
 }
@@ -68,6 +66,9 @@ class ModelConfig:
     shared_intermediate: int = 0  # all shared experts of a layer together (0 if none)
     moe_layers: int = 0  # layers whose MLP is a mixture of experts
     expert_dtype: str = ""  # how the routed experts are stored: bf16, fp16, fp8, fp8_block, mxfp4, int4_wo
+    # layers that attend within `sliding_window` while the others attend fully (gpt-oss: every other layer);
+    # 0 when every layer attends alike (all within `sliding_window`, or all fully when it is inf)
+    sliding_layers: int = 0
 
     @property
     def weight_bytes(self) -> int:
@@ -101,8 +102,13 @@ class ModelConfig:
                              "architectures")
         arch = archs[0] if archs else cfg.get("model_type", "?")
         for key, what in _UNSUPPORTED_KEYS.items():
+            if key == "layer_types" and _attention_layer_types(cfg.get(key)):
+                continue  # sliding-window and full-attention layers are priced (`sliding_layers`)
             if cfg.get(key) and not (arch in MOE_ARCHS and what == "mixture-of-experts"):
-                why = _WHY_NOT.get(arch, f"{what} ({key}={cfg[key]!r}) is not supported yet")
+                shown = cfg[key]
+                if key == "layer_types" and isinstance(shown, list):  # name the first layer type not priced
+                    shown = next((t for t in shown if t not in _ATTENTION_LAYER_TYPES), shown)
+                why = _WHY_NOT.get(arch, f"{what} ({key}={shown!r}) is not supported yet")
                 raise InputError(f"{why}; supported: {', '.join(SUPPORTED_ARCHS)}", where, key)
         if arch not in SUPPORTED_ARCHS:
             raise InputError(f"architecture '{arch}' is not supported yet; supported: "
@@ -131,13 +137,19 @@ class ModelConfig:
         elif isinstance(window, bool) or not isinstance(window, int) or window <= 0:
             raise InputError(f"must be a positive integer (tokens) or null for full attention, got {window!r}",
                              where, "sliding_window")
+        sliding = 0
+        if cfg.get("layer_types"):
+            window, sliding = _layer_windows(cfg, need("num_hidden_layers"), window, where)
         max_pos = cfg.get("max_position_embeddings")
         max_pos = math.inf if max_pos is None else positive_int(max_pos, where, "max_position_embeddings")
         tie = cfg.get("tie_word_embeddings", False)
         if tie is not None and not isinstance(tie, bool):
             raise InputError(f"must be true or false, got {tie!r}", where, "tie_word_embeddings")
         dtype = normalize_dtype(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16", where, "torch_dtype")
-        dtype = quantized_weight_dtype(cfg.get("quantization_config"), where) or dtype
+        if arch in MOE_ARCHS and _quant_method(cfg.get("quantization_config")) in _FP4:
+            dtype = _moe_fp4_dtype(arch_from_config(cfg, name, where), where)
+        else:
+            dtype = quantized_weight_dtype(cfg.get("quantization_config"), where) or dtype
         return cls(
             name=name, arch=arch, hidden_size=hidden, num_layers=need("num_hidden_layers"),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
@@ -149,7 +161,50 @@ class ModelConfig:
             num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
             intermediate_size=need("intermediate_size"), vocab_size=need("vocab_size"),
             tie_embeddings=bool(tie), dtype=dtype, sliding_window=float(window),
-            max_position_embeddings=float(max_pos), **_moe_fields(arch_from_config(cfg, name, where)))
+            max_position_embeddings=float(max_pos), sliding_layers=sliding,
+            **_moe_fields(arch_from_config(cfg, name, where)))
+
+
+_ATTENTION_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _attention_layer_types(types) -> bool:
+    """Whether a config's ``layer_types`` lists only softmax-attention layers (sliding-window or full)."""
+    return isinstance(types, list) and bool(types) and all(t in _ATTENTION_LAYER_TYPES for t in types)
+
+
+def _layer_windows(cfg: dict, layers: int, window: float, where: str) -> tuple[float, int]:
+    """(``ModelConfig.sliding_window``, ``ModelConfig.sliding_layers``) from a ``layer_types`` list of
+    sliding-window and full-attention layers: every layer sliding keeps the window for all (0 sliding
+    layers: one kind of layer), none sliding is full attention, a mix keeps the window for the sliding
+    layers only."""
+    types = cfg["layer_types"]
+    if len(types) != layers:
+        raise InputError(f"must list one type per layer ({layers}), got {len(types)}", where, "layer_types")
+    n = types.count("sliding_attention")
+    if n and not math.isfinite(window):
+        raise InputError("layer_types has sliding_attention layers but no sliding window is set", where,
+                         "sliding_window")
+    if n == 0:
+        return math.inf, 0
+    return window, (0 if n == layers else n)
+
+
+def _quant_method(q) -> str:
+    """A ``quantization_config``'s quant_method, lower case ("" when there is none)."""
+    m = q.get("quant_method") if isinstance(q, dict) else None
+    return m.lower() if isinstance(m, str) else ""
+
+
+def _moe_fp4_dtype(a: "Arch", where: str) -> str:
+    """The GEMM dtype of a mixture-of-experts checkpoint whose routed experts are 4-bit floats (gpt-oss's
+    mxfp4): vLLM quantises only the experts, so attention, router, embeddings and lm_head keep the
+    attention precision of `Arch.quant`; the experts' precision is `ModelConfig.expert_dtype`."""
+    kind = a.quant.attention.kind
+    if kind not in DTYPE_BYTES:
+        raise InputError(f"attention weights in {kind} are not priced (bf16, fp16, fp8 are)", where,
+                         "quantization_config")
+    return kind
 
 
 def _moe_fields(a: "Arch") -> dict:

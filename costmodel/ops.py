@@ -43,11 +43,20 @@ class Dims(NamedTuple):
     moe_inter: float = 0.0  # one expert's intermediate size on one GPU (split tp / moe_ep ways)
     shared_inter: float = 0.0  # intermediate size of the shared experts on one GPU (0 if none)
     moe_ep: float = 1.0  # expert parallelism: the experts are spread over this many GPUs
+    # A model that mixes sliding-window and full-attention layers (gpt-oss): ``window`` is then full attention
+    # (the batch is summarized as the full layers see it) and these layers attend within ``sliding_window``.
+    sliding_layers: float = 0.0  # layers attending within sliding_window (0 when every layer attends alike)
+    sliding_window: float = NO_WINDOW  # tokens each query of those layers attends to at most
 
     @property
     def dense_layers(self):
         """Layers with a dense MLP."""
         return self.layers - self.moe_layers
+
+    @property
+    def full_layers(self):
+        """Layers attending within ``window`` (all of them unless the model mixes in sliding-window layers)."""
+        return self.layers - self.sliding_layers
 
 
 def per_gpu_heads(q_heads: int, kv_heads: int, head_dim: int, tp: int) -> tuple[int, int, int] | None:
@@ -80,14 +89,17 @@ def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1) -> Dims:
         raise InputError(f"tp={tp} must divide num_key_value_heads={cfg.num_kv_heads} of {cfg.name}, or be a "
                          "multiple of it (vLLM splits KV heads evenly or replicates them)", field="tp")
     q_heads, kv_heads, head_dim = heads
+    window = min(float(cfg.sliding_window), NO_WINDOW)
+    mixed = 0 < cfg.sliding_layers < cfg.num_layers
     return Dims(
         hidden=float(cfg.hidden_size), layers=float(cfg.num_layers), q_heads=float(q_heads),
         kv_heads=float(kv_heads), head_dim=float(head_dim),
         inter=cfg.intermediate_size / tp, vocab=float(-(-cfg.vocab_size // tp)), tp=float(tp),
-        weight_bytes=float(DTYPE_BYTES[cfg.dtype]), window=min(float(cfg.sliding_window), NO_WINDOW),
+        weight_bytes=float(DTYPE_BYTES[cfg.dtype]), window=NO_WINDOW if mixed else window,
         qk_norm=float(cfg.qk_norm), moe_layers=float(cfg.moe_layers), experts=float(cfg.experts),
         top_k=float(cfg.top_k), moe_inter=cfg.moe_intermediate / moe_tp, shared_inter=cfg.shared_intermediate / tp,
-        moe_ep=float(moe_ep),
+        moe_ep=float(moe_ep), sliding_layers=float(cfg.sliding_layers) if mixed else 0.0,
+        sliding_window=window if mixed else NO_WINDOW,
     )
 
 
@@ -196,6 +208,22 @@ def prefill_pairs_tiled(d: Dims, new, cached):
 def decode_keys(d: Dims, ctx):
     """Keys one decoding query attends to: ctx cached tokens + itself (within the window)."""
     return jnp.minimum(ctx + 1.0, d.window)
+
+
+def sliding_decode_keys(d: Dims, n_decode, decode_keys):
+    """Keys the decodes attend in all in a sliding-window layer of a model that mixes layer kinds, from the
+    full layers' total ``decode_keys`` of ``n_decode`` decodes: min(decode_keys, n_decode · sliding_window).
+    Exact when every decode has at least ``sliding_window`` - 1 cached tokens, or none has; otherwise an
+    upper bound (the cap applies to the total, not to each decode)."""
+    return jnp.minimum(decode_keys, n_decode * d.sliding_window)
+
+
+def sliding_prefill_pairs(d: Dims, prefill_tokens, prefill_pairs):
+    """Query-key pairs per head in all in a sliding-window layer of a model that mixes layer kinds, from the
+    full layers' total ``prefill_pairs`` of chunks with ``prefill_tokens`` new tokens: min(prefill_pairs,
+    prefill_tokens · sliding_window).  Exact when every chunk has at least ``sliding_window`` tokens before
+    it (and fills a query tile), or none reaches the window; otherwise an upper bound."""
+    return jnp.minimum(prefill_pairs, prefill_tokens * d.sliding_window)
 
 
 def attention_flops(d: Dims, pairs):

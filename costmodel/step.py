@@ -126,6 +126,7 @@ class Static:
     has_comm_table: bool = False  # all-reduce from a measured table (else analytic)
     moe: bool = False  # mixture-of-experts layers (router GEMM and the fused-MoE call)
     shared_experts: bool = False  # their shared experts (two more GEMMs)
+    mixed_attention: bool = False  # sliding-window and full-attention layers (`ops.Dims.sliding_layers`)
 
 
 @dataclass
@@ -153,7 +154,8 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1) -> Setup
     moe = moe_curve_of(model, tables, tp, moe_ep) if model.experts else None
     arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce, moe)
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
-                    moe=bool(model.experts), shared_experts=bool(model.shared_intermediate))
+                    moe=bool(model.experts), shared_experts=bool(model.shared_intermediate),
+                    mixed_attention=bool(d.sliding_layers))
     return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep)
 
 
@@ -223,14 +225,21 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
                         su.static):
         m = np.log(np.unique(np.maximum(x.m, 1.0)))
         gemm |= _cells(_nodes(g.log_k, np.log(float(x.k))), _nodes(g.log_n, np.log(float(x.n))), _nodes(g.log_m, m))
-    for kind, table, c, n, (batch, length), slope in (
-            ("decode", a.decode, int(on.decode_layout), f.n_decode,
-             kt.decode_query(f.n_decode, f.decode_keys, on.decode_kv_scale), DECODE_SLOPE_HI),
-            ("prefill", a.prefill, int(on.prefill_layout), f.n_prefill,
-             kt.prefill_query(f.n_prefill, f.prefill_pairs, on.prefill_len_scale), PREFILL_SLOPE_HI)):
+    keys, pairs = [f.decode_keys], [f.prefill_pairs]
+    if su.static.mixed_attention:  # the sliding layers read the same tables at their own keys and pairs
+        keys.append(np.asarray(ops.sliding_decode_keys(d, f.n_decode, f.decode_keys), np.float64))
+        pairs.append(np.asarray(ops.sliding_prefill_pairs(d, f.tokens - f.n_decode, f.prefill_pairs), np.float64))
+    for kind, table, c, n, totals, query, slope in (
+            ("decode", a.decode, int(on.decode_layout), f.n_decode, keys,
+             lambda t: kt.decode_query(f.n_decode, t, on.decode_kv_scale), DECODE_SLOPE_HI),
+            ("prefill", a.prefill, int(on.prefill_layout), f.n_prefill, pairs,
+             lambda t: kt.prefill_query(f.n_prefill, t, on.prefill_len_scale), PREFILL_SLOPE_HI)):
         sel = n > 0
-        bb, length = fold_batch(batch[sel], jnp.exp(table.log_b[-1]), length[sel], slope)
-        out[kind] = _cells(c, _nodes(table.log_len, jnp.log(length)), _nodes(table.log_b, jnp.log(bb)))
+        out[kind] = set()
+        for total in totals:
+            batch, length = query(total)
+            bb, length = fold_batch(batch[sel], jnp.exp(table.log_b[-1]), length[sel], slope)
+            out[kind] |= _cells(c, _nodes(table.log_len, jnp.log(length)), _nodes(table.log_b, jnp.log(bb)))
     out["decode"].add((int(on.decode_layout), 0, 0))
     if a.comm is not None and su.tp > 1:
         msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))
@@ -306,6 +315,11 @@ class Features(NamedTuple):
     decode_keys: jax.Array  # `Batch.decode_keys` (where the decode table is read: `cells_read`)
     prefill_pairs: jax.Array  # `Batch.prefill_pairs`
     moe_us: jax.Array  # the routed experts' fused-MoE call per MoE layer, table time (0 for a dense model)
+    # a sliding-window layer of a model that mixes layer kinds (`Static.mixed_attention`; else 0): the same
+    # kernels at the keys and pairs the window leaves (`ops.sliding_decode_keys`, `ops.sliding_prefill_pairs`)
+    sliding_prefill_us: jax.Array  # prefill attention table time per sliding layer
+    sliding_decode_us: jax.Array  # decode attention table time per sliding layer
+    sliding_kv_bytes: jax.Array  # KV-cache bytes the decodes read per sliding layer
 
 
 def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Features:
@@ -322,6 +336,15 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
                            for f in kt.GemmFeatures._fields))
     msg = ops.allreduce_bytes(d, tokens)
     gather = ops.logits_gather_message(d, sampled)
+    zero = jnp.zeros_like(jnp.asarray(tokens, jnp.float32))
+    if static.mixed_attention:
+        s_keys = ops.sliding_decode_keys(d, batch.n_decode, batch.decode_keys)
+        s_pairs = ops.sliding_prefill_pairs(d, batch.prefill_tokens, batch.prefill_pairs)
+        sliding = dict(sliding_prefill_us=lookup.attn_prefill_us(batch.n_prefill, s_pairs),
+                       sliding_decode_us=lookup.attn_decode_us(batch.n_decode, s_keys),
+                       sliding_kv_bytes=ops.kv_read_bytes(d, s_keys))
+    else:
+        sliding = dict(sliding_prefill_us=zero, sliding_decode_us=zero, sliding_kv_bytes=zero)
     return Features(
         tokens=tokens, n_prefill=batch.n_prefill, n_decode=batch.n_decode, gemm=gf,
         attn_prefill_us=lookup.attn_prefill_us(batch.n_prefill, batch.prefill_pairs),
@@ -333,7 +356,7 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
         comm_table_us=lookup.layer_allreduce_us(tokens), comm_bytes=msg,
         gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather,
         decode_keys=batch.decode_keys, prefill_pairs=batch.prefill_pairs,
-        moe_us=lookup.moe_us(tokens) if static.moe else jnp.zeros_like(jnp.asarray(tokens, jnp.float32)))
+        moe_us=lookup.moe_us(tokens) if static.moe else zero, **sliding)
 
 
 def features(arrays: Arrays, on: ModelOnGPU, step: Step, static: Static) -> Features:
@@ -351,9 +374,19 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     # Prefill-only: the fixed cost + what the prefill table adds above its floor.  Both: t_dec + that.
     floor = f.attn_floor_us * p.attn_decode_scale
     fixed = f.attn_floor_us * p.attn_fixed_scale
-    t_dec = jnp.where(has_dec, kt.decode_cold_us(f.attn_decode_us, fixed, f.kv_bytes, hw, p),
-                      jnp.where(has_pre, fixed, 0.0))
-    t_pre = jnp.where(has_pre, jnp.maximum(f.attn_prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
+
+    def attention(decode_us, kv_bytes, prefill_us):  # one layer's decode and prefill parts (µs)
+        t_dec = jnp.where(has_dec, kt.decode_cold_us(decode_us, fixed, kv_bytes, hw, p),
+                          jnp.where(has_pre, fixed, 0.0))
+        return t_dec, jnp.where(has_pre, jnp.maximum(prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
+
+    t_dec, t_pre = attention(f.attn_decode_us, f.kv_bytes, f.attn_prefill_us)
+    if static.mixed_attention:  # full layers at the batch's keys and pairs, sliding layers within the window
+        s_dec, s_pre = attention(f.sliding_decode_us, f.sliding_kv_bytes, f.sliding_prefill_us)
+        attn_pre = d.full_layers * t_pre + d.sliding_layers * s_pre
+        attn_dec = d.full_layers * t_dec + d.sliding_layers * s_dec
+    else:
+        attn_pre, attn_dec = d.layers * t_pre, d.layers * t_dec
     memory = kt.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
     comm = kt.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)
     gather = kt.allreduce_combine(f.gather_table_us, static.has_comm_table, d.tp, f.gather_bytes, hw, p)
@@ -363,8 +396,8 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     parts = {
         "gemm": (d.layers * jnp.sum(g[:4]) if not static.moe  # attention projections; dense MLP layers' own
                  else d.layers * (g[0] + g[1]) + d.dense_layers * (g[2] + g[3])),
-        "attn_prefill": d.layers * t_pre,
-        "attn_decode": d.layers * t_dec,
+        "attn_prefill": attn_pre,
+        "attn_decode": attn_dec,
         "memory_ops": d.layers * memory,
         "communication": (2.0 * d.layers + 1.0) * comm + gather,
         "lm_head_sampling": head,

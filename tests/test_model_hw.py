@@ -24,7 +24,7 @@ def test_dense_peaks_by_dtype():
     assert get_gpu("a100_sxm").dense_peaks() == {"bf16": 312e12}
 
 
-@pytest.mark.parametrize("model,key", [("gpt-oss-120b", "sinks"),
+@pytest.mark.parametrize("model,key", [("deepseek_v3", "kv_lora_rank"),
                                        ("deepseek-v2-lite", "kv_lora_rank"),
                                        ("qwen3-next-80b-a3b", "linear-attention")])
 def test_unsupported_architectures_name_what_is_missing(shared, model, key):

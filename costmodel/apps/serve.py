@@ -48,7 +48,9 @@ CLIENT_MS = 9.0
 STAGE_INTERVAL_S = 1.0  # inference-perf's default pause between load stages
 METRICS = ("ttft_mean_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms", "itl_mean_ms", "e2e_mean_ms",
            "e2e_p90_ms", "e2e_p99_ms")
-WEIGHT_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}  # priced; mxfp4 / int4_wo are not yet
+# weights a record may name for the whole model; a mixture-of-experts model whose checkpoint stores its routed
+# experts in another precision (gpt-oss: mxfp4) is also accepted under that name, as the checkpoint is
+WEIGHT_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
 
 
 # ---------------------------------------------------------------- engine settings
@@ -149,9 +151,11 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         model = load_model(str(rec["model"]), model_configs)
     except InputError as e:
         raise Refusal(f"model {rec['model']}: {e}") from None
-    if weights is not None:
+    if weights is not None and not (model.experts and weights == _kind(model.expert_dtype)
+                                    and weights not in WEIGHT_DTYPES):
         if weights not in WEIGHT_DTYPES:
-            raise Refusal(f"weights '{weights}' are not priced yet (bf16, fp16, fp8)")
+            raise Refusal(f"weights '{weights}' are not priced yet (bf16, fp16, fp8, or the routed experts' "
+                          "own precision of a mixture-of-experts checkpoint)")
         model = model.with_dtype(WEIGHT_DTYPES[weights])
     moe_weights = rec.get("moe_weights")
     if moe_weights is not None and model.experts and moe_weights != _kind(model.expert_dtype):
