@@ -4,8 +4,6 @@ import copy
 import dataclasses
 import math
 
-import numpy as np
-import pandas as pd
 import pytest
 
 from costmodel import InputError, ops, step
@@ -124,30 +122,6 @@ def test_short_contexts_price_alike_in_both_layer_kinds(gpt_oss, h100):
     full = step.setup(dataclasses.replace(gpt_oss, sliding_layers=0, sliding_window=math.inf), h100, 2)
     s = step.pack_steps([{"decode": [50] * 8, "prefill": [[100, 0]]}])
     assert _time(su, s)[0] == pytest.approx(_time(full, s)[0], rel=1e-6)
-
-
-def test_sweep_of_gpt_oss_equals_predict(shared, h100):
-    from costmodel.apps import sweep as sw
-    from costmodel.apps.records import Predictor, parse_record
-    rng = np.random.default_rng(11)
-    n = 16
-    df = pd.DataFrame({"model": rng.choice(["gpt-oss-120b", "llama-3.1-8b"], n), "gpu": "H100", "tp": 2,
-                       "calibration": "none", "n_decode": rng.integers(0, 64, n),
-                       "decode_ctx": rng.integers(0, 20_000, n), "n_prefill": rng.integers(0, 3, n),
-                       "prefill_new": rng.integers(1, 8_000, n), "prefill_cached": rng.integers(0, 5_000, n)})
-    df.loc[(df.n_decode == 0) & (df.n_prefill == 0), "n_decode"] = 1
-    got = sw.sweep(df, model_configs=shared / "model_configs", tables={"H100-SXM": h100})
-    steps = [{"prefill": [[int(r.prefill_new), int(r.prefill_cached)]] * int(r.n_prefill),
-              "decode": [int(r.decode_ctx)] * int(r.n_decode)} for r in df.itertuples()]
-    records = [parse_record({"id": str(i), "model": r.model, "gpu": "H100", "tp": 2, "steps": [s]}, f"row {i}")
-               for i, (r, s) in enumerate(zip(df.itertuples(), steps))]
-    pred = Predictor(model_configs=shared / "model_configs")
-    pred._tables["H100-SXM"] = h100
-    total, parts = pred.predict(records, Params())
-    np.testing.assert_allclose(got.step_us, total, rtol=1e-5)
-    np.testing.assert_allclose(got.attn_decode, parts["attn_decode"], rtol=1e-5)
-    np.testing.assert_allclose(got.moe, parts["moe"], rtol=1e-5)
-    assert (got.moe[df.model == "gpt-oss-120b"] > 0).all()
 
 
 def test_serve_accepts_the_checkpoints_mxfp4_experts(shared):

@@ -136,13 +136,14 @@ def test_moe_gradient_is_finite(mixtral_h100_setup):
 
 
 def test_sweep_of_moe_and_dense_groups_equals_predict(shared, h100):
-    """A sweep mixing MoE and dense groups (one padded lookup shape for all) gives `predict`'s step times and
-    MoE parts (integer token counts: the per-token tables)."""
+    """A sweep mixing MoE (gpt-oss with its sliding-window layers among them) and dense groups (one padded
+    lookup shape for all) gives `predict`'s step times, attention and MoE parts (integer token counts: the
+    per-token tables)."""
     from costmodel.apps import sweep as sw
     from costmodel.apps.records import Predictor, parse_record
     rng = np.random.default_rng(7)
     n = 24
-    df = pd.DataFrame({"model": rng.choice(["qwen3-30b-a3b", "mixtral-8x7b-v0.1", "llama-3.1-8b"], n),
+    df = pd.DataFrame({"model": rng.choice(["qwen3-30b-a3b", "mixtral-8x7b-v0.1", "gpt-oss-120b", "llama-3.1-8b"], n),
                        "gpu": "H100", "tp": 2, "calibration": "none",
                        "n_decode": rng.integers(0, 64, n), "decode_ctx": rng.integers(0, 20_000, n),
                        "n_prefill": rng.integers(0, 3, n), "prefill_new": rng.integers(1, 20_000, n),
@@ -158,4 +159,5 @@ def test_sweep_of_moe_and_dense_groups_equals_predict(shared, h100):
     total, parts = pred.predict(records, Params())
     np.testing.assert_allclose(got.step_us, total, rtol=1e-5)
     np.testing.assert_allclose(got.moe, parts["moe"], rtol=1e-5)
+    np.testing.assert_allclose(got.attn_decode, parts["attn_decode"], rtol=1e-5)  # gpt-oss: sliding + full layers
     assert (got.moe[df.model == "llama-3.1-8b"] == 0).all() and (got.moe[df.model != "llama-3.1-8b"] > 0).all()
