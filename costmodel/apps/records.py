@@ -312,11 +312,10 @@ class Predictor:
         defaults (`KV_CHECK`), or None where the memory model does not describe the model."""
         key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype, r.moe_ep, r.moe_weights)
         if key not in self._capacity:
-            layout = memory.Layout(tp=r.tp, moe_tp=r.tp // r.moe_ep, moe_ep=r.moe_ep) if r.moe_ep > 1 else r.tp
             try:
                 self._capacity[key] = memory.kv_capacity_tokens(
-                    load_arch(r.model, self.model_configs), layout, get_gpu(r.gpu), weights=r.dtype,
-                    moe_weights=r.moe_weights, **KV_CHECK)
+                    load_arch(r.model, self.model_configs), memory.Layout(tp=r.tp, moe_ep=r.moe_ep), get_gpu(r.gpu),
+                    weights=r.dtype, moe_weights=r.moe_weights, **KV_CHECK)
             except InputError:
                 self._capacity[key] = None
         return self._capacity[key]

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .. import memory, ops
@@ -74,8 +73,8 @@ def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str
     profile-run activations, non-torch memory and, from vLLM 0.21, CUDA graphs) at the engine's
     ``gpu_memory_utilization`` and batch limits (vLLM's defaults where the engine gives none)."""
     tokens, seqs = default_batch_limits(gpu)
-    layout = memory.Layout(tp=tp, moe_tp=tp // moe_ep, moe_ep=moe_ep) if moe_ep > 1 else tp
-    return memory.kv_capacity_tokens(arch, layout, gpu, engine.get("gpu_memory_utilization") or 0.9,
+    return memory.kv_capacity_tokens(arch, memory.Layout(tp=tp, moe_ep=moe_ep), gpu,
+                                     engine.get("gpu_memory_utilization") or 0.9,
                                      max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
                                      max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
                                      moe_weights=moe_weights)
