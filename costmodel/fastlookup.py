@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernel_time as kt
+from .compiled import once
 from . import ops
 from .interp import extension, monotone_spline
 from .step import Batch, step_gemms
@@ -271,32 +272,6 @@ class FastLookup:
         return jnp.where(self.dims.tp > 1.0, t, 0.0) if self.has_comm else jnp.zeros_like(t)
 
 
-# Setup computations run once per table shapes and take milliseconds: compiled for compile time.  XLA:CPU's
-# fusion emitters (MLIR) take two thirds of the setup's compile time (about 0.5 s of a sweep's start); its
-# legacy loop emitters give the same values bit for bit in a third of the time.
-_SETUP_GENERIC_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-SETUP_COMPILER_OPTIONS = {**_SETUP_GENERIC_OPTIONS, "xla_cpu_use_fusion_emitters": False}
-_SETUP_EXE: dict = {}
-
-
-def _once(fn, *args):
-    """``fn(*args)`` for a jitted setup function, compiled with `SETUP_COMPILER_OPTIONS` where the backend
-    takes them (else with the backend-generic ones, else plainly), once per argument structure and
-    shapes (bool arguments are static: not passed to the compiled call)."""
-    leaves, tree = jax.tree_util.tree_flatten(args)
-    key = (fn, tree, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves))
-    if key not in _SETUP_EXE:
-        lowered = fn.lower(*args)
-        for options in (SETUP_COMPILER_OPTIONS, _SETUP_GENERIC_OPTIONS, None):
-            try:
-                _SETUP_EXE[key] = lowered.compile(compiler_options=options)
-                break
-            except Exception:  # a backend without these options
-                if options is None:
-                    raise
-    return _SETUP_EXE[key](*[a for a in args if not isinstance(a, bool)])
-
-
 def _gemm_us(gemm: Series, log_floor, i, log_m):
     """GEMM ``i`` at log m (µs), never below the table's fastest call."""
     return jnp.exp(jnp.maximum(gemm(i, log_m, 1.0), log_floor))
@@ -326,7 +301,7 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
     moe = _NO_MOE if moe is None else kt.MoeCurve(*(np.asarray(a, np.float32) for a in moe))
     finders = (Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x),
                Finder.build(moe.log_tokens))
-    gc, cc, dc, pc, mc, floor, tok = jax.tree_util.tree_map(np.asarray, _once(
+    gc, cc, dc, pc, mc, floor, tok = jax.tree_util.tree_map(np.asarray, once(
         _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
         np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
         np.int32(pre_c), finders, d, comm is not None, moe))

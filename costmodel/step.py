@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernel_time as kt
+from .compiled import once
 from . import ops
 from .errors import InputError
 from .hardware import GPU
@@ -190,8 +191,11 @@ def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt
 def _nodes(grid, x) -> np.ndarray:
     """Grid nodes `tables.bracket` (clamped to the ends) gives a nonzero weight for each query: [2, Q] node
     indices, -1 for none.  ``grid`` and ``x`` are log-scaled."""
-    i, w = (np.asarray(v) for v in jax.vmap(lambda q: bracket(grid, q))(jnp.atleast_1d(jnp.asarray(x, jnp.float32))))
-    return np.stack([np.where(w < 1.0, i[:, 0], -1), np.where(w > 0.0, i[:, 1], -1)])
+    x = np.atleast_1d(np.asarray(x, np.float32))
+    i, w = bracket(np.asarray(grid), x, np)  # i [2, Q] (or [2] for a one-node grid), w [Q]
+    i = np.broadcast_to(np.asarray(i).reshape(2, -1), (2, x.shape[0]))
+    w = np.broadcast_to(np.asarray(w), (x.shape[0],))
+    return np.stack([np.where(w < 1.0, i[0], -1), np.where(w > 0.0, i[1], -1)])
 
 
 def _cells(*axes) -> set:
@@ -237,9 +241,9 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
         sel = n > 0
         out[kind] = set()
         for total in totals:
-            batch, length = query(total)
-            bb, length = fold_batch(batch[sel], jnp.exp(table.log_b[-1]), length[sel], slope)
-            out[kind] |= _cells(c, _nodes(table.log_len, jnp.log(length)), _nodes(table.log_b, jnp.log(bb)))
+            batch, length = (np.asarray(v, np.float32) for v in query(total))
+            bb, length = fold_batch(batch[sel], np.exp(np.asarray(table.log_b[-1])), length[sel], slope, np)
+            out[kind] |= _cells(c, _nodes(table.log_len, np.log(length)), _nodes(table.log_b, np.log(bb)))
     out["decode"].add((int(on.decode_layout), 0, 0))
     if a.comm is not None and su.tp > 1:
         msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))
@@ -430,7 +434,8 @@ def pad_steps(steps: Step, n_prefill: int, n_decode: int) -> Step:
 def batched_features(arrays: Arrays, on: ModelOnGPU, steps: Step, static: Static, n_prefill: int,
                      n_decode: int, chunk: int = 4096) -> Features:
     """`features` of many steps in fixed-size chunks of fixed width, so that every model, TP degree and
-    batch of one GPU reuses a single compilation."""
+    batch of one GPU reuses a single compilation (`compiled.once`: features are computed once per record
+    set, so they are compiled for compile time)."""
     steps = pad_steps(steps, n_prefill, n_decode)
     n = steps.prefill_new.shape[0]
     fn = _features_fn(static)
@@ -440,7 +445,7 @@ def batched_features(arrays: Arrays, on: ModelOnGPU, steps: Step, static: Static
         short = chunk - part.prefill_new.shape[0]
         if short:  # repeat the first step to fill the chunk; the copies are dropped below
             part = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], short, axis=0)]), part)
-        out.append(jax.tree_util.tree_map(lambda a: a[:chunk - short], fn(arrays, on, part)))
+        out.append(jax.tree_util.tree_map(lambda a: a[:chunk - short], once(fn, arrays, on, part)))
     return jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *out)
 
 

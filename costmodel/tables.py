@@ -164,13 +164,14 @@ def gemm_shape_blend(t: GemmTable, k, n):
     return series, offset, w
 
 
-def bracket(grid, x):
-    """Indices of the two grid nodes around x (clamped to the ends) and the weight of the upper one."""
+def bracket(grid, x, xp=jnp):
+    """Indices of the two grid nodes around x (clamped to the ends) and the weight of the upper one.
+    Elementwise over an array ``x``; ``xp=np`` runs the same rule eagerly in numpy (diagnostics)."""
     if grid.shape[0] == 1:
-        return jnp.zeros(2, jnp.int32), jnp.float32(0.0)
-    i = jnp.clip(jnp.searchsorted(grid, x) - 1, 0, grid.shape[0] - 2)
-    w = jnp.clip((x - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)
-    return jnp.stack([i, i + 1]), w
+        return xp.zeros(2, xp.int32), xp.float32(0.0)
+    i = xp.clip(xp.searchsorted(grid, x) - 1, 0, grid.shape[0] - 2)
+    w = xp.clip((x - grid[i]) / (grid[i + 1] - grid[i]), 0.0, 1.0)
+    return xp.stack([i, i + 1]), w
 
 
 def attn_table_us(t: AttnTable, c, batch, length, slope_hi, slope_lo=0.0):
@@ -182,12 +183,12 @@ def attn_table_us(t: AttnTable, c, batch, length, slope_hi, slope_lo=0.0):
     return jnp.exp(blend_secondary_axis(jnp.log(b), t.log_b, rows))
 
 
-def fold_batch(batch, b_max, length, slope_hi):
+def fold_batch(batch, b_max, length, slope_hi, xp=jnp):
     """``batch`` sequences of ``length`` as at most ``b_max`` sequences of the same total work, where work
-    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length)."""
-    b = jnp.clip(batch, 1.0, b_max)
+    grows as length^slope_hi: (batch clamped to [1, b_max], the equivalent length).  ``xp=np``: in numpy."""
+    b = xp.clip(batch, 1.0, b_max)
     ratio = batch / b  # ratio ** (1 / slope_hi), without pow for the usual slopes (pow is a libm call)
-    return b, length * (ratio if slope_hi == 1.0 else jnp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
+    return b, length * (ratio if slope_hi == 1.0 else xp.sqrt(ratio) if slope_hi == 2.0 else ratio ** (1.0 / slope_hi))
 
 
 def comm_table_us(t: CommTable, gpus, nbytes):
