@@ -435,8 +435,8 @@ def _evict(utab, gtab, ulast, running, user, group, u_sys, g_sys, B, capacity, U
     g_blocks = jnp.where((jnp.arange(G + 1) < G) & (gtab[:, 0] > 0), g_sys, 0)
     bound = jnp.sum(u_blocks) + jnp.sum(g_blocks)
 
-    def drop(args):
-        utab, gtab = args
+    def drop(tabs, held):
+        (utab, gtab), (running, user, group, u_blocks, g_blocks, ulast, capacity) = tabs, held
         u_run = jnp.zeros(U + 1, bool).at[jnp.where(running & (user >= 0), user, U)].set(True)
         g_run = jnp.zeros(G + 1, bool).at[jnp.where(running & (group >= 0), group, G)].set(True)
         ub = jnp.where(u_run, 0, u_blocks)
@@ -451,5 +451,32 @@ def _evict(utab, gtab, ulast, running, user, group, u_sys, g_sys, B, capacity, U
                 gtab.at[:, 0].set(jnp.where(gone[U + 1:], 0.0, gtab[:, 0])))
 
     # the cached entries (running ones included) bound what is evictable: only look closer when it overflows
-    utab, gtab = jax.lax.cond(bound > capacity, drop, lambda a: a, (utab, gtab))
+    utab, gtab = _cond_rows(bound > capacity, drop, (utab, gtab),
+                            (running, user, group, u_blocks, g_blocks, ulast, jnp.asarray(capacity)))
     return utab, gtab, ulast
+
+
+def _cond_rows(pred, fn, carry, held):
+    """``fn(carry, held)`` where ``pred``, else ``carry`` (a `jax.lax.cond`).  Under `jax.vmap` a cond on a
+    per-row predicate runs both branches for every row; here the mapped form runs ``fn`` on all rows only
+    when some row's ``pred`` holds (one scalar cond) and keeps the other rows' ``carry``: the same values,
+    without the cost of ``fn`` in the iterations where no row needs it."""
+
+    @jax.custom_batching.custom_vmap
+    def one(pred, carry, held):
+        return jax.lax.cond(pred, fn, lambda c, h: c, carry, held)
+
+    @one.def_vmap
+    def mapped(axis_size, in_batched, pred, carry, held):
+        def full(x, batched):
+            return x if batched else jnp.broadcast_to(x, (axis_size,) + jnp.shape(x))
+        pred, carry, held = jax.tree_util.tree_map(full, (pred, carry, held), tuple(in_batched))
+
+        def run(c):
+            new = jax.vmap(fn)(c, held)
+            return jax.tree_util.tree_map(
+                lambda n, o: jnp.where(pred.reshape((axis_size,) + (1,) * (n.ndim - 1)), n, o), new, c)
+        out = jax.lax.cond(jnp.any(pred), run, lambda c: c, carry)
+        return out, jax.tree_util.tree_map(lambda _: True, out)
+
+    return one(pred, carry, held)
