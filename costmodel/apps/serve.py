@@ -305,7 +305,10 @@ class Simulator:
             int_tokens = all(m[0].max_batched_tokens + m[0].max_seqs <= TOKEN_TABLE for m in members)
             lookups = [dataclasses.replace(lk, int_tokens=int_tokens) for lk in lookups]
             items = [(m[0], sch.StepModel(lk, m[3], m[4])) for m, lk in zip(members, lookups)]
-            items.sort(key=lambda x: (x[0].requests.kind, _expected_work(x[0])))
+            # a vmapped chunk runs every member at the largest member's window, request count and loop
+            # iterations: chunks of one window and request bucket, in order of expected work
+            items.sort(key=lambda x: (x[0].requests.kind, _window(x[0]), _bucket(len(x[0].requests), 256),
+                                      _expected_work(x[0])))
             for lo in range(0, len(items), batch):
                 chunk = items[lo:lo + batch]
                 for dep, res in zip([c[0] for c in chunk], self._run_chunk(static, chunk)):
