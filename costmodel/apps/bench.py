@@ -267,7 +267,10 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
     """Seconds per open-loop experiment (`SERVE_OPEN_RECORD`, after compilation, best of ``reps``) and
     closed-loop estimates per second: ``closed_estimates`` (deployment, concurrency, ISL, OSL) points of
     `SERVE_CLOSED_GRID` (repeated, each with its own random client start), each C clients x ``rounds``
-    requests, in one vmapped `scheduler.simulate` call plus the per-point mean TTFT and TPOT (numpy)."""
+    requests, in one vmapped `scheduler.simulate` call plus the per-point mean TTFT and TPOT (numpy), and
+    again in one call per window (clients' bucket); wall and process CPU seconds are medians of ``reps``
+    calls after a first (compiling) one.  Also the step model's share of a loop iteration: its
+    ``DECODE_STEPS`` entries priced for every estimate in one vmapped call."""
     from . import scheduler as sch
     from . import serve as sv
     from . import workloads as wlm
@@ -305,51 +308,95 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
                "workload": {"type": "closed", "concurrency": c, "input_tokens": isl, "output_tokens": osl}}
         dep = sv.resolve(rec, "bench", workload_options={"rounds": rounds})
         base.append((dep, sim.request_duration_s(dep, su.static, lk, sm.on, sm.params)))
-    R = max(len(d.requests) for d, _ in base)
-    U = max(d.requests.n_users for d, _ in base)
-    W = min(sv._bucket(2 * U, 16), R)
-    wls, engines, measured = [], [], []
-    for n in range(closed_estimates):
-        dep, cycle = base[n % len(base)]
-        r = wlm.stagger_start(dep.requests, cycle, seed=n)
-        wls.append(sv._padded(r, R, 1))
-        engines.append(sim.engine(dep))
-        measured.append(np.pad(r.measured, (0, R - len(r))))
-    stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
-    wl_b, eng_b = stack(wls), stack(engines)
-    measured = np.stack(measured)
-    osl = wl_b.output_tokens.astype(np.float64)
     client = sim.options.client_ms / 1e3
-    kw = dict(static=su.static, window=W, n_users=sv._bucket(U), n_groups=1,
-              max_iterations=sim.options.max_iterations)
-    # one step model (tables and parameters) shared by every point: mapped over engines and workloads only
-    fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw), in_axes=(None, 0, 0))  # simulate is jitted itself
+    stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
 
-    def once():
-        r = fn(sm, eng_b, wl_b)
-        send, first, done = (np.asarray(x, np.float64) for x in (r.send_s, r.first_s, r.done_s))
-        m = measured & np.isfinite(done)
-        with np.errstate(invalid="ignore"):  # padding rows: inf - inf, masked out
-            ttft_ms = np.sum(np.where(m, first - send + client, 0.0), 1) / np.sum(m, 1) * 1e3
-            tpot_ms = np.sum(np.where(m, (done - first) / np.maximum(osl - 1, 1), 0.0), 1) / np.sum(m, 1) * 1e3
-        return r, ttft_ms, tpot_ms
+    def call(members):
+        """One vmapped `scheduler.simulate` call of the estimates ``members`` (indices): padded to their largest
+        request count and window, one step model (tables and parameters) shared by all of them."""
+        R = max(len(base[n % len(base)][0].requests) for n in members)
+        U = max(base[n % len(base)][0].requests.n_users for n in members)
+        W = min(sv._bucket(2 * U, 16), R)
+        wls, engines, measured = [], [], []
+        for n in members:
+            dep, cycle = base[n % len(base)]
+            r = wlm.stagger_start(dep.requests, cycle, seed=n)
+            wls.append(sv._padded(r, R, 1))
+            engines.append(sim.engine(dep))
+            measured.append(np.pad(r.measured, (0, R - len(r))))
+        wl_b, eng_b, measured = stack(wls), stack(engines), np.stack(measured)
+        osl = wl_b.output_tokens.astype(np.float64)
+        kw = dict(static=su.static, window=W, n_users=sv._bucket(U), n_groups=1,
+                  max_iterations=sim.options.max_iterations)
+        fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw), in_axes=(None, 0, 0))  # simulate is jitted
 
-    t0 = time.perf_counter()
-    r, ttft_ms, tpot_ms = once()
-    first_s = time.perf_counter() - t0
-    ts = []
-    for _ in range(reps):
+        def once():
+            r = fn(sm, eng_b, wl_b)
+            send, first, done = (np.asarray(x, np.float64) for x in (r.send_s, r.first_s, r.done_s))
+            m = measured & np.isfinite(done)
+            with np.errstate(invalid="ignore"):  # padding rows: inf - inf, masked out
+                ttft_ms = np.sum(np.where(m, first - send + client, 0.0), 1) / np.sum(m, 1) * 1e3
+                tpot_ms = np.sum(np.where(m, (done - first) / np.maximum(osl - 1, 1), 0.0), 1) / np.sum(m, 1) * 1e3
+            return r, ttft_ms, tpot_ms
+
         t0 = time.perf_counter()
-        r, ttft_ms, tpot_ms = once()
-        ts.append(time.perf_counter() - t0)
-    best = min(ts)
+        once()
+        first_s = time.perf_counter() - t0
+        ts, cpu = [], []
+        for _ in range(reps):
+            t0, c0 = time.perf_counter(), time.process_time()
+            r, ttft_ms, tpot_ms = once()
+            ts.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
+        it = np.asarray(r.iterations)
+        return {"estimates": len(members), "window": W, "requests_per_estimate_max": R, "first_call_s": first_s,
+                "s": float(np.median(ts)), "cpu_s": float(np.median(cpu)), "iterations_max": int(it.max()),
+                "iterations_mean": float(it.mean()), "steps_mean": float(np.mean(np.asarray(r.steps))),
+                "complete": bool(np.all(np.asarray(r.complete))), "overflow": bool(np.any(np.asarray(r.overflow))),
+                "ttft_ms": ttft_ms, "tpot_ms": tpot_ms}
+
+    everything = list(range(closed_estimates))
+    one = call(everything)
+    # the same estimates in one call per window (the clients' bucket), each padded to its own shapes only
+    by_window: dict = {}
+    for n in everything:
+        by_window.setdefault(sv._bucket(2 * base[n % len(base)][0].requests.n_users, 16), []).append(n)
+    parts = {w: call(m) for w, m in sorted(by_window.items())}
+    same = all(np.allclose(p["ttft_ms"], one["ttft_ms"][m], rtol=1e-5) and
+               np.allclose(p["tpot_ms"], one["tpot_ms"][m], rtol=1e-5) for p, m in zip(parts.values(),
+                                                                                     by_window.values()))
+    # the step model's own share: pricing the loop's ``DECODE_STEPS`` entries of one iteration, vmapped
+    price = jax.jit(jax.vmap(jax.vmap(lambda *b: sch._step_us(sm, su.static, *b))))
+    k = sch.DECODE_STEPS
+    rng = np.random.default_rng(0)
+    n_dec = rng.integers(1, 33, (closed_estimates, k)).astype(np.float32)
+    args = (n_dec, n_dec * 2000.0, (rng.random((closed_estimates, k)) < 0.1).astype(np.float32))
+    args += (args[2] * 1024.0, args[2] * 1024.0 * 1536.0)
+    jax.block_until_ready(price(*args))
+    pt = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(price(*args))
+        pt.append(time.perf_counter() - t0)
+    iters = one["iterations_max"]
     out["closed"] = {"estimates": closed_estimates, "unique_points": len(points), "model": SERVE_CLOSED_MODEL,
-                     "tp": SERVE_CLOSED_TP, "rounds": rounds, "requests_per_estimate_max": R, "window": W,
+                     "tp": SERVE_CLOSED_TP, "rounds": rounds, "requests_per_estimate_max": one["requests_per_estimate_max"],
+                     "window": one["window"],
                      "requests": int(sum(len(d.requests) for d, _ in base) * closed_estimates / len(base)),
-                     "iterations_max": int(np.max(np.asarray(r.iterations))),
-                     "complete": bool(np.all(np.asarray(r.complete))), "overflow": bool(np.any(np.asarray(r.overflow))),
-                     "first_call_s": first_s, "s": best, "estimates_per_s": closed_estimates / best,
-                     "ttft_ms_median": float(np.median(ttft_ms)), "tpot_ms_median": float(np.median(tpot_ms))}
+                     "iterations_max": iters, "iterations_mean": one["iterations_mean"],
+                     "steps_mean": one["steps_mean"], "complete": one["complete"], "overflow": one["overflow"],
+                     "first_call_s": one["first_call_s"], "s": one["s"], "cpu_s": one["cpu_s"],
+                     "estimates_per_s": closed_estimates / one["s"],
+                     "us_per_estimate_iteration": one["s"] / closed_estimates / iters * 1e6,
+                     "decode_steps": k, "step_model_us_per_iteration": float(np.median(pt)) / closed_estimates * 1e6,
+                     "ttft_ms_median": float(np.median(one["ttft_ms"])),
+                     "tpot_ms_median": float(np.median(one["tpot_ms"])),
+                     "by_window": {str(w): {k: v for k, v in p.items() if k not in ("ttft_ms", "tpot_ms")}
+                                   for w, p in parts.items()},
+                     "by_window_s": sum(p["s"] for p in parts.values()),
+                     "by_window_first_call_s": sum(p["first_call_s"] for p in parts.values()),
+                     "by_window_estimates_per_s": closed_estimates / sum(p["s"] for p in parts.values()),
+                     "by_window_same_results": bool(same)}
     dev = jax.local_devices()
     out.update(platform=f"{dev[0].platform} x{len(dev)}", cpu_count=os.cpu_count(), jax=jax.__version__)
     return out
@@ -362,7 +409,14 @@ def print_serve(r: dict) -> None:
           f"time, {o['steps']:,} steps in {o['iterations']:,} loop iterations, window {o['window']}): "
           f"{o['s']:.2f} s after compilation (first call {o['first_call_s']:.1f} s)")
     print(f"  closed loop ({c['model']} TP {c['tp']}, {c['estimates']:,} estimates of C clients x {c['rounds']} "
-          f"requests, {c['requests']:,} requests, at most {c['iterations_max']:,} loop iterations, window "
-          f"{c['window']}): {c['s']:.2f} s in one vmapped call = {c['estimates_per_s']:,.0f} estimates/s "
-          f"(first call {c['first_call_s']:.1f} s){'' if c['complete'] else '  INCOMPLETE'}"
-          f"{'  OVERFLOW' if c['overflow'] else ''}")
+          f"requests, {c['requests']:,} requests, {c['iterations_mean']:,.0f} loop iterations on average, at most "
+          f"{c['iterations_max']:,}, window {c['window']}): {c['s']:.2f} s in one vmapped call "
+          f"(CPU {c['cpu_s']:.2f} s) = {c['estimates_per_s']:,.0f} estimates/s (first call {c['first_call_s']:.1f} s)"
+          f"{'' if c['complete'] else '  INCOMPLETE'}{'  OVERFLOW' if c['overflow'] else ''}")
+    print(f"    {c['us_per_estimate_iteration']:.1f} us per estimate and loop iteration, of which the step model "
+          f"(pricing an iteration's {c['decode_steps']} entries) {c['step_model_us_per_iteration']:.2f} us")
+    parts = ", ".join(f"window {w}: {p['estimates']:,} in {p['s']:.2f} s ({p['iterations_max']:,} iterations)"
+                      for w, p in c["by_window"].items())
+    print(f"  one call per window ({parts}): {c['by_window_s']:.2f} s = {c['by_window_estimates_per_s']:,.0f} "
+          f"estimates/s (first calls {c['by_window_first_call_s']:.1f} s); same TTFT and TPOT as the single call: "
+          f"{'yes' if c['by_window_same_results'] else 'NO'}")

@@ -243,7 +243,7 @@ class Simulator:
                  options: Options = Options()):
         self.bench_data, self.calibration, self.allow_other_gpu = bench_data, calibration, allow_other_gpu
         self.options = options
-        self._tables, self._cal, self.calibration_used = {}, {}, {}
+        self._tables, self._cal, self.calibration_used, self._step_models = {}, {}, {}, {}
 
     def tables(self, gpu: GPU):
         if gpu.name not in self._tables:
@@ -260,8 +260,14 @@ class Simulator:
         return c.params_for(engine_key(version)) if c else Params()
 
     def step_model(self, dep: Deployment):
-        su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep)
-        return su.static, of_setup(su), as_scalars(su.on_gpu), as_scalars(self.params(dep.gpu, dep.engine_version))
+        """(static, lookup, model on GPU, parameters) of a deployment's step model, built once per model, GPU,
+        layout and calibration key and shared by the deployments that name them."""
+        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, engine_key(dep.engine_version))
+        if key not in self._step_models:
+            su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep)
+            self._step_models[key] = (su.static, of_setup(su), as_scalars(su.on_gpu),
+                                      as_scalars(self.params(dep.gpu, dep.engine_version)))
+        return self._step_models[key]
 
     def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
         """One closed-loop request's duration from send to the client's reading its last token, with every
@@ -299,7 +305,10 @@ class Simulator:
             int_tokens = all(m[0].max_batched_tokens + m[0].max_seqs <= TOKEN_TABLE for m in members)
             lookups = [dataclasses.replace(lk, int_tokens=int_tokens) for lk in lookups]
             items = [(m[0], sch.StepModel(lk, m[3], m[4])) for m, lk in zip(members, lookups)]
-            items.sort(key=lambda x: (x[0].requests.kind, _expected_work(x[0])))
+            # a vmapped chunk runs every member at the largest member's window, request count and loop
+            # iterations: chunks of one window and request bucket, in order of expected work
+            items.sort(key=lambda x: (x[0].requests.kind, _window(x[0]), _bucket(len(x[0].requests), 256),
+                                      _expected_work(x[0])))
             for lo in range(0, len(items), batch):
                 chunk = items[lo:lo + batch]
                 for dep, res in zip([c[0] for c in chunk], self._run_chunk(static, chunk)):
