@@ -165,8 +165,8 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, atten
     dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
     pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
     on_gpu = ModelOnGPU(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
-    moe = moe_curve_of(model, tables, tp, moe_ep, attention_dp) if model.experts else None
     mla = mla_tables_of(tables.gpu.name, model.num_heads // tp, "bf16", model.mla_gemm_dtype) if model.mla else (None, None)
+    moe = moe_curve_of(model, tables, tp, moe_ep, attention_dp) if model.experts else None
     arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce, moe, *mla)
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
                     moe=bool(model.experts), shared_experts=bool(model.shared_intermediate),

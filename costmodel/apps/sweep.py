@@ -620,7 +620,7 @@ class FrameSpace(Space):
         return g, b, cols
 
     def _model(self, gi):
-        model, _, _, _, dtype = self.group_keys[gi]
+        model, _, _, _, dtype = self.group_keys[gi][:5]
         m = load_model(model, self.model_configs)
         return m.with_dtype(dtype) if dtype else m
 
