@@ -256,7 +256,8 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
             batch, length = query(total)
             bb, length = fold_batch(batch[sel], jnp.exp(table.log_b[-1]), length[sel], slope)
             out[kind] |= _cells(c, _nodes(table.log_len, jnp.log(length)), _nodes(table.log_b, jnp.log(bb)))
-    out["decode"].add((int(on.decode_layout), 0, 0))
+    if not su.static.mla:  # the attention kernel's fixed cost (MLA models read the MLA module tables instead)
+        out["decode"].add((int(on.decode_layout), 0, 0))
     if a.comm is not None and su.tp > 1:
         msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))
         out["allreduce"] = _cells(_nodes(a.comm.log_gpus, np.log(su.tp)), _nodes(a.comm.log_bytes, np.log(msg)))
