@@ -131,7 +131,8 @@ def moe_split(cfg: ModelConfig, tp: int, moe_ep: int, attention_dp: int = 1) -> 
         raise InputError(f"moe_ep={moe_ep} must divide the {cfg.experts} experts of {cfg.name}", field="moe_ep")
     moe_tp = group // moe_ep
     if cfg.moe_intermediate % moe_tp or cfg.shared_intermediate % tp:
-        raise InputError(f"tp/moe_ep={moe_tp} must divide moe_intermediate_size={cfg.moe_intermediate} of "
+        split = f"tp/moe_ep={moe_tp}" if attention_dp == 1 else f"tp x attention_dp / moe_ep = {moe_tp}"
+        raise InputError(f"{split} must divide moe_intermediate_size={cfg.moe_intermediate} of "
                          f"{cfg.name} (and tp={tp} its shared experts' {cfg.shared_intermediate})", field="tp")
     return moe_tp
 

@@ -69,7 +69,7 @@ class Record:
     timing: str | None = None  # "interval" or "own"; None: "interval" for kind "step", else "own"
     async_scheduling: bool | None = None  # None: from vllm_version (`ASYNC_SCHEDULING_SINCE`)
     extra: dict = field(default_factory=dict)
-    moe_ep: int = 1  # GPUs of the TP group the routed experts are spread over
+    moe_ep: int = 1  # GPUs of the expert group (tp x attention_dp) the routed experts are spread over
     moe_weights: str | None = None  # storage of the routed experts (`model.MOE_WEIGHTS`); None: the model's
     attention_dp: int = 1  # attention data-parallel ranks (the steps are one rank's); experts over tp x this
 
