@@ -13,7 +13,9 @@ either), built once per (model, GPU, TP) from the same tables and the same inter
   cross, so that on each piece a column's value is one known column's cubic and a lookup reads two;
 * a cell is found by a lookup table on the float32 bucket of x plus a few comparisons (`Finder`), and
   coefficients are read by 1-D gathers: all on scalars per configuration, which XLA vectorizes on CPU;
-* a mixture-of-experts model's fused-MoE curve (`kernel_time.moe_table_us`) is one cubic in log tokens;
+* a mixture-of-experts model's fused-MoE curve (`kernel_time.moe_table_us`) is one cubic in log tokens, and
+  its dispatch/combine under attention data parallelism one cubic in log bytes for the expert group;
+* an MLA model's module tables (one layout each) are resolved like the attention tables;
 * for integer token counts up to `TOKEN_TABLE`, GEMM, fused-MoE and all-reduce times are read from per-token
   tables, which are these same functions evaluated at every integer.
 
@@ -227,7 +229,12 @@ class FastLookup:
     tok_comm: jax.Array  # [TOKEN_TABLE + 1] layer all-reduce µs at every integer token count
     tok_gather: jax.Array  # [TOKEN_TABLE + 1] logits all-gather µs at every integer number of sampled requests
     moe: Series  # 1 series in log tokens: the fused-MoE call (a placeholder, never read, for a dense model)
-    tok_moe: jax.Array  # [TOKEN_TABLE + 1] fused-MoE µs at every integer token count
+    tok_moe: jax.Array  # [TOKEN_TABLE + 1] fused-MoE µs at every integer token count (of one attention rank)
+    ep: Series  # 1 series in log bytes: the all-reduce table for the tp x attention_dp GPUs of the expert group
+    tok_ep: jax.Array  # [TOKEN_TABLE + 1] MoE dispatch + combine µs at every integer token count (of one rank)
+    mla_decode: RefinedAttn  # the MLA module tables (placeholders, never read, without MLA)
+    mla_prefill: RefinedAttn
+    mla_floor_us: jax.Array  # [2] their smallest times (decode, prefill)
     dims: ops.Dims
     has_comm: bool = _static()
     int_tokens: bool = _static(default=False)  # read GEMM and all-reduce times from the per-token tables
@@ -262,7 +269,20 @@ class FastLookup:
     def moe_us(self, tokens):
         if self.int_tokens:
             return _take(self.tok_moe, tokens.astype(jnp.int32))
-        return _moe_us(self.moe, tokens)
+        return _moe_us(self.moe, ops.moe_tokens(self.dims, tokens))
+
+    def ep_exchange_us(self, tokens):
+        d = self.dims
+        if self.int_tokens:
+            t = _take(self.tok_ep, tokens.astype(jnp.int32))
+        else:
+            t = _comm_us(self.ep, jnp.maximum(ops.ep_exchange_message(d, tokens), 1.0))
+        return jnp.where(d.attention_dp > 1.0, t, 0.0) if self.has_comm else jnp.zeros_like(t)
+
+    def mla_us(self, batch: Batch):
+        dec_floor, pre_floor = self.mla_floor_us[0], self.mla_floor_us[1]
+        return (kt.mla_decode_us(self.mla_decode, dec_floor, batch.n_decode, batch.decode_keys),
+                kt.mla_prefill_us(self.mla_prefill, batch.n_prefill, batch.prefill_tokens), dec_floor, pre_floor)
 
     def _comm(self, nbytes):
         return _comm_us(self.comm, nbytes)
@@ -288,37 +308,43 @@ def _moe_us(moe: Series, tokens):
 
 
 _NO_MOE = kt.MoeCurve(np.arange(2, dtype=np.float32), np.zeros(2, np.float32))  # a dense model's placeholder curve
+_NO_MLA = AttnTable(np.arange(2, dtype=np.float32), np.arange(2, dtype=np.float32),
+                    np.zeros((1, 2, 2), np.float32))  # placeholder MLA table of a model without MLA
 
 
 def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: CommTable | None, on,
-               moe: kt.MoeCurve | None = None, static=None) -> FastLookup:
+               moe: kt.MoeCurve | None = None, static=None, mla: tuple = (None, None)) -> FastLookup:
     """The `FastLookup` of a `step.ModelOnGPU` ``on`` on these tables (unpadded: see `common_shapes`);
-    ``moe`` and ``static`` (`step.Static`) for a mixture-of-experts model."""
+    ``moe`` and ``static`` (`step.Static`) for a mixture-of-experts model, ``mla`` (decode, prefill MLA
+    module tables) for an MLA model."""
     d = ops.Dims(*(np.float32(v) for v in on.dims))
     gl = step_gemms(d, Batch(*(np.float32(1.0),) * 5), static)
     dec_c, pre_c = int(on.decode_layout), int(on.prefill_layout)
     comm_x = np.asarray(comm.log_bytes, np.float32) if comm is not None else np.zeros(2, np.float32)
     moe = _NO_MOE if moe is None else kt.MoeCurve(*(np.asarray(a, np.float32) for a in moe))
+    mla = tuple(_NO_MLA if t is None else AttnTable(*(np.asarray(a, np.float32) for a in t)) for t in mla)
     finders = (Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x),
                Finder.build(moe.log_tokens))
-    gc, cc, dc, pc, mc, floor, tok = jax.tree_util.tree_map(np.asarray, once(
+    gc, cc, dc, pc, mc, floor, tok, ec, mlc = jax.tree_util.tree_map(np.asarray, once(
         _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
         np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
-        np.int32(pre_c), finders, d, comm is not None, moe))
+        np.int32(pre_c), finders, d, comm is not None, moe, mla))
     f32 = np.float32
     return FastLookup(Series.build(np.asarray(gemm.log_m, np.float32), gc, finders[0]), f32(floor),
                       _per_token(tok["tok_gemm"]), _refined(dc.astype(np.float64), decode), f32(on.decode_kv_scale),
                       f32(kt.attn_floor_us(decode, dec_c)), _refined(pc.astype(np.float64), prefill),
                       f32(on.prefill_len_scale), Series.build(comm_x, cc[..., None], finders[1]),
                       _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]),
-                      Series.build(moe.log_tokens, mc[..., None], finders[2]), _per_token(tok["tok_moe"]), d,
-                      comm is not None)
+                      Series.build(moe.log_tokens, mc[..., None], finders[2]), _per_token(tok["tok_moe"]),
+                      Series.build(comm_x, ec[..., None], finders[1]), _per_token(tok["tok_ep"]),
+                      _refined(mlc[0].astype(np.float64), mla[0]), _refined(mlc[1].astype(np.float64), mla[1]),
+                      np.asarray([kt.attn_floor_us(t, 0) for t in mla], np.float32), d, comm is not None)
 
 
 def of_setup(su) -> FastLookup:
     """The `FastLookup` of a `step.Setup` (unpadded)."""
     a = su.arrays
-    return specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu, a.moe, su.static)
+    return specialise(a.gemm, a.decode, a.prefill, a.comm, su.on_gpu, a.moe, su.static, (a.mla_decode, a.mla_prefill))
 
 
 def as_scalars(tree):
@@ -334,13 +360,14 @@ def _per_token(v: np.ndarray) -> np.ndarray:
 
 
 @functools.partial(jax.jit, static_argnums=11)
-def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm, moe):
+def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm, moe, mla):
     """What `specialise` computes, in one compilation per table shapes: interpax's spline coefficients of
     the G GEMMs' blended log-m cubics [4, Nm-1, G] (the blend of the neighbouring shapes' splines is the
     spline of the blend), of the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], of the two attention
-    head layouts [4, Nl-1, Nb], of the fused-MoE curve [4, Nt-1], the GEMM table's log floor, and the per-token
+    head layouts [4, Nl-1, Nb], of the fused-MoE curve [4, Nt-1], the GEMM table's log floor, the per-token
     tables (index m - 1): the lookup's own GEMM, all-reduce and fused-MoE functions (`_gemm_us`, `_comm_us`,
-    `_moe_us`) at every integer."""
+    `_moe_us`) at every integer, the all-reduce's cubic for the expert group [4, Nb-1] and the two MLA
+    tables' cubics (decode, prefill) [4, Nl-1, Nb] each."""
     def one(k, n):
         series, offset, w = gemm_shape_blend(gemm, k, n)
         c = monotone_spline(gemm.log_m, series.T).c @ w
@@ -355,14 +382,20 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
     m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
     gemm_s = Series.build(gemm.log_m, gc, finders[0])
     tok = {"tok_gemm": jnp.stack([_gemm_us(gemm_s, floor, i, jnp.log(m)) for i in range(ks.shape[0])]),
-           "tok_moe": _moe_us(Series.build(moe.log_tokens, mc[..., None], finders[2]), m)}
+           "tok_moe": _moe_us(Series.build(moe.log_tokens, mc[..., None], finders[2]), ops.moe_tokens(d, m))}
+    mlc = [monotone_spline(t.log_len, t.log_t[0]).c for t in mla]
     if has_comm:
+        ep_gpus = jnp.maximum(d.tp * d.attention_dp, 2.0)
+        ec = monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c @ comm_gpu_weights(comm, ep_gpus)
         comm_s = Series.build(comm.log_bytes, cc[..., None], finders[1])
         tok["tok_comm"] = _comm_us(comm_s, ops.allreduce_bytes(d, m))
         tok["tok_gather"] = _comm_us(comm_s, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
+        tok["tok_ep"] = _comm_us(Series.build(comm.log_bytes, ec[..., None], finders[1]),
+                                 jnp.maximum(ops.ep_exchange_message(d, m), 1.0))
     else:
-        tok["tok_comm"] = tok["tok_gather"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
-    return gc, cc, dc, pc, mc, floor, tok
+        ec = jnp.zeros((4, 1))
+        tok["tok_comm"] = tok["tok_gather"] = tok["tok_ep"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
+    return gc, cc, dc, pc, mc, floor, tok, ec, mlc
 
 
 def _refined(coef: np.ndarray, t: AttnTable) -> RefinedAttn:
@@ -382,10 +415,12 @@ def common_shapes(lookups: list[FastLookup]) -> list[FastLookup]:
     gcells = max(x.gemm.cells for x in lookups)
     ccells = max(x.comm.cells for x in lookups)
     mcells = max(x.moe.cells for x in lookups)
-    nb = {k: max(2, max(getattr(x, k).nb for x in lookups)) for k in ("decode", "prefill")}
+    ecells = max(x.ep.cells for x in lookups)
+    attn = ("decode", "prefill", "mla_decode", "mla_prefill")
+    nb = {k: max(2, max(getattr(x, k).nb for x in lookups)) for k in attn}
     lookups = [dataclasses.replace(x, gemm=_restride(x.gemm, gcells), comm=_restride(x.comm, ccells),
-                                   moe=_restride(x.moe, mcells),
-                                   decode=_widen(x.decode, nb["decode"]), prefill=_widen(x.prefill, nb["prefill"]))
+                                   moe=_restride(x.moe, mcells), ep=_restride(x.ep, ecells),
+                                   **{k: _widen(getattr(x, k), nb[k]) for k in attn})
                for x in lookups]
     ks = [max(col) for col in zip(*([f.k for f in _finders(x)] for x in lookups))]
     lookups = [_with_depths(x, ks) for x in lookups]
@@ -410,7 +445,8 @@ def common_shapes(lookups: list[FastLookup]) -> list[FastLookup]:
 
 def _finders(x: FastLookup) -> list[Finder]:
     return [x.gemm.finder, x.comm.finder, x.decode.finder, x.decode.bfinder, x.prefill.finder, x.prefill.bfinder,
-            x.moe.finder]
+            x.moe.finder, x.ep.finder, x.mla_decode.finder, x.mla_decode.bfinder, x.mla_prefill.finder,
+            x.mla_prefill.bfinder]
 
 
 def _with_depths(x: FastLookup, ks: list[int]) -> FastLookup:
@@ -420,7 +456,9 @@ def _with_depths(x: FastLookup, ks: list[int]) -> FastLookup:
         x, gemm=dataclasses.replace(x.gemm, finder=fd[0]), comm=dataclasses.replace(x.comm, finder=fd[1]),
         decode=dataclasses.replace(x.decode, finder=fd[2], bfinder=fd[3]),
         prefill=dataclasses.replace(x.prefill, finder=fd[4], bfinder=fd[5]),
-        moe=dataclasses.replace(x.moe, finder=fd[6]))
+        moe=dataclasses.replace(x.moe, finder=fd[6]), ep=dataclasses.replace(x.ep, finder=fd[7]),
+        mla_decode=dataclasses.replace(x.mla_decode, finder=fd[8], bfinder=fd[9]),
+        mla_prefill=dataclasses.replace(x.mla_prefill, finder=fd[10], bfinder=fd[11]))
 
 
 def _pad_last(v: np.ndarray, target: tuple) -> np.ndarray:

@@ -228,3 +228,28 @@ def moe_table_us(curve: MoeCurve, tokens):
     """The routed experts of one layer at ``tokens`` tokens (µs): monotone in tokens, held below the first
     measured count, proportional to tokens beyond the last."""
     return jnp.exp(interp_work_axis(jnp.log(jnp.maximum(tokens, 1.0)), curve.log_tokens, curve.log_us, MOE_SLOPE_HI))
+
+
+def mla_decode_us(attn, floor_us, n_req, total_keys):
+    """One layer's MLA module for ``n_req`` decodes attending ``total_keys`` keys in all (µs), from a table
+    function ``attn`` (`attn_on` of an MLA table, `tables.mla_table`): the measured module at batch n_req
+    and the mean kv length (each decode's cached tokens + itself), as `decode_table_us` reads a decode
+    table (interpolated over batch sizes, never below the module's smallest measured time ``floor_us``)."""
+    return decode_table_us(attn, floor_us, 1.0, n_req, total_keys)
+
+
+def mla_prefill_us(attn, n_req, prefill_tokens):
+    """One layer's MLA module for ``n_req`` prefill chunks of ``prefill_tokens`` new tokens in all (µs): the
+    measured module at batch n_req and the chunks' mean new tokens as seq_len (the table's uncached prefill).
+    The projections see exactly the step's tokens; attention over a chunk's cached prefix is not counted."""
+    n = jnp.maximum(n_req, 1.0)
+    t = attn(n, jnp.maximum(prefill_tokens / n, 1.0), PREFILL_SLOPE_HI, PREFILL_SLOPE_LO)
+    return jnp.where(n_req > 0, t, 0.0)
+
+
+def mla_layer_us(decode_us, prefill_us, decode_floor_us, prefill_floor_us):
+    """One layer's MLA time (µs) in a step with both decodes and prefill chunks (either may be 0): their module
+    times added, with the smaller of the two modules' fixed costs (each table's smallest time) counted once
+    when both run (vLLM runs the projections once for all tokens and splits only the attention)."""
+    both = (decode_us > 0) & (prefill_us > 0)
+    return decode_us + prefill_us - jnp.where(both, jnp.minimum(decode_floor_us, prefill_floor_us), 0.0)

@@ -14,8 +14,16 @@ from .io import read_json
 
 DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 # Mixture-of-experts models with standard (GQA) attention and no shared experts or with TP-split ones.
-MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM", "GptOssForCausalLM")
+GQA_MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausalLM", "GptOssForCausalLM")
+# Mixture-of-experts models with multi-head latent attention (MLA) of the geometry the MLA tables measure
+# (`MLA_GEOMETRY`): DeepSeek-V3/R1 and Kimi-K2/K2.5 (whose text model is a DeepseekV3ForCausalLM).
+MLA_ARCHS = ("DeepseekV3ForCausalLM",)
+MOE_ARCHS = GQA_MOE_ARCHS + MLA_ARCHS
 SUPPORTED_ARCHS = DENSE_ARCHS + MOE_ARCHS
+# The MLA geometry of the measured MLA module tables (bench_data/README.md "MLA attention modules"):
+# DeepSeek-V3's hidden size, q/kv LoRA ranks and head dims.  Heads per GPU are a table axis.
+MLA_GEOMETRY = {"hidden_size": 7168, "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+                "qk_rope_head_dim": 64, "v_head_dim": 128}
 # Keys whose presence marks an architecture the dense model does not describe yet.
 _UNSUPPORTED_KEYS = {  # attention kinds first: they are what a refused MoE model lacks most often
     "kv_lora_rank": "multi-head latent attention (MLA)", "layer_types": "hybrid attention layers",
@@ -26,6 +34,13 @@ _UNSUPPORTED_KEYS = {  # attention kinds first: they are what a refused MoE mode
 _WHY_NOT = {
     "Qwen3NextForCausalLM": "Qwen3-Next is not supported yet: its Gated DeltaNet linear-attention layers have no "
                             "measured table",
+    "DeepseekV2ForCausalLM": "DeepSeek-V2's multi-head latent attention is not supported yet: the MLA tables "
+                             "measure DeepSeek-V3's geometry (hidden 7168, q_lora_rank 1536, kv_lora_rank 512), "
+                             "this model has another (e.g. no q_lora_rank)",
+    "DeepseekV32ForCausalLM": "DeepSeek sparse attention (DSA, index_n_heads) is not supported yet: its "
+                              "lightning indexer and sparse MLA kernel have no measured table",
+    "GlmMoeDsaForCausalLM": "DeepSeek sparse attention (DSA, index_n_heads) is not supported yet: its "
+                            "lightning indexer and sparse MLA kernel have no measured table",
 }
 _DTYPES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
            "float8": "fp8", "fp8": "fp8", "float8_e4m3fn": "fp8"}
@@ -69,6 +84,22 @@ class ModelConfig:
     # layers that attend within `sliding_window` while the others attend fully (gpt-oss: every other layer);
     # 0 when every layer attends alike (all within `sliding_window`, or all fully when it is inf)
     sliding_layers: int = 0
+    # multi-head latent attention (all 0 without MLA): LoRA ranks and head dims (elements)
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (`MLA_ARCHS`)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def mla_gemm_dtype(self) -> str:
+        """The projection dtype of the MLA tables that prices this model's attention: fp8_block for fp8
+        (DeepSeek-V3's checkpoint stores 128x128 block-scaled fp8; the tables measure no per-tensor fp8), bf16
+        for bf16 and fp16."""
+        return "fp8_block" if self.dtype == "fp8" else "bf16"
 
     @property
     def weight_bytes(self) -> int:
@@ -94,6 +125,9 @@ class ModelConfig:
         """Build from a parsed config.json; `where` names the file for error messages."""
         if not isinstance(cfg, dict):
             raise InputError(f"a model config must be a JSON object, got {json_type(cfg)}", where)
+        text = cfg.get("text_config") if "hidden_size" not in cfg else None
+        if isinstance(text, dict) and (text.get("architectures") or [None])[0] in MLA_ARCHS:
+            return cls._mla(cfg, text["architectures"][0], name, where)  # Kimi-K2.5: the text model is priced
         if "text_config" in cfg and "hidden_size" not in cfg:
             raise InputError("multimodal configs (text_config) are not supported yet", where, "text_config")
         archs = cfg.get("architectures") or []
@@ -101,6 +135,8 @@ class ModelConfig:
             raise InputError(f'must be a list of names like ["LlamaForCausalLM"], got {archs!r}', where,
                              "architectures")
         arch = archs[0] if archs else cfg.get("model_type", "?")
+        if arch in MLA_ARCHS:
+            return cls._mla(cfg, arch, name, where)
         for key, what in _UNSUPPORTED_KEYS.items():
             if key == "layer_types" and _attention_layer_types(cfg.get(key)):
                 continue  # sliding-window and full-attention layers are priced (`sliding_layers`)
@@ -163,6 +199,41 @@ class ModelConfig:
             tie_embeddings=bool(tie), dtype=dtype, sliding_window=float(window),
             max_position_embeddings=float(max_pos), sliding_layers=sliding,
             **_moe_fields(arch_from_config(cfg, name, where)))
+
+    @classmethod
+    def _mla(cls, cfg: dict, arch: str, name: str, where: str) -> "ModelConfig":
+        """A DeepSeek-V3-style model (`MLA_ARCHS`): MLA attention of the measured geometry (`MLA_GEOMETRY`),
+        ``first_k_dense_replace`` dense layers, shared and routed experts; read through `arch_from_config`
+        (a multimodal wrapper's ``text_config``: only the text model is priced, not the vision tower)."""
+        a = arch_from_config(cfg, name, where)
+        if a.index_heads:
+            raise InputError(f"{_WHY_NOT['DeepseekV32ForCausalLM']}; supported: {', '.join(SUPPORTED_ARCHS)}",
+                             where, "index_n_heads")
+        got = {"hidden_size": a.hidden, "q_lora_rank": a.q_lora_rank, "kv_lora_rank": a.kv_lora_rank,
+               "qk_nope_head_dim": a.qk_nope_head_dim, "qk_rope_head_dim": a.qk_rope_head_dim,
+               "v_head_dim": a.v_head_dim}
+        for key, want in MLA_GEOMETRY.items():
+            if got[key] != want:
+                raise InputError(f"MLA with {key}={got[key]} is not supported yet: the MLA tables measure "
+                                 f"DeepSeek-V3's geometry ({', '.join(f'{k} {v}' for k, v in MLA_GEOMETRY.items())})",
+                                 where, key)
+        kinds = {_GEMM_DTYPE.get(p.kind, p.kind) for p in (a.quant.attention, a.quant.dense_mlp, a.quant.shared_experts)}
+        if len(kinds) != 1 or not kinds <= set(DTYPE_BYTES):
+            raise InputError(f"attention, dense-MLP and shared-expert weights in {', '.join(sorted(kinds))} are not "
+                             "priced (one of bf16, fp16, fp8 for all three is)", where, "quantization_config")
+        return cls(
+            name=name, arch=arch, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+            num_kv_heads=a.heads, head_dim=a.qk_nope_head_dim + a.qk_rope_head_dim, intermediate_size=a.intermediate,
+            vocab_size=a.vocab, tie_embeddings=a.tie_embeddings, dtype=kinds.pop(),
+            max_position_embeddings=float(cfg.get("max_position_embeddings")
+                                          or (cfg.get("text_config") or {}).get("max_position_embeddings")
+                                          or math.inf),
+            q_lora_rank=a.q_lora_rank, kv_lora_rank=a.kv_lora_rank, qk_rope_head_dim=a.qk_rope_head_dim,
+            **_moe_fields(a))
+
+
+# The GEMM dtype of a weight precision priced as a whole-matrix dtype (block-scaled fp8 runs fp8 GEMMs).
+_GEMM_DTYPE = {"fp8_block": "fp8"}
 
 
 _ATTENTION_LAYER_TYPES = ("sliding_attention", "full_attention")

@@ -47,6 +47,12 @@ class Dims(NamedTuple):
     # (the batch is summarized as the full layers see it) and these layers attend within ``sliding_window``.
     sliding_layers: float = 0.0  # layers attending within sliding_window (0 when every layer attends alike)
     sliding_window: float = NO_WINDOW  # tokens each query of those layers attends to at most
+    # attention data parallelism: this many groups of ``tp`` GPUs each run attention on their own requests and
+    # the MoE layers run over all tp x attention_dp GPUs (a step is one rank's; ranks are taken as balanced)
+    attention_dp: float = 1.0
+    # multi-head latent attention: outputs of the fused q_a/kv_a down-projection (q_lora_rank + kv_lora_rank
+    # + qk_rope_head_dim elements, replicated on every GPU); 0 without MLA
+    mla_latent: float = 0.0
 
     @property
     def dense_layers(self):
@@ -76,15 +82,17 @@ def per_gpu_layouts(models, tps) -> tuple[tuple[int, int, int], ...]:
     return tuple(sorted({h for hq, hkv, d in models for tp in tps if (h := per_gpu_heads(hq, hkv, d, tp))}))
 
 
-def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1) -> Dims:
+def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1, attention_dp: int = 1) -> Dims:
     """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp`` and, for a mixture-of-experts model, expert
-    parallelism ``moe_ep`` inside the TP group (vLLM's ``--enable-expert-parallel``: ``moe_ep = tp``)."""
+    parallelism ``moe_ep`` inside the expert group of tp x ``attention_dp`` GPUs (vLLM's
+    ``--enable-expert-parallel``: ``moe_ep = tp x attention_dp``; ``--data-parallel-size`` is
+    ``attention_dp``)."""
     heads = per_gpu_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp)
     bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
     if bad:
         raise InputError(f"tp={tp} must divide {' and '.join(bad)} of {cfg.name}", field="tp")
-    moe_tp = moe_split(cfg, tp, moe_ep)
+    moe_tp = moe_split(cfg, tp, moe_ep, attention_dp)
     if heads is None:  # KV heads neither split evenly nor replicated evenly
         raise InputError(f"tp={tp} must divide num_key_value_heads={cfg.num_kv_heads} of {cfg.name}, or be a "
                          "multiple of it (vLLM splits KV heads evenly or replicates them)", field="tp")
@@ -99,25 +107,32 @@ def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1) -> Dims:
         qk_norm=float(cfg.qk_norm), moe_layers=float(cfg.moe_layers), experts=float(cfg.experts),
         top_k=float(cfg.top_k), moe_inter=cfg.moe_intermediate / moe_tp, shared_inter=cfg.shared_intermediate / tp,
         moe_ep=float(moe_ep), sliding_layers=float(cfg.sliding_layers) if mixed else 0.0,
-        sliding_window=window if mixed else NO_WINDOW,
+        sliding_window=window if mixed else NO_WINDOW, attention_dp=float(attention_dp),
+        mla_latent=float(cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.mla else 0.0,
     )
 
 
-def moe_split(cfg: ModelConfig, tp: int, moe_ep: int) -> int:
-    """The TP degree of each expert's matrices (``tp / moe_ep``), after checking that the layout can shard the
-    model's experts; 1 for a dense model (which only accepts ``moe_ep = 1``)."""
+def moe_split(cfg: ModelConfig, tp: int, moe_ep: int, attention_dp: int = 1) -> int:
+    """The TP degree of each expert's matrices (``tp x attention_dp / moe_ep``), after checking that the layout
+    can shard the model's experts; 1 for a dense model (which only accepts ``moe_ep = attention_dp = 1``)."""
+    if isinstance(attention_dp, bool) or not isinstance(attention_dp, int) or attention_dp < 1:
+        raise InputError(f"must be a positive integer, got {attention_dp!r}", field="attention_dp")
     if not cfg.experts:
-        if moe_ep != 1:
-            raise InputError(f"moe_ep={moe_ep} needs a mixture-of-experts model; {cfg.name} is dense", field="moe_ep")
+        for field, v in (("moe_ep", moe_ep), ("attention_dp", attention_dp)):
+            if v != 1:
+                raise InputError(f"{field}={v} needs a mixture-of-experts model; {cfg.name} is dense", field=field)
         return 1
-    if moe_ep < 1 or tp % moe_ep:
-        raise InputError(f"moe_ep={moe_ep} must divide tp={tp} (experts are spread inside the TP group)",
+    group = tp * attention_dp
+    if moe_ep < 1 or group % moe_ep:
+        where = f"tp={tp}" if attention_dp == 1 else f"tp x attention_dp = {group}"
+        raise InputError(f"moe_ep={moe_ep} must divide {where} (experts are spread inside the expert group)",
                          field="moe_ep")
     if cfg.experts % moe_ep:
         raise InputError(f"moe_ep={moe_ep} must divide the {cfg.experts} experts of {cfg.name}", field="moe_ep")
-    moe_tp = tp // moe_ep
+    moe_tp = group // moe_ep
     if cfg.moe_intermediate % moe_tp or cfg.shared_intermediate % tp:
-        raise InputError(f"tp/moe_ep={moe_tp} must divide moe_intermediate_size={cfg.moe_intermediate} of "
+        split = f"tp/moe_ep={moe_tp}" if attention_dp == 1 else f"tp x attention_dp / moe_ep = {moe_tp}"
+        raise InputError(f"{split} must divide moe_intermediate_size={cfg.moe_intermediate} of "
                          f"{cfg.name} (and tp={tp} its shared experts' {cfg.shared_intermediate})", field="tp")
     return moe_tp
 
@@ -150,6 +165,18 @@ def layer_gemms(d: Dims, tokens) -> dict[str, Gemm]:
     }
 
 
+def mla_gemms(d: Dims, tokens) -> dict[str, Gemm]:
+    """The GEMMs of one MLA decoder layer priced outside the MLA module table (`kernel_time.mla_decode_us`):
+    the fused q_a/kv_a down-projection (hidden -> q_lora + kv_lora + rope, replicated on every GPU) and the
+    MLP's gate/up and down (the dense layers' own; `moe_gemms` for the MoE layers).  q_b, kv_b, the attention
+    and o_proj are inside the table."""
+    return {
+        "mla_a_proj": Gemm(tokens, d.hidden, d.mla_latent),
+        "gate_up_proj": Gemm(tokens, d.hidden, 2.0 * d.inter),
+        "down_proj": Gemm(tokens, d.inter, d.hidden),
+    }
+
+
 def moe_gemms(d: Dims, tokens, shared: bool) -> dict[str, Gemm]:
     """The dense GEMMs of one mixture-of-experts layer at M = tokens: the router (replicated on every GPU, n =
     experts) and, when the model has shared experts, their gate/up and down projections (TP-split).  The
@@ -162,10 +189,16 @@ def moe_gemms(d: Dims, tokens, shared: bool) -> dict[str, Gemm]:
     return out
 
 
+def moe_tokens(d: Dims, tokens):
+    """Tokens entering one MoE layer when each attention rank computes ``tokens``: tokens · attention_dp (the
+    ranks' tokens are gathered over the expert group; the fused-MoE table's ``num_tokens``)."""
+    return tokens * d.attention_dp
+
+
 def moe_routed_pairs(d: Dims, tokens):
-    """(token, expert) pairs one GPU computes in the routed experts: tokens · top_k spread evenly over the
-    ``moe_ep`` GPUs of the expert group."""
-    return tokens * d.top_k / d.moe_ep
+    """(token, expert) pairs one GPU computes in the routed experts: `moe_tokens` · top_k spread evenly over
+    the ``moe_ep`` GPUs of the expert group (``tokens``: one attention rank's)."""
+    return moe_tokens(d, tokens) * d.top_k / d.moe_ep
 
 
 def moe_routed_flops(d: Dims, tokens):
@@ -176,7 +209,7 @@ def moe_routed_flops(d: Dims, tokens):
 def moe_active_experts(d: Dims, tokens):
     """Expected local experts that at least one of ``tokens`` tokens is routed to (uniform routing: each of
     the tokens · top_k choices misses a given expert with probability 1 - 1/experts)."""
-    miss = jnp.exp(tokens * d.top_k * jnp.log1p(-1.0 / jnp.maximum(d.experts, 2.0)))
+    miss = jnp.exp(moe_tokens(d, tokens) * d.top_k * jnp.log1p(-1.0 / jnp.maximum(d.experts, 2.0)))
     return d.experts / d.moe_ep * (1.0 - miss)
 
 
@@ -240,7 +273,8 @@ def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
     """HBM bytes of the bandwidth-bound kernels of one layer at ``tokens`` tokens.
 
     rmsnorm: two fused add+RMSNorm kernels (read x and residual, write both);
-    rope: read and write q and k; kv_cache_write: read new k, v and store them into the paged cache;
+    rope: read and write q and k; kv_cache_write: read new k, v and store them into the paged cache (both 0
+    for MLA: inside the MLA module table, with its q_a/kv_a norms);
     activation: SiLU(gate)·up reads 2·inter, writes inter (dense MLP layers and shared experts; the routed
     experts' activation is inside the fused-MoE call); qk_norm (Qwen3): read and write q and k.  Averaged over
     the layers when dense and MoE layers differ.
@@ -248,10 +282,11 @@ def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
     qk = (d.q_heads + d.kv_heads) * d.head_dim
     act_inter = jnp.where(d.moe_layers > 0, (d.dense_layers * d.inter + d.moe_layers * d.shared_inter) / d.layers,
                           d.inter)
+    mla = d.mla_latent > 0
     return {
         "rmsnorm": 2.0 * (4.0 * tokens * d.hidden * ACT_BYTES + d.hidden * ACT_BYTES),
-        "rope": 2.0 * tokens * qk * ACT_BYTES,
-        "kv_cache_write": 2.0 * tokens * 2.0 * d.kv_heads * d.head_dim * ACT_BYTES,
+        "rope": jnp.where(mla, 0.0, 2.0 * tokens * qk * ACT_BYTES),
+        "kv_cache_write": jnp.where(mla, 0.0, 2.0 * tokens * 2.0 * d.kv_heads * d.head_dim * ACT_BYTES),
         "activation": 3.0 * tokens * act_inter * ACT_BYTES,
         "qk_norm": d.qk_norm * 2.0 * tokens * qk * ACT_BYTES,
     }
@@ -259,13 +294,25 @@ def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
 
 def memory_kernels_per_layer(d: Dims):
     """Launches of bandwidth-bound kernels per layer: 2 RMSNorm, RoPE, KV write, activation (+ q/k norm; + the
-    router's top-k softmax in MoE layers, averaged over the layers)."""
-    return 5.0 + d.qk_norm + d.moe_layers / d.layers
+    router's top-k softmax in MoE layers, averaged over the layers); MLA's RoPE and KV write are inside its
+    module table."""
+    n = 5.0 + d.qk_norm + d.moe_layers / d.layers
+    return jnp.where(d.mla_latent > 0, n - 2.0, n)
 
 
 def allreduce_bytes(d: Dims, tokens):
     """Message of one TP all-reduce of the hidden states (bytes per GPU)."""
     return tokens * d.hidden * ACT_BYTES
+
+
+def ep_exchange_message(d: Dims, tokens):
+    """The dispatch and combine of one MoE layer under attention data parallelism, as the all-reduce message
+    that moves the same bytes (bytes per GPU; 0 at attention_dp 1).  vLLM's default all2all backend for DP +
+    EP all-gathers the hidden states of every rank's ``tokens`` over the expert group before the experts and
+    reduce-scatters their outputs after: S = tokens · attention_dp · hidden · 2 bytes gathered.  A ring
+    all-reduce of S bytes is exactly a reduce-scatter then an all-gather of S, so the pair is priced as one
+    all-reduce of S over the tp x attention_dp GPUs."""
+    return jnp.where(d.attention_dp > 1.0, moe_tokens(d, tokens) * d.hidden * ACT_BYTES, 0.0)
 
 
 def logits_gather_message(d: Dims, sampled):

@@ -9,7 +9,10 @@ Composition per step (all times in µs):
 * attention: prefill chunks and decodes are one varlen kernel per layer in vLLM's FlashAttention backend;
   each part is priced from its table and, when both are present, the smaller fixed cost is counted once;
 * bandwidth-bound kernels per layer (RMSNorm x2, RoPE, KV-cache write, activation, Qwen3 q/k norm);
-* two TP all-reduces per layer plus one after the vocab-parallel embedding;
+* two TP all-reduces per layer plus one after the vocab-parallel embedding; under attention data
+  parallelism, the MoE layers' dispatch and combine over the expert group;
+* multi-head latent attention (DeepSeek-V3, Kimi-K2.5): one layer's MLA block from the measured MLA module
+  tables in place of the attention projections and kernels (`MLA_PART`);
 * embedding, final norm, lm_head and sampling for the requests that emit a token;
 * overheads: per step, per layer, per request.
 """
@@ -33,11 +36,15 @@ from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
 from .interp import suffix_min
 from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, bracket, fold_batch,
-                     gemm_table_us, load_moe, moe_curve, moe_shapes, nearest_layout)
+                     gemm_table_us, load_moe, mla_tables_of, moe_curve, moe_shapes, nearest_layout)
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
 MOE_PART = "moe"  # the breakdown's extra part for mixture-of-experts models (router, routed and shared experts)
+# The expert-load distribution of DeepSeek-style (MLA) models' fused-MoE curves: the one AIConfigurator
+# queries for DeepSeek and Kimi (bench_data/README.md "Fused MoE"); other models take `moe_curve`'s default.
+MLA_MOE_DISTRIBUTION = "power_law_1.01"
+MLA_PART = "mla"  # the breakdown's extra part for MLA models (the MLA module tables; attention parts are 0)
 
 
 class Step(NamedTuple):
@@ -103,6 +110,8 @@ class Arrays(NamedTuple):
     prefill: AttnTable
     comm: CommTable | None
     moe: kt.MoeCurve | None = None  # the routed experts' fused-MoE call (mixture-of-experts models)
+    mla_decode: AttnTable | None = None  # MLA module tables of the model's heads per GPU (one layout, c = 0)
+    mla_prefill: AttnTable | None = None
 
 
 class ModelOnGPU(NamedTuple):
@@ -128,6 +137,7 @@ class Static:
     moe: bool = False  # mixture-of-experts layers (router GEMM and the fused-MoE call)
     shared_experts: bool = False  # their shared experts (two more GEMMs)
     mixed_attention: bool = False  # sliding-window and full-attention layers (`ops.Dims.sliding_layers`)
+    mla: bool = False  # multi-head latent attention priced from the MLA module tables
 
 
 @dataclass
@@ -142,27 +152,32 @@ class Setup:
     static: Static
     gemm_table_dtype: str
     moe_ep: int = 1
+    attention_dp: int = 1
 
 
-def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1) -> Setup:
+def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, attention_dp: int = 1) -> Setup:
     """Bind a model, a GPU's tables and a TP degree (and, for a mixture-of-experts model, its expert
-    parallelism inside the TP group); pick the GEMM table, attention head layouts and fused-MoE curve."""
-    d = ops.dims(model, tp, moe_ep)
+    parallelism ``moe_ep`` inside the expert group of tp x ``attention_dp`` GPUs: vLLM's
+    ``--data-parallel-size attention_dp --enable-expert-parallel`` is ``moe_ep = tp x attention_dp``); pick
+    the GEMM table, attention head layouts (MLA module tables for an MLA model) and fused-MoE curve.  The
+    step priced is one attention rank's, every rank taken to run the same batch."""
+    d = ops.dims(model, tp, moe_ep, attention_dp)
     g = kt.choose_gemm_table(tables, model.dtype)
     dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
     pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
     on_gpu = ModelOnGPU(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
-    moe = moe_curve_of(model, tables, tp, moe_ep) if model.experts else None
-    arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce, moe)
+    mla = mla_tables_of(tables.gpu.name, model.num_heads // tp, "bf16", model.mla_gemm_dtype) if model.mla else (None, None)
+    moe = moe_curve_of(model, tables, tp, moe_ep, attention_dp) if model.experts else None
+    arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce, moe, *mla)
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
                     moe=bool(model.experts), shared_experts=bool(model.shared_intermediate),
-                    mixed_attention=bool(d.sliding_layers))
-    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep)
+                    mixed_attention=bool(d.sliding_layers), mla=model.mla)
+    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep, attention_dp)
 
 
-def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt.MoeCurve:
+def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int, attention_dp: int = 1) -> kt.MoeCurve:
     """The measured fused-MoE curve of ``model``'s experts on ``tables``' GPU at this layout (the expert
-    matrices split ``tp / moe_ep`` ways, the experts ``moe_ep`` ways), with measured times above a time
+    matrices split ``tp x attention_dp / moe_ep`` ways, the experts ``moe_ep`` ways), with measured times above a time
     measured for more tokens lowered to it (`interp.suffix_min`, the tables' policy), at the expert load
     `tables.moe_curve` prefers (`tables.MOE_DISTRIBUTION_PREFERENCE`).  A shape, precision or
     layout the GPU's MoE table did not measure is refused, naming what it has."""
@@ -173,7 +188,8 @@ def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt
                          field="gpu")
     dtype = "bf16" if model.expert_dtype == "fp16" else model.expert_dtype
     shape = (model.hidden_size, model.moe_intermediate, model.experts, model.top_k)
-    got = moe_curve(df, dtype, *shape, tp // moe_ep, moe_ep)
+    moe_tp = tp * attention_dp // moe_ep
+    got = moe_curve(df, dtype, *shape, moe_tp, moe_ep, MLA_MOE_DISTRIBUTION if model.mla else None)
     if got is None:
         s = moe_shapes(df, dtype)
         s = s[(s.hidden_size == shape[0]) & (s.inter_size == shape[1]) & (s.num_experts == shape[2])
@@ -181,7 +197,7 @@ def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int) -> kt
         have = [f"moe_tp={a} moe_ep={b}" for a, b in sorted(set(zip(s.moe_tp, s.moe_ep)))]
         raise InputError(
             f"{where} has no {dtype} curve for {model.name}'s experts (hidden {shape[0]}, expert intermediate "
-            f"{shape[1]}, {shape[2]} experts, top-{shape[3]}) at moe_tp={tp // moe_ep}, moe_ep={moe_ep}; measured: "
+            f"{shape[1]}, {shape[2]} experts, top-{shape[3]}) at moe_tp={moe_tp}, moe_ep={moe_ep}; measured: "
             f"{', '.join(have) if have else 'none for this shape'}", field="moe_ep" if have else "model")
     tokens, us = (np.asarray(a, np.float64) for a in got)
     us = suffix_min(us[None, :], (1,))[0]
@@ -229,7 +245,7 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
                         su.static):
         m = np.log(np.unique(np.maximum(x.m, 1.0)))
         gemm |= _cells(_nodes(g.log_k, np.log(float(x.k))), _nodes(g.log_n, np.log(float(x.n))), _nodes(g.log_m, m))
-    keys, pairs = [f.decode_keys], [f.prefill_pairs]
+    keys, pairs = ([], []) if su.static.mla else ([f.decode_keys], [f.prefill_pairs])  # MLA: module tables
     if su.static.mixed_attention:  # the sliding layers read the same tables at their own keys and pairs
         keys.append(np.asarray(ops.sliding_decode_keys(d, f.n_decode, f.decode_keys), np.float64))
         pairs.append(np.asarray(ops.sliding_prefill_pairs(d, f.tokens - f.n_decode, f.prefill_pairs), np.float64))
@@ -244,7 +260,8 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
             batch, length = (np.asarray(v, np.float32) for v in query(total))
             bb, length = fold_batch(batch[sel], np.exp(np.asarray(table.log_b[-1])), length[sel], slope, np)
             out[kind] |= _cells(c, _nodes(table.log_len, np.log(length)), _nodes(table.log_b, np.log(bb)))
-    out["decode"].add((int(on.decode_layout), 0, 0))
+    if not su.static.mla:  # the attention kernel's fixed cost (MLA models read the MLA module tables instead)
+        out["decode"].add((int(on.decode_layout), 0, 0))
     if a.comm is not None and su.tp > 1:
         msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))
         out["allreduce"] = _cells(_nodes(a.comm.log_gpus, np.log(su.tp)), _nodes(a.comm.log_bytes, np.log(msg)))
@@ -253,8 +270,11 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
 
 def step_gemms(d: ops.Dims, batch: Batch, static: Static | None = None) -> list[ops.Gemm]:
     """The GEMMs of a step: qkv, o, gate_up, down (per layer, M = tokens), lm_head (M = sampled), and for a
-    mixture-of-experts model (``static.moe``) the router and shared-expert GEMMs of `ops.moe_gemms`."""
-    out = list(ops.layer_gemms(d, batch.tokens).values()) + [ops.lm_head_gemm(d, batch.sampled)]
+    mixture-of-experts model (``static.moe``) the router and shared-expert GEMMs of `ops.moe_gemms`.  An MLA
+    model (``static.mla``) has `ops.mla_gemms` (the down-projection, gate_up, down) in place of the first
+    four: `attention_gemm_count` says how many of the list are attention projections."""
+    layer = ops.mla_gemms(d, batch.tokens) if static is not None and static.mla else ops.layer_gemms(d, batch.tokens)
+    out = list(layer.values()) + [ops.lm_head_gemm(d, batch.sampled)]
     if static is not None and static.moe:
         out += list(ops.moe_gemms(d, batch.tokens, static.shared_experts).values())
     return out
@@ -284,8 +304,23 @@ class TableLookup(NamedTuple):
         return kt.attn_floor_us(self.arrays.decode, self.on.decode_layout)
 
     def moe_us(self, tokens):
-        """The routed experts' fused-MoE call of one layer at ``tokens`` tokens, table time (µs)."""
-        return kt.moe_table_us(self.arrays.moe, tokens)
+        """The routed experts' fused-MoE call of one layer when each attention rank computes ``tokens``
+        tokens, table time (µs): the curve read at `ops.moe_tokens`."""
+        return kt.moe_table_us(self.arrays.moe, ops.moe_tokens(self.on.dims, tokens))
+
+    def ep_exchange_us(self, tokens):
+        """One MoE layer's dispatch and combine under attention data parallelism (`ops.ep_exchange_message`)
+        over the tp x attention_dp GPUs, table time (µs; 0 at attention_dp 1 or without a table)."""
+        d = self.on.dims
+        return jnp.where(d.attention_dp > 1.0, kt.allreduce_table_us(
+            self.arrays.comm, d.tp * d.attention_dp, jnp.maximum(ops.ep_exchange_message(d, tokens), 1.0)), 0.0)
+
+    def mla_us(self, batch: Batch):
+        """One layer's MLA module tables, table time (µs): (decode, prefill, decode floor, prefill floor)."""
+        dec, pre = self.arrays.mla_decode, self.arrays.mla_prefill
+        dec_floor, pre_floor = kt.attn_floor_us(dec, 0), kt.attn_floor_us(pre, 0)
+        return (kt.mla_decode_us(kt.attn_on(dec, 0), dec_floor, batch.n_decode, batch.decode_keys),
+                kt.mla_prefill_us(kt.attn_on(pre, 0), batch.n_prefill, batch.prefill_tokens), dec_floor, pre_floor)
 
     def layer_allreduce_us(self, tokens):
         """One all-reduce of the hidden states of ``tokens`` tokens over the TP group, table time (µs; 0
@@ -324,6 +359,14 @@ class Features(NamedTuple):
     sliding_prefill_us: jax.Array  # prefill attention table time per sliding layer
     sliding_decode_us: jax.Array  # decode attention table time per sliding layer
     sliding_kv_bytes: jax.Array  # KV-cache bytes the decodes read per sliding layer
+    # MLA models (`Static.mla`; else 0): one layer's MLA module, table times, and the tables' smallest times
+    mla_decode_us: jax.Array = 0.0
+    mla_prefill_us: jax.Array = 0.0
+    mla_decode_floor_us: jax.Array = 0.0
+    mla_prefill_floor_us: jax.Array = 0.0
+    # attention data parallelism: one MoE layer's dispatch + combine (`ops.ep_exchange_message`)
+    ep_table_us: jax.Array = 0.0  # from the all-reduce table (0 without one or at attention_dp 1)
+    ep_bytes: jax.Array = 0.0  # its all-reduce-equivalent message
 
 
 def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Features:
@@ -341,6 +384,17 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
     msg = ops.allreduce_bytes(d, tokens)
     gather = ops.logits_gather_message(d, sampled)
     zero = jnp.zeros_like(jnp.asarray(tokens, jnp.float32))
+    if static.mla:  # the MLA module tables replace the attention kernels (and the projections but one)
+        mla = dict(zip(("mla_decode_us", "mla_prefill_us", "mla_decode_floor_us", "mla_prefill_floor_us"),
+                       lookup.mla_us(batch)))
+        attn = dict(attn_prefill_us=zero, attn_decode_us=zero, attn_floor_us=zero, kv_bytes=zero)
+    else:
+        mla = dict.fromkeys(("mla_decode_us", "mla_prefill_us", "mla_decode_floor_us", "mla_prefill_floor_us"), zero)
+        attn = dict(attn_prefill_us=lookup.attn_prefill_us(batch.n_prefill, batch.prefill_pairs),
+                    attn_decode_us=lookup.attn_decode_us(batch.n_decode, batch.decode_keys),
+                    attn_floor_us=lookup.attn_floor_us(), kv_bytes=ops.kv_read_bytes(d, batch.decode_keys))
+    ep = dict(ep_table_us=lookup.ep_exchange_us(tokens), ep_bytes=ops.ep_exchange_message(d, tokens)) \
+        if static.moe else dict(ep_table_us=zero, ep_bytes=zero)
     if static.mixed_attention:
         s_keys = ops.sliding_decode_keys(d, batch.n_decode, batch.decode_keys)
         s_pairs = ops.sliding_prefill_pairs(d, batch.prefill_tokens, batch.prefill_pairs)
@@ -350,17 +404,13 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
     else:
         sliding = dict(sliding_prefill_us=zero, sliding_decode_us=zero, sliding_kv_bytes=zero)
     return Features(
-        tokens=tokens, n_prefill=batch.n_prefill, n_decode=batch.n_decode, gemm=gf,
-        attn_prefill_us=lookup.attn_prefill_us(batch.n_prefill, batch.prefill_pairs),
-        attn_decode_us=lookup.attn_decode_us(batch.n_decode, batch.decode_keys),
-        attn_floor_us=lookup.attn_floor_us(),
-        kv_bytes=ops.kv_read_bytes(d, batch.decode_keys),
+        tokens=tokens, n_prefill=batch.n_prefill, n_decode=batch.n_decode, gemm=gf, **attn,
         memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
         comm_table_us=lookup.layer_allreduce_us(tokens), comm_bytes=msg,
         gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather,
         decode_keys=batch.decode_keys, prefill_pairs=batch.prefill_pairs,
-        moe_us=lookup.moe_us(tokens) if static.moe else zero, **sliding)
+        moe_us=lookup.moe_us(tokens) if static.moe else zero, **sliding, **mla, **ep)
 
 
 def features(arrays: Arrays, on: ModelOnGPU, step: Step, static: Static) -> Features:
@@ -385,7 +435,9 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
         return t_dec, jnp.where(has_pre, jnp.maximum(prefill_us * p.attn_prefill_scale - floor, 0.0), 0.0)
 
     t_dec, t_pre = attention(f.attn_decode_us, f.kv_bytes, f.attn_prefill_us)
-    if static.mixed_attention:  # full layers at the batch's keys and pairs, sliding layers within the window
+    if static.mla:  # the MLA module tables (`MLA_PART`)
+        attn_pre = attn_dec = jnp.zeros_like(t_dec)
+    elif static.mixed_attention:  # full layers at the batch's keys and pairs, sliding layers within the window
         s_dec, s_pre = attention(f.sliding_decode_us, f.sliding_kv_bytes, f.sliding_prefill_us)
         attn_pre = d.full_layers * t_pre + d.sliding_layers * s_pre
         attn_dec = d.full_layers * t_dec + d.sliding_layers * s_dec
@@ -394,12 +446,13 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     memory = kt.memory_us(f.memory_bytes, hw, p) + ops.memory_kernels_per_layer(d) * p.kernel_floor_us
     comm = kt.allreduce_combine(f.comm_table_us, static.has_comm_table, d.tp, f.comm_bytes, hw, p)
     gather = kt.allreduce_combine(f.gather_table_us, static.has_comm_table, d.tp, f.gather_bytes, hw, p)
-    head = g[4] + kt.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
     per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
     overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
+    na = attention_gemm_count(static)  # g: attention projections, gate_up, down, lm_head, MoE GEMMs
+    head = g[na + 2] + kt.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
     parts = {
         "gemm": (d.layers * jnp.sum(g[:4]) if not static.moe  # attention projections; dense MLP layers' own
-                 else d.layers * (g[0] + g[1]) + d.dense_layers * (g[2] + g[3])),
+                 else d.layers * (g[0] if static.mla else g[0] + g[1]) + d.dense_layers * (g[na] + g[na + 1])),
         "attn_prefill": attn_pre,
         "attn_decode": attn_dec,
         "memory_ops": d.layers * memory,
@@ -408,8 +461,18 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
         "overhead": overhead,
     }
     if static.moe:  # router, routed experts (the fused-MoE call, an engine GEMM like the others), shared experts
-        parts["moe"] = d.moe_layers * (f.moe_us * p.gemm_scale + jnp.sum(g[5:], axis=0))
+        parts["moe"] = d.moe_layers * (f.moe_us * p.gemm_scale + jnp.sum(g[na + 3:], axis=0))
+        ep = kt.allreduce_combine(f.ep_table_us, static.has_comm_table, d.tp * d.attention_dp, f.ep_bytes, hw, p)
+        parts["communication"] = parts["communication"] + d.moe_layers * jnp.where(d.attention_dp > 1.0, ep, 0.0)
+    if static.mla:  # one layer's MLA module, table time (no fitted scale: no measured MLA step to fit it to)
+        parts[MLA_PART] = d.layers * kt.mla_layer_us(f.mla_decode_us, f.mla_prefill_us, f.mla_decode_floor_us,
+                                                       f.mla_prefill_floor_us)
     return sum(parts.values()), parts
+
+
+def attention_gemm_count(static: Static) -> int:
+    """How many of `step_gemms` are attention projections: 2 (qkv, o), 1 for MLA (its down-projection)."""
+    return 1 if static.mla else 2
 
 
 def step_time(arrays: Arrays, on: ModelOnGPU, params: Params, step: Step, static: Static):

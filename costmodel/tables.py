@@ -766,3 +766,49 @@ def mla_curve(df: pd.DataFrame, num_heads: int, batch_size: int, kv_dtype: str =
         return None
     length = "seq_len" if "seq_len" in sel.columns else "kv_len"
     return sel[length].to_numpy(np.int64), sel["latency_us"].to_numpy(np.float64)
+
+
+def mla_table(df: pd.DataFrame, num_heads: int, kv_dtype: str = "bf16", gemm_dtype: str = "bf16",
+              dtype: str = "bf16") -> AttnTable | None:
+    """The MLA module curves of a `load_mla` frame for ``num_heads`` heads per GPU at these dtypes, as an
+    `AttnTable` of one head layout (c = 0): log µs over the frame's whole length grid (the union of every
+    curve's lengths, so that every MLA table of one GPU and kind has one shape) x its batch sizes; None when
+    those curves were not measured.  Lengths a curve lacks (the tables are subsampled where log-log linear
+    interpolation reproduces them within 1.5 %) are filled log-log linearly between its measured neighbours,
+    held below its first and grown in proportion to length (decode) or its square (prefill) beyond its last;
+    then the lower envelope over length and batch (`interp.suffix_min`, the tables' policy) is kept."""
+    length = "seq_len" if "seq_len" in df.columns else "kv_len"
+    slope = PREFILL_SLOPE_HI if length == "seq_len" else DECODE_SLOPE_HI
+    ll, lb = _log_grid(df[length]), _log_grid(df.batch_size)
+    grid = np.full((len(ll), len(lb)), np.nan)
+    for j, b in enumerate(np.exp(lb)):
+        got = mla_curve(df, num_heads, int(round(b)), kv_dtype, gemm_dtype, dtype)
+        if got is None:
+            return None
+        grid[_index(ll, got[0]), j] = np.log(got[1])
+        grid[:, j] = fill_work_axis(grid[:, j], ll, slope)
+    t = suffix_min(np.exp(grid)[None], (1, 2))
+    return AttnTable(*(jnp.asarray(a, jnp.float32) for a in (ll, lb, np.log(t))))
+
+
+def mla_tables_of(gpu: str, num_heads: int, kv_dtype: str, gemm_dtype: str, data_dir=None) -> tuple[AttnTable, AttnTable]:
+    """(decode, prefill) `mla_table` of ``gpu`` at ``num_heads`` heads per GPU, bf16 attention; refused
+    (`InputError` naming what is measured) where the GPU has no MLA table or not at these heads and dtypes."""
+    out = []
+    for kind in ("decode", "prefill"):
+        df = load_mla(gpu, kind, data_dir)
+        if df is None:
+            have = sorted(p.parent.name for p in (Path(data_dir) if data_dir is not None else default_bench_data())
+                          .glob(f"mla/{kind}/*/data.csv"))
+            raise InputError(f"no MLA {kind} table for {gpu} (measured: {', '.join(have) or 'none'}), so "
+                             "multi-head latent attention cannot be priced on it", field="gpu")
+        t = mla_table(df, num_heads, kv_dtype, gemm_dtype)
+        if t is None:
+            have = sorted(set(zip(df.num_heads, df.kv_dtype, df.gemm_dtype)))
+            heads = sorted({h for h, _, _ in have})
+            dts = sorted({f"kv {k}/gemm {g}" for _, k, g in have})
+            raise InputError(f"the MLA {kind} table of {gpu} has no curves at {num_heads} heads per GPU with kv "
+                             f"{kv_dtype} and {gemm_dtype} projections (measured heads per GPU: "
+                             f"{', '.join(map(str, heads))}; dtypes: {', '.join(dts)})", field="tp")
+        out.append(t)
+    return out[0], out[1]

@@ -63,7 +63,7 @@ def _reference(df, model, tables, params=None):
     """The general path (`step_time` over padded per-request steps) for every row at its TP."""
     steps = cm.pack_steps(_as_steps(df))
     out = np.zeros(len(df))
-    parts = {k: np.zeros(len(df)) for k in sw.BREAKDOWN + (sw.MOE_PART,)}
+    parts = {k: np.zeros(len(df)) for k in sw.RESULT_COLUMNS[1:]}
     for tp in sorted(df.tp.unique()):
         sel = df.tp.to_numpy() == tp
         t, br = _ref_fn(cm.setup(cm.load_model(model), tables, int(tp)), steps, params)

@@ -5,7 +5,9 @@ A *space* of configurations is either named axes (their Cartesian product) or a 
 * group columns, fixed per (model, GPU, TP, calibration, dtype): ``model`` (packaged name or path), ``gpu``,
   ``tp`` (default 1), ``calibration`` (``none`` | ``default`` | PATH, default ``default`` as in
   ``costmodel predict``: the pooled parameters; ``default@0.15`` those fitted for vLLM 0.15), ``dtype``
-  (default: the model config's);
+  (default: the model config's), ``moe_ep`` and ``attention_dp`` (expert parallelism and attention data
+  parallelism of a mixture-of-experts model as in `step.setup`; default 1, written as output columns only
+  where some group sets them);
 * the batch, summarized (decode attention is priced from the batch size and the total keys, prefill
   attention from the number of chunks and the total query-key pairs, GEMMs from the token count, so these
   summaries are exact):
@@ -64,6 +66,7 @@ from ..model import ModelConfig, load_arch, load_model, normalize_dtype
 from ..params import Params
 from ..step import (
     BREAKDOWN,
+    MLA_PART,
     MOE_PART,
     Batch,
     ModelOnGPU,
@@ -79,11 +82,12 @@ from ..step import (
 )
 from .records import KV_CHECK
 
-GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype")
-GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None}
+GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype", "moe_ep", "attention_dp")
+GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None, "moe_ep": 1, "attention_dp": 1}
+LAYOUT_AXES = ("moe_ep", "attention_dp")  # written as output columns only where some group is not at 1
 BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_new", "prefill_cached",
                  "prefill_tokens", "prefill_pairs")
-RESULT_COLUMNS = ("step_us",) + BREAKDOWN + (MOE_PART,)  # MOE_PART: 0 for a dense model
+RESULT_COLUMNS = ("step_us",) + BREAKDOWN + (MOE_PART, MLA_PART)  # MOE_PART, MLA_PART: 0 for models without
 KV_FITS = "kv_fits"  # the column saying whether a configuration's KV cache fits (`kv_fits`)
 DEFAULT_CHUNK = 1 << 20
 
@@ -122,7 +126,7 @@ def fast_chunk(mode: Mode, static: Static, lookup: FastLookup, on: ModelOnGPU, p
         tokens, pairs = (pre_a, pre_b) if mode.prefill_total else prefill_of_means(d, n_pre, pre_a, pre_b)
         total, parts = combine(batch_features(lookup, on, Batch(n_dec, keys, n_pre, tokens, pairs), static),
                                on, params, static)
-        return [total] + [parts[k] for k in BREAKDOWN] + [parts.get(MOE_PART, jnp.zeros_like(total))]
+        return [total] + [parts[k] for k in BREAKDOWN] + [parts.get(k, jnp.zeros_like(total)) for k in (MOE_PART, MLA_PART)]
 
     ok = (b0 + b2) > 0
     return tuple(jnp.where(ok, v, jnp.nan) for v in jax.vmap(one)(b0, b1, b2, b3, b4))
@@ -190,37 +194,40 @@ class _Resolver:
         return self._models[key]
 
     def group(self, key: tuple) -> Group:
-        model, gpu, tp, cal, dtype = key
+        model, gpu, tp, cal, dtype, moe_ep, attention_dp = key
         if isinstance(tp, bool) or not float(tp).is_integer() or int(tp) < 1:
             raise InputError(f"must be a positive integer, got {tp!r}", field="tp")
         g = get_gpu(gpu)
         if g.name not in self._tables:
             self._tables[g.name] = tables_mod.load_tables(self.bench_data, g)
         m = self.model(model, normalize_dtype(dtype) if dtype else None)
-        su = setup(m, self._tables[g.name], int(tp))
+        su = setup(m, self._tables[g.name], int(tp), moe_ep, attention_dp=attention_dp)
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
         cal = params.get(g.name)
         try:
-            kv = memory.kv_capacity_tokens(load_arch(str(model), self.model_configs), int(tp), g,
+            kv = memory.kv_capacity_tokens(load_arch(str(model), self.model_configs),
+                                           memory.Layout(tp=int(tp), attention_dp=attention_dp, moe_ep=moe_ep), g,
                                            weights=normalize_dtype(dtype) if dtype else None, **KV_CHECK)
         except InputError:
             kv = None
         return Group(key, su, cal.pooled if cal else Params(), desc, kv)
 
 
-def _norm_key(model, gpu, tp, cal, dtype, where: str | None = None) -> tuple:
-    """A group's key, checked: ``tp`` a positive integer (2.7, "2" or True are refused, never rounded),
-    ``model``, ``gpu`` and ``calibration`` given, ``calibration`` none | default | an existing file."""
+def _norm_key(model, gpu, tp, cal, dtype, moe_ep=1, attention_dp=1, where: str | None = None) -> tuple:
+    """A group's key, checked: ``tp``, ``moe_ep``, ``attention_dp`` positive integers (2.7, "2" or True are
+    refused, never rounded), ``model``, ``gpu`` and ``calibration`` given, ``calibration`` none | default |
+    an existing file."""
     dtype = None if _missing(dtype) else str(dtype)
     for name, v in (("model", model), ("gpu", gpu), ("calibration", cal)):
         if _missing(v) or str(v).strip() == "":
             raise InputError("empty value", where, name)
-    if isinstance(tp, (bool, np.bool_)) or not isinstance(tp, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(tp) or not float(tp).is_integer() or tp < 1:
-        raise InputError(f"must be a positive integer, got {tp!r}", where, "tp")
+    for name, v in (("tp", tp), ("moe_ep", moe_ep), ("attention_dp", attention_dp)):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(v) or not float(v).is_integer() or v < 1:
+            raise InputError(f"must be a positive integer, got {v!r}", where, name)
     _check_calibration_choice(str(cal), where)
-    return (str(model), str(gpu), int(tp), str(cal), dtype)
+    return (str(model), str(gpu), int(tp), str(cal), dtype, int(moe_ep), int(attention_dp))
 
 
 def _missing(v) -> bool:
@@ -404,7 +411,7 @@ class AxesSpace(Space):
         self.n = math.prod(self.gshape + self.bshape)  # a Python int: no overflow, nothing materialized
         n_groups = math.prod(self.gshape)
         if n_groups > MAX_GROUPS:
-            raise InputError(f"{n_groups:,} groups (model x gpu x tp x calibration x dtype); a sweep has at most "
+            raise InputError(f"{n_groups:,} groups (model x gpu x tp x calibration x dtype x moe_ep x attention_dp); a sweep has at most "
                              f"{MAX_GROUPS:,}, each set up on its own", lines.get("axes"), "axes")
         for k, vals in self.group_axes:  # each value once (cheap), then the product
             for v in vals:
@@ -447,9 +454,9 @@ def _group_columns(group_keys: list[tuple], g: np.ndarray, skip=()) -> dict:
     cols = {}
     for i, k in enumerate(GROUP_AXES):
         vals = [key[i] for key in group_keys]
-        if k in skip or (k == "dtype" and all(v is None for v in vals)):
+        if k in skip or (k == "dtype" and all(v is None for v in vals)) or (k in LAYOUT_AXES and all(v == 1 for v in vals)):
             continue
-        if k == "tp":
+        if k in ("tp",) + LAYOUT_AXES:
             cols[k] = np.asarray(vals, np.int32)[g]
         else:
             codes, uniq = pd.factorize(pd.Index([("" if v is None else str(v)) for v in vals]))
@@ -613,7 +620,7 @@ class FrameSpace(Space):
         return g, b, cols
 
     def _model(self, gi):
-        model, _, _, _, dtype = self.group_keys[gi]
+        model, _, _, _, dtype = self.group_keys[gi][:5]
         m = load_model(model, self.model_configs)
         return m.with_dtype(dtype) if dtype else m
 
@@ -693,7 +700,7 @@ DEFAULT_CALL = 1 << 17  # configurations per kernel call (intermediates of 512 K
 class Evaluator:
     """Compiled fast evaluation of a space's groups.  `submit(g, batch)` dispatches rows of any groups
     (asynchronously, in calls of ``call_size`` rows of one group each, sharded over ``devices`` local
-    devices); `fetch(handle)` returns [9, k]: ``step_us``, the `BREAKDOWN` and the MoE part (µs)."""
+    devices); `fetch(handle)` returns [10, k]: ``step_us``, the `BREAKDOWN`, the MoE and MLA parts (µs)."""
 
     def __init__(self, space: Space, call_size: int = DEFAULT_CALL, model_configs=None, bench_data=None,
                  allow_other_gpu=False, devices: int | None = None, tables: dict | None = None):
@@ -782,7 +789,7 @@ class Evaluator:
         return out
 
     def __call__(self, g: np.ndarray, batch: list[np.ndarray]) -> np.ndarray:
-        """[9, k]: step_us and the breakdown (`RESULT_COLUMNS`)."""
+        """[10, k]: step_us and the breakdown (`RESULT_COLUMNS`)."""
         return np.stack(self.fetch(self.submit(g, batch))) if len(g) else np.zeros((len(RESULT_COLUMNS), 0),
                                                                                       np.float32)
 
@@ -1146,7 +1153,7 @@ def input_hashes(ev: Evaluator) -> dict[str, str]:
     cache: dict = {}
     out = {"costmodel code": _code_hash()}
     for gr in ev.groups:
-        model, gpu, tp, cal, dtype = gr.key
+        model, gpu, tp, cal, dtype = gr.key[:5]
         m = gr.setup.model
         out[f"model config {model}"] = _sha(json.dumps(dataclasses.asdict(m), sort_keys=True, default=str).encode())
         for kind, src in sorted(ev.table_sources.get(gr.setup.gpu.name, {}).items()):
