@@ -190,9 +190,11 @@ def _hand_example():
             recs.append(rec)
             preds.append(_pred(rec, p_tpot, p_tput))
     refused = _closed(9, 1, 2, 100.0, 15.0, model="b")  # refused: left out of group "b"
-    small = [_closed(i, 1, 1, 50.0, 5.0, osl=33) for i in range(3)]  # three rows: too small a group
-    recs += [refused] + small
-    preds += [{"id": refused["id"], "refused": "not modelled"}] + [_pred(r, 5.0, 10.0) for r in small]
+    small = [_closed(i, 1, i + 1, 50.0, 5.0, osl=33) for i in range(3)]  # three rows: too small a group
+    twice = dict(recs[0], id="a-again")  # group "a"'s first row listed again under another id: left out
+    recs += [refused, twice] + small
+    preds += [{"id": refused["id"], "refused": "not modelled"}, _pred(twice, 1.0, 1e6)]
+    preds += [_pred(r, 5.0, 10.0) for r in small]
     return recs, preds
 
 
@@ -203,6 +205,7 @@ def test_regret_by_hand():
     res = dq.regret(recs, preds)
     by = {g["model"]: g for g in res.groups}
     assert set(by) == {"miss", "a", "b"} and res.small == 3 and list(res.refused) == ["b-11-9"]
+    assert res.duplicates == 1 and all(g["rows"] == 4 for g in res.groups)
     for g in res.groups:
         assert g["slo_tpot_ms"] == 25.0 and g["best"]["id"].endswith("-1")
         assert g["best"]["measured_tok_s_gpu"] == pytest.approx(4 * 11 / 0.3)

@@ -7,7 +7,8 @@ objective at the median of its measured mean TPOTs.  The model picks the row wit
 tokens/s per GPU among those it *predicts* within the objective; the pick's regret is
 1 − (its measured tokens/s per GPU ÷ the most measured tokens/s per GPU within the objective), and 1 (100 %)
 when the pick misses the objective when measured or when the model predicts no row within it.  Rows the
-model refuses are left out of the groups and counted.
+model refuses, and rows repeating another's layout, concurrency and measurements, are left out of the
+groups and counted.
 
 Measured tokens/s per GPU of a closed loop of C clients (each sends its next request when the previous one
 has finished): every client completes one request of OSL output tokens per mean request latency
@@ -27,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError
-from ..io import atomic_write, check_output_file, print_table, refuse_overwrite
+from ..io import atomic_write, check_output_file, number, print_table, refuse_overwrite
 from . import serve as serve_mod
 
 MIN_CONFIGS = 4
@@ -50,6 +51,18 @@ def closed_loop_tokens_per_s_per_gpu(ttft_ms: float, tpot_ms: float, concurrency
     """Output tokens/s per GPU of a closed loop: ``concurrency`` clients each finishing one request of ``osl``
     tokens per TTFT + (osl − 1) x TPOT."""
     return concurrency * osl / ((ttft_ms + (osl - 1) * tpot_ms) / 1e3) / gpus
+
+
+def as_served(rec: dict, client_connection_limit: int | None = None) -> dict:
+    """The record without its ``measured`` block, as the server sees it: a benchmark client that holds at
+    most ``client_connection_limit`` connections (aiohttp's default pool is 100) keeps at most that many
+    requests at the server, the rest waiting on its side, so the server runs a closed loop of
+    min(C, limit) clients — same TPOT and throughput; only the client's TTFT adds the wait."""
+    out = {k: v for k, v in rec.items() if k != "measured"}
+    c = (rec.get("workload") or {}).get("concurrency")
+    if client_connection_limit and isinstance(c, int) and c > client_connection_limit:
+        out["workload"] = dict(rec["workload"], concurrency=client_connection_limit)
+    return out
 
 
 def group_key(rec: dict) -> tuple:
@@ -97,12 +110,14 @@ def read_measured(path) -> list[tuple[dict, str]]:
 @dataclass
 class Regret:
     """``groups``: one dict per group of at least `MIN_CONFIGS` priced rows (key, rows, SLO, pick, best,
-    regret); ``refused``: {id: reason} of rows the model refuses; ``small``: rows of groups too small."""
+    regret); ``refused``: {id: reason} of rows the model refuses; ``small``: rows of groups too small;
+    ``duplicates``: rows repeating another row's layout, concurrency and measurements, left out."""
 
     groups: list = field(default_factory=list)
     refused: dict = field(default_factory=dict)
     small: int = 0
     unpriced: int = 0
+    duplicates: int = 0
 
     @property
     def mean_regret(self) -> float | None:
@@ -122,6 +137,7 @@ def regret(records, predictions, min_configs: int = MIN_CONFIGS) -> Regret:
     preds = predictions if isinstance(predictions, dict) else {str(p["id"]): p for p in predictions}
     out = Regret()
     groups: dict = {}
+    seen = set()
     for rec, where in items:
         p = preds.get(str(rec["id"]))
         if p is None:
@@ -139,6 +155,12 @@ def regret(records, predictions, min_configs: int = MIN_CONFIGS) -> Regret:
         if pred_tpot is None or pred_tput is None:
             out.unpriced += 1
             continue
+        same = (group_key(rec), gpus_of(rec), rec.get("tp", 1), rec.get("moe_ep") or 1, c,
+                float(m["ttft_mean_ms"]), float(m["tpot_mean_ms"]))
+        if same in seen:  # the same measurement listed twice (under two ids): one configuration
+            out.duplicates += 1
+            continue
+        seen.add(same)
         groups.setdefault(group_key(rec), []).append({
             "id": str(rec["id"]), "tp": rec.get("tp", 1), "moe_ep": rec.get("moe_ep") or 1, "concurrency": c,
             "gpus": gpus_of(rec), "measured_tpot_ms": float(m["tpot_mean_ms"]),
@@ -192,6 +214,7 @@ def summary(res: Regret) -> dict:
     """The machine-readable result (``--json``)."""
     return {"groups": len(res.groups), "mean_regret": res.mean_regret, "misses": res.misses,
             "refused_rows": len(res.refused), "rows_in_small_groups": res.small, "unpriced_rows": res.unpriced,
+            "duplicate_rows": res.duplicates,
             "table": table(res)}
 
 
@@ -208,8 +231,11 @@ def add_regret_arguments(sp) -> None:
                     help="reuse these predictions (the --out file of `costmodel serve` on the same records) "
                          "instead of predicting")
     sp.add_argument("--save-predictions", default=None, help="write the predictions here (JSON Lines)")
-    sp.add_argument("--min-configs", type=int, default=MIN_CONFIGS,
+    sp.add_argument("--min-configs", type=number(int, 2), default=MIN_CONFIGS,
                     help=f"smallest group scored (default {MIN_CONFIGS})")
+    sp.add_argument("--client-connection-limit", type=number(int, 1), default=None,
+                    help="requests the benchmark client keeps in flight at most (e.g. 100, aiohttp's default "
+                         "connection pool); more clients than that are priced as that many (docs/search.md)")
     sp.add_argument("--exclude-gpu", action="append", default=[],
                     help="drop records on this GPU before reading them (repeatable)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -251,10 +277,12 @@ def run_regret(args) -> int:
     if args.predictions:
         preds, how = read_predictions(args.predictions), f"predictions from {args.predictions}"
     else:
-        stripped = [({k: v for k, v in r.items() if k != "measured"}, w) for r, w in items]
+        stripped = [(as_served(r, args.client_connection_limit), w) for r, w in items]
         preds = serve_mod.serve(stripped, args.model_configs, args.bench_data, args.calibration,
                                 args.allow_other_gpu)
         how = "calibration: " + "; ".join(f"{g}: {d}" for g, d in serve_mod.serve.calibration_used.items())
+    if args.client_connection_limit:
+        how += f"; at most {args.client_connection_limit} requests in flight per client"
     took = time.perf_counter() - t0
     if args.save_predictions:
         atomic_write(args.save_predictions, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in preds))
@@ -262,8 +290,8 @@ def run_regret(args) -> int:
     if args.json:
         print(json.dumps({**summary(res), "seconds": round(took, 1), "predictions": how}, indent=1))
         return 0
-    print(f"costmodel regret: {len(items)} records, {len(res.refused)} refused, {res.small} in groups of fewer "
-          f"than {args.min_configs}, {len(res.groups)} groups ({took:.1f} s; {how})")
+    print(f"costmodel regret: {len(items)} records, {len(res.refused)} refused, {res.duplicates} duplicates, "
+          f"{res.small} in groups of fewer than {args.min_configs}, {len(res.groups)} groups ({took:.1f} s; {how})")
     print_table(table(res))
     if res.groups:
         print(f"mean regret {100 * res.mean_regret:.1f} % over {len(res.groups)} groups, {res.misses} SLO misses")
