@@ -23,12 +23,11 @@ import json
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError
-from ..io import atomic_write, check_output_file, number, print_table, refuse_overwrite
+from ..io import atomic_write, check_output_file, number, print_table, read_json_lines, refuse_overwrite
 from . import serve as serve_mod
 
 MIN_CONFIGS = 4
@@ -75,35 +74,21 @@ def group_key(rec: dict) -> tuple:
 def read_measured(path) -> list[tuple[dict, str]]:
     """(record, "file:line") of a closed-loop records file, each with a usable ``measured`` block (mean TTFT
     and TPOT, ms) and workload; bad input stops with the field and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", str(path))
-    out = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
-            if not isinstance(rec, dict):
-                raise InputError("a record must be a JSON object", where)
-            for key in ("id", "model", "gpu", "workload", "measured"):
-                kinds = dict if key in ("workload", "measured") else str if key in ("model", "gpu") else (str, int)
-                if not isinstance(rec.get(key), kinds):
-                    raise InputError("missing or not the right type", where, key)
-            w, m = rec["workload"], rec["measured"]
-            if w.get("type") != "closed":
-                raise InputError("must be a closed loop ({'type': 'closed', ...})", where, "workload")
-            for key in ("input_tokens", "output_tokens"):
-                if isinstance(w.get(key), bool) or not isinstance(w.get(key), int) or w[key] < 1:
-                    raise InputError(f"must be a positive integer, got {w.get(key)!r}", where, f"workload.{key}")
-            for key in ("ttft_mean_ms", "tpot_mean_ms"):
-                if isinstance(m.get(key), bool) or not isinstance(m.get(key), (int, float)) or not m[key] > 0:
-                    raise InputError(f"must be a positive number, got {m.get(key)!r}", where, f"measured.{key}")
-            out.append((rec, where))
+    out = read_json_lines(path)
+    for rec, where in out:
+        for key in ("id", "model", "gpu", "workload", "measured"):
+            kinds = dict if key in ("workload", "measured") else str if key in ("model", "gpu") else (str, int)
+            if not isinstance(rec.get(key), kinds):
+                raise InputError("missing or not the right type", where, key)
+        w, m = rec["workload"], rec["measured"]
+        if w.get("type") != "closed":
+            raise InputError("must be a closed loop ({'type': 'closed', ...})", where, "workload")
+        for key in ("input_tokens", "output_tokens"):
+            if isinstance(w.get(key), bool) or not isinstance(w.get(key), int) or w[key] < 1:
+                raise InputError(f"must be a positive integer, got {w.get(key)!r}", where, f"workload.{key}")
+        for key in ("ttft_mean_ms", "tpot_mean_ms"):
+            if isinstance(m.get(key), bool) or not isinstance(m.get(key), (int, float)) or not m[key] > 0:
+                raise InputError(f"must be a positive number, got {m.get(key)!r}", where, f"measured.{key}")
     return out
 
 
@@ -243,25 +228,13 @@ def add_regret_arguments(sp) -> None:
 
 def read_predictions(path) -> list[dict]:
     """`serve` output lines (``--out``), each with ``id`` and ``predicted``/``throughput`` or ``refused``."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", str(path))
     out = []
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                o = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
-            if not isinstance(o, dict) or "id" not in o:
-                raise InputError("missing required field", where, "id")
-            if "refused" not in o and not (isinstance(o.get("predicted"), dict)
-                                           and isinstance(o.get("throughput"), dict)):
-                raise InputError("needs 'predicted' and 'throughput' (or 'refused')", where, "predicted")
-            out.append(o)
+    for o, where in read_json_lines(path):
+        if "id" not in o:
+            raise InputError("missing required field", where, "id")
+        if "refused" not in o and not (isinstance(o.get("predicted"), dict) and isinstance(o.get("throughput"), dict)):
+            raise InputError("needs 'predicted' and 'throughput' (or 'refused')", where, "predicted")
+        out.append(o)
     return out
 
 
