@@ -242,7 +242,8 @@ def test_bench_search_skips_aiconfigurator_and_reports_a_refusal(monkeypatch, ca
 
     from costmodel.apps import bench
     find = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "aiconfigurator" else find(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "aiconfigurator" else find(name, *a))
     assert bench.aiconfigurator_python() is None
     monkeypatch.setitem(bench.SEARCH_QUERIES, "c", dict(bench.SEARCH_QUERIES["c"], model="no-such-model"))
     assert main(["bench", "--search", "--queries", "c", "--json"]) == 0
