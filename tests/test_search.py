@@ -213,6 +213,11 @@ def test_regret_by_hand():
     assert not by["a"]["missed"] and by["a"]["regret"] == pytest.approx(0.625)
     assert by["b"]["regret"] == pytest.approx(0.0)
     assert res.mean_regret == pytest.approx((1.0 + 0.625 + 0.0) / 3) and res.misses == 1
+    # by engine version: group "a" measured on two engines is two groups, too small to score
+    two = [dict(r, engine={"version": "0.1" if r["id"].endswith(("-0", "-1")) else "0.2"}) if r["model"] == "a"
+           else r for r in recs]
+    assert dq.regret(two, preds).mean_regret == res.mean_regret
+    assert {g["model"] for g in dq.regret(two, preds, by_engine=True).groups} == {"miss", "b"}
     # the model predicting nothing within the objective is a miss too
     none = dq.regret(recs, [dict(p, predicted={"tpot_mean_ms": 99.0, "ttft_mean_ms": 1.0}) if "predicted" in p
                             else p for p in preds])

@@ -64,11 +64,12 @@ def as_served(rec: dict, client_connection_limit: int | None = None) -> dict:
     return out
 
 
-def group_key(rec: dict) -> tuple:
-    """(model, GPU, weights, MoE weights, ISL, OSL) of a record."""
+def group_key(rec: dict, by_engine: bool = False) -> tuple:
+    """(model, GPU, weights, MoE weights, ISL, OSL) of a record, and its engine version with ``by_engine``."""
     w = rec["workload"]
-    return (rec["model"], rec["gpu"], rec.get("weights"), rec.get("moe_weights"), w["input_tokens"],
-            w["output_tokens"])
+    key = (rec["model"], rec["gpu"], rec.get("weights"), rec.get("moe_weights"), w["input_tokens"],
+           w["output_tokens"])
+    return key + ((rec.get("engine") or {}).get("version"),) if by_engine else key
 
 
 def read_measured(path) -> list[tuple[dict, str]]:
@@ -114,10 +115,11 @@ class Regret:
         return sum(g["missed"] for g in self.groups)
 
 
-def regret(records, predictions, min_configs: int = MIN_CONFIGS) -> Regret:
+def regret(records, predictions, min_configs: int = MIN_CONFIGS, by_engine: bool = False) -> Regret:
     """Decision quality (module doc).  ``records``: closed-loop records with ``measured`` (dicts, or
     (dict, location) pairs as `read_measured` gives); ``predictions``: `serve.serve` outputs (a list in any
-    order, or {id: output}); a record without a prediction is counted as ``unpriced``."""
+    order, or {id: output}); a record without a prediction is counted as ``unpriced``.  ``by_engine``: groups
+    also by the engine version (``engine.version``: a decision is made for one engine)."""
     items = [r if isinstance(r, tuple) else (r, f"record {i}") for i, r in enumerate(records)]
     preds = predictions if isinstance(predictions, dict) else {str(p["id"]): p for p in predictions}
     out = Regret()
@@ -140,13 +142,14 @@ def regret(records, predictions, min_configs: int = MIN_CONFIGS) -> Regret:
         if pred_tpot is None or pred_tput is None:
             out.unpriced += 1
             continue
-        same = (group_key(rec), gpus_of(rec), rec.get("tp", 1), rec.get("moe_ep") or 1, c,
+        key = group_key(rec, by_engine)
+        same = (key, gpus_of(rec), rec.get("tp", 1), rec.get("moe_ep") or 1, c,
                 float(m["ttft_mean_ms"]), float(m["tpot_mean_ms"]))
         if same in seen:  # the same measurement listed twice (under two ids): one configuration
             out.duplicates += 1
             continue
         seen.add(same)
-        groups.setdefault(group_key(rec), []).append({
+        groups.setdefault(key, []).append({
             "id": str(rec["id"]), "tp": rec.get("tp", 1), "moe_ep": rec.get("moe_ep") or 1, "concurrency": c,
             "gpus": gpus_of(rec), "measured_tpot_ms": float(m["tpot_mean_ms"]),
             "measured_ttft_ms": float(m["ttft_mean_ms"]),
@@ -166,7 +169,8 @@ def regret(records, predictions, min_configs: int = MIN_CONFIGS) -> Regret:
         missed = pick is None or pick["measured_tpot_ms"] > slo
         reg = 1.0 if missed else 1.0 - pick["measured_tok_s_gpu"] / best["measured_tok_s_gpu"]
         out.groups.append({"model": key[0], "gpu": key[1], "weights": key[2], "moe_weights": key[3],
-                           "isl": key[4], "osl": key[5], "rows": len(rows), "slo_tpot_ms": slo,
+                           "isl": key[4], "osl": key[5], "engine": str(key[6]) if by_engine else None,
+                           "rows": len(rows), "slo_tpot_ms": slo,
                            "within_measured": len(within), "within_predicted": len(chosen), "pick": pick,
                            "best": best, "regret": reg, "missed": missed,
                            "rows_detail": sorted(rows, key=lambda r: (r["tp"], r["moe_ep"], r["concurrency"]))})
@@ -186,6 +190,7 @@ def table(res: Regret) -> list[dict]:
     for g in res.groups:
         p, b = g["pick"], g["best"]
         rows.append({"model": g["model"], "weights": g["weights"], "isl/osl": f"{g['isl']}/{g['osl']}",
+                     **({"engine": g["engine"]} if g["engine"] is not None else {}),
                      "rows": g["rows"], "slo_tpot_ms": g["slo_tpot_ms"], "pick": _short(p),
                      "pick_tpot_ms": p["measured_tpot_ms"] if p else None,
                      "pick_pred_tpot_ms": p["predicted_tpot_ms"] if p else None,
@@ -221,6 +226,8 @@ def add_regret_arguments(sp) -> None:
     sp.add_argument("--client-connection-limit", type=number(int, 1), default=None,
                     help="requests the benchmark client keeps in flight at most (e.g. 100, aiohttp's default "
                          "connection pool); more clients than that are priced as that many (docs/search.md)")
+    sp.add_argument("--by-engine", action="store_true",
+                    help="group also by engine version (rows measured on another engine are another decision)")
     sp.add_argument("--exclude-gpu", action="append", default=[],
                     help="drop records on this GPU before reading them (repeatable)")
     sp.add_argument("--json", action="store_true", help="print one JSON object")
@@ -259,7 +266,7 @@ def run_regret(args) -> int:
     took = time.perf_counter() - t0
     if args.save_predictions:
         atomic_write(args.save_predictions, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in preds))
-    res = regret(items, preds, args.min_configs)
+    res = regret(items, preds, args.min_configs, args.by_engine)
     if args.json:
         print(json.dumps({**summary(res), "seconds": round(took, 1), "predictions": how}, indent=1))
         return 0
