@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .apps import bench, search, serve, sweep
+from .apps import bench, decisions, search, serve, sweep
 from .apps.tables_info import coverage
 from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
@@ -163,7 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
             ("serve", "serving estimates (TTFT, TPOT/ITL, E2E, throughput) of deployments under load",
              serve.add_serve_arguments, serve.run_serve),
             ("search", "deployments of a model on a GPU budget that meet TTFT/TPOT objectives: Pareto front, "
-                       "ranked table, vllm serve command lines", search.add_search_arguments, search.run_search)):
+                       "ranked table, vllm serve command lines", search.add_search_arguments, search.run_search),
+            ("regret", "decision quality on closed-loop measurements: regret of the configuration the predictions "
+                       "pick under a TPOT objective, per group", decisions.add_regret_arguments,
+             decisions.run_regret)):
         sp = sub.add_parser(name, help=help_)
         add(sp)
         sp.set_defaults(func=run)

@@ -39,6 +39,27 @@ def read_json(path: str | Path):
         raise InputError(f"malformed JSON: {e.msg}", f"{path}:{e.lineno}") from None
 
 
+def read_json_lines(path: str | Path) -> list[tuple[dict, str]]:
+    """(object, "file:line") for each non-blank line of a JSON Lines file; a missing file, malformed JSON or a
+    line that is not a JSON object raises `errors.InputError` naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("no such file", str(path))
+    out = []
+    for lineno, line in enumerate(read_text_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
+        if not isinstance(obj, dict):
+            raise InputError("a record must be a JSON object", where)
+        out.append((obj, where))
+    return out
+
+
 def atomic_write(path: str | Path, write: Callable, *, mode: str = "w") -> Path:
     """Write ``path`` through a temporary file in the same folder, renamed over ``path`` when ``write``
     returns, so that a failed run leaves no partial file (the temporary one is removed) and readers see the

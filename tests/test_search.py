@@ -156,3 +156,134 @@ def test_cli_bad_input_is_one_line(args, words, capsys, tmp_path, monkeypatch):
     rc = main(["search", "--gpus", "1", "--isl", "256", "--osl", "32", "--concurrency", "1", *args])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and words in err, err
+
+
+# ---------------------------------------------------------------- decision quality (costmodel regret)
+
+def _closed(i, tp, c, ttft, tpot, osl=11, model="m"):
+    return {"id": f"{model}-{osl}-{i}", "model": model, "gpu": "H100", "weights": "bf16", "tp": tp,
+            "workload": {"type": "closed", "concurrency": c, "input_tokens": 100, "output_tokens": osl},
+            "measured": {"ttft_mean_ms": ttft, "tpot_mean_ms": tpot}}
+
+
+# measured (TP, C, TTFT, TPOT) of one group, OSL 11: a client finishes a request per TTFT + 10 x TPOT, so
+# tokens/s per GPU = C x 11 / latency / TP: 55, 146.67, 110, 352.  Median TPOT 25 ms: A and B within, B best.
+HAND = [(1, 1, 100.0, 10.0), (1, 4, 100.0, 20.0), (2, 8, 100.0, 30.0), (1, 16, 100.0, 40.0)]
+
+
+def _pred(rec, tpot, tput):
+    return {"id": rec["id"], "predicted": {"tpot_mean_ms": tpot, "ttft_mean_ms": 100.0},
+            "throughput": {"output_tokens_per_s_per_gpu": tput}}
+
+
+def _hand_example():
+    recs, preds = [], []
+    # (predicted TPOT, predicted tokens/s per GPU) per row of HAND, one group per OSL-free label:
+    # group "miss": C is predicted within 25 ms and fastest, measured 30 ms -> a miss, 100 %;
+    # group "a": A has the most predicted throughput within -> 1 - 55 / 146.67 = 62.5 %;  group "b": B -> 0 %.
+    plans = {"miss": [(12, 50), (24, 100), (22, 120), (60, 300)],
+             "a": [(12, 200), (24, 100), (40, 120), (60, 300)],
+             "b": [(12, 50), (24, 100), (40, 120), (60, 300)]}
+    for model, plan in plans.items():
+        for i, ((tp, c, ttft, tpot), (p_tpot, p_tput)) in enumerate(zip(HAND, plan)):
+            rec = _closed(i, tp, c, ttft, tpot, model=model)
+            recs.append(rec)
+            preds.append(_pred(rec, p_tpot, p_tput))
+    refused = _closed(9, 1, 2, 100.0, 15.0, model="b")  # refused: left out of group "b"
+    small = [_closed(i, 1, i + 1, 50.0, 5.0, osl=33) for i in range(3)]  # three rows: too small a group
+    twice = dict(recs[0], id="a-again")  # group "a"'s first row listed again under another id: left out
+    recs += [refused, twice] + small
+    preds += [{"id": refused["id"], "refused": "not modelled"}, _pred(twice, 1.0, 1e6)]
+    preds += [_pred(r, 5.0, 10.0) for r in small]
+    return recs, preds
+
+
+def test_regret_by_hand():
+    from costmodel.apps import decisions as dq
+    assert dq.closed_loop_tokens_per_s_per_gpu(100.0, 30.0, 8, 11, 2) == pytest.approx(110.0)
+    recs, preds = _hand_example()
+    res = dq.regret(recs, preds)
+    by = {g["model"]: g for g in res.groups}
+    assert set(by) == {"miss", "a", "b"} and res.small == 3 and list(res.refused) == ["b-11-9"]
+    assert res.duplicates == 1 and all(g["rows"] == 4 for g in res.groups)
+    for g in res.groups:
+        assert g["slo_tpot_ms"] == 25.0 and g["best"]["id"].endswith("-1")
+        assert g["best"]["measured_tok_s_gpu"] == pytest.approx(4 * 11 / 0.3)
+    assert by["miss"]["missed"] and by["miss"]["regret"] == 1.0 and by["miss"]["pick"]["tp"] == 2
+    assert not by["a"]["missed"] and by["a"]["regret"] == pytest.approx(0.625)
+    assert by["b"]["regret"] == pytest.approx(0.0)
+    assert res.mean_regret == pytest.approx((1.0 + 0.625 + 0.0) / 3) and res.misses == 1
+    # by engine version: group "a" measured on two engines is two groups, too small to score
+    two = [dict(r, engine={"version": "0.1" if r["id"].endswith(("-0", "-1")) else "0.2"}) if r["model"] == "a"
+           else r for r in recs]
+    assert dq.regret(two, preds).mean_regret == res.mean_regret
+    assert {g["model"] for g in dq.regret(two, preds, by_engine=True).groups} == {"miss", "b"}
+    # the model predicting nothing within the objective is a miss too
+    none = dq.regret(recs, [dict(p, predicted={"tpot_mean_ms": 99.0, "ttft_mean_ms": 1.0}) if "predicted" in p
+                            else p for p in preds])
+    assert none.misses == 3 and none.mean_regret == 1.0 and none.groups[0]["pick"] is None
+
+
+def test_regret_cli_and_bad_input(tmp_path, capsys):
+    recs, preds = _hand_example()
+    rp, pp = tmp_path / "recs.jsonl", tmp_path / "preds.jsonl"
+    rp.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pp.write_text("".join(json.dumps(p) + "\n" for p in preds))
+    assert main(["regret", str(rp), "--predictions", str(pp), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["groups"] == 3 and s["misses"] == 1 and s["refused_rows"] == 1
+    assert s["mean_regret"] == pytest.approx(1.625 / 3)
+    bad = dict(recs[1], measured={"ttft_mean_ms": 1.0})
+    rp.write_text(json.dumps(recs[0]) + "\n" + json.dumps(bad) + "\n")
+    assert main(["regret", str(rp), "--predictions", str(pp)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "recs.jsonl:2" in err and "measured.tpot_mean_ms" in err, err
+
+
+# ---------------------------------------------------------------- costmodel bench --search (issue #17's queries)
+
+def test_bench_search_skips_aiconfigurator_and_reports_a_refusal(monkeypatch, capsys):
+    import importlib.util
+
+    from costmodel.apps import bench
+    find = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "aiconfigurator" else find(name, *a))
+    assert bench.aiconfigurator_python() is None
+    monkeypatch.setitem(bench.SEARCH_QUERIES, "c", dict(bench.SEARCH_QUERIES["c"], model="no-such-model"))
+    assert main(["bench", "--search", "--queries", "c", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)["c"]
+    assert "no config.json for model" in r["costmodel"]["refused"]
+    assert "not importable" in r["aiconfigurator"]["skipped"]
+    assert main(["bench", "--search", "--queries", "c"]) == 0
+    out = capsys.readouterr().out
+    assert "costmodel: refused" in out and "aiconfigurator: aiconfigurator is not importable" in out
+
+
+def test_aiconfigurator_output_is_read(tmp_path):
+    """Its log's counts and seconds and its pareto.csv files, filtered by the SLOs, from a stand-in program."""
+    import stat
+    import sys
+
+    from costmodel.apps import bench
+    fake = tmp_path / "fakepython"
+    fake.write_text(f"""#!{sys.executable}
+import os, sys
+save = sys.argv[sys.argv.index("--save-dir") + 1]
+os.makedirs(save + "/m/agg"); os.makedirs(save + "/m/disagg")
+open(save + "/m/agg/pareto.csv", "w").write(
+    "concurrency,ttft,tpot,tokens/s/gpu_cluster,tokens/s/user,parallel\\n"
+    "8,500,20,100,50,tp8pp1\\n16,600,25,150,40,tp8pp1\\n64,700,70,300,14,tp4pp1\\n")
+open(save + "/m/disagg/pareto.csv", "w").write(
+    "concurrency,ttft,tpot,tokens/s/gpu_cluster,tokens/s/user,(p)workers,(p)parallel,(d)workers,(d)parallel\\n"
+    "52,900,24,160,41,2,tp2pp1,1,tp4pp1\\n")
+print("Experiment agg completed with 112 results.", file=sys.stderr)
+print("Experiment disagg completed with 9 results.")
+print("All experiments completed in 17.5 seconds")
+""")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    r = bench.run_aiconfigurator(bench.SEARCH_QUERIES["a"], str(fake), tmp_path / "w")
+    assert r["configurations_scored"] == 121 and r["by_mode"] == {"agg": 112, "disagg": 9}
+    assert r["reported_seconds"] == 17.5 and r["seconds"] > 0
+    assert [p["tok_s_gpu"] for p in r["pareto"]] == [160.0, 100.0]  # TPOT 70 > 30 out; 150 @ 40 dominated
+    assert r["best"]["layout"] == "disagg 2x prefill tp2pp1 + 1x decode tp4pp1 c52"

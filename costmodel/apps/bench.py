@@ -29,7 +29,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..hardware import get_gpu
-from ..io import number
+from ..io import number, print_table
 from ..model import load_model
 from ..params import Params
 from ..step import Step, setup, step_time
@@ -202,9 +202,28 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "closed-loop estimates (--estimates, --rounds)")
     parser.add_argument("--estimates", type=number(int, 1), default=4096, help="--serve: closed-loop estimates")
     parser.add_argument("--rounds", type=number(int, 2), default=4, help="--serve: requests per closed-loop client")
+    parser.add_argument("--search", action="store_true",
+                        help="run issue #17's search queries with costmodel search and, when it can be run, "
+                             "AIConfigurator (docs/search.md)")
+    parser.add_argument("--queries", default="a,b,c", help="--search: which of the queries a, b, c (default all)")
+    parser.add_argument("--aiconfigurator-python", default=None,
+                        help="--search: the Python of an environment where aiconfigurator is installed "
+                             "(default: this one, when it imports aiconfigurator)")
+    parser.add_argument("--model-configs", default=None,
+                        help="--search: folder of <model>/config.json (default: the shared model configs)")
 
 
 def run_bench(args) -> int:
+    if getattr(args, "search", False):
+        names = [n.strip() for n in args.queries.split(",") if n.strip()]
+        bad = [n for n in names if n not in SEARCH_QUERIES]
+        if bad or not names:
+            raise InputError(f"must be a comma-separated list of {', '.join(SEARCH_QUERIES)}, got {args.queries!r}",
+                             field="--queries")
+        r = bench_search(names, model_configs=args.model_configs, bench_data=args.bench_data,
+                         aic_python=aiconfigurator_python(args.aiconfigurator_python), progress=not args.json)
+        print(json.dumps(r)) if args.json else print_search(r)
+        return 0
     if getattr(args, "serve", False):
         for name, low in (("estimates", 1), ("rounds", 2)):  # callers other than the CLI
             v = getattr(args, name, None)
@@ -420,3 +439,182 @@ def print_serve(r: dict) -> None:
     print(f"  one call per window ({parts}): {c['by_window_s']:.2f} s = {c['by_window_estimates_per_s']:,.0f} "
           f"estimates/s (first calls {c['by_window_first_call_s']:.1f} s); same TTFT and TPOT as the single call: "
           f"{'yes' if c['by_window_same_results'] else 'NO'}")
+
+# ---------------------------------------------------------------- search: `costmodel bench --search`
+# The three AIConfigurator queries of issue #17, run with `search.search` and, when it can be run, with
+# AIConfigurator's own ``aiconfigurator cli default`` (a separate package, never a dependency: run from the
+# Python given by --aiconfigurator-python, or this one when it imports ``aiconfigurator``).  Its fp8 query
+# reads a local copy of its Llama-3.1-70B config with an fp8 ``quantization_config`` (its default mode infers
+# the precision from the model config); query (c)'s ISL/OSL and SLOs are not given by the issue: those of (a).
+
+SEARCH_QUERIES = {
+    "a": {"model": "llama-3.1-70b", "gpu": "H100", "gpus": 8, "isl": 4000, "osl": 500, "ttft_ms": 1000.0,
+          "tpot_ms": 30.0, "weights": ["bf16"],
+          "aiconfigurator": {"model_path": "meta-llama/Meta-Llama-3.1-70B", "system": "h100_sxm"}},
+    "b": {"model": "llama-3.1-70b", "gpu": "H100", "gpus": 8, "isl": 1024, "osl": 1024, "ttft_ms": 1000.0,
+          "tpot_ms": 30.0, "weights": ["fp8"],
+          "aiconfigurator": {"model_path": "meta-llama/Meta-Llama-3.1-70B", "system": "h100_sxm", "fp8": True}},
+    "c": {"model": "deepseek_v3", "gpu": "H200", "gpus": 8, "isl": 4000, "osl": 500, "ttft_ms": 1000.0,
+          "tpot_ms": 30.0, "weights": None,
+          "aiconfigurator": {"model_path": "deepseek-ai/DeepSeek-V3", "system": "h200_sxm"}},
+}
+AIC_TIMEOUT_S = 900
+
+
+def aiconfigurator_python(given: str | None = None) -> str | None:
+    """The Python that runs AIConfigurator: ``given``, else this one when ``aiconfigurator`` imports here, else
+    None."""
+    import importlib.util
+    if given:
+        return given
+    return sys.executable if importlib.util.find_spec("aiconfigurator") else None
+
+
+def _search_front(rows: list[dict]) -> list[dict]:
+    """Brief Pareto rows of ours (tokens/s per GPU, per user, TTFT, TPOT, layout)."""
+    return [{"layout": f"{r['layout']} {r['weights']} c{r['concurrency_per_replica']}",
+             "tok_s_gpu": r["output_tokens_per_s_per_gpu"], "tok_s_user": r["output_tokens_per_s_per_user"],
+             "ttft_ms": r["ttft_mean_ms"], "tpot_ms": r["tpot_mean_ms"]} for r in rows]
+
+
+def run_our_search(q: dict, model_configs=None, bench_data=None, rounds: int = 10) -> dict:
+    """`search.search` on one query, twice in this process: the first call compiles, the second is timed
+    (``seconds``); ``compile_seconds`` the difference.  A model the step model refuses gives ``refused``."""
+    from . import search as sr
+    kw = dict(isl=q["isl"], osl=q["osl"], ttft_ms=q["ttft_ms"], tpot_ms=q["tpot_ms"], weights=q["weights"],
+              model_configs=model_configs, bench_data=bench_data, workload_options={"rounds": rounds})
+    try:
+        t0 = time.perf_counter()
+        sr.search(q["model"], q["gpu"], q["gpus"], **kw)
+        first = time.perf_counter() - t0
+    except InputError as e:
+        return {"refused": str(e)}
+    t0 = time.perf_counter()
+    res = sr.search(q["model"], q["gpu"], q["gpus"], **kw)
+    took = time.perf_counter() - t0
+    feas = res.feasible
+    return {"configurations_considered": len(res.rows) + len(res.rejected), "configurations_scored": len(res.rows),
+            "feasible": len(feas), "seconds": took, "compile_seconds": max(first - took, 0.0),
+            "best": _search_front(feas[:1])[0] if feas else None, "pareto": _search_front(res.pareto)}
+
+
+def _aic_layout(r: dict, mode: str) -> str:
+    if mode == "disagg":
+        return (f"disagg {int(r['(p)workers'])}x prefill {r['(p)parallel']} + {int(r['(d)workers'])}x decode "
+                f"{r['(d)parallel']} c{int(r['concurrency'])}")
+    return f"agg {r['parallel']} c{int(r['concurrency'])}"
+
+
+def run_aiconfigurator(q: dict, python: str, workdir, timeout_s: float = AIC_TIMEOUT_S) -> dict:
+    """``aiconfigurator cli default`` on one query in a subprocess: its configurations per mode (from its log),
+    its own reported seconds and the wall time, and its Pareto front within the SLOs (its ``pareto.csv``
+    files, tokens/s per GPU of the whole cluster against tokens/s per user)."""
+    import re
+    import subprocess
+    from pathlib import Path
+
+    import pandas as pd
+    from .search import pareto_mask
+    a = q["aiconfigurator"]
+    workdir = Path(workdir)
+    model_path = a["model_path"]
+    if a.get("fp8"):  # its default mode takes the precision from the model config
+        cfg = subprocess.run([python, "-c", "import json, sys, aiconfigurator_core, pathlib; p = pathlib.Path("
+                              "aiconfigurator_core.__file__).parent / 'model_configs' / (sys.argv[1].replace('/', "
+                              "'--') + '_config.json'); print(p.read_text())", model_path],
+                             capture_output=True, text=True, timeout=120)
+        if cfg.returncode:
+            return {"failed": f"its config of {model_path}: {cfg.stderr.strip().splitlines()[-1:]}"}
+        local = workdir / (model_path.split("/")[-1] + "-fp8")
+        local.mkdir(parents=True, exist_ok=True)
+        c = json.loads(cfg.stdout)
+        c["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+        (local / "config.json").write_text(json.dumps(c))
+        model_path = str(local)
+    save = workdir / "out"
+    cmd = [python, "-c", "import sys; from aiconfigurator.main import main; sys.exit(main(sys.argv[1:]))",
+           "cli", "default", "--model-path", model_path, "--total-gpus", str(q["gpus"]), "--system", a["system"],
+           "--backend", "vllm", "--isl", str(q["isl"]), "--osl", str(q["osl"]), "--ttft", f"{q['ttft_ms']:g}",
+           "--tpot", f"{q['tpot_ms']:g}", "--save-dir", str(save)]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"no answer in {timeout_s:g} s"}
+    wall = time.perf_counter() - t0
+    log = p.stdout + p.stderr
+    counts = {m: int(n) for m, n in re.findall(r"Experiment (\w+) completed with (\d+) results", log)}
+    own = re.findall(r"All experiments completed in ([\d.]+) seconds", log)
+    if p.returncode or not counts:
+        last = [ln for ln in log.strip().splitlines() if ln.strip()][-1:] or ["(no output)"]
+        return {"failed": f"exit status {p.returncode}: {last[0][:300]}", "seconds": wall}
+    rows = []
+    for mode in counts:
+        for f in save.glob(f"**/{mode}/pareto.csv"):
+            df = pd.read_csv(f)
+            df = df[(df["ttft"] <= q["ttft_ms"]) & (df["tpot"] <= q["tpot_ms"])]
+            rows += [{"layout": _aic_layout(r, mode), "tok_s_gpu": float(r["tokens/s/gpu_cluster"]),
+                      "tok_s_user": float(r["tokens/s/user"]), "ttft_ms": float(r["ttft"]),
+                      "tpot_ms": float(r["tpot"])} for r in df.to_dict("records")]
+    mask = pareto_mask([r["tok_s_gpu"] for r in rows], [r["tok_s_user"] for r in rows])
+    front = sorted((r for r, on in zip(rows, mask) if on), key=lambda r: -r["tok_s_gpu"])
+    return {"configurations_scored": sum(counts.values()), "by_mode": counts, "seconds": wall,
+            "reported_seconds": float(own[-1]) if own else None, "best": front[0] if front else None,
+            "pareto": front}
+
+
+def bench_search(names=("a", "b", "c"), queries: dict | None = None, model_configs=None, bench_data=None,
+                 aic_python: str | None = None, rounds: int = 10, progress: bool = False) -> dict:
+    """Each query (`SEARCH_QUERIES`, or ``queries``) with `search.search` and, when ``aic_python`` is given,
+    AIConfigurator: {name: {"query", "costmodel", "aiconfigurator"}}; ``aiconfigurator`` is {"skipped": why}
+    without it."""
+    import tempfile
+    from ..model import shared_dir
+    queries = queries or SEARCH_QUERIES
+    if model_configs is None and (shared_dir() / "model_configs").is_dir():
+        model_configs = shared_dir() / "model_configs"
+    out = {}
+    for name in names:
+        q = queries[name]
+        if progress:
+            print(f"  query ({name}): {q['model']} on {q['gpus']} x {q['gpu']}, ISL {q['isl']} / OSL {q['osl']}",
+                  file=sys.stderr)
+        ours = run_our_search(q, model_configs, bench_data, rounds)
+        if aic_python:
+            with tempfile.TemporaryDirectory() as tmp:
+                theirs = run_aiconfigurator(q, aic_python, tmp)
+        else:
+            theirs = {"skipped": "aiconfigurator is not importable here (--aiconfigurator-python PYTHON runs it "
+                                 "from another environment)"}
+        out[name] = {"query": {k: v for k, v in q.items() if k != "aiconfigurator"}, "costmodel": ours,
+                     "aiconfigurator": theirs}
+    return out
+
+
+def print_search(r: dict) -> None:
+    print("costmodel bench --search: issue #17's queries, costmodel search against AIConfigurator")
+    for name, x in r.items():
+        q, ours, theirs = x["query"], x["costmodel"], x["aiconfigurator"]
+        print(f"({name}) {q['model']} {','.join(q['weights'] or ['checkpoint'])} on {q['gpus']} x {q['gpu']}, "
+              f"ISL {q['isl']} / OSL {q['osl']}, TTFT <= {q['ttft_ms']:g} ms, TPOT <= {q['tpot_ms']:g} ms")
+        if "refused" in ours:
+            print(f"  costmodel: refused: {ours['refused']}")
+        else:
+            print(f"  costmodel:      {ours['configurations_scored']:6d} configurations scored "
+                  f"({ours['configurations_considered']} considered) in {ours['seconds']:7.2f} s after "
+                  f"compilation (compile {ours['compile_seconds']:.1f} s)")
+        if "configurations_scored" in theirs:
+            print(f"  aiconfigurator: {theirs['configurations_scored']:6d} configurations scored "
+                  f"({', '.join(f'{n} {m}' for m, n in theirs['by_mode'].items())}) in {theirs['seconds']:7.2f} s "
+                  f"wall (it reports {theirs['reported_seconds']} s)")
+            if "seconds" in ours:
+                print(f"  ratio: {ours['configurations_scored'] / theirs['configurations_scored']:.2f}x the "
+                      f"configurations, {theirs['seconds'] / ours['seconds']:.2f}x sooner "
+                      f"(issue #17 asks >= 100x and >= 10x)")
+        else:
+            print(f"  aiconfigurator: {theirs.get('skipped') or theirs.get('failed')}")
+        for who, res in (("costmodel", ours), ("aiconfigurator", theirs)):
+            if res.get("pareto"):
+                print(f"  {who} Pareto front within the SLOs (best first):")
+                print_table([{"layout": p["layout"], "tok_s_gpu": p["tok_s_gpu"], "tok_s_user": p["tok_s_user"],
+                              "ttft_ms": p["ttft_ms"], "tpot_ms": p["tpot_ms"]} for p in res["pareto"]])
