@@ -440,6 +440,7 @@ def print_serve(r: dict) -> None:
           f"estimates/s (first calls {c['by_window_first_call_s']:.1f} s); same TTFT and TPOT as the single call: "
           f"{'yes' if c['by_window_same_results'] else 'NO'}")
 
+
 # ---------------------------------------------------------------- search: `costmodel bench --search`
 # The three AIConfigurator queries of issue #17, run with `search.search` and, when it can be run, with
 # AIConfigurator's own ``aiconfigurator cli default`` (a separate package, never a dependency: run from the
