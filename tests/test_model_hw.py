@@ -24,8 +24,8 @@ def test_dense_peaks_by_dtype():
     assert get_gpu("a100_sxm").dense_peaks() == {"bf16": 312e12}
 
 
-@pytest.mark.parametrize("model,key", [("deepseek_v3", "kv_lora_rank"),
-                                       ("deepseek-v2-lite", "kv_lora_rank"),
+@pytest.mark.parametrize("model,key", [("deepseek_v3.2", "sparse attention .DSA"),
+                                       ("deepseek-v2-lite", "DeepSeek-V3's geometry"),
                                        ("qwen3-next-80b-a3b", "linear-attention")])
 def test_unsupported_architectures_name_what_is_missing(shared, model, key):
     with pytest.raises(InputError, match=key):
