@@ -16,7 +16,7 @@ import numpy as np
 from .errors import InputError
 from .hardware import GPUS, find_gpu, get_gpu
 from .io import read_json
-from .params import FIELDS, Calibration, Params, engine_key
+from .params import FIELDS, HOST_FIELDS, Calibration, Params, engine_key
 from .tables import default_bench_data, load_tables
 
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration_h100_vllm.json"
@@ -102,13 +102,16 @@ def _describe(c: Calibration) -> str:
 
 def parameter_sets_used(records, cals: dict) -> dict[str, int]:
     """How many records get each parameter set of ``cals`` ({GPU name: Calibration}, as from
-    `resolve_calibration`): keys 'GPU: vLLM X.Y', 'GPU: pooled' or 'GPU: physical defaults'."""
+    `resolve_calibration`): keys 'GPU: vLLM X.Y', 'GPU: pooled' or 'GPU: physical defaults', with
+    ', host-side terms only' for a calibration carried from another GPU."""
     used: dict[str, int] = {}
     for r in records:
         g = get_gpu(r.gpu).name
         c = cals.get(g)
         key = c.set_for(r.engine) if c is not None else None
         kind = "physical defaults" if c is None else f"vLLM {key}" if key else "pooled"
+        if c is not None and c.host_side_only:
+            kind += ", host-side terms only"
         used[f"{g}: {kind}"] = used.get(f"{g}: {kind}", 0) + 1
     return used
 
@@ -133,10 +136,11 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
     followed by ``@VERSION`` (e.g. ``default@0.15``) to use that engine version's parameters for every
     record instead of each record's own ``vllm_version``.
 
-    ``default`` applies the shipped calibration to the records on its GPU and the physical defaults to the
-    others (and to all when ``table_sources`` {GPU name: `tables.Tables.sources`} says its GPU's tables are
-    not the repo's, which it was fitted on); a calibration file named by PATH is refused for records on
-    another GPU unless ``allow_other_gpu``, which applies it (or ``default``) to every GPU."""
+    ``default`` and a calibration file named by PATH apply in full to the records of the GPU they were fitted
+    on; records of other GPUs get only their host-side terms (`params.HOST_FIELDS`; the physical defaults for
+    the kernel-side ones), and the description says so.  ``allow_other_gpu`` applies the whole calibration
+    to every GPU.  ``default`` gives the physical defaults to all when ``table_sources`` {GPU name:
+    `tables.Tables.sources`} says its GPU's tables are not the repo's, which it was fitted on."""
     choice, engine = _split_choice(choice)
     at = f" @ engine {engine}" if engine else ""
     if choice == "none":
@@ -155,16 +159,24 @@ def resolve_calibration(choice: str, gpus: list[str], allow_other_gpu: bool = Fa
         if any(v != "repo" for v in here.values()):  # fitted on the repo's tables: meaningless on others
             return {}, (f"none (the default calibration was fitted on the repo's bench_data; "
                         f"{cal['gpu']} tables here come from elsewhere)")
-        other = [g for g in gpus if g != cal["gpu"]]
-        note = f"; physical defaults for {', '.join(other)}" if other else ""
-        return {cal["gpu"]: c}, f"{name} for {cal['gpu']}{_describe(c)}{note}"
+        cals, note = _carried(c, cal["gpu"], gpus)
+        return cals, f"{name} for {cal['gpu']}{_describe(c)}{note}"
     cal = read_calibration(choice)
     c = _select_engine(cal["_calibration"], engine, choice)
-    other = [g for g in gpus if g != cal["gpu"]]
-    if other and not allow_other_gpu:
-        raise InputError(f"calibration was fitted on {cal['gpu']}, records are on {', '.join(other)}; pass "
-                         f"--allow-other-gpu to use it anyway", choice, "gpu")
-    return {g: c for g in gpus}, f"{choice}{at} (fitted on {cal['gpu']}){_describe(c)}"
+    if allow_other_gpu:
+        return {g: c for g in gpus}, f"{choice}{at} (fitted on {cal['gpu']}; on all GPUs){_describe(c)}"
+    cals, note = _carried(c, cal["gpu"], gpus)
+    return cals, f"{choice}{at} (fitted on {cal['gpu']}){_describe(c)}{note}"
+
+
+def _carried(c: Calibration, fitted_on: str, gpus: list[str]) -> tuple[dict, str]:
+    """({GPU: Calibration}: ``c`` for its own GPU, its host-side terms for the others; the note saying so)."""
+    other = [g for g in gpus if g != fitted_on]
+    cals = {g: c if g == fitted_on else c.host_only() for g in gpus}
+    cals.setdefault(fitted_on, c)
+    note = (f"; on {', '.join(other)} only its host-side terms ({', '.join(HOST_FIELDS)}), physical "
+            "defaults for the kernel-side ones" if other else "")
+    return cals, note
 
 
 def load_calibration(name: str = "default", gpu: str = "H100", *, vllm_version=None, allow_other_gpu: bool = False,
@@ -172,10 +184,11 @@ def load_calibration(name: str = "default", gpu: str = "H100", *, vllm_version=N
     """The parameters `costmodel predict --calibration NAME` gives a record on ``gpu`` with ``vllm_version``
     (its ``major.minor`` picks the engine version's set where the calibration has one; None: the pooled set).
 
-    ``name``: ``none`` (physical defaults), ``default`` (the shipped calibration; physical defaults on
-    another GPU, or when ``bench_data``'s tables for its GPU are not the repo's), or a calibration file's
-    path, each optionally with ``@VERSION`` (``default@0.15``: that version's set whatever ``vllm_version``).
-    A file fitted on another GPU is refused (`errors.InputError`) unless ``allow_other_gpu``."""
+    ``name``: ``none`` (physical defaults), ``default`` (the shipped calibration; physical defaults when
+    ``bench_data``'s tables for its GPU are not the repo's), or a calibration file's path, each optionally
+    with ``@VERSION`` (``default@0.15``: that version's set whatever ``vllm_version``).  On a GPU the
+    calibration was not fitted on, only its host-side terms (`params.HOST_FIELDS`) unless
+    ``allow_other_gpu``."""
     g = get_gpu(gpu)
     sources = None
     if _split_choice(name)[0] == "default" and bench_data is not None and not allow_other_gpu:

@@ -120,6 +120,7 @@ class Calibration(NamedTuple):
 
     pooled: Params
     by_engine: dict  # engine key -> Params
+    host_side_only: bool = False  # carried from the GPU it was fitted on: only `HOST_FIELDS` were fitted
 
     def set_for(self, engine: str | None) -> str | None:
         """Which set a record of ``engine`` gets: the engine key when there is one for it, else None (pooled)."""
@@ -128,3 +129,17 @@ class Calibration(NamedTuple):
     def params_for(self, engine: str | None) -> Params:
         key = self.set_for(engine)
         return self.pooled if key is None else self.by_engine[key]
+
+    def host_only(self) -> "Calibration":
+        """This calibration with only its `HOST_FIELDS` kept and the physical defaults elsewhere: what it
+        carries to a GPU it was not fitted on."""
+        def keep(p: Params) -> Params:
+            return Params(**{k: getattr(p, k) for k in HOST_FIELDS})
+        return Calibration(keep(self.pooled), {e: keep(p) for e, p in self.by_engine.items()}, True)
+
+
+# The engine's CPU-side terms: the host's work per step and per request and the launches of the layers that
+# run outside CUDA graphs.  They depend on the host CPU and the engine version, not on the GPU, so a
+# calibration carries them to GPUs it was not fitted on (`Calibration.host_only`); the kernel-side terms
+# (scales, floors, efficiencies, communication) stay at their physical defaults there.
+HOST_FIELDS = ("step_overhead_us", "request_overhead_us", "prefill_layer_overhead_us")

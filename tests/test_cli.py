@@ -87,13 +87,24 @@ def test_predict_prints_mape(tmp_path, cli):
     assert r.returncode == 0 and "MAPE" in r.stdout and "prefill" in r.stdout
 
 
-def test_calibration_for_other_gpu_is_refused(tmp_path, cli):
+def test_calibration_for_other_gpu_carries_host_terms_only(tmp_path, cli):
+    """A calibration fitted on H200 gives an H100 record its host-side terms only, and says so; with
+    --allow-other-gpu all of it."""
     cal = tmp_path / "cal.json"
-    cal.write_text(json.dumps({"gpu": "H200-SXM", "params": {"step_overhead_us": 100.0}}))
-    r = cli("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal))
-    assert r.returncode != 0 and "--allow-other-gpu" in r.stderr
-    r = cli("predict", str(_write(tmp_path, [GOOD])), "--calibration", str(cal), "--allow-other-gpu")
-    assert r.returncode == 0
+    cal.write_text(json.dumps({"gpu": "H200-SXM", "params": {"step_overhead_us": 100.0, "gemm_scale": 3.0}}))
+    recs = _write(tmp_path, [GOOD])
+    outs = {}
+    for extra in ([], ["--allow-other-gpu"], None):
+        out = tmp_path / f"p{len(outs)}.jsonl"
+        args = ["--calibration", "none"] if extra is None else ["--calibration", str(cal), *extra]
+        r = cli("predict", str(recs), *args, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        outs[None if extra is None else tuple(extra)] = (json.loads(out.read_text().splitlines()[0])["predicted_us"],
+                                                         r.stdout)
+    host, full, none = outs[()][0], outs[("--allow-other-gpu",)][0], outs[None][0]
+    assert "host-side terms only" in outs[()][1]
+    # step_overhead_us 100 instead of the default 250 (one step); gemm_scale 3 only with --allow-other-gpu
+    assert host == pytest.approx(none - 150.0, rel=1e-5) and full > 2 * host
 
 
 def test_kernels_csv(tmp_path, cli, shared):
@@ -167,6 +178,6 @@ def test_predict_reports_parameter_sets(tmp_path):
     out = tmp_path / "o.jsonl"
     assert main(["predict", str(p), "--out", str(out)]) == 0
     meta = json.loads((tmp_path / "o.jsonl.meta.json").read_text())
-    assert meta["parameter_sets"] == {"H100-SXM: vLLM 0.15": 1, "H100-SXM: pooled": 1, "H200-SXM: physical defaults": 1}
+    assert meta["parameter_sets"] == {"H100-SXM: vLLM 0.15": 1, "H100-SXM: pooled": 1, "H200-SXM: pooled, host-side terms only": 1}
     pred = [json.loads(x)["predicted_us"] for x in out.read_text().splitlines()]
     assert pred[0] != pytest.approx(pred[1], rel=1e-3)  # same step, different parameter sets
