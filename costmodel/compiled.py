@@ -32,3 +32,26 @@ def once(fn, *args):
                 if options is None:
                     raise
     return _EXE[key](*[a for a in args if not isinstance(a, bool)])
+
+
+_COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core/compile/backend_compile_duration")
+
+
+class CompileTimer:
+    """Seconds JAX spends lowering and compiling programs (its own duration events; tracing, which nests, is
+    not counted) inside ``with CompileTimer() as t:``, in ``t.seconds``: what a timing "after compilation"
+    subtracts."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _listen(self, event: str, duration_s: float, **_) -> None:
+        if event in _COMPILE_EVENTS:
+            self.seconds += duration_s
+
+    def __enter__(self) -> "CompileTimer":
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._listen)

@@ -137,6 +137,7 @@ def test_cli_json_and_out(res, tmp_path, capsys):
     assert rc == 0, cap.err
     s = json.loads(cap.out)
     assert s["configurations_scored"] == 6 and s["configurations_considered"] == 12 and s["feasible"] == 6
+    assert s["seconds"] > 0 and s["compile_seconds"] >= 0
     assert s["best"]["output_tokens_per_s_per_gpu"] == pytest.approx(res.feasible[0]["output_tokens_per_s_per_gpu"])
     assert "--tensor-parallel-size" in s["best"]["vllm_command"]
     assert "needs more GPUs" in cap.err

@@ -24,6 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from .. import ops
+from ..compiled import CompileTimer
 from ..errors import InputError
 from ..hardware import get_gpu
 from ..io import check_output_file, number, print_table, write_frame
@@ -53,7 +54,8 @@ class SearchResult:
     query: dict
     rows: list = field(default_factory=list)
     rejected: list = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time less compile_seconds
+    compile_seconds: float = 0.0  # JAX lowering and XLA compilation (`compiled.CompileTimer`)
 
     @property
     def rejected_counts(self) -> dict:
@@ -182,8 +184,10 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                            "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
                            "kv_needed_bytes_per_gpu": c * (isl + osl) * cap.kv_bytes_per_token}
                     candidates.append((rec, row))
-    outs = serve_mod.serve([r for r, _ in candidates], model_configs, bench_data, calibration,
-                           workload_options=workload_options) if candidates else []
+    with CompileTimer() as compiling:
+        outs = serve_mod.serve([r for r, _ in candidates], model_configs, bench_data, calibration,
+                               workload_options=workload_options) if candidates else []
+    result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
             reject(rec["tp"], rec["moe_ep"], rec["weights"], REFUSED, out["refused"],
@@ -209,7 +213,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         r["pareto"] = False
     for r, on in zip(ok, mask):
         r["pareto"] = on
-    result.seconds = time.perf_counter() - t0
+    result.seconds = time.perf_counter() - t0 - result.compile_seconds
     return result
 
 
@@ -263,6 +267,7 @@ def summary(result: SearchResult, top: int) -> dict:
     return {"query": result.query, "configurations_considered": len(result.rows) + len(result.rejected),
             "configurations_scored": len(result.rows), "feasible": len(feasible),
             "rejected": result.rejected_counts, "seconds": round(result.seconds, 2),
+            "compile_seconds": round(result.compile_seconds, 2),
             "pareto": [brief(r) for r in result.pareto], "ranked": [brief(r) for r in feasible[:top]],
             "best": brief(feasible[0]) if feasible else None}
 
@@ -390,7 +395,7 @@ def _print_report(res: SearchResult, args) -> None:
     print(f"costmodel search: {q['model']} on {q['gpus']} x {q['gpu']}, ISL {q['isl']} / OSL {q['osl']}, "
           f"objective: {', '.join(x for x in goal if x) or 'none'}")
     print(f"  {considered} configurations, {len(res.rows)} scored, {len(res.feasible)} meet the objective, "
-          f"{len(res.pareto)} on the Pareto front ({res.seconds:.1f} s)")
+          f"{len(res.pareto)} on the Pareto front ({res.seconds:.1f} s, and {res.compile_seconds:.1f} s compiling)")
     for reason, n in res.rejected_counts.items():
         print(f"  rejected {n}: {reason}")
     print("  each replica (DP) is an independent engine behind a round-robin router; conc = clients per replica")
