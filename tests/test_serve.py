@@ -365,7 +365,7 @@ def _records(tmp_path):
               "workload": {"type": "closed", "concurrency": 4, "input_tokens": 500, "output_tokens": 20}}
     moe = dict(closed, id="moe", model="tiny-moe")
     disagg = dict(closed, id="disagg", mode="disagg")
-    dp = dict(closed, id="dp", attention_dp=2)
+    dp = dict(closed, id="dp", dp=2)
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (open_loop, closed, moe, disagg, dp)))
     return path, cfg
@@ -378,7 +378,7 @@ def test_serve_records_and_refusals(tmp_path):
     by = {o["id"]: o for o in outs}
     assert [o["id"] for o in outs] == ["dense-open", "dense-closed", "moe", "disagg", "dp"]
     assert "no bf16 curve for tiny-moe's experts" in by["moe"]["refused"]  # a shape the MoE table lacks
-    assert "disaggregated" in by["disagg"]["refused"] and "attention_dp" in by["dp"]["refused"]
+    assert "disaggregated" in by["disagg"]["refused"] and "dp=2" in by["dp"]["refused"]
     o = by["dense-open"]
     for k in sv.METRICS:
         assert o["predicted"][k] > 0
@@ -402,6 +402,47 @@ def test_moe_deployment_with_expert_parallelism(shared):
     assert o["kv_cache"]["source"] == "estimated" and o["throughput"]["output_tokens_per_s"] > 0
     with pytest.raises(InputError, match="moe_ep=256 must divide tp=2"):
         sv.serve([dict(rec, moe_ep=256)], model_configs=shared / "model_configs", calibration="none")
+    with pytest.raises(InputError, match="field 'moe_ep': moe_ep=3 must divide the 128 experts"):
+        sv.serve([dict(rec, attention_dp=3, moe_ep=3)], model_configs=shared / "model_configs", calibration="none")
+
+
+def test_rank_workload():
+    """One of N balanced ranks: ceil(C / N) clients, C / ceil(C / N) of them in all; open-loop rates / N."""
+    closed = {"type": "closed", "concurrency": 7, "input_tokens": 10, "output_tokens": 5}
+    assert sv.rank_workload(closed, 2) == (dict(closed, concurrency=4), 1.75)
+    assert sv.rank_workload(closed, 8) == (dict(closed, concurrency=1), 7.0)
+    assert sv.rank_workload(closed, 1) == (closed, 1.0)
+    w, share = sv.rank_workload({"type": "inference_perf_shared_prefix",
+                                 "stages": [{"rate": 4.0, "duration_s": 4}, {"rate": 8, "duration_s": 2}]}, 4)
+    assert [s["rate"] for s in w["stages"]] == [1.0, 2.0] and share == 4.0
+
+
+def test_attention_dp_is_one_rank_with_its_share_of_the_clients(shared):
+    """attention_dp=2 with 7 clients is one rank of ceil(7/2) = 4 clients whose steps are priced with
+    attention_dp=2 (same TTFT/TPOT as that rank alone); totals are the rank's x 7/4, per GPU over tp x 2."""
+    rec = {"id": "dep", "model": "qwen3-30b-a3b", "gpu": "H100", "tp": 1, "attention_dp": 2, "moe_ep": 2,
+           "engine": {"name": "vllm", "version": "0.12.0"},
+           "workload": {"type": "closed", "concurrency": 7, "input_tokens": 500, "output_tokens": 20}}
+    cfg, opts = shared / "model_configs", {"rounds": 3}
+    blocks = lambda *a: 4000  # noqa: E731  the same cache for both
+    o, = sv.serve([rec], model_configs=cfg, calibration="none", workload_options=opts, kv_blocks_fn=blocks)
+    assert o["simulation"]["measured_requests"] == 4 * 2 and o["simulation"]["load_share"] == 1.75
+    alone = sv.resolve(dict(rec, attention_dp=1, moe_ep=1, workload=dict(rec["workload"], concurrency=4)), "r",
+                       cfg, blocks, opts)
+    sim = sv.Simulator(calibration="none")
+    for dp, moe_ep in ((2, 2), (1, 1)):
+        rank = dataclasses.replace(alone, attention_dp=dp, moe_ep=moe_ep)
+        (_, res), = sim.run([rank])
+        r = sv.statistics(rank, res)
+        if dp == 2:  # the rank priced with attention_dp
+            assert r["predicted"]["ttft_mean_ms"] == o["predicted"]["ttft_mean_ms"]
+            assert r["predicted"]["tpot_mean_ms"] == o["predicted"]["tpot_mean_ms"]
+            for k in ("output_tokens_per_s", "requests_per_s"):
+                assert o["throughput"][k] == pytest.approx(1.75 * r["throughput"][k], rel=1e-3)
+            assert o["throughput"]["output_tokens_per_s_per_gpu"] == pytest.approx(
+                o["throughput"]["output_tokens_per_s"] / 2, rel=1e-3)
+        else:  # one engine of one GPU: no dispatch/combine, one rank's tokens in the fused MoE
+            assert r["predicted"]["tpot_mean_ms"] != o["predicted"]["tpot_mean_ms"]
 
 
 def test_cli(tmp_path, capsys):
@@ -420,6 +461,7 @@ def test_cli(tmp_path, capsys):
     (lambda r: r["workload"].update(concurrency=0), "workload.concurrency"),
     (lambda r: r["workload"].update(type="trace"), "workload.type"),
     (lambda r: r.update(tp="two"), "tp"),
+    (lambda r: r.update(attention_dp=0), "attention_dp"),
 ])
 def test_bad_input_names_line_and_field(tmp_path, mutate, field):
     rec = {"id": "a", "model": "llama-2-7b", "gpu": "H100", "tp": 1,

@@ -68,12 +68,14 @@ def default_batch_limits(gpu: GPU) -> tuple[int, int]:
 
 
 def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
-                moe_weights: str | None = None) -> memory.KVCapacity:
+                moe_weights: str | None = None, attention_dp: int = 1) -> memory.KVCapacity:
     """The memory model's KV-cache capacity of a deployment (`memory.kv_capacity_tokens`: weights,
     profile-run activations, non-torch memory and, from vLLM 0.21, CUDA graphs) at the engine's
-    ``gpu_memory_utilization`` and batch limits (vLLM's defaults where the engine gives none)."""
+    ``gpu_memory_utilization`` and batch limits (vLLM's defaults where the engine gives none); with
+    ``attention_dp`` > 1 one rank's (its tp GPUs hold the attention weights and 1/(tp x attention_dp) of the
+    experts)."""
     tokens, seqs = default_batch_limits(gpu)
-    return memory.kv_capacity_tokens(arch, memory.Layout(tp=tp, moe_ep=moe_ep), gpu,
+    return memory.kv_capacity_tokens(arch, memory.Layout(tp=tp, moe_ep=moe_ep, attention_dp=attention_dp), gpu,
                                      engine.get("gpu_memory_utilization") or 0.9,
                                      max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
                                      max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
@@ -81,10 +83,11 @@ def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str
 
 
 def estimate_kv_blocks(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
-                       moe_weights: str | None = None) -> int:
-    """KV-cache blocks of a deployment whose record gives none (``engine.observed_kv_blocks``), from the
-    memory model (`kv_capacity`); blocks of the full-attention pool the scheduler draws from."""
-    cap = kv_capacity(arch, gpu, tp, moe_ep, engine, weights, moe_weights)
+                       moe_weights: str | None = None, attention_dp: int = 1) -> int:
+    """KV-cache blocks of a deployment (one attention-DP rank's) whose record gives none
+    (``engine.observed_kv_blocks``), from the memory model (`kv_capacity`); blocks of the full-attention pool
+    the scheduler draws from."""
+    cap = kv_capacity(arch, gpu, tp, moe_ep, engine, weights, moe_weights, attention_dp)
     return max(cap.tokens // BLOCK_TOKENS, 0)
 
 
@@ -108,7 +111,9 @@ class Deployment:
     max_model_len: int | None
     requests: wl_mod.Requests
     notes: list = field(default_factory=list)
-    moe_ep: int = 1  # GPUs of the TP group a mixture-of-experts model's experts are spread over
+    moe_ep: int = 1  # GPUs of the expert group (tp x attention_dp) a mixture-of-experts model's experts span
+    attention_dp: int = 1  # engine-core ranks of tp GPUs each; the simulation is one rank's (`rank_workload`)
+    load_share: float = 1.0  # the deployment's load over the simulated rank's: totals are the rank's x this
 
 
 class Refusal(Exception):
@@ -124,6 +129,25 @@ def _num(v, where, name, kind=int, minimum=1):
     return kind(v)
 
 
+def rank_workload(w, attention_dp: int) -> tuple[dict, float]:
+    """The workload one of ``attention_dp`` balanced ranks receives (vLLM's data-parallel load balancer spreads
+    requests over the ranks) and the deployment's load over it: a closed loop's C clients become ceil(C / N)
+    (the busiest rank's), the load share C / ceil(C / N) (N where N divides C); an open loop's stage rates
+    are divided by N, the share N.  A workload that is not a dict, or an unknown or malformed one, is returned
+    as it is for `workloads.from_record` to refuse."""
+    if attention_dp == 1 or not isinstance(w, dict):
+        return w, 1.0
+    c = w.get("concurrency")
+    if w.get("type") == "closed" and isinstance(c, int) and not isinstance(c, bool) and c >= 1:
+        per_rank = -(-c // attention_dp)
+        return {**w, "concurrency": per_rank}, c / per_rank
+    stages = w.get("stages")
+    if isinstance(stages, list) and all(isinstance(st, dict) and isinstance(st.get("rate"), (int, float))
+                                        and not isinstance(st.get("rate"), bool) for st in stages):
+        return {**w, "stages": [{**st, "rate": st["rate"] / attention_dp} for st in stages]}, float(attention_dp)
+    return w, float(attention_dp)
+
+
 def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, workload_options=None) -> Deployment:
     """Validate a record and resolve its deployment; `Refusal` for what this version does not model,
     `InputError` for bad input."""
@@ -136,10 +160,13 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
     if mode != "agg":
         raise Refusal(f"mode '{mode}': disaggregated prefill/decode workers are not modelled yet")
     tp = _num(rec.get("tp", 1), where, "tp")
-    for key in ("pp", "dp", "attention_dp"):
+    for key in ("pp", "dp"):
         v = _num(rec.get(key) or 1, where, key)
         if v > 1:
-            raise Refusal(f"{key}={v}: only one engine with tensor (and expert) parallelism is modelled yet")
+            raise Refusal(f"{key}={v}: pipeline parallelism and whole-replica data parallelism are not "
+                          "modelled yet")
+    dp_att = rec.get("attention_dp")
+    dp_att = 1 if dp_att is None else dp_att  # checked with the layout (`ops.dims`)
     moe_ep = _num(rec.get("moe_ep") or 1, where, "moe_ep")
     try:
         gpu = get_gpu(rec["gpu"])
@@ -163,7 +190,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         except InputError as e:
             raise InputError(str(e), where, "moe_weights") from None
     try:
-        ops.dims(model, tp, moe_ep)
+        ops.dims(model, tp, moe_ep, dp_att)
     except InputError as e:
         raise InputError(str(e), where) from None
     eng = rec.get("engine") or {}
@@ -197,19 +224,21 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
             try:
                 kv_blocks = estimate_kv_blocks(load_arch(str(rec["model"]), model_configs), gpu, tp, moe_ep,
                                                {**eng, "gpu_memory_utilization": util}, model.dtype,
-                                               model.expert_dtype or None)
+                                               model.expert_dtype or None, dp_att)
             except InputError as e:
                 raise Refusal(f"KV-cache capacity: {e}") from None
         kv_source = "estimated"
     if (eng.get("cpu_offload_gib") or 0) > 0:
         notes.append(f"CPU KV offload ({eng['cpu_offload_gib']} GiB) is not modelled")
-    requests = wl_mod.from_record(rec["workload"], where, max_model_len, **(workload_options or {}))
+    workload, share = rank_workload(rec["workload"], dp_att)
+    requests = wl_mod.from_record(workload, where, max_model_len, **(workload_options or {}))
     if not len(requests):
         raise Refusal("the workload sends no request")
     if kv_blocks * BLOCK_TOKENS < int(requests.prompt_tokens.max()) + int(requests.output_tokens.max()):
         raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
     return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
-                      kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep)
+                      kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep,
+                      dp_att, share)
 
 
 # ---------------------------------------------------------------- simulation
@@ -262,9 +291,9 @@ class Simulator:
     def step_model(self, dep: Deployment):
         """(static, lookup, model on GPU, parameters) of a deployment's step model, built once per model, GPU,
         layout and calibration key and shared by the deployments that name them."""
-        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, engine_key(dep.engine_version))
+        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, dep.attention_dp, engine_key(dep.engine_version))
         if key not in self._step_models:
-            su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep)
+            su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep, attention_dp=dep.attention_dp)
             self._step_models[key] = (su.static, of_setup(su), as_scalars(su.on_gpu),
                                       as_scalars(self.params(dep.gpu, dep.engine_version)))
         return self._step_models[key]
@@ -276,7 +305,7 @@ class Simulator:
         r, o = dep.requests, self.options
         isl, osl = float(r.prompt_tokens[0]), float(r.output_tokens[0])
         b = float(min(r.n_users, dep.max_seqs))
-        d = ops.dims(dep.model, dep.tp, dep.moe_ep)
+        d = ops.dims(dep.model, dep.tp, dep.moe_ep, dep.attention_dp)
         sm = sch.StepModel(lk, on, params)
         fn = _step_time_fn(static)
         pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
@@ -410,9 +439,9 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
                                          r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
     span = float(np.max(np.where(m, res["done_s"] + client, -np.inf)) - np.min(np.where(m, send, np.inf))) \
         if m.any() else float("nan")
-    gpus = dep.tp
-    out_tok = float(r.output_tokens[m].sum())
-    tput = {"requests_per_s": float(m.sum()) / span if span > 0 else None,
+    gpus = dep.tp * dep.attention_dp  # every GPU of the deployment; the simulated rank carries 1/load_share
+    out_tok = float(r.output_tokens[m].sum()) * dep.load_share
+    tput = {"requests_per_s": float(m.sum()) * dep.load_share / span if span > 0 else None,
             "output_tokens_per_s": out_tok / span if span > 0 else None,
             "output_tokens_per_s_per_gpu": out_tok / span / gpus if span > 0 else None,
             "output_tokens_per_s_per_user": (1e3 / pred["itl_mean_ms"]) if pred.get("itl_mean_ms") else None}
@@ -427,7 +456,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
            "busy_fraction": float(res["busy_s"]) / end if end > 0 else 0.0,
            "complete": bool(res["complete"]), "overflow": bool(res["overflow"]), "window": int(res["window"]),
            "async_scheduling": dep.async_scheduling, "max_num_batched_tokens": dep.max_batched_tokens,
-           "max_num_seqs": dep.max_seqs}
+           "max_num_seqs": dep.max_seqs, "attention_dp": dep.attention_dp, "load_share": dep.load_share}
     notes = list(dep.notes)
     if not res["complete"]:
         notes.append("the simulation stopped before every request finished (iteration limit or a request "
@@ -500,7 +529,7 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
             dep = resolve(rec, where, model_configs, kv_blocks_fn, workload_options)
             if dep.model.experts:  # a shape, precision or layout the GPU's fused-MoE table lacks
                 try:
-                    moe_curve_of(dep.model, sim.tables(dep.gpu), dep.tp, dep.moe_ep)
+                    moe_curve_of(dep.model, sim.tables(dep.gpu), dep.tp, dep.moe_ep, dep.attention_dp)
                 except InputError as e:
                     raise Refusal(str(e)) from None
             sim.tables(dep.gpu)
