@@ -16,7 +16,8 @@ from .apps.records import Predictor, below_floor_warning, mape_table, previous_s
 from .calibration import calibration_path, parameter_sets_used, resolve_calibration
 from .errors import InputError, warnings_as_lines
 from .hardware import get_gpu
-from .io import atomic_write, check_output_file, number, print_table, refuse_overwrite, write_frame, write_json
+from .io import (ALLOW_OTHER_GPU_HELP, atomic_write, check_output_file, number, print_table,
+    refuse_overwrite, write_frame, write_json)
 from .tables import load_tables
 from .tabletools import importer as aiconfigurator
 
@@ -125,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--calibration", default="default",
                     help="none | default | PATH to a calibration JSON; append @VERSION (e.g. default@0.15) to use "
                          "that engine version's parameters for every record instead of each record's vllm_version")
-    sp.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
+    sp.add_argument("--allow-other-gpu", action="store_true", help=ALLOW_OTHER_GPU_HELP)
     sp.add_argument("--out", default=None, help="write one JSON line per record here")
     sp.set_defaults(func=cmd_predict)
 

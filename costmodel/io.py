@@ -227,3 +227,17 @@ def number(kind: type = float, low: float | None = None, high: float | None = No
 
     parse.__name__ = name or ("int" if kind is int else "float")
     return parse
+
+
+ALLOW_OTHER_GPU_HELP = ("apply a calibration in full to records of GPUs it was not fitted on (default: only its "
+                        "host-side terms there)")
+
+
+def add_pricing_arguments(sp, calibration_help: str = "none | default | PATH (as for predict)") -> None:
+    """The options of every command that prices records: --model-configs, --bench-data, --calibration and
+    --allow-other-gpu."""
+    sp.add_argument("--model-configs", default=None,
+                    help="folder of <model>/config.json (default: configs shipped in the package)")
+    sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
+    sp.add_argument("--calibration", default="default", help=calibration_help)
+    sp.add_argument("--allow-other-gpu", action="store_true", help=ALLOW_OTHER_GPU_HELP)

@@ -51,6 +51,12 @@ def shared():
     return need_shared()
 
 
+def shared_model(name: str):
+    """The step model's view of a config in ``../shared/model_configs`` (skips the test without it)."""
+    from costmodel.model import load_model
+    return load_model(name, need_shared() / "model_configs")
+
+
 @pytest.fixture(scope="session")
 def h100_infersim(shared):
     from costmodel import get_gpu, load_tables

@@ -18,18 +18,20 @@ from costmodel.model import load_model
 from costmodel.params import Params
 from costmodel.tables import load_mla, load_tables, mla_curve, mla_tables_of
 
+from conftest import shared_model
+
 LAYERS, DENSE, MOE = 61, 3, 58  # DeepSeek-V3: first_k_dense_replace = 3
 H, Q_LORA, KV_LORA, ROPE = 7168, 1536, 512, 64
 
 
 @pytest.fixture(scope="module")
-def ds(shared):
-    return load_model("deepseek_v3", shared / "model_configs")
+def ds():
+    return shared_model("deepseek_v3")
 
 
 @pytest.fixture(scope="module")
-def kimi(shared):
-    return load_model("kimi-k2.5", shared / "model_configs")
+def kimi():
+    return shared_model("kimi-k2.5")
 
 
 @pytest.fixture(scope="module")

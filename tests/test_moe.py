@@ -16,15 +16,17 @@ from costmodel.model import MOE_ARCHS, SUPPORTED_ARCHS, load_model
 from costmodel.params import Params
 from costmodel.tables import load_moe, load_tables, moe_curve
 
-
-@pytest.fixture(scope="module")
-def mixtral(shared):
-    return load_model("mixtral-8x7b-v0.1", shared / "model_configs")
+from conftest import shared_model
 
 
 @pytest.fixture(scope="module")
-def qwen3_moe(shared):
-    return load_model("qwen3-30b-a3b", shared / "model_configs")
+def mixtral():
+    return shared_model("mixtral-8x7b-v0.1")
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe():
+    return shared_model("qwen3-30b-a3b")
 
 
 def test_moe_fields_from_config(mixtral, qwen3_moe):

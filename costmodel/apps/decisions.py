@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from ..io import atomic_write, check_output_file, number, print_table, read_json_lines, refuse_overwrite
+from ..io import (add_pricing_arguments, atomic_write, check_output_file, number, print_table,
+    read_json_lines, refuse_overwrite)
 from . import serve as serve_mod
 
 MIN_CONFIGS = 4
@@ -212,11 +213,7 @@ def summary(res: Regret) -> dict:
 
 def add_regret_arguments(sp) -> None:
     sp.add_argument("records", help="closed-loop serving records with measured mean TTFT/TPOT (JSON Lines)")
-    sp.add_argument("--model-configs", default=None,
-                    help="folder of <model>/config.json (default: configs shipped in the package)")
-    sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
-    sp.add_argument("--calibration", default="default", help="none | default | PATH (as for serve)")
-    sp.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
+    add_pricing_arguments(sp, "none | default | PATH (as for serve)")
     sp.add_argument("--predictions", default=None,
                     help="reuse these predictions (the --out file of `costmodel serve` on the same records) "
                          "instead of predicting")

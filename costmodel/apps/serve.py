@@ -22,7 +22,6 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -30,7 +29,8 @@ import numpy as np
 from .. import memory, ops
 from ..calibration import resolve_calibration
 from ..errors import InputError
-from ..io import atomic_write, check_output_file, number, print_table, refuse_overwrite
+from ..io import (add_pricing_arguments, atomic_write, check_output_file, number, print_table,
+    read_json_lines, refuse_overwrite)
 from ..fastlookup import TOKEN_TABLE, as_scalars, common_shapes, of_setup
 from ..hardware import GPU, get_gpu
 from ..model import load_arch, load_model
@@ -479,37 +479,31 @@ def _round(x):
 
 # ---------------------------------------------------------------- records and the command
 
+def _records_kept(path, exclude_gpus: tuple[str, ...]) -> list[tuple[dict, str]]:
+    """The (record, "file:line") of a JSON Lines file less those on ``exclude_gpus`` (a GPU name no one
+    knows is kept: its record is refused later, with its line)."""
+    skip = {get_gpu(g).name for g in exclude_gpus}
+
+    def excluded(rec) -> bool:
+        try:
+            return bool(skip) and get_gpu(rec.get("gpu", "")).name in skip
+        except InputError:
+            return False
+    return [(rec, where) for rec, where in read_json_lines(path) if not excluded(rec)]
+
+
 def read_serving_records(path, exclude_gpus: tuple[str, ...] = ()) -> list[tuple[dict, str]]:
     """(record, "file:line") for each line; records on ``exclude_gpus`` are dropped before anything else
     reads them."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError("no such file", str(path))
-    skip = {get_gpu(g).name for g in exclude_gpus}
     out, seen = [], set()
-    with path.open() as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise InputError(f"malformed JSON: {e.msg} (column {e.colno})", where) from None
-            if not isinstance(rec, dict):
-                raise InputError("a record must be a JSON object", where)
-            try:
-                if skip and get_gpu(rec.get("gpu", "")).name in skip:
-                    continue
-            except InputError:
-                pass
-            rec = {k: v for k, v in rec.items() if k != "measured"}
-            if "id" not in rec:
-                raise InputError("missing required field", where, "id")
-            if rec["id"] in seen:
-                raise InputError(f"duplicate id {rec['id']!r}", where, "id")
-            seen.add(rec["id"])
-            out.append((rec, where))
+    for rec, where in _records_kept(path, exclude_gpus):
+        rec = {k: v for k, v in rec.items() if k != "measured"}
+        if "id" not in rec:
+            raise InputError("missing required field", where, "id")
+        if rec["id"] in seen:
+            raise InputError(f"duplicate id {rec['id']!r}", where, "id")
+        seen.add(rec["id"])
+        out.append((rec, where))
     return out
 
 
@@ -551,20 +545,7 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
 def compare(path, outs: list[dict], exclude_gpus: tuple[str, ...] = ()) -> list[dict]:
     """Predicted against the ``measured`` blocks of the records file (for accuracy reports; the prediction
     never reads them): one row per priced record and measured metric (top level), with the error in %."""
-    path = Path(path)
-    skip = {get_gpu(g).name for g in exclude_gpus}
-    measured = {}
-    with path.open() as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            try:
-                if skip and get_gpu(rec.get("gpu", "")).name in skip:
-                    continue
-            except InputError:
-                pass
-            measured[str(rec.get("id"))] = rec.get("measured") or {}
+    measured = {str(rec.get("id")): rec.get("measured") or {} for rec, _ in _records_kept(path, exclude_gpus)}
     rows = []
     for o in outs:
         m = measured.get(o["id"], {})
@@ -588,11 +569,7 @@ def error_summary(rows: list[dict]) -> list[dict]:
 
 def add_serve_arguments(sp) -> None:
     sp.add_argument("records", help="serving records, JSON Lines (schema: docs/serving.md)")
-    sp.add_argument("--model-configs", default=None,
-                    help="folder of <model>/config.json (default: configs shipped in the package)")
-    sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
-    sp.add_argument("--calibration", default="default", help="none | default | PATH (as for predict)")
-    sp.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
+    add_pricing_arguments(sp, "none | default | PATH (as for predict)")
     sp.add_argument("--out", default=None, help="write one JSON line per record here")
     sp.add_argument("--client-ms", type=number(float, 0), default=CLIENT_MS,
                     help=f"client-side time added to TTFT and E2E (default {CLIENT_MS})")

@@ -61,7 +61,7 @@ from ..calibration import resolve_calibration
 from ..errors import InputError
 from ..fastlookup import TOKEN_TABLE, FastLookup, as_scalars, common_shapes, of_setup
 from ..hardware import get_gpu
-from ..io import atomic_write, write_frame, write_json
+from ..io import ALLOW_OTHER_GPU_HELP, atomic_write, write_frame, write_json
 from ..model import ModelConfig, load_arch, load_model, normalize_dtype
 from ..params import Params
 from ..step import (
@@ -1538,7 +1538,7 @@ def add_sweep_arguments(parser) -> None:
                         help=f"configurations per chunk file (default: the spec's or {DEFAULT_CHUNK:,})")
     parser.add_argument("--model-configs", default=None, help="folder of <model>/config.json")
     parser.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
-    parser.add_argument("--allow-other-gpu", action="store_true", help="use a calibration fitted on another GPU")
+    parser.add_argument("--allow-other-gpu", action="store_true", help=ALLOW_OTHER_GPU_HELP)
     parser.add_argument("--process-index", type=int, default=None,
                         help="this process's share of a split sweep (default: jax.process_index())")
     parser.add_argument("--process-count", type=int, default=None,
