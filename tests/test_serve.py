@@ -471,3 +471,37 @@ def test_bad_input_names_line_and_field(tmp_path, mutate, field):
     path.write_text("\n" + json.dumps(rec) + "\n")
     with pytest.raises(InputError, match=rf"bad.jsonl:2.*field '{field}'"):
         sv.serve(sv.read_serving_records(path))
+
+
+def test_serving_curves_and_plot(tmp_path):
+    """Closed-loop records that differ only in concurrency make one curve (sorted by clients, measured beside
+    predicted, None where unmeasured); an open-loop record makes one curve over its stages; refused records
+    none.  The figure is written (when matplotlib is installed)."""
+    from costmodel.apps import plotting
+    base = {"model": "m", "gpu": "H100", "tp": 2, "workload": {"type": "closed", "input_tokens": 100,
+                                                               "output_tokens": 10}}
+    recs = [dict(base, id="c16", workload=dict(base["workload"], concurrency=16), measured={"ttft_mean_ms": 30.0}),
+            dict(base, id="c4", workload=dict(base["workload"], concurrency=4)),
+            dict(base, id="tp4", tp=4, workload=dict(base["workload"], concurrency=4)),
+            {"id": "open", "model": "m", "gpu": "H100", "workload": {"type": "x", "stages": [{"rate": 1.0},
+                                                                                          {"rate": 3.0}]},
+             "measured": {"stages": [{"ttft_mean_ms": 9.0, "itl_mean_ms": 2.0}, {"ttft_mean_ms": 11.0}]}},
+            dict(base, id="refused", workload=dict(base["workload"], concurrency=8))]
+    pred = lambda t, p: {"ttft_mean_ms": t, "tpot_mean_ms": p}  # noqa: E731
+    outs = [{"id": "c16", "predicted": pred(20.0, 5.0)}, {"id": "c4", "predicted": pred(10.0, 4.0)},
+            {"id": "tp4", "predicted": pred(8.0, 3.0)}, {"id": "refused", "refused": "no"},
+            {"id": "open", "predicted": {"stages": [{"ttft_mean_ms": 8.0, "itl_mean_ms": 2.5},
+                                                    {"ttft_mean_ms": 12.0, "itl_mean_ms": 3.0}]}}]
+    curves = plotting.serving_curves(recs, outs)
+    closed = sorted((c for c in curves if c["kind"] == "closed"), key=lambda c: len(c["x"]), reverse=True)
+    assert len(curves) == 3 and len(closed) == 2
+    assert closed[0]["x"] == [4, 16] and closed[0]["ttft_ms"] == ([10.0, 20.0], [None, 30.0])
+    assert closed[0]["tpot_ms"] == ([4.0, 5.0], [None, None]) and closed[1]["x"] == [4]
+    op, = (c for c in curves if c["kind"] == "open")
+    assert op["x"] == [1.0, 3.0] and op["ttft_ms"] == ([8.0, 12.0], [9.0, 11.0])
+    assert op["tpot_ms"] == ([2.5, 3.0], [2.0, None])
+    msg = plotting.plot_serving(curves, tmp_path / "p.png")
+    if msg == plotting.MISSING:
+        pytest.skip("matplotlib is not installed")
+    assert msg == f"wrote {tmp_path / 'p.png'}" and (tmp_path / "p.png").stat().st_size > 0
+    assert plotting.plot_serving([], tmp_path / "none.png").startswith("nothing to plot")

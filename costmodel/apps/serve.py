@@ -37,6 +37,7 @@ from ..model import load_arch, load_model
 from ..params import Params, engine_key, engine_version
 from ..step import moe_curve_of, setup
 from ..tables import load_tables
+from . import plotting
 from . import scheduler as sch
 from . import workloads as wl_mod
 
@@ -589,12 +590,16 @@ def add_serve_arguments(sp) -> None:
                     help="drop records on this GPU before reading them (repeatable)")
     sp.add_argument("--compare", action="store_true",
                     help="print the errors against the records' measured blocks (read after predicting)")
+    sp.add_argument("--plot", default=None, metavar="PNG",
+                    help="draw TTFT and TPOT/ITL against clients or request rate, with the measured points "
+                         "where the records have them (needs matplotlib)")
 
 
 def run_serve(args) -> int:
-    if args.out:
-        check_output_file(args.out)
-        refuse_overwrite(args.out, [args.records])
+    for name in ("out", "plot"):
+        if getattr(args, name):
+            check_output_file(getattr(args, name), name)
+            refuse_overwrite(getattr(args, name), [args.records], name)
     items = read_serving_records(args.records, tuple(args.exclude_gpu))
     t0 = time.perf_counter()
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
@@ -624,6 +629,9 @@ def run_serve(args) -> int:
         if summary:
             print("errors against measured (%):")
             print_table(summary)
+    if args.plot:
+        recs = [rec for rec, _ in _records_kept(args.records, tuple(args.exclude_gpu))]
+        print(plotting.plot_serving(plotting.serving_curves(recs, outs), args.plot))
     if args.out:
         print(f"wrote {args.out}")
     return 0
