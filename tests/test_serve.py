@@ -365,9 +365,9 @@ def _records(tmp_path):
               "workload": {"type": "closed", "concurrency": 4, "input_tokens": 500, "output_tokens": 20}}
     moe = dict(closed, id="moe", model="tiny-moe")
     disagg = dict(closed, id="disagg", mode="disagg")
-    dp = dict(closed, id="dp", dp=2)
+    pp = dict(closed, id="pp", pp=2)
     path = tmp_path / "records.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in (open_loop, closed, moe, disagg, dp)))
+    path.write_text("".join(json.dumps(r) + "\n" for r in (open_loop, closed, moe, disagg, pp)))
     return path, cfg
 
 
@@ -376,9 +376,9 @@ def test_serve_records_and_refusals(tmp_path):
     outs = sv.serve(sv.read_serving_records(path), model_configs=cfg, calibration="none",
                     workload_options={"rounds": 3})
     by = {o["id"]: o for o in outs}
-    assert [o["id"] for o in outs] == ["dense-open", "dense-closed", "moe", "disagg", "dp"]
+    assert [o["id"] for o in outs] == ["dense-open", "dense-closed", "moe", "disagg", "pp"]
     assert "no bf16 curve for tiny-moe's experts" in by["moe"]["refused"]  # a shape the MoE table lacks
-    assert "disaggregated" in by["disagg"]["refused"] and "dp=2" in by["dp"]["refused"]
+    assert "disaggregated" in by["disagg"]["refused"] and "pp=2" in by["pp"]["refused"]
     o = by["dense-open"]
     for k in sv.METRICS:
         assert o["predicted"][k] > 0
@@ -445,6 +445,22 @@ def test_attention_dp_is_one_rank_with_its_share_of_the_clients(shared):
             assert r["predicted"]["tpot_mean_ms"] != o["predicted"]["tpot_mean_ms"]
 
 
+def test_whole_replicas_share_the_clients():
+    """dp=2 replicas behind a round-robin router with 8 clients: each replica is the engine with 4 clients
+    (same TTFT/TPOT), totals twice one replica's, per GPU over tp x 2 GPUs."""
+    rec = {"id": "r", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "engine": {"name": "vllm", "version": "0.12.0"},
+           "workload": {"type": "closed", "concurrency": 4, "input_tokens": 300, "output_tokens": 12}}
+    opts = {"rounds": 3}
+    one, two = sv.serve([rec, dict(rec, id="dp2", dp=2, workload=dict(rec["workload"], concurrency=8))],
+                        calibration="none", workload_options=opts)
+    for k in ("ttft_mean_ms", "tpot_mean_ms", "e2e_mean_ms"):
+        assert two["predicted"][k] == pytest.approx(one["predicted"][k], rel=1e-6)
+    t1, t2 = one["throughput"], two["throughput"]
+    assert t2["output_tokens_per_s"] == pytest.approx(2 * t1["output_tokens_per_s"], rel=1e-6)
+    assert t2["output_tokens_per_s_per_gpu"] == pytest.approx(t1["output_tokens_per_s_per_gpu"], rel=1e-6)
+    assert two["simulation"]["dp"] == 2 and two["simulation"]["load_share"] == 2.0
+
+
 def test_cli(tmp_path, capsys):
     from costmodel.cli import main
     path, cfg = _records(tmp_path)
@@ -452,7 +468,7 @@ def test_cli(tmp_path, capsys):
     assert main(["serve", str(path), "--model-configs", str(cfg), "--calibration", "none", "--rounds", "3",
                  "--out", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [x["id"] for x in lines] == ["dense-open", "dense-closed", "moe", "disagg", "dp"]
+    assert [x["id"] for x in lines] == ["dense-open", "dense-closed", "moe", "disagg", "pp"]
     assert "2 priced, 3 refused" in capsys.readouterr().out
 
 

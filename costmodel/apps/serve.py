@@ -115,6 +115,7 @@ class Deployment:
     moe_ep: int = 1  # GPUs of the expert group (tp x attention_dp) a mixture-of-experts model's experts span
     attention_dp: int = 1  # engine-core ranks of tp GPUs each; the simulation is one rank's (`rank_workload`)
     load_share: float = 1.0  # the deployment's load over the simulated rank's: totals are the rank's x this
+    dp: int = 1  # whole replicas (independent engines) behind a round-robin router
 
 
 class Refusal(Exception):
@@ -130,23 +131,25 @@ def _num(v, where, name, kind=int, minimum=1):
     return kind(v)
 
 
-def rank_workload(w, attention_dp: int) -> tuple[dict, float]:
-    """The workload one of ``attention_dp`` balanced ranks receives (vLLM's data-parallel load balancer spreads
-    requests over the ranks) and the deployment's load over it: a closed loop's C clients become ceil(C / N)
-    (the busiest rank's), the load share C / ceil(C / N) (N where N divides C); an open loop's stage rates
-    are divided by N, the share N.  A workload that is not a dict, or an unknown or malformed one, is returned
-    as it is for `workloads.from_record` to refuse."""
-    if attention_dp == 1 or not isinstance(w, dict):
+def rank_workload(w, ranks: int) -> tuple[dict, float]:
+    """The workload one of ``ranks`` balanced engine ranks receives — attention-DP ranks (vLLM's data-parallel
+    load balancer spreads requests over them) times whole replicas (a round-robin router) — and the
+    deployment's load over it: a closed loop's C clients become ceil(C / N) (the busiest rank's), the load
+    share C / ceil(C / N) (N where N divides C); an open loop's stage rates are divided by N, the share N
+    (arrivals at rate / N of the record's process: for Poisson arrivals burstier than a round-robin split of
+    one Poisson stream, so latency errs high).  A workload that is not a dict, or an unknown or malformed
+    one, is returned as it is for `workloads.from_record` to refuse."""
+    if ranks == 1 or not isinstance(w, dict):
         return w, 1.0
     c = w.get("concurrency")
     if w.get("type") == "closed" and isinstance(c, int) and not isinstance(c, bool) and c >= 1:
-        per_rank = -(-c // attention_dp)
+        per_rank = -(-c // ranks)
         return {**w, "concurrency": per_rank}, c / per_rank
     stages = w.get("stages")
     if isinstance(stages, list) and all(isinstance(st, dict) and isinstance(st.get("rate"), (int, float))
                                         and not isinstance(st.get("rate"), bool) for st in stages):
-        return {**w, "stages": [{**st, "rate": st["rate"] / attention_dp} for st in stages]}, float(attention_dp)
-    return w, float(attention_dp)
+        return {**w, "stages": [{**st, "rate": st["rate"] / ranks} for st in stages]}, float(ranks)
+    return w, float(ranks)
 
 
 def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, workload_options=None) -> Deployment:
@@ -161,11 +164,10 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
     if mode != "agg":
         raise Refusal(f"mode '{mode}': disaggregated prefill/decode workers are not modelled yet")
     tp = _num(rec.get("tp", 1), where, "tp")
-    for key in ("pp", "dp"):
-        v = _num(rec.get(key) or 1, where, key)
-        if v > 1:
-            raise Refusal(f"{key}={v}: pipeline parallelism and whole-replica data parallelism are not "
-                          "modelled yet")
+    pp = _num(rec.get("pp") or 1, where, "pp")
+    if pp > 1:
+        raise Refusal(f"pp={pp}: pipeline parallelism is not modelled yet")
+    dp = _num(rec.get("dp") or 1, where, "dp")
     dp_att = rec.get("attention_dp")
     dp_att = 1 if dp_att is None else dp_att  # checked with the layout (`ops.dims`)
     moe_ep = _num(rec.get("moe_ep") or 1, where, "moe_ep")
@@ -231,7 +233,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         kv_source = "estimated"
     if (eng.get("cpu_offload_gib") or 0) > 0:
         notes.append(f"CPU KV offload ({eng['cpu_offload_gib']} GiB) is not modelled")
-    workload, share = rank_workload(rec["workload"], dp_att)
+    workload, share = rank_workload(rec["workload"], dp_att * dp)
     requests = wl_mod.from_record(workload, where, max_model_len, **(workload_options or {}))
     if not len(requests):
         raise Refusal("the workload sends no request")
@@ -239,7 +241,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
     return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
                       kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep,
-                      dp_att, share)
+                      dp_att, share, dp)
 
 
 # ---------------------------------------------------------------- simulation
@@ -440,7 +442,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
                                          r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
     span = float(np.max(np.where(m, res["done_s"] + client, -np.inf)) - np.min(np.where(m, send, np.inf))) \
         if m.any() else float("nan")
-    gpus = dep.tp * dep.attention_dp  # every GPU of the deployment; the simulated rank carries 1/load_share
+    gpus = dep.tp * dep.attention_dp * dep.dp  # every GPU of the deployment; the simulated rank carries 1/load_share
     out_tok = float(r.output_tokens[m].sum()) * dep.load_share
     tput = {"requests_per_s": float(m.sum()) * dep.load_share / span if span > 0 else None,
             "output_tokens_per_s": out_tok / span if span > 0 else None,
@@ -457,7 +459,8 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
            "busy_fraction": float(res["busy_s"]) / end if end > 0 else 0.0,
            "complete": bool(res["complete"]), "overflow": bool(res["overflow"]), "window": int(res["window"]),
            "async_scheduling": dep.async_scheduling, "max_num_batched_tokens": dep.max_batched_tokens,
-           "max_num_seqs": dep.max_seqs, "attention_dp": dep.attention_dp, "load_share": dep.load_share}
+           "max_num_seqs": dep.max_seqs, "attention_dp": dep.attention_dp, "dp": dep.dp,
+           "load_share": dep.load_share}
     notes = list(dep.notes)
     if not res["complete"]:
         notes.append("the simulation stopped before every request finished (iteration limit or a request "
