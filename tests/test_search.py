@@ -145,6 +145,19 @@ def test_cli_json_and_out(res, tmp_path, capsys):
     assert len(df) == 6 and {"ttft_mean_ms", "tpot_mean_ms", "weights_bytes_per_gpu", "pareto"} <= set(df.columns)
 
 
+def test_cli_report_names_the_statistic_price_and_gpus(res, capsys):
+    rc = main(["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
+               "--concurrency", "1,8,32", "--rounds", "2", "--ttft-ms", "10000", "--e2e-ms", "10000",
+               "--percentile", "99", "--price", "H100=2", "--objective", "min_gpus_for_rate", "--rate", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "p99 TTFT <= 10000 ms, p99 E2E <= 10000 ms, >= 1 requests/s, fewest GPUs" in out
+    assert "Ranked by fewest GPUs, then output tokens per US$" in out
+    header = next(line for line in out.splitlines() if line.startswith("rank"))
+    assert header.split()[:6] == ["rank", "layout", "weights", "conc", "gpus", "ttft_p99_ms"]
+    assert {"e2e_p99_ms", "usd_h", "tok_per_usd"} <= set(header.split())
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "no-such-model", "--gpu", "H100"], "no config.json for model"),
     (["--model", "qwen3-8b", "--gpu", "X9"], "unknown GPU"),
