@@ -145,12 +145,31 @@ def test_cli_json_and_out(res, tmp_path, capsys):
     assert len(df) == 6 and {"ttft_mean_ms", "tpot_mean_ms", "weights_bytes_per_gpu", "pareto"} <= set(df.columns)
 
 
+def test_cli_report_names_the_statistic_price_and_gpus(res, capsys):
+    rc = main(["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
+               "--concurrency", "1,8,32", "--rounds", "2", "--ttft-ms", "10000", "--e2e-ms", "10000",
+               "--percentile", "99", "--price", "H100=2", "--objective", "min_gpus_for_rate", "--rate", "1"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "p99 TTFT <= 10000 ms, p99 E2E <= 10000 ms, >= 1 requests/s, fewest GPUs" in out
+    assert "Ranked by fewest GPUs, then output tokens per US$" in out
+    header = next(line for line in out.splitlines() if line.startswith("rank"))
+    assert header.split()[:6] == ["rank", "layout", "weights", "conc", "gpus", "ttft_p99_ms"]
+    assert {"e2e_p99_ms", "usd_h", "tok_per_usd"} <= set(header.split())
+
+
 @pytest.mark.parametrize("args, words", [
     (["--model", "no-such-model", "--gpu", "H100"], "no config.json for model"),
     (["--model", "qwen3-8b", "--gpu", "X9"], "unknown GPU"),
     (["--model", "llama-3.1-70b", "--gpu", "H100", "--weights", "bf16"], "no feasible configuration"),
     (["--model", "qwen3-8b", "--gpu", "H100", "--out", "x.txt"], ".parquet or .csv"),
     (["--model", "qwen3-8b", "--gpu", "H100", "--weights", "int4"], "field 'weights'"),
+    (["--model", "qwen3-8b", "--gpu", "H100", "--price", "H200=2"], "field 'price': a price for H200"),
+    (["--model", "qwen3-8b", "--gpu", "H100,H200", "--price", "H100=2"], "field 'price': no price for H200"),
+    (["--model", "qwen3-8b", "--gpu", "H100", "--price", "H100=0"], "field 'price'"),
+    (["--model", "qwen3-8b", "--gpu", "H100", "--price", "H100"], "field 'price': must be GPU="),
+    (["--model", "qwen3-8b", "--gpu", "H100", "--objective", "min_gpus_for_rate"], "field 'rate'"),
+    (["--model", "qwen3-8b", "--gpu", "H100", "--percentile", "50"], "field 'percentile'"),
 ])
 def test_cli_bad_input_is_one_line(args, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -288,3 +307,94 @@ print("All experiments completed in 17.5 seconds")
     assert r["reported_seconds"] == 17.5 and r["seconds"] > 0
     assert [p["tok_s_gpu"] for p in r["pareto"]] == [160.0, 100.0]  # TPOT 70 > 30 out; 150 @ 40 dominated
     assert r["best"]["layout"] == "disagg 2x prefill tp2pp1 + 1x decode tp4pp1 c52"
+
+
+# ---------------------------------------------------------------- GPU types with prices, percentiles, fewest GPUs
+
+def _key(r):
+    return (r["gpu"], r["tp"], r["concurrency_per_replica"])
+
+
+def test_prices_give_tokens_per_usd_and_rank_by_them(res):
+    both = sr.search_many("qwen3-8b", {"H100": 2, "H200": 2}, prices={"H100": 2.5, "H200": 3.8}, **SPACE)
+    assert {r["gpu"] for r in both.rows} == {"H100-SXM", "H200-SXM"} and len(both.rows) == 12
+    assert both.rejected_counts == {sr.TOO_MANY_GPUS: 12} and both.merit == "output_tokens_per_usd"
+    h100 = {_key(r): r for r in res.rows}
+    for r in both.rows:
+        price = {"H100-SXM": 2.5, "H200-SXM": 3.8}[r["gpu"]]
+        assert r["usd_per_hour"] == pytest.approx(r["gpus_used"] * price)
+        assert r["output_tokens_per_usd"] == pytest.approx(r["output_tokens_per_s_total"] * 3600 / (2 * price))
+        if r["gpu"] == "H100-SXM":  # the same numbers as the H100-only search
+            assert r["output_tokens_per_s_total"] == pytest.approx(h100[_key(r)]["output_tokens_per_s_total"])
+    usd = [r["output_tokens_per_usd"] for r in both.feasible]
+    assert usd == sorted(usd, reverse=True)
+    # the front is over every GPU type, in tokens per US$ against tokens/s per user
+    assert sr.pareto_mask([r["output_tokens_per_usd"] for r in both.feasible],
+                          [r["output_tokens_per_s_per_user"] for r in both.feasible]) == \
+        [r["pareto"] for r in both.feasible]
+    # a very expensive GPU type drops to the end; without prices the ranking is by tokens/s per GPU
+    for dear, cheap in (("H100", "H200"), ("H200", "H100")):
+        ranked = sr.search_many("qwen3-8b", {"H100": 2, "H200": 2}, prices={dear: 1000.0, cheap: 1.0},
+                                **SPACE).feasible
+        assert [r["gpu"] for r in ranked] == [f"{cheap}-SXM"] * 6 + [f"{dear}-SXM"] * 6
+    free = sr.search_many("qwen3-8b", {"H100": 2, "H200": 2}, **SPACE)
+    assert free.merit == "output_tokens_per_s_per_gpu" and "usd_per_hour" not in free.rows[0]
+    tput = [r["output_tokens_per_s_per_gpu"] for r in free.feasible]
+    assert tput == sorted(tput, reverse=True)
+    s = sr.summary(both, 3)
+    assert s["best"]["output_tokens_per_usd"] == max(usd) and s["best"]["gpu"] == "H100-SXM"
+    assert len(s["ranked"]) == 3 and "usd_per_hour" in s["ranked"][0]
+
+
+@pytest.mark.parametrize("prices, words", [
+    ({"H200": 3.0}, "a price for H200, which is not searched"),
+    ({"H100": 2.0}, "no price for L40S"),
+    ({"H100": 2.0, "L40S": 0.0}, "L40S: must be a positive"),
+    ({"H100": -1.0, "L40S": 1.0}, "H100: must be a positive"),
+])
+def test_bad_prices_are_refused_with_the_field(prices, words):
+    with pytest.raises(sr.InputError, match="field 'price'") as e:
+        sr.search_many("qwen3-8b", {"H100": 1, "L40S": 1}, prices=prices, **SPACE)
+    assert words in str(e.value)
+
+
+def test_percentile_checks_the_p90(res):
+    # a configuration whose mean TTFT meets the SLO and whose p90 does not
+    row = max(res.rows, key=lambda r: r["ttft_p90_ms"] - r["ttft_mean_ms"])
+    assert row["ttft_p90_ms"] > row["ttft_mean_ms"]
+    slo = (row["ttft_mean_ms"] + row["ttft_p90_ms"]) / 2
+    p90 = sr.search("qwen3-8b", "H100", 2, ttft_ms=slo, percentile=90, **SPACE)
+    assert p90.query["statistic"] == "p90"
+    assert {(r["tp"], r["concurrency_per_replica"]) for r in p90.feasible} == \
+        {(r["tp"], r["concurrency_per_replica"]) for r in res.rows if r["ttft_p90_ms"] <= slo}
+    picked = next(r for r in p90.rows if (r["tp"], r["concurrency_per_replica"]) ==
+                  (row["tp"], row["concurrency_per_replica"]))
+    assert picked["meets_slo"] is False
+    mean = sr.search("qwen3-8b", "H100", 2, ttft_ms=slo, **SPACE)
+    assert next(r for r in mean.rows if (r["tp"], r["concurrency_per_replica"]) ==
+                (row["tp"], row["concurrency_per_replica"]))["meets_slo"] is True
+    with pytest.raises(sr.InputError, match="field 'percentile'"):
+        sr.search("qwen3-8b", "H100", 2, percentile=50, **SPACE)
+
+
+def test_min_gpus_for_rate_picks_the_fewest_gpus(res):
+    # each replica's predicted request rate from the whole-budget rows (dp = 2 // tp)
+    per_replica = {(r["tp"], r["concurrency_per_replica"]): r["requests_per_s_total"] / r["dp"] for r in res.rows}
+    tp1 = sorted(v for (tp, _), v in per_replica.items() if tp == 1)
+    rate = (tp1[-1] + tp1[-2]) / 2  # one TP1 replica reaches it at its largest concurrency only
+    fewest = sr.search("qwen3-8b", "H100", 2, rate=rate, objective="min_gpus_for_rate", **SPACE)
+    by_hand = {}
+    for (tp, c), v in per_replica.items():
+        need = -(-rate // v)
+        if need <= 2 // tp:
+            by_hand[(tp, c)] = tp * need
+    got = {(r["tp"], r["concurrency_per_replica"]): r["gpus_used"] for r in fewest.feasible}
+    assert got == by_hand and min(by_hand.values()) == 1
+    best = fewest.feasible[0]
+    assert best["gpus_used"] == 1 and best["dp"] == 1 and best["layout"] == "TP1 x DP1"
+    assert best["requests_per_s_total"] >= rate
+    assert "--data-parallel-size" not in sr.vllm_command(fewest, best)
+    ties = [r for r in fewest.feasible if r["gpus_used"] == best["gpus_used"]]
+    assert best["output_tokens_per_s_per_gpu"] == max(r["output_tokens_per_s_per_gpu"] for r in ties)
+    with pytest.raises(sr.InputError, match="field 'rate'"):
+        sr.search("qwen3-8b", "H100", 2, objective="min_gpus_for_rate", **SPACE)

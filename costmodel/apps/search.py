@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from collections import Counter
@@ -45,6 +46,9 @@ WEIGHTS_DO_NOT_FIT = "memory: weights and activations do not fit"
 KV_DOES_NOT_FIT = "memory: KV cache cannot hold the concurrency's tokens"
 REFUSED = "refused by the serving simulation"
 
+PERCENTILES = (90, 99)  # the percentiles `serve` predicts for TTFT and E2E (ttft_p90_ms, ...); TPOT has its mean only
+OBJECTIVES = ("tokens_per_gpu", "min_gpus_for_rate")
+
 
 @dataclass
 class SearchResult:
@@ -62,15 +66,32 @@ class SearchResult:
         return dict(Counter(r["reason"] for r in self.rejected).most_common())
 
     @property
+    def merit(self) -> str:
+        """The row field ranked on and plotted against tokens/s per user: output tokens per US$ when every GPU
+        type searched has a price, else output tokens/s per GPU."""
+        return "output_tokens_per_usd" if self.query.get("usd_per_gpu_hour") else "output_tokens_per_s_per_gpu"
+
+    @property
     def feasible(self) -> list:
-        """Scored rows that meet the SLO (and the rate, when one is asked), best tokens/s per GPU first."""
+        """Scored rows that meet the SLO (and the rate, when one is asked), best first: most `merit`, or with
+        objective min_gpus_for_rate fewest GPUs used, then most `merit`."""
+        fewest = self.query.get("objective") == "min_gpus_for_rate"
         return sorted((r for r in self.rows if r["meets_slo"]),
-                      key=lambda r: (-r["output_tokens_per_s_per_gpu"], -r["output_tokens_per_s_per_user"]))
+                      key=lambda r: (r["gpus_used"] if fewest else 0, -r[self.merit],
+                                     -r["output_tokens_per_s_per_user"]))
 
     @property
     def pareto(self) -> list:
-        """The non-dominated feasible rows in tokens/s per GPU against tokens/s per user, by tokens/s per GPU."""
+        """The non-dominated feasible rows in `merit` against tokens/s per user, best first."""
         return [r for r in self.feasible if r["pareto"]]
+
+    def mark_pareto(self) -> None:
+        ok = [r for r in self.rows if r["meets_slo"]]
+        mask = pareto_mask([r[self.merit] for r in ok], [r["output_tokens_per_s_per_user"] for r in ok])
+        for r in self.rows:
+            r["pareto"] = False
+        for r, on in zip(ok, mask):
+            r["pareto"] = on
 
 
 def pareto_mask(xs, ys) -> list[bool]:
@@ -102,17 +123,32 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
            weights=None, gpus_per_node: int = 8, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
            max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
            engine_version: str = DEFAULT_ENGINE_VERSION, model_configs=None, bench_data=None,
-           calibration: str = "default", workload_options: dict | None = None) -> SearchResult:
+           calibration: str = "default", workload_options: dict | None = None, e2e_ms: float | None = None,
+           percentile: int | None = None, objective: str = "tokens_per_gpu",
+           usd_per_gpu_hour: float | None = None) -> SearchResult:
     """Search the deployments of ``model`` on ``gpus`` GPUs of type ``gpu`` for a closed loop of ``isl``
     input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try;
     ``rate``: requests/s the whole deployment must sustain (a row meets it when dp x the replica's predicted
-    request rate reaches it); ``weights``: precisions to try (default: the checkpoint's).  SLOs on the mean
-    TTFT and TPOT; None leaves that one open."""
+    request rate reaches it); ``weights``: precisions to try (default: the checkpoint's).  SLOs on TTFT, TPOT
+    and E2E; None leaves that one open.  ``percentile`` (90 or 99) checks TTFT and E2E against that
+    percentile instead of the mean (TPOT stays the mean).  ``objective``: "tokens_per_gpu" (every replica
+    the budget holds, dp = gpus // tp) or "min_gpus_for_rate" (needs ``rate``: dp = the replicas the rate
+    needs, at most gpus // tp; best = fewest GPUs).  ``usd_per_gpu_hour``: the GPU's price; rows then carry
+    ``usd_per_hour`` and ``output_tokens_per_usd`` and rank by the latter."""
     t0 = time.perf_counter()
     g = get_gpu(gpu)
     for name, v in (("gpus", gpus), ("gpus_per_node", gpus_per_node), ("isl", isl), ("osl", osl)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"must be a positive integer, got {v!r}", field=name)
+    if percentile is not None and percentile not in PERCENTILES:
+        raise InputError(f"must be one of {', '.join(map(str, PERCENTILES))} (the percentiles the serving "
+                         f"simulation predicts), got {percentile!r}", field="percentile")
+    if objective not in OBJECTIVES:
+        raise InputError(f"must be one of {', '.join(OBJECTIVES)}, got {objective!r}", field="objective")
+    if objective == "min_gpus_for_rate" and rate is None:
+        raise InputError("objective min_gpus_for_rate needs the requests/s to sustain", field="rate")
+    if usd_per_gpu_hour is not None and not usd_per_gpu_hour > 0:
+        raise InputError(f"must be a positive US$ per GPU-hour, got {usd_per_gpu_hour!r}", field="price")
     concurrency = sorted(set(concurrency))
     if not concurrency or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in concurrency):
         raise InputError(f"must be positive integers, got {concurrency!r}", field="concurrency")
@@ -129,7 +165,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         engine["max_num_seqs"] = max_num_seqs
     d_tokens, d_seqs = serve_mod.default_batch_limits(g)
     query = {"model": model, "gpu": g.name, "gpus": gpus, "gpus_per_node": gpus_per_node, "isl": isl,
-             "osl": osl, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "rate": rate, "concurrency": concurrency,
+             "osl": osl, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "statistic": statistic(percentile),
+             "rate": rate, "objective": objective, "concurrency": concurrency,
+             "usd_per_gpu_hour": {g.name: usd_per_gpu_hour} if usd_per_gpu_hour else None,
              "weights": weights, "checkpoint_weights": base.dtype,
              "engine": {**engine, "max_num_batched_tokens": max_num_batched_tokens or d_tokens,
                         "max_num_seqs": max_num_seqs or d_seqs}}
@@ -167,7 +205,6 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                            f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
                            f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
                     continue
-                dp = gpus // tp
                 most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
                 for c in concurrency:
                     if not batch_fits(cap, [isl + osl] * c):
@@ -179,8 +216,10 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                            "engine": dict(engine),
                            "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
                                         "output_tokens": osl}}
-                    row = {"layout": _layout_name(tp, ep, dp), "tp": tp, "moe_ep": ep, "dp": dp, "gpus_used": tp * dp,
-                           "weights": w, "concurrency_per_replica": c, "concurrency_total": c * dp,
+                    row = {"gpu": g.name, "tp": tp, "moe_ep": ep, "weights": w, "concurrency_per_replica": c,
+                           "max_num_seqs": query["engine"]["max_num_seqs"],
+                           "max_num_batched_tokens": query["engine"]["max_num_batched_tokens"],
+                           "gpu_memory_utilization": gpu_memory_utilization,
                            "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
                            "kv_needed_bytes_per_gpu": c * (isl + osl) * cap.kv_bytes_per_token}
                     candidates.append((rec, row))
@@ -194,27 +233,66 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                    [rec["workload"]["concurrency"]])
             continue
         p, t = out["predicted"], out["throughput"]
-        dp = row["dp"]
+        budget = gpus // row["tp"]
+        dp = budget if objective == "tokens_per_gpu" else min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
+        row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp), "dp": dp, "gpus_used": row["tp"] * dp,
+                    "concurrency_total": row["concurrency_per_replica"] * dp})
+        row.update({k: p[k] for k in serve_mod.METRICS})
         row.update({
-            "ttft_mean_ms": p["ttft_mean_ms"], "tpot_mean_ms": p["tpot_mean_ms"], "itl_mean_ms": p["itl_mean_ms"],
-            "e2e_mean_ms": p["e2e_mean_ms"], "output_tokens_per_s_per_gpu": t["output_tokens_per_s_per_gpu"],
+            "output_tokens_per_s_per_gpu": t["output_tokens_per_s_per_gpu"],
             "output_tokens_per_s_per_user": t["output_tokens_per_s_per_user"],
             "output_tokens_per_s_total": t["output_tokens_per_s"] * dp,
             "requests_per_s_total": t["requests_per_s"] * dp,
             "kv_peak_used_fraction": out["kv_cache"]["peak_used"], "preemptions": out["kv_cache"]["preemptions"],
             "notes": "; ".join(out["notes"])})
-        row["meets_slo"] = bool((ttft_ms is None or row["ttft_mean_ms"] <= ttft_ms)
-                                and (tpot_ms is None or row["tpot_mean_ms"] <= tpot_ms)
+        if usd_per_gpu_hour:
+            row["usd_per_hour"] = row["gpus_used"] * usd_per_gpu_hour
+            row["output_tokens_per_usd"] = row["output_tokens_per_s_total"] * 3600 / row["usd_per_hour"]
+        stat = query["statistic"]
+        row["meets_slo"] = bool(all(slo is None or row[f"{metric}_ms"] <= slo for metric, slo in
+                                    ((f"ttft_{stat}", ttft_ms), ("tpot_mean", tpot_ms), (f"e2e_{stat}", e2e_ms)))
                                 and (rate is None or row["requests_per_s_total"] >= rate))
         result.rows.append(row)
-    ok = [r for r in result.rows if r["meets_slo"]]
-    mask = pareto_mask([r["output_tokens_per_s_per_gpu"] for r in ok], [r["output_tokens_per_s_per_user"] for r in ok])
-    for r in result.rows:
-        r["pareto"] = False
-    for r, on in zip(ok, mask):
-        r["pareto"] = on
+    result.mark_pareto()
     result.seconds = time.perf_counter() - t0 - result.compile_seconds
     return result
+
+
+def statistic(percentile: int | None) -> str:
+    """The latency statistic an SLO is checked against: "mean", "p90" or "p99" (the ``ttft_<it>_ms`` key)."""
+    return f"p{percentile}" if percentile else "mean"
+
+
+def search_many(model: str, gpus_by_type: dict, *, prices: dict | None = None, **options) -> SearchResult:
+    """`search` for each GPU type of ``gpus_by_type`` ({"H100": 8, "H200": 8}: the GPUs of that type the
+    deployment may use) with ``prices`` ({"H100": 2.5}: US$ per GPU-hour; every type or none), as one
+    result: the rows of every type (each with its ``gpu``), ranked and with one Pareto front over all of
+    them (by output tokens per US$ when priced); ``options`` are `search`'s keywords."""
+    if not gpus_by_type:
+        raise InputError("name at least one GPU type", field="gpu")
+    prices = dict(prices or {})
+    for name, price in prices.items():
+        if name not in gpus_by_type:
+            raise InputError(f"a price for {name}, which is not searched (GPU types: {', '.join(gpus_by_type)})",
+                             field="price")
+        if isinstance(price, bool) or not isinstance(price, (int, float)) or not price > 0:
+            raise InputError(f"{name}: must be a positive US$ per GPU-hour, got {price!r}", field="price")
+    missing = [name for name in gpus_by_type if name not in prices]
+    if prices and missing:
+        raise InputError(f"no price for {', '.join(missing)}: give every GPU type a price or none", field="price")
+    results = [search(model, gpu, n, usd_per_gpu_hour=prices.get(gpu), **options) for gpu, n in gpus_by_type.items()]
+    if len(results) == 1:
+        return results[0]
+    queries = [r.query for r in results]
+    query = {**queries[0], "gpu": [q["gpu"] for q in queries], "gpus": [q["gpus"] for q in queries],
+             "engine": {q["gpu"]: q["engine"] for q in queries},
+             "usd_per_gpu_hour": {q["gpu"]: p for q in queries for p in (q["usd_per_gpu_hour"] or {}).values()}
+             or None}
+    merged = SearchResult(query, [row for r in results for row in r.rows],
+                          [dict(x, gpu=r.query["gpu"]) for r in results for x in r.rejected],
+                          sum(r.seconds for r in results), sum(r.compile_seconds for r in results))
+    merged.mark_pareto()
+    return merged
 
 
 def vllm_command(result: SearchResult, row: dict) -> str:
@@ -225,9 +303,8 @@ def vllm_command(result: SearchResult, row: dict) -> str:
         parts.append(f"--data-parallel-size {row['dp']}")
     if row["moe_ep"] > 1:
         parts.append("--enable-expert-parallel")
-    parts += [f"--max-num-seqs {q['engine']['max_num_seqs']}",
-              f"--max-num-batched-tokens {q['engine']['max_num_batched_tokens']}",
-              f"--gpu-memory-utilization {q['engine']['gpu_memory_utilization']:g}"]
+    parts += [f"--max-num-seqs {row['max_num_seqs']}", f"--max-num-batched-tokens {row['max_num_batched_tokens']}",
+              f"--gpu-memory-utilization {row['gpu_memory_utilization']:g}"]
     if row["weights"] == "fp8" and q["checkpoint_weights"] != "fp8":
         parts.append("--quantization fp8")
     return " ".join(parts)
@@ -240,19 +317,30 @@ def no_result_message(result: SearchResult) -> str | None:
         return f"no feasible configuration: rejected {why} (--explain lists them)"
     if not result.feasible:
         q = result.query
-        best_ttft = min(r["ttft_mean_ms"] for r in result.rows)
+        stat = q["statistic"]
+        best_ttft = min(r[f"ttft_{stat}_ms"] for r in result.rows)
         best_tpot = min(r["tpot_mean_ms"] for r in result.rows)
         best_rate = max(r["requests_per_s_total"] for r in result.rows)
         return (f"none of the {len(result.rows)} scored configurations meets the objective (ttft_ms={q['ttft_ms']}, "
-                f"tpot_ms={q['tpot_ms']}, rate={q['rate']}); the lowest predicted mean TTFT is {best_ttft:.1f} ms, "
-                f"mean TPOT {best_tpot:.2f} ms, the highest request rate {best_rate:.2f}/s")
+                f"tpot_ms={q['tpot_ms']}, e2e_ms={q['e2e_ms']}, statistic={stat}, rate={q['rate']}); the lowest "
+                f"predicted {stat} TTFT is {best_ttft:.1f} ms, mean TPOT {best_tpot:.2f} ms, the highest request "
+                f"rate {best_rate:.2f}/s")
     return None
 
 
-def _table_row(rank: int, r: dict) -> dict:
-    return {"rank": rank, "layout": r["layout"], "weights": r["weights"], "conc": r["concurrency_per_replica"],
-            "ttft_ms": r["ttft_mean_ms"], "tpot_ms": r["tpot_mean_ms"], "tok_s_gpu": r["output_tokens_per_s_per_gpu"],
-            "tok_s_user": r["output_tokens_per_s_per_user"], "tok_s_total": r["output_tokens_per_s_total"],
+def _table_row(result: SearchResult, rank: int, r: dict) -> dict:
+    """One line of the ranked table; the TTFT and E2E columns are named by the statistic the SLO used."""
+    q, stat = result.query, result.query["statistic"]
+    several = isinstance(q["gpu"], list)
+    return {"rank": rank, **({"gpu": r["gpu"]} if several else {}), "layout": r["layout"], "weights": r["weights"],
+            "conc": r["concurrency_per_replica"], **({"gpus": r["gpus_used"]} if several or q["objective"] !=
+                                                      "tokens_per_gpu" else {}),
+            f"ttft_{stat}_ms": r[f"ttft_{stat}_ms"], "tpot_ms": r["tpot_mean_ms"],
+            **({f"e2e_{stat}_ms": r[f"e2e_{stat}_ms"]} if q["e2e_ms"] else {}),
+            "tok_s_gpu": r["output_tokens_per_s_per_gpu"], "tok_s_user": r["output_tokens_per_s_per_user"],
+            "tok_s_total": r["output_tokens_per_s_total"],
+            **({"usd_h": r["usd_per_hour"], "tok_per_usd": r["output_tokens_per_usd"]} if q["usd_per_gpu_hour"]
+               else {}),
             "weights_gib": r["weights_bytes_per_gpu"] / GIB, "kv_pool_gib": r["kv_pool_bytes_per_gpu"] / GIB,
             "kv_need_gib": r["kv_needed_bytes_per_gpu"] / GIB, "pareto": "*" if r["pareto"] else ""}
 
@@ -260,10 +348,13 @@ def _table_row(rank: int, r: dict) -> dict:
 def summary(result: SearchResult, top: int) -> dict:
     """The machine-readable summary (``--json``)."""
     feasible = result.feasible
-    keep = ("layout", "tp", "moe_ep", "dp", "weights", "concurrency_per_replica", "concurrency_total",
-            "ttft_mean_ms", "tpot_mean_ms", "output_tokens_per_s_per_gpu", "output_tokens_per_s_per_user",
-            "output_tokens_per_s_total", "weights_bytes_per_gpu", "kv_pool_bytes_per_gpu")
-    brief = lambda r: {**{k: r[k] for k in keep}, "vllm_command": vllm_command(result, r)}  # noqa: E731
+    stat = result.query["statistic"]
+    keep = ("gpu", "layout", "tp", "moe_ep", "dp", "gpus_used", "weights", "concurrency_per_replica",
+            "concurrency_total", "ttft_mean_ms", f"ttft_{stat}_ms", "tpot_mean_ms", f"e2e_{stat}_ms",
+            "output_tokens_per_s_per_gpu", "output_tokens_per_s_per_user", "output_tokens_per_s_total",
+            "requests_per_s_total", "usd_per_hour", "output_tokens_per_usd", "weights_bytes_per_gpu",
+            "kv_pool_bytes_per_gpu")
+    brief = lambda r: {**{k: r[k] for k in keep if k in r}, "vllm_command": vllm_command(result, r)}  # noqa: E731
     return {"query": result.query, "configurations_considered": len(result.rows) + len(result.rejected),
             "configurations_scored": len(result.rows), "feasible": len(feasible),
             "rejected": result.rejected_counts, "seconds": round(result.seconds, 2),
@@ -284,18 +375,17 @@ def plot(result: SearchResult, path) -> str:
     for ok, style in ((False, dict(c="0.75", s=12, label="misses the objective")),
                       (True, dict(c="tab:blue", s=18, label="meets the objective"))):
         rs = [r for r in result.rows if r["meets_slo"] == ok]
-        ax.scatter([r["output_tokens_per_s_per_user"] for r in rs], [r["output_tokens_per_s_per_gpu"] for r in rs],
-                   **style)
+        ax.scatter([r["output_tokens_per_s_per_user"] for r in rs], [r[result.merit] for r in rs], **style)
     front = sorted(result.pareto, key=lambda r: r["output_tokens_per_s_per_user"])
-    ax.plot([r["output_tokens_per_s_per_user"] for r in front], [r["output_tokens_per_s_per_gpu"] for r in front],
+    ax.plot([r["output_tokens_per_s_per_user"] for r in front], [r[result.merit] for r in front],
             "-o", c="tab:red", label="Pareto front")
     for r in front:
-        ax.annotate(f"{r['layout']} c{r['concurrency_per_replica']}", (r["output_tokens_per_s_per_user"],
-                    r["output_tokens_per_s_per_gpu"]), fontsize=7)
+        ax.annotate(f"{r['gpu']} {r['layout']} c{r['concurrency_per_replica']}",
+                    (r["output_tokens_per_s_per_user"], r[result.merit]), fontsize=7)
     q = result.query
     ax.set_xlabel("output tokens/s per user")
-    ax.set_ylabel("output tokens/s per GPU")
-    ax.set_title(f"{q['model']} on {q['gpus']} x {q['gpu']}, ISL {q['isl']} / OSL {q['osl']}")
+    ax.set_ylabel("output tokens per US$" if result.merit == "output_tokens_per_usd" else "output tokens/s per GPU")
+    ax.set_title(f"{q['model']} on {_fleet(q)}, ISL {q['isl']} / OSL {q['osl']}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -304,6 +394,26 @@ def plot(result: SearchResult, path) -> str:
 
 
 # ---------------------------------------------------------------- the command
+
+def _fleet(q: dict) -> str:
+    """"8 x H100-SXM" or, for several GPU types, "8 x H100-SXM or 8 x H200"."""
+    pairs = zip(q["gpus"], q["gpu"]) if isinstance(q["gpu"], list) else [(q["gpus"], q["gpu"])]
+    return " or ".join(f"{n} x {g}" for n, g in pairs)
+
+
+def _prices(text: str | None) -> dict | None:
+    """--price H100=2.5,H200=3.8 -> {"H100": 2.5, "H200": 3.8} (positivity is `search_many`'s check)."""
+    if text is None:
+        return None
+    out = {}
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"must be GPU=US$ per GPU-hour, comma-separated, got {item!r}", field="price") from None
+    return out
+
 
 def _int_list(text: str) -> list[int]:
     try:
@@ -319,18 +429,31 @@ def add_search_arguments(sp) -> None:
     sp.add_argument("--model", required=True, help="a folder of --model-configs (or of the packaged configs)")
     sp.add_argument("--model-configs", default=None,
                     help="folder of <model>/config.json (default: configs shipped in the package)")
-    sp.add_argument("--gpu", required=True, help="GPU type (H100, H200, A100, L40S, B200, ...)")
-    sp.add_argument("--gpus", type=number(int, 1), required=True, help="GPUs the deployment may use")
+    sp.add_argument("--gpu", required=True, type=lambda s: [g.strip() for g in s.split(",") if g.strip()],
+                    help="GPU type (H100, H200, A100, L40S, B200, ...) or several, comma-separated: each is searched")
+    sp.add_argument("--gpus", type=number(int, 1), required=True,
+                    help="GPUs the deployment may use (of each type searched)")
+    sp.add_argument("--price", default=None,
+                    help="US$ per GPU-hour of every GPU type searched, e.g. H100=2.5,H200=3.8: rank by output "
+                         "tokens per US$ (default: by tokens/s per GPU)")
     sp.add_argument("--gpus-per-node", type=number(int, 1), default=8,
                     help="GPUs of one node: the largest tensor-parallel group (default 8)")
     sp.add_argument("--isl", type=number(int, 1), required=True, help="input tokens per request")
     sp.add_argument("--osl", type=number(int, 1), required=True, help="output tokens per request")
     sp.add_argument("--ttft-ms", type=number(float, 0, low_open=True), default=None,
-                    help="SLO on the mean time to first token (default: none)")
+                    help="SLO on the time to first token (mean, or --percentile) (default: none)")
     sp.add_argument("--tpot-ms", type=number(float, 0, low_open=True), default=None,
                     help="SLO on the mean time per output token (default: none)")
+    sp.add_argument("--e2e-ms", type=number(float, 0, low_open=True), default=None,
+                    help="SLO on the end-to-end request latency (mean, or --percentile) (default: none)")
+    sp.add_argument("--percentile", type=int, default=None,
+                    help="90 or 99: check the TTFT and E2E SLOs against this percentile instead of the mean "
+                         "(TPOT: mean)")
     sp.add_argument("--rate", type=number(float, 0, low_open=True), default=None,
                     help="requests/s the deployment must sustain (all replicas together)")
+    sp.add_argument("--objective", choices=OBJECTIVES, default="tokens_per_gpu",
+                    help="tokens_per_gpu: most output tokens/s per GPU (or per US$) on the whole budget; "
+                         "min_gpus_for_rate: fewest GPUs that meet the SLO at --rate (default tokens_per_gpu)")
     sp.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
                     help="clients per replica to try, comma-separated (default 1,2,4,...,256)")
     sp.add_argument("--weights", type=lambda s: [w.strip() for w in s.split(",") if w.strip()], default=None,
@@ -363,13 +486,15 @@ def run_search(args) -> int:
             raise InputError("must end in .parquet or .csv", args.out, "out")
     if args.plot:
         check_output_file(args.plot, "plot")
-    res = search(args.model, args.gpu, args.gpus, isl=args.isl, osl=args.osl, ttft_ms=args.ttft_ms,
-                 tpot_ms=args.tpot_ms, concurrency=args.concurrency, rate=args.rate, weights=args.weights,
-                 gpus_per_node=args.gpus_per_node, gpu_memory_utilization=args.gpu_memory_utilization,
-                 max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
-                 engine_version=args.engine_version, model_configs=args.model_configs,
-                 bench_data=args.bench_data, calibration=args.calibration,
-                 workload_options={"rounds": args.rounds})
+    res = search_many(args.model, dict.fromkeys(args.gpu, args.gpus), prices=_prices(args.price), isl=args.isl,
+                      osl=args.osl, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, e2e_ms=args.e2e_ms,
+                      percentile=args.percentile, objective=args.objective, concurrency=args.concurrency,
+                      rate=args.rate, weights=args.weights, gpus_per_node=args.gpus_per_node,
+                      gpu_memory_utilization=args.gpu_memory_utilization,
+                      max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+                      engine_version=args.engine_version, model_configs=args.model_configs,
+                      bench_data=args.bench_data, calibration=args.calibration,
+                      workload_options={"rounds": args.rounds})
     if args.out and res.rows:
         write_frame(args.out, pd.DataFrame(res.rows), fmt)
     if args.json:
@@ -389,11 +514,16 @@ def run_search(args) -> int:
 def _print_report(res: SearchResult, args) -> None:
     q = res.query
     considered = len(res.rows) + len(res.rejected)
-    goal = [f"mean TTFT <= {q['ttft_ms']:g} ms" if q["ttft_ms"] else "",
+    stat = q["statistic"]
+    goal = [f"{stat} TTFT <= {q['ttft_ms']:g} ms" if q["ttft_ms"] else "",
             f"mean TPOT <= {q['tpot_ms']:g} ms" if q["tpot_ms"] else "",
+            f"{stat} E2E <= {q['e2e_ms']:g} ms" if q["e2e_ms"] else "",
             f">= {q['rate']:g} requests/s" if q["rate"] else ""]
-    print(f"costmodel search: {q['model']} on {q['gpus']} x {q['gpu']}, ISL {q['isl']} / OSL {q['osl']}, "
-          f"objective: {', '.join(x for x in goal if x) or 'none'}")
+    prices = q["usd_per_gpu_hour"]
+    print(f"costmodel search: {q['model']} on {_fleet(q)}, ISL {q['isl']} / OSL {q['osl']}, "
+          f"objective: {', '.join(x for x in goal if x) or 'none'}"
+          + (", fewest GPUs" if q["objective"] == "min_gpus_for_rate" else "")
+          + (f"; US$ per GPU-hour: {', '.join(f'{g} {p:g}' for g, p in prices.items())}" if prices else ""))
     print(f"  {considered} configurations, {len(res.rows)} scored, {len(res.feasible)} meet the objective, "
           f"{len(res.pareto)} on the Pareto front ({res.seconds:.1f} s, and {res.compile_seconds:.1f} s compiling)")
     for reason, n in res.rejected_counts.items():
@@ -402,13 +532,17 @@ def _print_report(res: SearchResult, args) -> None:
     feasible = res.feasible
     if not feasible:
         return
-    print("Ranked by output tokens/s per GPU (* = on the Pareto front of tokens/s per GPU vs per user):")
-    print_table([_table_row(i, r) for i, r in enumerate(feasible[:args.top], 1)])
+    merit = "output tokens per US$" if res.merit == "output_tokens_per_usd" else "output tokens/s per GPU"
+    order = f"fewest GPUs, then {merit}" if q["objective"] == "min_gpus_for_rate" else merit
+    print(f"Ranked by {order} (* = on the Pareto front of {merit} vs tokens/s per user; latencies: {stat}, "
+          f"TPOT mean):")
+    print_table([_table_row(res, i, r) for i, r in enumerate(feasible[:args.top], 1)])
     print("Pareto front:")
-    print_table([_table_row(feasible.index(r) + 1, r) for r in res.pareto])
+    print_table([_table_row(res, feasible.index(r) + 1, r) for r in res.pareto])
     print("vllm serve for the top configurations:")
     for i, r in enumerate(feasible[:3], 1):
-        print(f"  {i}. {vllm_command(res, r)}  # {r['concurrency_total']} concurrent clients in all")
+        on = f"on {r['gpus_used']} x {r['gpu']}, " if isinstance(q["gpu"], list) else ""
+        print(f"  {i}. {vllm_command(res, r)}  # {on}{r['concurrency_total']} concurrent clients in all")
     if args.out and res.rows:
         print(f"wrote {len(res.rows)} rows to {args.out}")
 
@@ -419,8 +553,8 @@ def _print_rejections(res: SearchResult, stream) -> None:
         by.setdefault((r["reason"], r["detail"]), []).append(r)
     print("Rejected candidates (configurations: layout x weights x concurrency):", file=stream)
     for (reason, detail), rs in sorted(by.items(), key=lambda kv: (kv[0][0], -len(kv[1]))):
-        layouts = sorted({f"{r['weights']} TP{r['tp']}" + (f" EP{r['moe_ep']}" if r["moe_ep"] > 1 else "")
-                          for r in rs})
+        layouts = sorted({(f"{r['gpu']} " if "gpu" in r else "") + f"{r['weights']} TP{r['tp']}"
+                          + (f" EP{r['moe_ep']}" if r["moe_ep"] > 1 else "") for r in rs})
         if reason == KV_DOES_NOT_FIT:
             layouts = [f"{x}, concurrency {','.join(str(r['concurrency']) for r in rs)}" for x in layouts]
         print(f"  {len(rs):4d}  {reason}: {detail} [{', '.join(layouts)}]", file=stream)
