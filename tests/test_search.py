@@ -169,7 +169,7 @@ def test_cli_report_names_the_statistic_price_and_gpus(res, capsys):
     (["--model", "qwen3-8b", "--gpu", "H100", "--price", "H100=0"], "field 'price'"),
     (["--model", "qwen3-8b", "--gpu", "H100", "--price", "H100"], "field 'price': must be GPU="),
     (["--model", "qwen3-8b", "--gpu", "H100", "--objective", "min_gpus_for_rate"], "field 'rate'"),
-    (["--model", "qwen3-8b", "--gpu", "H100", "--percentile", "50"], "field 'percentile'"),
+    (["--model", "qwen3-8b", "--gpu", "H100", "--percentile", "75"], "field 'percentile'"),
 ])
 def test_cli_bad_input_is_one_line(args, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -374,7 +374,14 @@ def test_percentile_checks_the_p90(res):
     assert next(r for r in mean.rows if (r["tp"], r["concurrency_per_replica"]) ==
                 (row["tp"], row["concurrency_per_replica"]))["meets_slo"] is True
     with pytest.raises(sr.InputError, match="field 'percentile'"):
-        sr.search("qwen3-8b", "H100", 2, percentile=50, **SPACE)
+        sr.search("qwen3-8b", "H100", 2, percentile=75, **SPACE)
+    # TPOT too is checked against the percentile: an objective between a row's mean and p99 TPOT
+    row = max(res.rows, key=lambda r: r["tpot_p99_ms"] - r["tpot_mean_ms"])
+    assert row["tpot_p99_ms"] > row["tpot_mean_ms"]
+    slo = (row["tpot_mean_ms"] + row["tpot_p99_ms"]) / 2
+    p99 = sr.search("qwen3-8b", "H100", 2, tpot_ms=slo, percentile=99, **SPACE)
+    assert {(r["tp"], r["concurrency_per_replica"]) for r in p99.feasible} == \
+        {(r["tp"], r["concurrency_per_replica"]) for r in res.rows if r["tpot_p99_ms"] <= slo}
 
 
 def test_min_gpus_for_rate_picks_the_fewest_gpus(res):

@@ -46,7 +46,7 @@ WEIGHTS_DO_NOT_FIT = "memory: weights and activations do not fit"
 KV_DOES_NOT_FIT = "memory: KV cache cannot hold the concurrency's tokens"
 REFUSED = "refused by the serving simulation"
 
-PERCENTILES = (90, 99)  # the percentiles `serve` predicts for TTFT and E2E (ttft_p90_ms, ...); TPOT has its mean only
+PERCENTILES = serve_mod.LATENCY_PERCENTILES  # the percentiles `serve` predicts for TTFT, TPOT and E2E
 OBJECTIVES = ("tokens_per_gpu", "min_gpus_for_rate")
 
 
@@ -130,8 +130,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try;
     ``rate``: requests/s the whole deployment must sustain (a row meets it when dp x the replica's predicted
     request rate reaches it); ``weights``: precisions to try (default: the checkpoint's).  SLOs on TTFT, TPOT
-    and E2E; None leaves that one open.  ``percentile`` (90 or 99) checks TTFT and E2E against that
-    percentile instead of the mean (TPOT stays the mean).  ``objective``: "tokens_per_gpu" (every replica
+    and E2E; None leaves that one open.  ``percentile`` (50, 90 or 99) checks TTFT, TPOT and E2E against
+    that percentile instead of the mean.  ``objective``: "tokens_per_gpu" (every replica
     the budget holds, dp = gpus // tp) or "min_gpus_for_rate" (needs ``rate``: dp = the replicas the rate
     needs, at most gpus // tp; best = fewest GPUs).  ``usd_per_gpu_hour``: the GPU's price; rows then carry
     ``usd_per_hour`` and ``output_tokens_per_usd`` and rank by the latter."""
@@ -250,7 +250,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
             row["output_tokens_per_usd"] = row["output_tokens_per_s_total"] * 3600 / row["usd_per_hour"]
         stat = query["statistic"]
         row["meets_slo"] = bool(all(slo is None or row[f"{metric}_ms"] <= slo for metric, slo in
-                                    ((f"ttft_{stat}", ttft_ms), ("tpot_mean", tpot_ms), (f"e2e_{stat}", e2e_ms)))
+                                    ((f"ttft_{stat}", ttft_ms), (f"tpot_{stat}", tpot_ms), (f"e2e_{stat}", e2e_ms)))
                                 and (rate is None or row["requests_per_s_total"] >= rate))
         result.rows.append(row)
     result.mark_pareto()
@@ -259,7 +259,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
 
 
 def statistic(percentile: int | None) -> str:
-    """The latency statistic an SLO is checked against: "mean", "p90" or "p99" (the ``ttft_<it>_ms`` key)."""
+    """The latency statistic an SLO is checked against: "mean", "p50", "p90" or "p99" (the ``ttft_<it>_ms``
+    key)."""
     return f"p{percentile}" if percentile else "mean"
 
 
@@ -319,11 +320,11 @@ def no_result_message(result: SearchResult) -> str | None:
         q = result.query
         stat = q["statistic"]
         best_ttft = min(r[f"ttft_{stat}_ms"] for r in result.rows)
-        best_tpot = min(r["tpot_mean_ms"] for r in result.rows)
+        best_tpot = min(r[f"tpot_{stat}_ms"] for r in result.rows)
         best_rate = max(r["requests_per_s_total"] for r in result.rows)
         return (f"none of the {len(result.rows)} scored configurations meets the objective (ttft_ms={q['ttft_ms']}, "
                 f"tpot_ms={q['tpot_ms']}, e2e_ms={q['e2e_ms']}, statistic={stat}, rate={q['rate']}); the lowest "
-                f"predicted {stat} TTFT is {best_ttft:.1f} ms, mean TPOT {best_tpot:.2f} ms, the highest request "
+                f"predicted {stat} TTFT is {best_ttft:.1f} ms, {stat} TPOT {best_tpot:.2f} ms, the highest request "
                 f"rate {best_rate:.2f}/s")
     return None
 
@@ -335,7 +336,7 @@ def _table_row(result: SearchResult, rank: int, r: dict) -> dict:
     return {"rank": rank, **({"gpu": r["gpu"]} if several else {}), "layout": r["layout"], "weights": r["weights"],
             "conc": r["concurrency_per_replica"], **({"gpus": r["gpus_used"]} if several or q["objective"] !=
                                                       "tokens_per_gpu" else {}),
-            f"ttft_{stat}_ms": r[f"ttft_{stat}_ms"], "tpot_ms": r["tpot_mean_ms"],
+            f"ttft_{stat}_ms": r[f"ttft_{stat}_ms"], f"tpot_{stat}_ms": r[f"tpot_{stat}_ms"],
             **({f"e2e_{stat}_ms": r[f"e2e_{stat}_ms"]} if q["e2e_ms"] else {}),
             "tok_s_gpu": r["output_tokens_per_s_per_gpu"], "tok_s_user": r["output_tokens_per_s_per_user"],
             "tok_s_total": r["output_tokens_per_s_total"],
@@ -350,7 +351,8 @@ def summary(result: SearchResult, top: int) -> dict:
     feasible = result.feasible
     stat = result.query["statistic"]
     keep = ("gpu", "layout", "tp", "moe_ep", "dp", "gpus_used", "weights", "concurrency_per_replica",
-            "concurrency_total", "ttft_mean_ms", f"ttft_{stat}_ms", "tpot_mean_ms", f"e2e_{stat}_ms",
+            "concurrency_total", "ttft_mean_ms", f"ttft_{stat}_ms", "tpot_mean_ms", f"tpot_{stat}_ms",
+            f"e2e_{stat}_ms",
             "output_tokens_per_s_per_gpu", "output_tokens_per_s_per_user", "output_tokens_per_s_total",
             "requests_per_s_total", "usd_per_hour", "output_tokens_per_usd", "weights_bytes_per_gpu",
             "kv_pool_bytes_per_gpu")
@@ -447,8 +449,8 @@ def add_search_arguments(sp) -> None:
     sp.add_argument("--e2e-ms", type=number(float, 0, low_open=True), default=None,
                     help="SLO on the end-to-end request latency (mean, or --percentile) (default: none)")
     sp.add_argument("--percentile", type=int, default=None,
-                    help="90 or 99: check the TTFT and E2E SLOs against this percentile instead of the mean "
-                         "(TPOT: mean)")
+                    help="50, 90 or 99: check the TTFT, TPOT and E2E SLOs against this percentile instead of "
+                         "the mean")
     sp.add_argument("--rate", type=number(float, 0, low_open=True), default=None,
                     help="requests/s the deployment must sustain (all replicas together)")
     sp.add_argument("--objective", choices=OBJECTIVES, default="tokens_per_gpu",

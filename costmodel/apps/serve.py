@@ -46,8 +46,9 @@ BLOCK_TOKENS = 16
 INGRESS_MS = 2.0
 CLIENT_MS = 9.0
 STAGE_INTERVAL_S = 1.0  # inference-perf's default pause between load stages
-METRICS = ("ttft_mean_ms", "ttft_p90_ms", "ttft_p99_ms", "tpot_mean_ms", "itl_mean_ms", "e2e_mean_ms",
-           "e2e_p90_ms", "e2e_p99_ms")
+LATENCY_PERCENTILES = (50, 90, 99)  # of TTFT, TPOT and E2E over the measured requests
+METRICS = ("ttft_mean_ms", "tpot_mean_ms", "itl_mean_ms", "e2e_mean_ms") + tuple(
+    f"{m}_p{q}_ms" for m in ("ttft", "tpot", "e2e") for q in LATENCY_PERCENTILES)
 # weights a record may name for the whole model; a mixture-of-experts model whose checkpoint stores its routed
 # experts in another precision (gpt-oss: mxfp4) is also accepted under that name, as the checkpoint is
 WEIGHT_DTYPES = {"bf16": "bf16", "fp16": "fp16", "fp8": "fp8"}
@@ -411,19 +412,19 @@ def _padded(r: wl_mod.Requests, R: int, S: int) -> sch.Workload:
 # ---------------------------------------------------------------- statistics
 
 def _latency_stats(ttft, e2e, out_tokens) -> dict:
-    """Means and percentiles (numpy's linear percentiles) in ms; ITL as the benchmarks' reports derive it,
-    (mean E2E − mean TTFT) / (mean output tokens − 1); TPOT the mean of each request's
-    (E2E − TTFT) / (output tokens − 1)."""
+    """Means and `LATENCY_PERCENTILES` (numpy's linear percentiles) in ms; ITL as the benchmarks' reports
+    derive it, (mean E2E − mean TTFT) / (mean output tokens − 1); TPOT per request (E2E − TTFT) / (output
+    tokens − 1), its mean and percentiles over the requests with more than one output token."""
     if len(ttft) == 0:
         return {k: None for k in METRICS}
     o = out_tokens.astype(np.float64)
     tpot = np.where(o > 1, (e2e - ttft) / np.maximum(o - 1, 1), 0.0)
-    return {
-        "ttft_mean_ms": float(ttft.mean()), "ttft_p90_ms": float(np.percentile(ttft, 90)),
-        "ttft_p99_ms": float(np.percentile(ttft, 99)), "tpot_mean_ms": float(tpot.mean()),
-        "itl_mean_ms": float((e2e.mean() - ttft.mean()) / max(o.mean() - 1, 1)),
-        "e2e_mean_ms": float(e2e.mean()), "e2e_p90_ms": float(np.percentile(e2e, 90)),
-        "e2e_p99_ms": float(np.percentile(e2e, 99))}
+    out = {"ttft_mean_ms": float(ttft.mean()), "tpot_mean_ms": float(tpot.mean()),
+           "itl_mean_ms": float((e2e.mean() - ttft.mean()) / max(o.mean() - 1, 1)), "e2e_mean_ms": float(e2e.mean())}
+    many = tpot[o > 1] if (o > 1).any() else tpot
+    for name, v in (("ttft", ttft), ("tpot", many), ("e2e", e2e)):
+        out.update({f"{name}_p{q}_ms": float(np.percentile(v, q)) for q in LATENCY_PERCENTILES})
+    return out
 
 
 def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict:
