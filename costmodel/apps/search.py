@@ -31,6 +31,7 @@ from ..hardware import get_gpu
 from ..io import check_output_file, number, print_table, write_frame
 from ..memory import batch_fits
 from ..model import load_arch, load_model
+from . import plotting
 from . import serve as serve_mod
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -367,12 +368,9 @@ def summary(result: SearchResult, top: int) -> dict:
 
 def plot(result: SearchResult, path) -> str:
     """The scored rows and the Pareto front as a PNG; the line to print (also when matplotlib is missing)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: --plot skipped"
+    plt = plotting.pyplot()
+    if plt is None:
+        return plotting.MISSING
     fig, ax = plt.subplots(figsize=(7, 5))
     for ok, style in ((False, dict(c="0.75", s=12, label="misses the objective")),
                       (True, dict(c="tab:blue", s=18, label="meets the objective"))):
