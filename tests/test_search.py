@@ -12,6 +12,8 @@ from costmodel.apps import search as sr
 from costmodel.apps import serve as sv
 from costmodel.cli import main
 
+from conftest import shared_model
+
 CONC = (1, 8, 32)
 OPTS = {"rounds": 2}
 SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS)
@@ -405,3 +407,24 @@ def test_min_gpus_for_rate_picks_the_fewest_gpus(res):
     assert best["output_tokens_per_s_per_gpu"] == max(r["output_tokens_per_s_per_gpu"] for r in ties)
     with pytest.raises(sr.InputError, match="field 'rate'"):
         sr.search("qwen3-8b", "H100", 2, objective="min_gpus_for_rate", **SPACE)
+
+
+def test_moe_layouts_with_attention_data_parallelism(shared):
+    """A mixture-of-experts model on 2 GPUs: TP1, TP2 with and without its experts over the group, and TP1 x
+    attention-DP 2 with the experts over both; the attention-DP row is what `serve` gives the same record, its
+    GPUs are tp x attention_dp, and its vllm command names the data-parallel size."""
+    cfg = shared / "model_configs"
+    assert sr.layouts(shared_model("qwen3-30b-a3b"), 2) == [(1, 1, 1), (1, 2, 2), (2, 1, 1), (2, 1, 2)]
+    res = sr.search("qwen3-30b-a3b", "H100", 2, isl=256, osl=32, concurrency=(4,), workload_options=OPTS,
+                    calibration="none", model_configs=cfg)
+    att = next(r for r in res.rows if r["attention_dp"] == 2)
+    assert (att["tp"], att["moe_ep"], att["dp"], att["gpus_used"]) == (1, 2, 1, 2)
+    rec = {"id": "x", "model": "qwen3-30b-a3b", "gpu": "H100", "tp": 1, "attention_dp": 2, "moe_ep": 2,
+           "weights": att["weights"], "engine": dict(res.query["engine"], name="vllm",
+                                                      version=sr.DEFAULT_ENGINE_VERSION),
+           "workload": {"type": "closed", "concurrency": 4, "input_tokens": 256, "output_tokens": 32}}
+    o, = sv.serve([rec], model_configs=cfg, calibration="none", workload_options=OPTS)
+    assert att["tpot_mean_ms"] == pytest.approx(o["predicted"]["tpot_mean_ms"], rel=1e-6)
+    assert att["output_tokens_per_s_per_gpu"] == pytest.approx(o["throughput"]["output_tokens_per_s_per_gpu"],
+                                                               rel=1e-6)
+    assert "--data-parallel-size 2 --enable-expert-parallel" in sr.vllm_command(res, att)

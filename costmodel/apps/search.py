@@ -2,9 +2,10 @@
 budget of GPUs meets a TTFT/TPOT service-level objective at the most output tokens/s per GPU.
 
 The space is tensor parallelism (a divisor of the GPUs per node), for a mixture-of-experts model expert
-parallelism inside the TP group (``moe_ep`` 1 or ``tp``: vLLM's ``--enable-expert-parallel``), the weight
-precisions asked for, and the concurrency per replica; the GPUs left over by one replica hold more replicas
-(``dp = gpus // tp``), each an independent engine behind a round-robin router that sends it 1/dp of the
+parallelism inside the TP group (``moe_ep`` 1 or ``tp``: vLLM's ``--enable-expert-parallel``) and attention
+data parallelism with the experts over all its GPUs (`layouts`), the weight precisions asked for, and the
+concurrency per replica; the GPUs left over by one replica hold more replicas (``dp = gpus // (tp x
+attention_dp)``), each an independent engine behind a round-robin router that sends it 1/dp of the
 clients.  Every candidate is first checked for what it needs (GPUs, divisibility of heads and experts, FP8
 tensor cores, weights and the KV cache of its concurrency in memory) and every rejection is counted by
 reason; the rest are scored with `serve.serve` on the closed-loop workload, one replica per record, so the
@@ -14,6 +15,7 @@ docs/search.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -107,8 +109,22 @@ def tp_candidates(gpus_per_node: int) -> list[int]:
     return [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
 
 
-def _layout_name(tp: int, moe_ep: int, dp: int) -> str:
-    return f"TP{tp}" + (f" EP{moe_ep}" if moe_ep > 1 else "") + f" x DP{dp}"
+def _layout_name(tp: int, moe_ep: int, dp: int, attention_dp: int = 1) -> str:
+    return (f"TP{tp}" + (f" attDP{attention_dp}" if attention_dp > 1 else "") + (f" EP{moe_ep}" if moe_ep > 1 else "")
+            + f" x DP{dp}")
+
+
+def layouts(model, gpus_per_node: int) -> list[tuple[int, int, int]]:
+    """(tp, attention_dp, moe_ep) of one replica inside one node: every TP degree (`tp_candidates`); for a
+    mixture-of-experts model also its experts over the TP group (``moe_ep = tp``: vLLM's
+    --enable-expert-parallel) and attention data parallelism over attention_dp ranks of tp GPUs with the
+    experts over all of them (``moe_ep = tp x attention_dp``)."""
+    out = []
+    for tp in tp_candidates(gpus_per_node):
+        out += [(tp, 1, ep) for ep in (sorted({1, tp}) if model.experts else [1])]
+        if model.experts:
+            out += [(tp, att, tp * att) for att in tp_candidates(gpus_per_node // tp) if att > 1]
+    return out
 
 
 def _precision_problem(model, weights: str, gpu) -> str | None:
@@ -174,56 +190,60 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                         "max_num_seqs": max_num_seqs or d_seqs}}
     result = SearchResult(query)
 
-    def reject(tp, ep, w, reason, detail, cs=concurrency):
-        result.rejected += [{"tp": tp, "moe_ep": ep, "weights": w, "concurrency": c, "reason": reason,
-                             "detail": detail} for c in cs]
+    def reject(tp, ep, w, reason, detail, cs=concurrency, att=1):
+        result.rejected += [{"tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w, "concurrency": c,
+                             "reason": reason, "detail": detail} for c in cs]
 
     candidates = []  # (record, row)
     for w in weights:
         m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
-        for tp in tp_candidates(gpus_per_node):
-            for ep in sorted({1, tp}) if base.experts else [1]:
-                if tp > gpus:
-                    reject(tp, ep, w, TOO_MANY_GPUS, f"tp={tp} > gpus={gpus}")
+        for tp, att, ep in layouts(base, gpus_per_node):
+            reject_here = functools.partial(reject, att=att)
+            if tp * att > gpus:
+                reject_here(tp, ep, w, TOO_MANY_GPUS, f"tp={tp} x attention_dp={att} > gpus={gpus}"
+                            if att > 1 else f"tp={tp} > gpus={gpus}")
+                continue
+            problem = _precision_problem(base, w, g)
+            if problem:
+                reject_here(tp, ep, w, PRECISION, problem)
+                continue
+            try:
+                ops.dims(m, tp, ep, att)
+            except InputError as e:
+                reject_here(tp, ep, w, DIVISIBILITY, str(e))
+                continue
+            try:
+                cap = serve_mod.kv_capacity(arch, g, tp, ep, engine, m.dtype, m.expert_dtype or None, att)
+            except InputError as e:
+                reject_here(tp, ep, w, REFUSED, f"KV-cache capacity: {e}")
+                continue
+            if not cap.fits:
+                reject_here(tp, ep, w, WEIGHTS_DO_NOT_FIT,
+                            f"weights {cap.weight_bytes / GIB:.1f} GiB + activations {cap.activation_bytes / GIB:.1f} "
+                            f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
+                            f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
+                continue
+            most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
+            for c in concurrency:
+                per_rank = -(-c // att)  # the clients of the busiest attention-DP rank (`serve.rank_workload`)
+                if not batch_fits(cap, [isl + osl] * per_rank):
+                    reject_here(tp, ep, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most {most} "
+                                f"requests of {isl + osl} tokens", [c])
                     continue
-                problem = _precision_problem(base, w, g)
-                if problem:
-                    reject(tp, ep, w, PRECISION, problem)
-                    continue
-                try:
-                    ops.dims(m, tp, ep)
-                except InputError as e:
-                    reject(tp, ep, w, DIVISIBILITY, str(e))
-                    continue
-                try:
-                    cap = serve_mod.kv_capacity(arch, g, tp, ep, engine, m.dtype, m.expert_dtype or None)
-                except InputError as e:
-                    reject(tp, ep, w, REFUSED, f"KV-cache capacity: {e}")
-                    continue
-                if not cap.fits:
-                    reject(tp, ep, w, WEIGHTS_DO_NOT_FIT,
-                           f"weights {cap.weight_bytes / GIB:.1f} GiB + activations {cap.activation_bytes / GIB:.1f} "
-                           f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
-                           f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
-                    continue
-                most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
-                for c in concurrency:
-                    if not batch_fits(cap, [isl + osl] * c):
-                        reject(tp, ep, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per replica hold at most {most} "
-                               f"requests of {isl + osl} tokens", [c])
-                        continue
-                    rid = f"{w}-tp{tp}-ep{ep}-c{c}"
-                    rec = {"id": rid, "model": model, "gpu": gpu, "tp": tp, "moe_ep": ep, "weights": w,
-                           "engine": dict(engine),
-                           "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
-                                        "output_tokens": osl}}
-                    row = {"gpu": g.name, "tp": tp, "moe_ep": ep, "weights": w, "concurrency_per_replica": c,
-                           "max_num_seqs": query["engine"]["max_num_seqs"],
-                           "max_num_batched_tokens": query["engine"]["max_num_batched_tokens"],
-                           "gpu_memory_utilization": gpu_memory_utilization,
-                           "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
-                           "kv_needed_bytes_per_gpu": c * (isl + osl) * cap.kv_bytes_per_token}
-                    candidates.append((rec, row))
+                rid = f"{w}-tp{tp}-att{att}-ep{ep}-c{c}"
+                rec = {"id": rid, "model": model, "gpu": gpu, "tp": tp, "attention_dp": att, "moe_ep": ep,
+                       "weights": w,
+                       "engine": dict(engine),
+                       "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
+                                    "output_tokens": osl}}
+                row = {"gpu": g.name, "tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w,
+                       "concurrency_per_replica": c,
+                       "max_num_seqs": query["engine"]["max_num_seqs"],
+                       "max_num_batched_tokens": query["engine"]["max_num_batched_tokens"],
+                       "gpu_memory_utilization": gpu_memory_utilization,
+                       "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
+                       "kv_needed_bytes_per_gpu": per_rank * (isl + osl) * cap.kv_bytes_per_token}
+                candidates.append((rec, row))
     with CompileTimer() as compiling:
         outs = serve_mod.serve([r for r, _ in candidates], model_configs, bench_data, calibration,
                                workload_options=workload_options) if candidates else []
@@ -231,12 +251,13 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
             reject(rec["tp"], rec["moe_ep"], rec["weights"], REFUSED, out["refused"],
-                   [rec["workload"]["concurrency"]])
+                   [rec["workload"]["concurrency"]], rec["attention_dp"])
             continue
         p, t = out["predicted"], out["throughput"]
-        budget = gpus // row["tp"]
+        budget = gpus // (row["tp"] * row["attention_dp"])
         dp = budget if objective == "tokens_per_gpu" else min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
-        row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp), "dp": dp, "gpus_used": row["tp"] * dp,
+        row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp, row["attention_dp"]), "dp": dp,
+                    "gpus_used": row["tp"] * row["attention_dp"] * dp,
                     "concurrency_total": row["concurrency_per_replica"] * dp})
         row.update({k: p[k] for k in serve_mod.METRICS})
         row.update({
@@ -301,14 +322,17 @@ def vllm_command(result: SearchResult, row: dict) -> str:
     """The ``vllm serve`` command line of a scored row."""
     q = result.query
     parts = ["vllm serve", q["model"], f"--tensor-parallel-size {row['tp']}"]
-    if row["dp"] > 1:
-        parts.append(f"--data-parallel-size {row['dp']}")
+    att = row.get("attention_dp", 1)
+    if att > 1 or row["dp"] > 1:  # attention-DP ranks share one expert group; replicas of it are servers apart
+        parts.append(f"--data-parallel-size {att if att > 1 else row['dp']}")
     if row["moe_ep"] > 1:
         parts.append("--enable-expert-parallel")
     parts += [f"--max-num-seqs {row['max_num_seqs']}", f"--max-num-batched-tokens {row['max_num_batched_tokens']}",
               f"--gpu-memory-utilization {row['gpu_memory_utilization']:g}"]
     if row["weights"] == "fp8" and q["checkpoint_weights"] != "fp8":
         parts.append("--quantization fp8")
+    if att > 1 and row["dp"] > 1:
+        parts.append(f"(x {row['dp']} such servers behind a router)")
     return " ".join(parts)
 
 
@@ -351,7 +375,7 @@ def summary(result: SearchResult, top: int) -> dict:
     """The machine-readable summary (``--json``)."""
     feasible = result.feasible
     stat = result.query["statistic"]
-    keep = ("gpu", "layout", "tp", "moe_ep", "dp", "gpus_used", "weights", "concurrency_per_replica",
+    keep = ("gpu", "layout", "tp", "attention_dp", "moe_ep", "dp", "gpus_used", "weights", "concurrency_per_replica",
             "concurrency_total", "ttft_mean_ms", f"ttft_{stat}_ms", "tpot_mean_ms", f"tpot_{stat}_ms",
             f"e2e_{stat}_ms",
             "output_tokens_per_s_per_gpu", "output_tokens_per_s_per_user", "output_tokens_per_s_total",
