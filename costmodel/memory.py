@@ -282,6 +282,12 @@ def param_count(model: str | Path | dict | Arch, include_vision: bool = True) ->
 # ----------------------------------------------------------------------------------------------------------
 
 def kv_dtype_bytes(a: Arch, kv_cache_dtype: str = "auto") -> int:
+    return kv_element_bytes(kv_cache_dtype)
+
+
+def kv_element_bytes(kv_cache_dtype: str = "auto") -> int:
+    """Bytes per KV-cache element of vLLM's ``--kv-cache-dtype`` (auto: the bf16/fp16 activations, 2);
+    InputError (field ``kv_cache_dtype``) for a name vLLM does not have."""
     key = str(kv_cache_dtype).lower()
     if key not in _KV_DTYPE_BYTES:
         raise InputError(f"unknown kv_cache_dtype '{kv_cache_dtype}' (expected auto, bf16, fp16 or fp8)",

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from .errors import InputError
 from .model import DTYPE_BYTES, ModelConfig
 
-ACT_BYTES = 2.0  # activations and KV cache are bf16/fp16
+ACT_BYTES = 2.0  # activations are bf16/fp16 (the KV cache too, unless `Dims.kv_cache_bytes` says fp8)
 NO_WINDOW = 1e12  # "full attention" as a finite window (inf would turn 0-token padding into NaN)
 QUERY_TILE = 128.0  # query rows of one FlashAttention-3 tile (head_dim 128, Hopper)
 
@@ -53,6 +53,7 @@ class Dims(NamedTuple):
     # multi-head latent attention: outputs of the fused q_a/kv_a down-projection (q_lora_rank + kv_lora_rank
     # + qk_rope_head_dim elements, replicated on every GPU); 0 without MLA
     mla_latent: float = 0.0
+    kv_cache_bytes: float = ACT_BYTES  # bytes per KV-cache element: 2 bf16/fp16, 1 fp8 (`kv_cache_dtype`)
 
     @property
     def dense_layers(self):
@@ -266,14 +267,15 @@ def attention_flops(d: Dims, pairs):
 
 def kv_read_bytes(d: Dims, keys):
     """K and V bytes read for ``keys`` cached tokens on one GPU."""
-    return 2.0 * d.kv_heads * d.head_dim * keys * ACT_BYTES
+    return 2.0 * d.kv_heads * d.head_dim * keys * d.kv_cache_bytes
 
 
 def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
     """HBM bytes of the bandwidth-bound kernels of one layer at ``tokens`` tokens.
 
     rmsnorm: two fused add+RMSNorm kernels (read x and residual, write both);
-    rope: read and write q and k; kv_cache_write: read new k, v and store them into the paged cache (both 0
+    rope: read and write q and k; kv_cache_write: read new k, v and store them into the paged cache at
+    ``kv_cache_bytes`` per element (both 0
     for MLA: inside the MLA module table, with its q_a/kv_a norms);
     activation: SiLU(gate)·up reads 2·inter, writes inter (dense MLP layers and shared experts; the routed
     experts' activation is inside the fused-MoE call); qk_norm (Qwen3): read and write q and k.  Averaged over
@@ -286,7 +288,7 @@ def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
     return {
         "rmsnorm": 2.0 * (4.0 * tokens * d.hidden * ACT_BYTES + d.hidden * ACT_BYTES),
         "rope": jnp.where(mla, 0.0, 2.0 * tokens * qk * ACT_BYTES),
-        "kv_cache_write": jnp.where(mla, 0.0, 2.0 * tokens * 2.0 * d.kv_heads * d.head_dim * ACT_BYTES),
+        "kv_cache_write": jnp.where(mla, 0.0, tokens * 2.0 * d.kv_heads * d.head_dim * (ACT_BYTES + d.kv_cache_bytes)),
         "activation": 3.0 * tokens * act_inter * ACT_BYTES,
         "qk_norm": d.qk_norm * 2.0 * tokens * qk * ACT_BYTES,
     }

@@ -29,14 +29,14 @@ import numpy as np
 
 from . import kernel_time as kt
 from .compiled import once
-from . import ops
+from . import memory, ops
 from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
 from .interp import suffix_min
-from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, bracket, fold_batch,
-                     gemm_table_us, load_moe, mla_tables_of, moe_curve, moe_shapes, nearest_layout)
+from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, attn_table_name,
+                     bracket, fold_batch, gemm_table_us, load_moe, mla_tables_of, moe_curve, moe_shapes, nearest_layout)
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
@@ -153,26 +153,61 @@ class Setup:
     gemm_table_dtype: str
     moe_ep: int = 1
     attention_dp: int = 1
+    kv_tables: str = "bf16"  # the attention tables' KV-cache rows read (`kv_table_set`): "bf16" or "fp8"
 
 
-def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, attention_dp: int = 1) -> Setup:
+def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, attention_dp: int = 1,
+          kv_cache_dtype: str = "auto") -> Setup:
     """Bind a model, a GPU's tables and a TP degree (and, for a mixture-of-experts model, its expert
     parallelism ``moe_ep`` inside the expert group of tp x ``attention_dp`` GPUs: vLLM's
     ``--data-parallel-size attention_dp --enable-expert-parallel`` is ``moe_ep = tp x attention_dp``); pick
     the GEMM table, attention head layouts (MLA module tables for an MLA model) and fused-MoE curve.  The
-    step priced is one attention rank's, every rank taken to run the same batch."""
-    d = ops.dims(model, tp, moe_ep, attention_dp)
+    step priced is one attention rank's, every rank taken to run the same batch.
+
+    ``kv_cache_dtype`` is vLLM's ``--kv-cache-dtype``: "auto" (the model's bf16/fp16), "bf16", "fp16" or
+    "fp8".  An FP8 KV cache reads the attention tables' FP8-KV rows (`attention_tables`) and stores and
+    reads the KV cache at 1 byte per element (`ops.Dims.kv_cache_bytes`)."""
+    kv = kv_table_set(kv_cache_dtype)
+    d = ops.dims(model, tp, moe_ep, attention_dp)._replace(kv_cache_bytes=float(memory.kv_element_bytes(kv_cache_dtype)))
     g = kt.choose_gemm_table(tables, model.dtype)
-    dc, ds = nearest_layout(tables.decode_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
-    pc, ps = nearest_layout(tables.prefill_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
+    (dec, dec_heads), (pre, pre_heads) = attention_tables(tables, kv, d, model) if not model.mla else \
+        ((tables.decode, tables.decode_heads), (tables.prefill, tables.prefill_heads))
+    dc, ds = nearest_layout(dec_heads, d.q_heads, d.kv_heads, d.head_dim, "decode")
+    pc, ps = nearest_layout(pre_heads, d.q_heads, d.kv_heads, d.head_dim, "prefill")
     on_gpu = ModelOnGPU(d, g.hw, jnp.int32(dc), jnp.float32(ds), jnp.int32(pc), jnp.float32(ps))
-    mla = mla_tables_of(tables.gpu.name, model.num_heads // tp, "bf16", model.mla_gemm_dtype) if model.mla else (None, None)
+    mla = mla_tables_of(tables.gpu.name, model.num_heads // tp, kv, model.mla_gemm_dtype) if model.mla else (None, None)
     moe = moe_curve_of(model, tables, tp, moe_ep, attention_dp) if model.experts else None
-    arrays = Arrays(tables.gemm[g.table_dtype], tables.decode, tables.prefill, tables.allreduce, moe, *mla)
+    arrays = Arrays(tables.gemm[g.table_dtype], dec, pre, tables.allreduce, moe, *mla)
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
                     moe=bool(model.experts), shared_experts=bool(model.shared_intermediate),
                     mixed_attention=bool(d.sliding_layers), mla=model.mla)
-    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep, attention_dp)
+    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep, attention_dp, kv)
+
+
+def kv_table_set(kv_cache_dtype: str) -> str:
+    """Which rows of the attention tables a KV-cache dtype reads (`tables.KV_ROWS`): "bf16" (auto, bf16,
+    fp16: the bf16/fp16 tables) or "fp8" (vLLM's fp8 names); InputError for a name vLLM does not have."""
+    return "fp8" if memory.kv_element_bytes(kv_cache_dtype) == 1 else "bf16"
+
+
+def attention_tables(tables: Tables, kv: str, d: ops.Dims, model: ModelConfig):
+    """((decode table, its head layouts), (prefill table, its head layouts)) of KV-cache rows ``kv``.  An FP8
+    KV cache needs the fp8 rows of the very layouts the bf16 tables price the model's heads with; where the
+    GPU's tables lack them, InputError (field ``kv_cache_dtype``) naming the GPU and layout."""
+    out = []
+    for kind in ("decode", "prefill"):
+        name = attn_table_name(kind, kv)
+        table, heads = getattr(tables, name), getattr(tables, f"{name}_heads")
+        if kv != "bf16":
+            want = getattr(tables, f"{kind}_heads")
+            lay = want[nearest_layout(want, d.q_heads, d.kv_heads, d.head_dim, kind)[0]] if want else None
+            if table is None or lay not in heads:
+                what = f"head layout {'-'.join(map(str, lay))}" if lay else "any head layout"
+                raise InputError(f"the {kind} attention tables of {tables.gpu.name} have no {kv} KV-cache rows for "
+                                 f"{what} (per-GPU q-kv-head_dim, the layout that prices {model.name} at "
+                                 f"tp={int(d.tp)}), so an {kv} KV cache cannot be priced there", field="kv_cache_dtype")
+        out.append((table, heads))
+    return out[0], out[1]
 
 
 def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int, attention_dp: int = 1) -> kt.MoeCurve:
@@ -255,13 +290,14 @@ def cells_read(su: Setup, f: Features) -> dict[str, set]:
             ("prefill", a.prefill, int(on.prefill_layout), f.n_prefill, pairs,
              lambda t: kt.prefill_query(f.n_prefill, t, on.prefill_len_scale), PREFILL_SLOPE_HI)):
         sel = n > 0
-        out[kind] = set()
+        name = attn_table_name(kind, su.kv_tables)
+        out[name] = set()
         for total in totals:
             batch, length = (np.asarray(v, np.float32) for v in query(total))
             bb, length = fold_batch(batch[sel], np.exp(np.asarray(table.log_b[-1])), length[sel], slope, np)
-            out[kind] |= _cells(c, _nodes(table.log_len, np.log(length)), _nodes(table.log_b, np.log(bb)))
+            out[name] |= _cells(c, _nodes(table.log_len, np.log(length)), _nodes(table.log_b, np.log(bb)))
     if not su.static.mla:  # the attention kernel's fixed cost (MLA models read the MLA module tables instead)
-        out["decode"].add((int(on.decode_layout), 0, 0))
+        out[attn_table_name("decode", su.kv_tables)].add((int(on.decode_layout), 0, 0))
     if a.comm is not None and su.tp > 1:
         msg = np.unique(np.concatenate([f.comm_bytes, np.maximum(f.gather_bytes, 1.0)]))
         out["allreduce"] = _cells(_nodes(a.comm.log_gpus, np.log(su.tp)), _nodes(a.comm.log_bytes, np.log(msg)))

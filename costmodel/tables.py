@@ -7,7 +7,8 @@ Layout read (per GPU folder name, see `hardware.GPU.table_dirs`):
 * ``mha/decode/<gpu>/*.csv``  ``dtype,kv_dtype,batch_size,kv_len,latency_us,mfu`` (paged decode).
 * ``mha/prefill/<gpu>/*.csv``  ``dtype,[batch_size,]seq_len,latency_us,mfu`` (causal, no cached prefix).
   File names ``{hq}-{hkv}-{d}-tp{T}.csv`` give full-model heads run under TP=T (one GPU's share is
-  hq/T, hkv/T); ``{hq}-{hkv}-{d}.csv`` give the heads one GPU ran.
+  hq/T, hkv/T); ``{hq}-{hkv}-{d}.csv`` give the heads one GPU ran.  The bf16/fp16 rows make ``decode`` and
+  ``prefill``; the FP8-KV-cache rows (`KV_ROWS`) make ``decode_fp8`` and ``prefill_fp8`` the same way.
 * ``allreduce/<gpu>/data.csv``  ``kernel,num_gpus,message_bytes,latency_us[,dtype]`` (optional).
 * ``moe/<gpu>/data.csv``  fused-MoE curves (`load_moe`, `moe_curve`); ``mla/{prefill,decode}/<gpu>/data.csv``
   MLA attention-module curves (`load_mla`, `mla_curve`).  Both optional, read on request, not by `load_tables`.
@@ -120,6 +121,11 @@ class Tables:
     allreduce: CommTable | None
     decode_heads: list[tuple[int, int, int]] = field(default_factory=list)  # per-GPU (hq, hkv, d)
     prefill_heads: list[tuple[int, int, int]] = field(default_factory=list)
+    # the same attention tables from the FP8-KV-cache rows (`KV_ROWS`; None where the GPU has none)
+    decode_fp8: AttnTable | None = None
+    prefill_fp8: AttnTable | None = None
+    decode_fp8_heads: list[tuple[int, int, int]] = field(default_factory=list)
+    prefill_fp8_heads: list[tuple[int, int, int]] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # table -> file/folder it came from
     measured: dict[str, pd.DataFrame] = field(default_factory=dict)  # raw measured points per table
     adjustments: list[Adjustment] = field(default_factory=list)
@@ -418,28 +424,50 @@ def _attn_files(folder: Path, notes: list[str] | None = None) -> list[tuple[tupl
     return files
 
 
-def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes: list[str] | None = None):
-    """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable."""
+# The rows of an attention table that each KV-cache precision reads, per column: bf16/fp16 activations and KV
+# cache; or an FP8 KV cache: decode rows with ``kv_dtype`` fp8 (bf16/fp16 queries), prefill rows with
+# ``dtype`` fp8 (vLLM's FP8-KV-cache path, where FlashAttention-3 also runs Q in fp8).
+KV_ROWS = {
+    "bf16": {"decode": {"dtype": ("bf16", "fp16"), "kv_dtype": ("bf16", "fp16")},
+             "prefill": {"dtype": ("bf16", "fp16"), "kv_dtype": ("bf16", "fp16")}},
+    "fp8": {"decode": {"dtype": ("bf16", "fp16"), "kv_dtype": ("fp8",)},
+            "prefill": {"dtype": ("fp8",)}},
+}
+
+
+def attn_table_name(kind: str, kv: str = "bf16") -> str:
+    """The name of an attention table (`Tables` field, `Adjustment.table`): "decode", "prefill", or with an
+    FP8 KV cache "decode_fp8", "prefill_fp8"."""
+    return kind if kv == "bf16" else f"{kind}_{kv}"
+
+
+def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes: list[str] | None = None,
+                   kv: str = "bf16"):
+    """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable, from the rows
+    of KV-cache precision ``kv`` (`KV_ROWS`).  A folder without bf16 rows is refused; one without fp8 rows
+    gives no fp8 table (None), and files without them are skipped silently (the step refuses fp8 there)."""
     length_col = "kv_len" if kind == "decode" else "seq_len"
     slope = DECODE_SLOPE_HI if kind == "decode" else PREFILL_SLOPE_HI
-    frames, files, other_dtypes = [], _attn_files(folder, notes), set()
+    name, rows = attn_table_name(kind, kv), KV_ROWS[kv][kind]
+    frames, files, other_dtypes = [], _attn_files(folder, notes if kv == "bf16" else None), set()
     for heads, f in files:
-        df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes, optional=("batch_size",))
+        df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes if kv == "bf16" else None,
+                       optional=("batch_size",))
         if "batch_size" not in df.columns:
             df["batch_size"] = 1.0
-        for col in ("dtype", "kv_dtype"):  # bf16/fp16 activations and KV cache only
+        for col, allowed in rows.items():
             if col in df.columns:
-                keep = df[col].astype(str).str.strip().str.lower().isin(["bf16", "fp16"])
+                keep = df[col].astype(str).str.strip().str.lower().isin(allowed)
                 other_dtypes |= {f"{col}={v}" for v in df.loc[~keep, col].astype(str)}
                 df = df[keep]
         if df.empty:
-            if notes is not None:
+            if notes is not None and kv == "bf16":
                 notes.append(f"{f}: skipped, no rows with bf16/fp16 activations and KV cache")
             continue
         df = df.assign(hq=heads[0], hkv=heads[1], d=heads[2], file=f.name)
         frames.append(df)
     if not frames:
-        if files:
+        if files and kv == "bf16":
             raise InputError(f"no rows with bf16/fp16 activations and KV cache in {len(files)} file(s) (found "
                              f"{', '.join(sorted(other_dtypes))}); the step model prices bf16/fp16 attention",
                              str(folder), "dtype")
@@ -469,8 +497,8 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
                 grid[c, :, j] = grid[c, :, near] + (lb[j] - lb[near])
     L, B = np.exp(ll), np.exp(lb)
     label = lambda ix: f"{'-'.join(map(str, heads[ix[0]]))} batch={B[ix[2]]:.0f} {length_col}={L[ix[1]]:.0f}"  # noqa: E731
-    t = _clean(f"{kind}", np.exp(grid), (1, 2), label, adjustments, dropped)
-    _note_dropped(notes, kind, folder, label, dropped, t)
+    t = _clean(name, np.exp(grid), (1, 2), label, adjustments, dropped)
+    _note_dropped(notes, name, folder, label, dropped, t)
     table = AttnTable(jnp.asarray(ll, jnp.float32), jnp.asarray(lb, jnp.float32), jnp.asarray(np.log(t), jnp.float32))
     return table, heads, df, n_missing
 
@@ -542,15 +570,16 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
         tables.gemm, tables.measured["gemm"], tables.filled_cells["gemm"] = load_gemm(d / "data.csv", adj, gpu,
                                                                                       tables.notes)
         tables.sources["gemm"] = str(d / "data.csv")
-    for kind in ("decode", "prefill"):
+    for kind, kv in (("decode", "bf16"), ("prefill", "bf16"), ("decode", "fp8"), ("prefill", "fp8")):
         d = find_gpu_dir(roots[kind], f"mha/{kind}", gpu)
         if d is None:
             continue
-        table, heads, df, nfill = load_attention(d, kind, adj, tables.notes)
+        table, heads, df, nfill = load_attention(d, kind, adj, tables.notes, kv)
         if table is not None:
-            setattr(tables, kind, table)
-            setattr(tables, f"{kind}_heads", heads)
-            tables.measured[kind], tables.filled_cells[kind], tables.sources[kind] = df, nfill, str(d)
+            name = attn_table_name(kind, kv)
+            setattr(tables, name, table)
+            setattr(tables, f"{name}_heads", heads)
+            tables.measured[name], tables.filled_cells[name], tables.sources[name] = df, nfill, str(d)
     d = find_gpu_dir(roots["allreduce"], "allreduce", gpu)
     if d is not None and (d / "data.csv").is_file():
         tables.allreduce, tables.measured["allreduce"] = load_allreduce(d / "data.csv", adj, tables.notes)

@@ -137,12 +137,14 @@ def test_summarized_equals_per_request(h100):
 
 def test_sweep_predict_and_loop_agree(h100):
     """`sweep`, `records.Predictor.predict` and a Python loop of jitted `step_time` calls, with the shipped
-    calibration on H100."""
+    calibration on H100, for bf16 and fp8 KV-cache groups (``kv_cache_dtype``)."""
     from costmodel.calibration import resolve_calibration
     from costmodel.apps.records import Predictor, parse_record
     df = _random_batches(np.random.default_rng(4), 60, tps=(1, 2, 4, 8)).assign(model="llama-3.1-8b", gpu="H100")
+    df["kv_cache_dtype"] = np.where(np.arange(len(df)) % 2, "fp8", "auto")
     got = sw.sweep(df, defaults={"calibration": "default"}, tables={"H100-SXM": h100})
-    records = [parse_record({"id": str(i), "model": r.model, "gpu": r.gpu, "tp": int(r.tp), "steps": [s]}, f"row {i}")
+    records = [parse_record({"id": str(i), "model": r.model, "gpu": r.gpu, "tp": int(r.tp), "steps": [s],
+                             "kv_cache_dtype": r.kv_cache_dtype}, f"row {i}")
                for i, (r, s) in enumerate(zip(df.itertuples(), _as_steps(df)))]
     params, _ = resolve_calibration("default", ["H100-SXM"], table_sources={"H100-SXM": h100.sources})
     pred = Predictor()
@@ -151,11 +153,12 @@ def test_sweep_predict_and_loop_agree(h100):
     p = params["H100-SXM"].pooled  # records without vllm_version get the pooled parameters, as the sweep does
     fn = jax.jit(lambda a, lay, pp, s, st: cm.step_time(a, lay, pp, s, st)[0], static_argnums=4)
     packed = cm.pack_steps(_as_steps(df))  # common widths: one compilation for the loop
-    sus = {tp: cm.setup(cm.load_model("llama-3.1-8b"), h100, int(tp)) for tp in df.tp.unique()}
+    sus = {(tp, kv): cm.setup(cm.load_model("llama-3.1-8b"), h100, int(tp), kv_cache_dtype=kv)
+           for tp in df.tp.unique() for kv in ("auto", "fp8")}
     loop = []
     for i, r in enumerate(df.itertuples()):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], packed)
-        su = sus[r.tp]
+        su = sus[r.tp, r.kv_cache_dtype]
         loop.append(float(fn(su.arrays, su.on_gpu, p, one, su.static)))
     np.testing.assert_allclose(got.step_us, predicted, rtol=RTOL)
     np.testing.assert_allclose(got.step_us, loop, rtol=RTOL)

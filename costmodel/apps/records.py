@@ -5,7 +5,8 @@ optional ``measured_us``, ``kind``, ``source``, ``dtype`` (overrides the config'
 (expert parallelism inside the TP group for a mixture-of-experts model; default 1, vLLM's
 ``--enable-expert-parallel`` is ``moe_ep = tp``), ``attention_dp`` (attention data parallelism, vLLM's
 ``--data-parallel-size`` for a mixture-of-experts model: the record's steps are one rank's, the experts
-spread over tp x attention_dp GPUs, ``moe_ep`` dividing it; default 1), ``moe_weights`` (how its routed experts are stored: bf16,
+spread over tp x attention_dp GPUs, ``moe_ep`` dividing it; default 1), ``kv_cache_dtype`` (vLLM's
+``--kv-cache-dtype``: auto, bf16, fp16 or fp8; default auto, the model's activation dtype), ``moe_weights`` (how its routed experts are stored: bf16,
 fp16, fp8, fp8_block, mxfp4, int4_wo; default: the config's quantization, or ``dtype``),
 ``vllm_version``, ``timing`` and ``async_scheduling`` (see `Record.timed_steps`); ``max_num_batched_tokens``
 and ``approx`` are accepted and not used; any other field is ignored with a warning (`unknown_fields`).
@@ -72,6 +73,13 @@ class Record:
     moe_ep: int = 1  # GPUs of the expert group (tp x attention_dp) the routed experts are spread over
     moe_weights: str | None = None  # storage of the routed experts (`model.MOE_WEIGHTS`); None: the model's
     attention_dp: int = 1  # attention data-parallel ranks (the steps are one rank's); experts over tp x this
+    kv_cache_dtype: str = "auto"  # `KV_CACHE_DTYPES`: the KV cache's precision (auto: the model's bf16/fp16)
+
+    @property
+    def setup_key(self) -> tuple:
+        """What picks the record's `step.setup` (and its KV-cache capacity)."""
+        return (self.model, get_gpu(self.gpu).name, self.tp, self.dtype, self.moe_ep, self.moe_weights,
+                self.attention_dp, self.kv_cache_dtype)
 
     @property
     def engine(self) -> str | None:
@@ -112,7 +120,8 @@ def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
 # tracers, accepted and not used).  Others are reported by `read_records`.
 RECORD_FIELDS = ("id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
                  "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx", "moe_ep", "moe_weights",
-                 "attention_dp")
+                 "attention_dp", "kv_cache_dtype")
+KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")  # the record field ``kv_cache_dtype``
 STEP_FIELDS = ("prefill", "decode")
 
 
@@ -212,6 +221,9 @@ def parse_record(obj, where: str) -> Record:
     attention_dp = obj.get("attention_dp", 1)
     if isinstance(attention_dp, bool) or not isinstance(attention_dp, int) or attention_dp < 1:
         raise InputError(f"must be a positive integer, got {attention_dp!r}", where, "attention_dp")
+    kv_cache_dtype = obj.get("kv_cache_dtype", "auto")
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}", where, "kv_cache_dtype")
     moe_weights = _optional_str(obj, "moe_weights", where)
     if moe_weights is not None and moe_weights not in MOE_WEIGHTS:
         raise InputError(f"must be one of {', '.join(MOE_WEIGHTS)}, got {moe_weights!r}", where, "moe_weights")
@@ -241,12 +253,12 @@ def parse_record(obj, where: str) -> Record:
     if is_async is not None and not isinstance(is_async, bool):
         raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
     known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
-             "async_scheduling", "moe_ep", "moe_weights", "attention_dp"}
+             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype"}
     return Record(id=str(rid), model=obj["model"], gpu=obj["gpu"], tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
                   kind=kind, source=source, dtype=dtype, timing=timing,
                   async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known}, moe_ep=moe_ep,
-                  moe_weights=moe_weights, attention_dp=attention_dp)
+                  moe_weights=moe_weights, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype)
 
 
 def max_context(steps: list) -> int:
@@ -301,7 +313,7 @@ class Predictor:
         return self._tables[gpu.name]
 
     def setup_for(self, r: Record):
-        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype, r.moe_ep, r.moe_weights, r.attention_dp)
+        key = r.setup_key
         if key not in self._setups:
             try:
                 m = load_model(r.model, self.model_configs)
@@ -310,7 +322,7 @@ class Predictor:
                 if r.moe_weights:
                     m = m.with_expert_dtype(r.moe_weights)
                 self._setups[key] = setup(m, self.tables(r.gpu, r.where), r.tp, r.moe_ep,
-                                          attention_dp=r.attention_dp)
+                                          attention_dp=r.attention_dp, kv_cache_dtype=r.kv_cache_dtype)
             except InputError as e:
                 raise InputError(str(e), r.where) from None
         return self._setups[key]
@@ -318,13 +330,13 @@ class Predictor:
     def kv_capacity(self, r: Record):
         """The KV-cache capacity (`memory.KVCapacity`) of ``r``'s model on its GPU at its TP degree, with vLLM's
         defaults (`KV_CHECK`), or None where the memory model does not describe the model."""
-        key = (r.model, get_gpu(r.gpu).name, r.tp, r.dtype, r.moe_ep, r.moe_weights, r.attention_dp)
+        key = r.setup_key
         if key not in self._capacity:
             try:
                 self._capacity[key] = memory.kv_capacity_tokens(
                     load_arch(r.model, self.model_configs), memory.Layout(tp=r.tp, attention_dp=r.attention_dp,
                                                                       moe_ep=r.moe_ep), get_gpu(r.gpu),
-                    weights=r.dtype, moe_weights=r.moe_weights, **KV_CHECK)
+                    weights=r.dtype, moe_weights=r.moe_weights, kv_cache_dtype=r.kv_cache_dtype, **KV_CHECK)
             except InputError:
                 self._capacity[key] = None
         return self._capacity[key]

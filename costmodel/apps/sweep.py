@@ -7,7 +7,8 @@ A *space* of configurations is either named axes (their Cartesian product) or a 
   ``costmodel predict``: the pooled parameters; ``default@0.15`` those fitted for vLLM 0.15), ``dtype``
   (default: the model config's), ``moe_ep`` and ``attention_dp`` (expert parallelism and attention data
   parallelism of a mixture-of-experts model as in `step.setup`; default 1, written as output columns only
-  where some group sets them);
+  where some group sets them), ``kv_cache_dtype`` (`records.KV_CACHE_DTYPES`, default auto; written only
+  where some group sets another);
 * the batch, summarized (decode attention is priced from the batch size and the total keys, prefill
   attention from the number of chunks and the total query-key pairs, GEMMs from the token count, so these
   summaries are exact):
@@ -80,10 +81,11 @@ from ..step import (
     setup,
     summarize,
 )
-from .records import KV_CHECK
+from .records import KV_CACHE_DTYPES, KV_CHECK
 
-GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype", "moe_ep", "attention_dp")
-GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None, "moe_ep": 1, "attention_dp": 1}
+GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype", "moe_ep", "attention_dp", "kv_cache_dtype")
+GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None, "moe_ep": 1, "attention_dp": 1,
+                  "kv_cache_dtype": "auto"}
 LAYOUT_AXES = ("moe_ep", "attention_dp")  # written as output columns only where some group is not at 1
 BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_new", "prefill_cached",
                  "prefill_tokens", "prefill_pairs")
@@ -194,30 +196,32 @@ class _Resolver:
         return self._models[key]
 
     def group(self, key: tuple) -> Group:
-        model, gpu, tp, cal, dtype, moe_ep, attention_dp = key
+        model, gpu, tp, cal, dtype, moe_ep, attention_dp, kv_cache_dtype = key
         if isinstance(tp, bool) or not float(tp).is_integer() or int(tp) < 1:
             raise InputError(f"must be a positive integer, got {tp!r}", field="tp")
         g = get_gpu(gpu)
         if g.name not in self._tables:
             self._tables[g.name] = tables_mod.load_tables(self.bench_data, g)
         m = self.model(model, normalize_dtype(dtype) if dtype else None)
-        su = setup(m, self._tables[g.name], int(tp), moe_ep, attention_dp=attention_dp)
+        su = setup(m, self._tables[g.name], int(tp), moe_ep, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype)
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
         cal = params.get(g.name)
         try:
             kv = memory.kv_capacity_tokens(load_arch(str(model), self.model_configs),
                                            memory.Layout(tp=int(tp), attention_dp=attention_dp, moe_ep=moe_ep), g,
-                                           weights=normalize_dtype(dtype) if dtype else None, **KV_CHECK)
+                                           weights=normalize_dtype(dtype) if dtype else None,
+                                           kv_cache_dtype=kv_cache_dtype, **KV_CHECK)
         except InputError:
             kv = None
         return Group(key, su, cal.pooled if cal else Params(), desc, kv)
 
 
-def _norm_key(model, gpu, tp, cal, dtype, moe_ep=1, attention_dp=1, where: str | None = None) -> tuple:
+def _norm_key(model, gpu, tp, cal, dtype, moe_ep=1, attention_dp=1, kv_cache_dtype="auto",
+              where: str | None = None) -> tuple:
     """A group's key, checked: ``tp``, ``moe_ep``, ``attention_dp`` positive integers (2.7, "2" or True are
     refused, never rounded), ``model``, ``gpu`` and ``calibration`` given, ``calibration`` none | default |
-    an existing file."""
+    an existing file, ``kv_cache_dtype`` one of `records.KV_CACHE_DTYPES`."""
     dtype = None if _missing(dtype) else str(dtype)
     for name, v in (("model", model), ("gpu", gpu), ("calibration", cal)):
         if _missing(v) or str(v).strip() == "":
@@ -227,7 +231,9 @@ def _norm_key(model, gpu, tp, cal, dtype, moe_ep=1, attention_dp=1, where: str |
                 or not math.isfinite(v) or not float(v).is_integer() or v < 1:
             raise InputError(f"must be a positive integer, got {v!r}", where, name)
     _check_calibration_choice(str(cal), where)
-    return (str(model), str(gpu), int(tp), str(cal), dtype, int(moe_ep), int(attention_dp))
+    if kv_cache_dtype not in KV_CACHE_DTYPES:
+        raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}", where, "kv_cache_dtype")
+    return (str(model), str(gpu), int(tp), str(cal), dtype, int(moe_ep), int(attention_dp), kv_cache_dtype)
 
 
 def _missing(v) -> bool:
@@ -411,7 +417,8 @@ class AxesSpace(Space):
         self.n = math.prod(self.gshape + self.bshape)  # a Python int: no overflow, nothing materialized
         n_groups = math.prod(self.gshape)
         if n_groups > MAX_GROUPS:
-            raise InputError(f"{n_groups:,} groups (model x gpu x tp x calibration x dtype x moe_ep x attention_dp); a sweep has at most "
+            raise InputError(f"{n_groups:,} groups (model x gpu x tp x calibration x dtype x moe_ep x attention_dp x "
+                             f"kv_cache_dtype); a sweep has at most "
                              f"{MAX_GROUPS:,}, each set up on its own", lines.get("axes"), "axes")
         for k, vals in self.group_axes:  # each value once (cheap), then the product
             for v in vals:
@@ -428,7 +435,7 @@ class AxesSpace(Space):
         g = np.ravel_multi_index(digits[:ng], self.gshape).astype(np.int32) if ng else np.zeros(len(idx), np.int32)
         cols = {"config_id": idx}
         for (k, vals), dgt in zip(self.group_axes, digits[:ng]):
-            if k == "dtype" and vals == [None]:
+            if (k, vals) in (("dtype", [None]), ("kv_cache_dtype", ["auto"])):
                 continue
             if k == "tp":
                 cols[k] = np.asarray(vals, np.int32)[dgt]
@@ -450,11 +457,12 @@ class AxesSpace(Space):
 
 def _group_columns(group_keys: list[tuple], g: np.ndarray, skip=()) -> dict:
     """Output columns of the group axes (categoricals; tp as int32) for rows of groups ``g``; ``dtype``
-    only where some group overrides it."""
+    and ``kv_cache_dtype`` only where some group overrides them."""
     cols = {}
     for i, k in enumerate(GROUP_AXES):
         vals = [key[i] for key in group_keys]
-        if k in skip or (k == "dtype" and all(v is None for v in vals)) or (k in LAYOUT_AXES and all(v == 1 for v in vals)):
+        if k in skip or (k == "dtype" and all(v is None for v in vals)) or (k in LAYOUT_AXES and all(v == 1 for v in vals)) \
+                or (k == "kv_cache_dtype" and all(v == "auto" for v in vals)):
             continue
         if k in ("tp",) + LAYOUT_AXES:
             cols[k] = np.asarray(vals, np.int32)[g]
