@@ -35,9 +35,10 @@ from ..fastlookup import TOKEN_TABLE, as_scalars, common_shapes, of_setup
 from ..hardware import GPU, get_gpu
 from ..model import load_arch, load_model
 from ..params import Params, engine_key, engine_version
-from ..step import moe_curve_of, setup
+from ..step import setup
 from ..tables import load_tables
 from . import plotting
+from .records import KV_CACHE_DTYPES
 from . import scheduler as sch
 from . import workloads as wl_mod
 
@@ -75,13 +76,13 @@ def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str
     profile-run activations, non-torch memory and, from vLLM 0.21, CUDA graphs) at the engine's
     ``gpu_memory_utilization`` and batch limits (vLLM's defaults where the engine gives none); with
     ``attention_dp`` > 1 one rank's (its tp GPUs hold the attention weights and 1/(tp x attention_dp) of the
-    experts)."""
+    experts); the KV cache in the engine's ``kv_cache_dtype`` (default auto: the model's bf16/fp16)."""
     tokens, seqs = default_batch_limits(gpu)
     return memory.kv_capacity_tokens(arch, memory.Layout(tp=tp, moe_ep=moe_ep, attention_dp=attention_dp), gpu,
                                      engine.get("gpu_memory_utilization") or 0.9,
                                      max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
                                      max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
-                                     moe_weights=moe_weights)
+                                     moe_weights=moe_weights, kv_cache_dtype=engine.get("kv_cache_dtype") or "auto")
 
 
 def estimate_kv_blocks(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
@@ -117,6 +118,7 @@ class Deployment:
     attention_dp: int = 1  # engine-core ranks of tp GPUs each; the simulation is one rank's (`rank_workload`)
     load_share: float = 1.0  # the deployment's load over the simulated rank's: totals are the rank's x this
     dp: int = 1  # whole replicas (independent engines) behind a round-robin router
+    kv_cache_dtype: str = "auto"  # `records.KV_CACHE_DTYPES`: priced from the matching attention tables
 
 
 class Refusal(Exception):
@@ -216,6 +218,10 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         v = engine_version(version)
         is_async = v is not None and v >= ASYNC_SCHEDULING_SINCE
     util = _num(eng.get("gpu_memory_utilization"), where, "engine.gpu_memory_utilization", float, 0.0) or 0.9
+    kv_dtype = eng.get("kv_cache_dtype") or "auto"
+    if kv_dtype not in KV_CACHE_DTYPES:
+        raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_dtype!r}", where,
+                         "engine.kv_cache_dtype")
     max_model_len = _num(eng.get("max_model_len"), where, "engine.max_model_len")
     notes = []
     observed = (eng.get("observed_kv_blocks") or {}).get("gpu_kv_blocks")
@@ -242,7 +248,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
     return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
                       kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep,
-                      dp_att, share, dp)
+                      dp_att, share, dp, kv_dtype)
 
 
 # ---------------------------------------------------------------- simulation
@@ -295,9 +301,11 @@ class Simulator:
     def step_model(self, dep: Deployment):
         """(static, lookup, model on GPU, parameters) of a deployment's step model, built once per model, GPU,
         layout and calibration key and shared by the deployments that name them."""
-        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, dep.attention_dp, engine_key(dep.engine_version))
+        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, dep.attention_dp, dep.kv_cache_dtype,
+               engine_key(dep.engine_version))
         if key not in self._step_models:
-            su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep, attention_dp=dep.attention_dp)
+            su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep, attention_dp=dep.attention_dp,
+                       kv_cache_dtype=dep.kv_cache_dtype)
             self._step_models[key] = (su.static, of_setup(su), as_scalars(su.on_gpu),
                                       as_scalars(self.params(dep.gpu, dep.engine_version)))
         return self._step_models[key]
@@ -526,12 +534,10 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
     for rec, where in items:
         try:
             dep = resolve(rec, where, model_configs, kv_blocks_fn, workload_options)
-            if dep.model.experts:  # a shape, precision or layout the GPU's fused-MoE table lacks
-                try:
-                    moe_curve_of(dep.model, sim.tables(dep.gpu), dep.tp, dep.moe_ep, dep.attention_dp)
-                except InputError as e:
-                    raise Refusal(str(e)) from None
-            sim.tables(dep.gpu)
+            try:  # what the GPU's tables lack: an MoE shape, precision or layout, fp8 KV-cache rows, ...
+                sim.step_model(dep)
+            except InputError as e:
+                raise Refusal(str(e)) from None
             deps.append(dep)
             outs.append(dep)
         except Refusal as e:
