@@ -442,17 +442,24 @@ def attn_table_name(kind: str, kv: str = "bf16") -> str:
 
 
 def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes: list[str] | None = None,
-                   kv: str = "bf16"):
+                   kv: str = "bf16", frames_read: dict | None = None):
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable, from the rows
     of KV-cache precision ``kv`` (`KV_ROWS`).  A folder without bf16 rows is refused; one without fp8 rows
-    gives no fp8 table (None), and files without them are skipped silently (the step refuses fp8 there)."""
+    gives no fp8 table (None), and files without them are skipped silently (the step refuses fp8 there).
+    ``frames_read``: {file: checked frame} shared between the calls for one folder, so each file is parsed
+    once."""
     length_col = "kv_len" if kind == "decode" else "seq_len"
     slope = DECODE_SLOPE_HI if kind == "decode" else PREFILL_SLOPE_HI
     name, rows = attn_table_name(kind, kv), KV_ROWS[kv][kind]
     frames, files, other_dtypes = [], _attn_files(folder, notes if kv == "bf16" else None), set()
     for heads, f in files:
-        df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes if kv == "bf16" else None,
-                       optional=("batch_size",))
+        df = None if frames_read is None else frames_read.get(f)
+        if df is None:
+            df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes if kv == "bf16" else None,
+                           optional=("batch_size",))
+            if frames_read is not None:
+                frames_read[f] = df
+        df = df.copy()
         if "batch_size" not in df.columns:
             df["batch_size"] = 1.0
         for col, allowed in rows.items():
@@ -570,11 +577,12 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
         tables.gemm, tables.measured["gemm"], tables.filled_cells["gemm"] = load_gemm(d / "data.csv", adj, gpu,
                                                                                       tables.notes)
         tables.sources["gemm"] = str(d / "data.csv")
+    frames_read: dict = {}  # each attention file is parsed once for its bf16 and its fp8 KV-cache rows
     for kind, kv in (("decode", "bf16"), ("prefill", "bf16"), ("decode", "fp8"), ("prefill", "fp8")):
         d = find_gpu_dir(roots[kind], f"mha/{kind}", gpu)
         if d is None:
             continue
-        table, heads, df, nfill = load_attention(d, kind, adj, tables.notes, kv)
+        table, heads, df, nfill = load_attention(d, kind, adj, tables.notes, kv, frames_read)
         if table is not None:
             name = attn_table_name(kind, kv)
             setattr(tables, name, table)
