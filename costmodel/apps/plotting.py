@@ -36,6 +36,11 @@ def _label(rec: dict) -> str:
     return f"{rec.get('model')} {rec.get('gpu')} {layout}{lengths}"
 
 
+def _series(predicted: list[dict], measured: list[dict], key: str) -> tuple[list, list]:
+    """(predicted, measured) values of ``key`` per point; None where a point lacks it."""
+    return [p.get(key) for p in predicted], [m.get(key) for m in measured]
+
+
 def serving_curves(records: list[dict], outs: list[dict]) -> list[dict]:
     """Curves of priced records: {"kind": "closed" | "open", "label", "x" (clients | requests/s),
     "ttft_ms": (predicted, measured), "tpot_ms": (predicted, measured)}, each a list per point (measured None
@@ -55,15 +60,14 @@ def serving_curves(records: list[dict], outs: list[dict]) -> list[dict]:
             ms = m.get("stages") or [{}] * len(p["stages"])
             curves.append({"kind": "open", "label": f"{_label(rec)} ({rec['id']})",
                            "x": [st["rate"] for st in w["stages"]],
-                           "ttft_ms": ([s.get("ttft_mean_ms") for s in p["stages"]],
-                                       [s.get("ttft_mean_ms") for s in ms]),
-                           "tpot_ms": ([s.get("itl_mean_ms") for s in p["stages"]],
-                                       [s.get("itl_mean_ms") for s in ms])})
+                           "ttft_ms": _series(p["stages"], ms, "ttft_mean_ms"),
+                           "tpot_ms": _series(p["stages"], ms, "itl_mean_ms")})
     for pts in closed.values():
         pts.sort(key=lambda t: t[0])
+        preds, meas = [p for _, _, p, _ in pts], [m for *_, m in pts]
         curves.append({"kind": "closed", "label": _label(pts[0][1]), "x": [c for c, *_ in pts],
-                       "ttft_ms": ([p.get("ttft_mean_ms") for _, _, p, _ in pts], [m.get("ttft_mean_ms") for *_, m in pts]),
-                       "tpot_ms": ([p.get("tpot_mean_ms") for _, _, p, _ in pts], [m.get("tpot_mean_ms") for *_, m in pts])})
+                       "ttft_ms": _series(preds, meas, "ttft_mean_ms"),
+                       "tpot_ms": _series(preds, meas, "tpot_mean_ms")})
     return curves
 
 

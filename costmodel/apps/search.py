@@ -15,7 +15,6 @@ docs/search.md.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import sys
@@ -190,45 +189,46 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                         "max_num_seqs": max_num_seqs or d_seqs}}
     result = SearchResult(query)
 
-    def reject(tp, ep, w, reason, detail, cs=concurrency, att=1):
+    def reject(layout, w, reason, detail, cs=concurrency):
+        tp, att, ep = layout
         result.rejected += [{"tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w, "concurrency": c,
                              "reason": reason, "detail": detail} for c in cs]
 
     candidates = []  # (record, row)
     for w in weights:
         m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
-        for tp, att, ep in layouts(base, gpus_per_node):
-            reject_here = functools.partial(reject, att=att)
+        for layout in layouts(base, gpus_per_node):
+            tp, att, ep = layout
             if tp * att > gpus:
-                reject_here(tp, ep, w, TOO_MANY_GPUS, f"tp={tp} x attention_dp={att} > gpus={gpus}"
-                            if att > 1 else f"tp={tp} > gpus={gpus}")
+                reject(layout, w, TOO_MANY_GPUS, f"tp={tp} x attention_dp={att} > gpus={gpus}"
+                       if att > 1 else f"tp={tp} > gpus={gpus}")
                 continue
             problem = _precision_problem(base, w, g)
             if problem:
-                reject_here(tp, ep, w, PRECISION, problem)
+                reject(layout, w, PRECISION, problem)
                 continue
             try:
                 ops.dims(m, tp, ep, att)
             except InputError as e:
-                reject_here(tp, ep, w, DIVISIBILITY, str(e))
+                reject(layout, w, DIVISIBILITY, str(e))
                 continue
             try:
                 cap = serve_mod.kv_capacity(arch, g, tp, ep, engine, m.dtype, m.expert_dtype or None, att)
             except InputError as e:
-                reject_here(tp, ep, w, REFUSED, f"KV-cache capacity: {e}")
+                reject(layout, w, REFUSED, f"KV-cache capacity: {e}")
                 continue
             if not cap.fits:
-                reject_here(tp, ep, w, WEIGHTS_DO_NOT_FIT,
-                            f"weights {cap.weight_bytes / GIB:.1f} GiB + activations {cap.activation_bytes / GIB:.1f} "
-                            f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
-                            f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
+                reject(layout, w, WEIGHTS_DO_NOT_FIT,
+                       f"weights {cap.weight_bytes / GIB:.1f} GiB + activations {cap.activation_bytes / GIB:.1f} "
+                       f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
+                       f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
                 continue
             most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
             for c in concurrency:
-                per_rank = -(-c // att)  # the clients of the busiest attention-DP rank (`serve.rank_workload`)
+                per_rank = serve_mod.rank_workload({"type": "closed", "concurrency": c}, att)[0]["concurrency"]
                 if not batch_fits(cap, [isl + osl] * per_rank):
-                    reject_here(tp, ep, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most {most} "
-                                f"requests of {isl + osl} tokens", [c])
+                    reject(layout, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most {most} "
+                           f"requests of {isl + osl} tokens", [c])
                     continue
                 rid = f"{w}-tp{tp}-att{att}-ep{ep}-c{c}"
                 rec = {"id": rid, "model": model, "gpu": gpu, "tp": tp, "attention_dp": att, "moe_ep": ep,
@@ -250,12 +250,13 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
-            reject(rec["tp"], rec["moe_ep"], rec["weights"], REFUSED, out["refused"],
-                   [rec["workload"]["concurrency"]], rec["attention_dp"])
+            reject((rec["tp"], rec["attention_dp"], rec["moe_ep"]), rec["weights"], REFUSED, out["refused"],
+                   [rec["workload"]["concurrency"]])
             continue
         p, t = out["predicted"], out["throughput"]
         budget = gpus // (row["tp"] * row["attention_dp"])
-        dp = budget if objective == "tokens_per_gpu" else min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
+        dp = budget if objective == "tokens_per_gpu" else \
+            min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
         row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp, row["attention_dp"]), "dp": dp,
                     "gpus_used": row["tp"] * row["attention_dp"] * dp,
                     "concurrency_total": row["concurrency_per_replica"] * dp})
