@@ -179,6 +179,31 @@ def _carried(c: Calibration, fitted_on: str, gpus: list[str]) -> tuple[dict, str
     return cals, note
 
 
+SERVING_TERMS = {"request_host_us": 0.0}  # the serving simulation's host-side terms and their physical defaults
+
+
+def serving_terms(choice: str) -> tuple[dict, str]:
+    """(terms, description): the serving simulation's host-side terms (`SERVING_TERMS`) of a --calibration
+    choice — a calibration file's ``serving`` block, fitted on serving records (`costmodel fit-serving`);
+    the physical defaults for ``none`` and for a file without one.  Host-side, so they apply on every GPU."""
+    base, _ = _split_choice(choice)
+    path = DEFAULT_CALIBRATION if base == "default" else calibration_path(choice)
+    if path is None or not path.is_file():
+        return dict(SERVING_TERMS), "physical defaults"
+    block = read_json(path).get("serving")
+    if block is None:
+        return dict(SERVING_TERMS), "physical defaults"
+    if not isinstance(block, dict):
+        raise InputError("must be an object", str(path), "serving")
+    out = dict(SERVING_TERMS)
+    for k in SERVING_TERMS:
+        v = block.get(k, SERVING_TERMS[k])
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise InputError(f"must be a number >= 0, got {v!r}", str(path), f"serving.{k}")
+        out[k] = float(v)
+    return out, f"fitted ({path.name}: " + ", ".join(f"{k} {v:g}" for k, v in out.items()) + ")"
+
+
 def load_calibration(name: str = "default", gpu: str = "H100", *, vllm_version=None, allow_other_gpu: bool = False,
                      bench_data=None) -> Params:
     """The parameters `costmodel predict --calibration NAME` gives a record on ``gpu`` with ``vllm_version``

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .apps import bench, decisions, search, serve, sweep
+from .apps import bench, decisions, search, serve, serving_fit, sweep
 from .apps.tables_info import coverage
 from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
              bench.run_bench),
             ("serve", "serving estimates (TTFT, TPOT/ITL, E2E, throughput) of deployments under load",
              serve.add_serve_arguments, serve.run_serve),
+            ("fit-serving", "fit the serving simulation's host-side term to measured serving records (each "
+                            "deployment held out in turn for the report)", serving_fit.add_fit_serving_arguments,
+             serving_fit.run_fit_serving),
             ("search", "deployments of a model on a GPU budget that meet TTFT/TPOT objectives: Pareto front, "
                        "ranked table, vllm serve command lines", search.add_search_arguments, search.run_search),
             ("regret", "decision quality on closed-loop measurements: regret of the configuration the predictions "

@@ -428,3 +428,37 @@ def test_moe_layouts_with_attention_data_parallelism(shared):
     assert att["output_tokens_per_s_per_gpu"] == pytest.approx(o["throughput"]["output_tokens_per_s_per_gpu"],
                                                                rel=1e-6)
     assert "--data-parallel-size 2 --enable-expert-parallel" in sr.vllm_command(res, att)
+
+
+def test_screened_search_simulates_the_best_and_reports_serve_numbers():
+    """With screening every configuration of the wider space (concurrency 1-24, two token budgets, two
+    running limits, both KV-cache precisions) gets a steady-state estimate; the best and the front are
+    simulated, and those rows are `serve`'s numbers for the same records.  The frame of every scored
+    configuration says which estimate each row carries."""
+    space = dict(isl=256, osl=32, workload_options=OPTS, concurrency=list(range(1, 25)),
+                 max_num_batched_tokens=[2048, 8192], max_num_seqs=[16, 64], tpot_ms=12.0)
+    res = sr.search("qwen3-8b", "H100", 1, screen=True, simulate_top=3, **space)
+    assert res.screened is not None and res.scored == len(res.screened) == 24 * 2 * 2 * 2
+    assert set(res.screened["kv_cache_dtype"]) == {"auto", "fp8"}
+    assert 0 < len(res.rows) <= 6 and res.screen_seconds > 0
+    screened = res.screened.set_index(["tp", "kv_cache_dtype", "max_num_batched_tokens", "max_num_seqs",
+                                       "concurrency_per_replica"])
+    for r in res.rows:  # simulated: within the SLO on their steady-state means (with the margin)
+        key = (r["tp"], r["kv_cache_dtype"], r["max_num_batched_tokens"], r["max_num_seqs"],
+               r["concurrency_per_replica"])
+        assert screened.loc[key, "tpot_mean_ms"] <= 12.0 * (1 + sr.SCREEN_MARGIN)
+    recs = [{"id": f"r{i}", "model": "qwen3-8b", "gpu": "H100", "tp": r["tp"], "weights": "bf16",
+             "engine": {"version": "0.15.1", "gpu_memory_utilization": 0.9, "kv_cache_dtype": r["kv_cache_dtype"],
+                        "max_num_batched_tokens": r["max_num_batched_tokens"], "max_num_seqs": r["max_num_seqs"]},
+             "workload": {"type": "closed", "concurrency": r["concurrency_per_replica"], "input_tokens": 256,
+                          "output_tokens": 32}} for i, r in enumerate(res.rows)]
+    for r, o in zip(res.rows, sv.serve(recs, workload_options=OPTS)):
+        assert r["tpot_mean_ms"] == pytest.approx(o["predicted"]["tpot_mean_ms"], rel=1e-9)
+        assert r["ttft_mean_ms"] == pytest.approx(o["predicted"]["ttft_mean_ms"], rel=1e-9)
+    frame = sr.scored_frame(res)
+    assert len(frame) == res.scored and (frame["estimate"] == "simulation").sum() == len(res.rows)
+    s = sr.summary(res, 3)
+    assert s["configurations_scored"] == res.scored and s["configurations_simulated"] == len(res.rows)
+    if any(r["kv_cache_dtype"] == "fp8" for r in res.feasible):
+        r = next(r for r in res.feasible if r["kv_cache_dtype"] == "fp8")
+        assert "--kv-cache-dtype fp8" in sr.vllm_command(res, r)

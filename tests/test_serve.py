@@ -40,9 +40,10 @@ def model():
     return su, sm, step
 
 
-def engine(budget=2048, seqs=16, blocks=4000, prefix=True, is_async=False):
+def engine(budget=2048, seqs=16, blocks=4000, prefix=True, is_async=False, request_host_us=0.0):
     return sch.Engine(np.int32(budget), np.int32(seqs), np.int32(blocks), np.int32(16), np.bool_(prefix),
-                      np.bool_(is_async), np.float32(INGRESS), np.float32(CLIENT), np.float32(1.0))
+                      np.bool_(is_async), np.float32(INGRESS), np.float32(CLIENT), np.float32(1.0),
+                      np.float32(request_host_us))
 
 
 def workload(offsets, prompt, output, user=None, group=None, sys_tokens=0, reuse=False, gate=None, succ=None):
@@ -537,3 +538,28 @@ def test_fp8_kv_cache():
     assert "kv_cache_dtype" in a100["refused"] and "fp8" in a100["refused"]
     with pytest.raises(InputError, match="engine.kv_cache_dtype"):
         sv.resolve(dict(rec, engine=dict(rec["engine"], kv_cache_dtype="int8")), "r:1")
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+def test_host_work_per_request(model, is_async):
+    """Four requests sent together prefill in one step and decode in lockstep.  Synchronous scheduling adds
+    the host's ``request_host_us`` per scheduled request to every step (4 requests: +4 x 300 µs per decode
+    step, so E2E − TTFT grows by (O − 1) x 1.2 ms); async scheduling overlaps it with the GPU step, so a
+    host time below the GPU's changes nothing, and one above it sets the step's duration."""
+    P, O, n = 200, 6, 4
+    wl = workload([0.0] * n, [P] * n, [O] * n)
+    base = run(model, wl, engine(is_async=is_async))
+    gpu_dec = t_decode(model, [P + 1] * n)
+    for host_us in (300.0, 2 * gpu_dec * 1e6 / n):
+        r = run(model, wl, engine(is_async=is_async, request_host_us=host_us))
+        grown = (r["done_s"][:n] - r["first_s"][:n]) - (base["done_s"][:n] - base["first_s"][:n])
+        host_s = host_us * 1e-6 * n
+        want = (O - 1) * (max(host_s - gpu_dec, 0.0) if is_async else host_s)
+        assert grown == pytest.approx(np.full(n, want), abs=2e-5 + 0.02 * want)
+
+
+def test_host_step_us():
+    t = sch.host_step_us(np.float32([100.0, 100.0]), np.float32([3.0, 30.0]), np.float32(5.0), np.bool_(False))
+    assert np.allclose(t, [115.0, 250.0])
+    t = sch.host_step_us(np.float32([100.0, 100.0]), np.float32([3.0, 30.0]), np.float32(5.0), np.bool_(True))
+    assert np.allclose(t, [100.0, 150.0])

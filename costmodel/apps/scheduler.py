@@ -20,7 +20,8 @@ same shapes.  Each iteration is an idle jump to the next arrival, or one engine 
    remaining token budget, while fewer than ``max_seqs`` requests run and their blocks fit; the first one
    that does not fit stops admission.
 4. **The step** is summarised as `step.Batch` (decodes and their keys; prefill chunks, their tokens and
-   query-key pairs) and priced by `step.batch_features` and `step.combine` through the deployment's lookup.
+   query-key pairs) and priced by `step.batch_features` and `step.combine` through the deployment's lookup,
+   plus the host's per-request work that the engine does not overlap with the GPU (`host_step_us`).
 5. **Outputs**: a request samples a token when its computed tokens reach prompt + output so far; the first
    one is its first token, the last one (``output_tokens``) finishes it and frees its blocks.  A finished
    request releases the request it gates (a closed-loop client's next request, a chat user's next turn)
@@ -71,6 +72,7 @@ class Engine(NamedTuple):
     ingress_s: jax.Array  # float32: client send -> visible to the scheduler (HTTP, tokenization, hand-off)
     client_s: jax.Array  # float32: client-side time added to TTFT and E2E (HTTP, streaming, client work)
     stage_gap_s: jax.Array  # float32: pause of the load generator between a stage's last answer and the next stage
+    request_host_us: jax.Array  # float32: host time per scheduled request per step (`host_step_us`)
 
 
 class Workload(NamedTuple):
@@ -142,6 +144,16 @@ def _ceil_div(a, b):
 def _step_us(sm: StepModel, static, n_dec, keys, n_pre, tokens, pairs):
     f = batch_features(sm.lookup, sm.on, Batch(n_dec, keys, n_pre, tokens, pairs), static)
     return combine(f, sm.on, sm.params, static)[0]
+
+
+def host_step_us(gpu_us, n_requests, request_host_us, async_scheduling):
+    """A step's duration (µs) from the step model's time ``gpu_us`` and the host's work for its
+    ``n_requests`` scheduled requests (``request_host_us`` each: scheduling, input preparation, output
+    processing and serialization to the API server).  Synchronous scheduling runs that work between GPU
+    steps, so it adds; async scheduling runs it while the GPU computes, so the step lasts the longer of the
+    two."""
+    host = request_host_us * n_requests
+    return jnp.where(async_scheduling, jnp.maximum(gpu_us, host), gpu_us + host)
 
 
 # XLA:CPU's YNNPACK fusion slows the loop's small operations down (as in the sweep's fast path)
@@ -331,6 +343,8 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         t_us = price(jnp.where(first_j, jnp.where(dummy, 1.0, n_dec), jnp.maximum(n_dec1, 1).astype(f32)),
                      jnp.where(first_j, jnp.where(dummy, 1.0, keys), jnp.maximum(keys_j, 1.0)),
                      jnp.where(first_j, n_pre, 0.0), jnp.where(first_j, tokens, 0.0), jnp.where(first_j, pairs, 0.0))
+        t_us = host_step_us(t_us, jnp.where(first_j, n_dec + n_pre, n_dec1.astype(f32)), engine.request_host_us,
+                            engine.async_scheduling)
         dt_j = (t_us * 1e-6).astype(f32)
 
         # nothing ran: after a preemption of every running request, or (async) with arrivals since the

@@ -23,6 +23,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jax
+import numpy as np
 import pandas as pd
 
 from .. import ops
@@ -30,12 +32,23 @@ from ..compiled import CompileTimer
 from ..errors import InputError
 from ..hardware import get_gpu
 from ..io import check_output_file, number, print_table, write_frame
-from ..memory import batch_fits
 from ..model import load_arch, load_model
 from . import plotting
+from . import scheduler as sch
 from . import serve as serve_mod
+from . import steady
+from .records import KV_CACHE_DTYPES
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# the space a screened search covers by default (`screen`): every concurrency up to 512 clients per replica,
+# vLLM's token budgets and running limits around its defaults, and both KV-cache precisions where the GPU has
+# fp8 KV rows
+SCREEN_CONCURRENCY = tuple(range(1, 513))
+SCREEN_BATCHED_TOKENS = (2048, 4096, 8192, 16384)
+SCREEN_SEQS = (64, 128, 256, 512, 1024)
+SCREEN_KV_DTYPES = ("auto", "fp8")
+SIMULATE_TOP = 16  # screened configurations simulated: this many best, and up to this many of the front
+SCREEN_MARGIN = 0.1  # a screened configuration is simulated when within the SLOs x (1 + this)
 DEFAULT_ENGINE_VERSION = "0.15.1"  # the newest engine the packaged calibration has parameters for
 GPU_MEMORY_UTILIZATION = 0.9
 GIB = 2.0**30
@@ -62,6 +75,13 @@ class SearchResult:
     rejected: list = field(default_factory=list)
     seconds: float = 0.0  # wall time less compile_seconds
     compile_seconds: float = 0.0  # JAX lowering and XLA compilation (`compiled.CompileTimer`)
+    screened: pd.DataFrame | None = None  # with `screen`: every configuration's steady-state estimate
+    screen_seconds: float = 0.0  # of `seconds`, the steady-state estimates
+
+    @property
+    def scored(self) -> int:
+        """Configurations given a prediction: screened (the simulated ones are among them), else simulated."""
+        return len(self.screened) if self.screened is not None else len(self.rows)
 
     @property
     def rejected_counts(self) -> dict:
@@ -134,26 +154,46 @@ def _precision_problem(model, weights: str, gpu) -> str | None:
     return None
 
 
+def _options(value, default, name) -> list:
+    """A search axis from an int, a list of them, or None (``default``)."""
+    vals = default if value is None else [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    vals = sorted(set(vals))
+    if not vals or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in vals):
+        raise InputError(f"must be positive integers, got {value!r}", field=name)
+    return vals
+
+
 def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: float | None = None,
-           tpot_ms: float | None = None, concurrency=DEFAULT_CONCURRENCY, rate: float | None = None,
+           tpot_ms: float | None = None, concurrency=None, rate: float | None = None,
            weights=None, gpus_per_node: int = 8, gpu_memory_utilization: float = GPU_MEMORY_UTILIZATION,
-           max_num_batched_tokens: int | None = None, max_num_seqs: int | None = None,
+           max_num_batched_tokens=None, max_num_seqs=None, kv_cache_dtypes=None,
            engine_version: str = DEFAULT_ENGINE_VERSION, model_configs=None, bench_data=None,
            calibration: str = "default", workload_options: dict | None = None, e2e_ms: float | None = None,
            percentile: int | None = None, objective: str = "tokens_per_gpu",
-           usd_per_gpu_hour: float | None = None) -> SearchResult:
+           usd_per_gpu_hour: float | None = None, screen: bool = False,
+           simulate_top: int = SIMULATE_TOP) -> SearchResult:
     """Search the deployments of ``model`` on ``gpus`` GPUs of type ``gpu`` for a closed loop of ``isl``
-    input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try;
-    ``rate``: requests/s the whole deployment must sustain (a row meets it when dp x the replica's predicted
-    request rate reaches it); ``weights``: precisions to try (default: the checkpoint's).  SLOs on TTFT, TPOT
-    and E2E; None leaves that one open.  ``percentile`` (50, 90 or 99) checks TTFT, TPOT and E2E against
-    that percentile instead of the mean.  ``objective``: "tokens_per_gpu" (every replica
-    the budget holds, dp = gpus // tp) or "min_gpus_for_rate" (needs ``rate``: dp = the replicas the rate
-    needs, at most gpus // tp; best = fewest GPUs).  ``usd_per_gpu_hour``: the GPU's price; rows then carry
-    ``usd_per_hour`` and ``output_tokens_per_usd`` and rank by the latter."""
+    input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try
+    (default `DEFAULT_CONCURRENCY`, with ``screen`` `SCREEN_CONCURRENCY`); ``rate``: requests/s the whole
+    deployment must sustain (a row meets it when dp x the replica's predicted request rate reaches it);
+    ``weights``: precisions to try (default: the checkpoint's); ``max_num_batched_tokens``,
+    ``max_num_seqs``: an engine limit or a list to try (default vLLM's for the GPU, with ``screen``
+    `SCREEN_BATCHED_TOKENS` and `SCREEN_SEQS`); ``kv_cache_dtypes``: KV-cache precisions to try (default
+    auto, with ``screen`` `SCREEN_KV_DTYPES`).  SLOs on TTFT, TPOT and E2E; None leaves that one open.
+    ``percentile`` (50, 90 or 99) checks TTFT, TPOT and E2E against that percentile instead of the mean.
+    ``objective``: "tokens_per_gpu" (every replica the budget holds, dp = gpus // tp) or "min_gpus_for_rate"
+    (needs ``rate``: dp = the replicas the rate needs, at most gpus // tp; best = fewest GPUs).
+    ``usd_per_gpu_hour``: the GPU's price; rows then carry ``usd_per_hour`` and ``output_tokens_per_usd``
+    and rank by the latter.
+
+    ``screen``: every configuration first gets the closed-loop steady-state estimate (`steady`, thousands
+    per second; `SearchResult.screened`); those within the SLOs x (1 + `SCREEN_MARGIN`) on its means — the
+    ``simulate_top`` best and up to ``simulate_top`` of their Pareto front — are then simulated, and the
+    simulated ones are the result's rows.  Without it every configuration is simulated."""
     t0 = time.perf_counter()
     g = get_gpu(gpu)
-    for name, v in (("gpus", gpus), ("gpus_per_node", gpus_per_node), ("isl", isl), ("osl", osl)):
+    for name, v in (("gpus", gpus), ("gpus_per_node", gpus_per_node), ("isl", isl), ("osl", osl),
+                    ("simulate_top", simulate_top)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise InputError(f"must be a positive integer, got {v!r}", field=name)
     if percentile is not None and percentile not in PERCENTILES:
@@ -165,9 +205,15 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         raise InputError("objective min_gpus_for_rate needs the requests/s to sustain", field="rate")
     if usd_per_gpu_hour is not None and not usd_per_gpu_hour > 0:
         raise InputError(f"must be a positive US$ per GPU-hour, got {usd_per_gpu_hour!r}", field="price")
-    concurrency = sorted(set(concurrency))
-    if not concurrency or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in concurrency):
-        raise InputError(f"must be positive integers, got {concurrency!r}", field="concurrency")
+    d_tokens, d_seqs = serve_mod.default_batch_limits(g)
+    concurrency = _options(concurrency, SCREEN_CONCURRENCY if screen else DEFAULT_CONCURRENCY, "concurrency")
+    budgets = _options(max_num_batched_tokens, SCREEN_BATCHED_TOKENS if screen else [d_tokens],
+                       "max_num_batched_tokens")
+    seqs = _options(max_num_seqs, SCREEN_SEQS if screen else [d_seqs], "max_num_seqs")
+    kv_dtypes = list(dict.fromkeys(kv_cache_dtypes or (SCREEN_KV_DTYPES if screen else ("auto",))))
+    for k in kv_dtypes:
+        if k not in KV_CACHE_DTYPES:
+            raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {k!r}", field="kv_cache_dtypes")
     base = load_model(model, model_configs)
     arch = load_arch(model, model_configs)
     weights = list(dict.fromkeys(weights or [base.dtype]))
@@ -175,83 +221,112 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         if w not in serve_mod.WEIGHT_DTYPES:
             raise InputError(f"must be one of {', '.join(serve_mod.WEIGHT_DTYPES)}, got {w!r}", field="weights")
     engine = {"name": "vllm", "version": engine_version, "gpu_memory_utilization": gpu_memory_utilization}
-    if max_num_batched_tokens:
-        engine["max_num_batched_tokens"] = max_num_batched_tokens
-    if max_num_seqs:
-        engine["max_num_seqs"] = max_num_seqs
-    d_tokens, d_seqs = serve_mod.default_batch_limits(g)
     query = {"model": model, "gpu": g.name, "gpus": gpus, "gpus_per_node": gpus_per_node, "isl": isl,
              "osl": osl, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "statistic": statistic(percentile),
              "rate": rate, "objective": objective, "concurrency": concurrency,
              "usd_per_gpu_hour": {g.name: usd_per_gpu_hour} if usd_per_gpu_hour else None,
-             "weights": weights, "checkpoint_weights": base.dtype,
-             "engine": {**engine, "max_num_batched_tokens": max_num_batched_tokens or d_tokens,
-                        "max_num_seqs": max_num_seqs or d_seqs}}
+             "weights": weights, "checkpoint_weights": base.dtype, "kv_cache_dtypes": kv_dtypes,
+             "screen": screen, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
+                                          budgets[0], "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
     result = SearchResult(query)
+    sim = serve_mod.Simulator(bench_data, calibration)
 
-    def reject(layout, w, reason, detail, cs=concurrency):
+    def reject(layout, w, reason, detail, cs=concurrency, kvd="auto", tokens=None, seq=None):
         tp, att, ep = layout
-        result.rejected += [{"tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w, "concurrency": c,
+        result.rejected += [{"tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w, "kv_cache_dtype": kvd,
+                             "max_num_batched_tokens": tokens, "max_num_seqs": seq, "concurrency": c,
                              "reason": reason, "detail": detail} for c in cs]
 
-    candidates = []  # (record, row)
+    groups = []  # (record without workload, row without results, concurrencies that fit)
+    per_engine = len(budgets) * len(seqs)
     for w in weights:
         m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
         for layout in layouts(base, gpus_per_node):
             tp, att, ep = layout
+            every = concurrency * per_engine * len(kv_dtypes)
             if tp * att > gpus:
                 reject(layout, w, TOO_MANY_GPUS, f"tp={tp} x attention_dp={att} > gpus={gpus}"
-                       if att > 1 else f"tp={tp} > gpus={gpus}")
+                       if att > 1 else f"tp={tp} > gpus={gpus}", every)
                 continue
             problem = _precision_problem(base, w, g)
             if problem:
-                reject(layout, w, PRECISION, problem)
+                reject(layout, w, PRECISION, problem, every)
                 continue
             try:
                 ops.dims(m, tp, ep, att)
             except InputError as e:
-                reject(layout, w, DIVISIBILITY, str(e))
+                reject(layout, w, DIVISIBILITY, str(e), every)
                 continue
-            try:
-                cap = serve_mod.kv_capacity(arch, g, tp, ep, engine, m.dtype, m.expert_dtype or None, att)
-            except InputError as e:
-                reject(layout, w, REFUSED, f"KV-cache capacity: {e}")
-                continue
-            if not cap.fits:
-                reject(layout, w, WEIGHTS_DO_NOT_FIT,
-                       f"weights {cap.weight_bytes / GIB:.1f} GiB + activations {cap.activation_bytes / GIB:.1f} "
-                       f"GiB + non-torch {cap.non_torch_bytes / GIB:.1f} GiB per GPU leave no KV cache in "
-                       f"{gpu_memory_utilization:g} x {cap.memory_bytes / GIB:.1f} GiB")
-                continue
-            most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
-            for c in concurrency:
-                per_rank = serve_mod.rank_workload({"type": "closed", "concurrency": c}, att)[0]["concurrency"]
-                if not batch_fits(cap, [isl + osl] * per_rank):
-                    reject(layout, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most {most} "
-                           f"requests of {isl + osl} tokens", [c])
+            for kvd in kv_dtypes:
+                if kvd == "fp8" and sim.tables(g).decode_fp8 is None:
+                    reject(layout, w, PRECISION, f"no fp8 KV-cache attention rows for {g.name}",
+                           concurrency * per_engine, kvd)
                     continue
-                rid = f"{w}-tp{tp}-att{att}-ep{ep}-c{c}"
-                rec = {"id": rid, "model": model, "gpu": gpu, "tp": tp, "attention_dp": att, "moe_ep": ep,
-                       "weights": w,
-                       "engine": dict(engine),
-                       "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
-                                    "output_tokens": osl}}
-                row = {"gpu": g.name, "tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w,
-                       "concurrency_per_replica": c,
-                       "max_num_seqs": query["engine"]["max_num_seqs"],
-                       "max_num_batched_tokens": query["engine"]["max_num_batched_tokens"],
-                       "gpu_memory_utilization": gpu_memory_utilization,
-                       "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
-                       "kv_needed_bytes_per_gpu": per_rank * (isl + osl) * cap.kv_bytes_per_token}
-                candidates.append((rec, row))
+                for tokens in budgets:
+                    for seq in seqs:
+                        eng = {**engine, "max_num_batched_tokens": tokens, "max_num_seqs": seq, "kv_cache_dtype": kvd}
+                        why = dict(kvd=kvd, tokens=tokens, seq=seq)
+                        try:
+                            cap = serve_mod.kv_capacity(arch, g, tp, ep, eng, m.dtype, m.expert_dtype or None, att)
+                        except InputError as e:
+                            reject(layout, w, REFUSED, f"KV-cache capacity: {e}", **why)
+                            continue
+                        if not cap.fits:
+                            reject(layout, w, WEIGHTS_DO_NOT_FIT,
+                                   f"weights {cap.weight_bytes / GIB:.1f} GiB + activations "
+                                   f"{cap.activation_bytes / GIB:.1f} GiB + non-torch {cap.non_torch_bytes / GIB:.1f}"
+                                   f" GiB per GPU leave no KV cache in {gpu_memory_utilization:g} x "
+                                   f"{cap.memory_bytes / GIB:.1f} GiB", **why)
+                            continue
+                        most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
+                        per_rank = [-(-c // att) for c in concurrency]
+                        fit = [c for c, r in zip(concurrency, per_rank) if r <= most]
+                        if len(fit) < len(concurrency):
+                            reject(layout, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most "
+                                   f"{most} requests of {isl + osl} tokens", [c for c in concurrency if c not in fit],
+                                   **why)
+                        if not fit:
+                            continue
+                        rec = {"model": model, "gpu": gpu, "tp": tp, "attention_dp": att, "moe_ep": ep,
+                               "weights": w, "engine": eng}
+                        row = {"gpu": g.name, "tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w,
+                               "kv_cache_dtype": kvd, "max_num_seqs": seq, "max_num_batched_tokens": tokens,
+                               "gpu_memory_utilization": gpu_memory_utilization,
+                               "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
+                               "kv_bytes_per_token": cap.kv_bytes_per_token, "kv_tokens_per_rank": cap.tokens}
+                        groups.append((rec, row, fit))
+
+    def candidate(rec, row, c):
+        per_rank = -(-c // row["attention_dp"])
+        kvd = "" if row["kv_cache_dtype"] == "auto" else f"-kv{row['kv_cache_dtype']}"
+        rid = (f"{row['weights']}-tp{row['tp']}-att{row['attention_dp']}-ep{row['moe_ep']}{kvd}-"
+               f"b{row['max_num_batched_tokens']}-s{row['max_num_seqs']}-c{c}")
+        r = {**rec, "id": rid, "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
+                                            "output_tokens": osl}}
+        out = {k: v for k, v in row.items() if k not in ("kv_bytes_per_token", "kv_tokens_per_rank")}
+        return r, {**out, "concurrency_per_replica": c,
+                   "kv_needed_bytes_per_gpu": per_rank * (isl + osl) * row["kv_bytes_per_token"]}
+
     with CompileTimer() as compiling:
-        outs = serve_mod.serve([r for r, _ in candidates], model_configs, bench_data, calibration,
-                               workload_options=workload_options) if candidates else []
+        if screen:
+            t_screen = time.perf_counter()
+            with CompileTimer() as screen_compiling:
+                result.screened = _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour,
+                                          model_configs)
+            result.screened["meets_slo"] = _meets(result.screened, "mean", ttft_ms, tpot_ms, e2e_ms, rate)
+            chosen = _to_simulate(result.screened, ttft_ms, tpot_ms, e2e_ms, rate, simulate_top, result.merit)
+            candidates = [candidate(groups[int(gi)][0], groups[int(gi)][1], int(c)) for gi, c in chosen]
+            result.screen_seconds = time.perf_counter() - t_screen - screen_compiling.seconds
+        else:
+            candidates = [candidate(rec, row, c) for rec, row, fit in groups for c in fit]
+        outs = serve_mod.serve([r for r, _ in candidates], model_configs, workload_options=workload_options,
+                               simulator=sim) if candidates else []
     result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
             reject((rec["tp"], rec["attention_dp"], rec["moe_ep"]), rec["weights"], REFUSED, out["refused"],
-                   [rec["workload"]["concurrency"]])
+                   [rec["workload"]["concurrency"]], row["kv_cache_dtype"], row["max_num_batched_tokens"],
+                   row["max_num_seqs"])
             continue
         p, t = out["predicted"], out["throughput"]
         budget = gpus // (row["tp"] * row["attention_dp"])
@@ -271,14 +346,119 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         if usd_per_gpu_hour:
             row["usd_per_hour"] = row["gpus_used"] * usd_per_gpu_hour
             row["output_tokens_per_usd"] = row["output_tokens_per_s_total"] * 3600 / row["usd_per_hour"]
-        stat = query["statistic"]
-        row["meets_slo"] = bool(all(slo is None or row[f"{metric}_ms"] <= slo for metric, slo in
-                                    ((f"ttft_{stat}", ttft_ms), (f"tpot_{stat}", tpot_ms), (f"e2e_{stat}", e2e_ms)))
-                                and (rate is None or row["requests_per_s_total"] >= rate))
+        row["meets_slo"] = bool(_meets(row, query["statistic"], ttft_ms, tpot_ms, e2e_ms, rate))
         result.rows.append(row)
     result.mark_pareto()
     result.seconds = time.perf_counter() - t0 - result.compile_seconds
     return result
+
+
+def _meets(r, stat: str, ttft_ms, tpot_ms, e2e_ms, rate, margin: float = 0.0):
+    """Whether a row (dict) or rows (DataFrame) meet the SLOs on the statistic ``stat`` (TPOT: the mean's
+    percentile) and the rate, each SLO loosened by ``margin``."""
+    ok = True
+    for metric, slo in ((f"ttft_{stat}", ttft_ms), (f"tpot_{stat}", tpot_ms), (f"e2e_{stat}", e2e_ms)):
+        if slo is not None:
+            ok = ok & (r[f"{metric}_ms"] <= slo * (1 + margin))
+    if rate is not None:
+        ok = ok & (r["requests_per_s_total"] >= rate)
+    return ok
+
+
+def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, model_configs):
+    """The steady-state estimate (`steady`) of every (group, concurrency): one DataFrame row each, with the
+    group's index (``group``) and the serving metrics' means under `serve`'s names."""
+    frames = []
+    by_static: dict = {}
+    probes: dict = {}  # one deployment per step model (layout, weights, KV-cache precision)
+    for gi, (rec, row, fit) in enumerate(groups):
+        key = (row["tp"], row["attention_dp"], row["moe_ep"], row["weights"], row["kv_cache_dtype"])
+        if key not in probes:
+            probe = {**rec, "id": "probe", "workload": {"type": "closed", "concurrency": 1, "input_tokens": isl,
+                                                          "output_tokens": osl}}
+            dep = serve_mod.resolve(probe, "search", model_configs, workload_options={"rounds": 2})
+            probes[key] = (dep, sim.step_model(dep))
+        dep, (static, lk, on, params) = probes[key]
+        att = row["attention_dp"]
+        c = np.asarray(fit, np.float64)
+        per_rank = np.ceil(c / att)
+        n = len(fit)
+        o = sim.options
+        cl = steady.ClosedLoop(per_rank.astype(np.float32), np.full(n, isl, np.float32), np.full(n, osl, np.float32),
+                               np.full(n, row["max_num_batched_tokens"], np.float32),
+                               np.full(n, row["max_num_seqs"], np.float32),
+                               np.full(n, row["kv_tokens_per_rank"], np.float32),
+                               np.full(n, dep.async_scheduling, bool), np.full(n, o.ingress_ms / 1e3, np.float32),
+                               np.full(n, o.client_ms / 1e3, np.float32), np.full(n, o.request_host_us, np.float32))
+        by_static.setdefault((static, id(lk)), (static, sch.StepModel(lk, on, params), []))[2].append((gi, c, cl))
+    cols: dict = {}
+
+    def add(**kv):
+        for k, v in kv.items():
+            cols.setdefault(k, []).append(v)
+    for static, sm, members in by_static.values():
+        cl = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *[m[2] for m in members])
+        est = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), steady.compiled(static)(sm, cl))
+        at = 0
+        for gi, c, _ in members:
+            sl = slice(at, at + len(c))
+            at += len(c)
+            row = groups[gi][1]
+            n = len(c)
+            share = c / np.ceil(c / row["attention_dp"])
+            rank_gpus = row["tp"] * row["attention_dp"]
+            req_s = est.requests_per_s[sl] * share
+            budget = gpus // rank_gpus
+            dp = np.full(n, budget) if objective == "tokens_per_gpu" else \
+                np.minimum(budget, np.maximum(1, np.ceil(rate / req_s - 1e-9))).astype(int)
+            add(group=np.full(n, gi), **{k: np.full(n, row[k]) for k in (
+                "gpu", "tp", "attention_dp", "moe_ep", "weights", "kv_cache_dtype", "max_num_batched_tokens",
+                "max_num_seqs")}, concurrency_per_replica=c.astype(int), dp=dp, gpus_used=dp * rank_gpus,
+                ttft_mean_ms=est.ttft_s[sl] * 1e3, tpot_mean_ms=est.tpot_s[sl] * 1e3, e2e_mean_ms=est.e2e_s[sl] * 1e3,
+                output_tokens_per_s_per_gpu=req_s * osl / rank_gpus,
+                output_tokens_per_s_per_user=1.0 / est.tpot_s[sl],
+                output_tokens_per_s_total=req_s * osl * dp, requests_per_s_total=req_s * dp)
+    if not cols:
+        return pd.DataFrame()
+    f = pd.DataFrame({k: np.concatenate(v) for k, v in cols.items()})
+    if usd_per_gpu_hour:
+        f["usd_per_hour"] = f["gpus_used"] * usd_per_gpu_hour
+        f["output_tokens_per_usd"] = f["output_tokens_per_s_total"] * 3600 / f["usd_per_hour"]
+    return f
+
+
+def _to_simulate(screened: pd.DataFrame, ttft_ms, tpot_ms, e2e_ms, rate, top: int, merit: str) -> list:
+    """(group, concurrency) of the screened configurations to simulate: among those within the SLOs x (1 +
+    `SCREEN_MARGIN`), the ``top`` best by ``merit`` and up to ``top`` of their Pareto front (``merit`` against
+    tokens/s per user), spread evenly along it."""
+    if screened.empty:
+        return []
+    near = screened[_meets(screened, "mean", ttft_ms, tpot_ms, e2e_ms, rate, SCREEN_MARGIN)]
+    if near.empty:  # nothing near the objective: the simulation shows how far the closest ones are
+        near = screened.nsmallest(top, "tpot_mean_ms")
+    ranked = near.sort_values([merit, "output_tokens_per_s_per_user"], ascending=False)
+    best = ranked.head(top)
+    users = ranked["output_tokens_per_s_per_user"].to_numpy()
+    front = ranked[users > np.maximum.accumulate(np.concatenate([[-np.inf], users[:-1]]))]
+    if len(front) > top:
+        front = front.iloc[np.unique(np.linspace(0, len(front) - 1, top).round().astype(int))]
+    chosen = pd.concat([best, front]).drop_duplicates(["group", "concurrency_per_replica"])
+    return list(zip(chosen["group"], chosen["concurrency_per_replica"]))
+
+
+def scored_frame(result: SearchResult) -> pd.DataFrame:
+    """Every scored configuration, one row each, ``estimate`` saying by what: "simulation" (the rows), or,
+    with screening, "steady state" for those only screened."""
+    sim = pd.DataFrame(result.rows).assign(estimate="simulation")
+    if result.screened is None:
+        return sim
+    key = ["gpu", "tp", "attention_dp", "moe_ep", "weights", "kv_cache_dtype", "max_num_batched_tokens",
+           "max_num_seqs", "concurrency_per_replica"]
+    steady_rows = result.screened.drop(columns="group").assign(estimate="steady state")
+    if not sim.empty:
+        done = steady_rows.set_index(key).index.isin(sim.set_index(key).index)
+        steady_rows = steady_rows[~done]
+    return pd.concat([sim, steady_rows], ignore_index=True)
 
 
 def statistic(percentile: int | None) -> str:
@@ -312,9 +492,12 @@ def search_many(model: str, gpus_by_type: dict, *, prices: dict | None = None, *
              "engine": {q["gpu"]: q["engine"] for q in queries},
              "usd_per_gpu_hour": {q["gpu"]: p for q in queries for p in (q["usd_per_gpu_hour"] or {}).values()}
              or None}
+    screened = [r.screened for r in results if r.screened is not None]
     merged = SearchResult(query, [row for r in results for row in r.rows],
                           [dict(x, gpu=r.query["gpu"]) for r in results for x in r.rejected],
-                          sum(r.seconds for r in results), sum(r.compile_seconds for r in results))
+                          sum(r.seconds for r in results), sum(r.compile_seconds for r in results),
+                          pd.concat(screened, ignore_index=True) if screened else None,
+                          sum(r.screen_seconds for r in results))
     merged.mark_pareto()
     return merged
 
@@ -332,6 +515,8 @@ def vllm_command(result: SearchResult, row: dict) -> str:
               f"--gpu-memory-utilization {row['gpu_memory_utilization']:g}"]
     if row["weights"] == "fp8" and q["checkpoint_weights"] != "fp8":
         parts.append("--quantization fp8")
+    if row.get("kv_cache_dtype", "auto") != "auto":
+        parts.append(f"--kv-cache-dtype {row['kv_cache_dtype']}")
     if att > 1 and row["dp"] > 1:
         parts.append(f"(x {row['dp']} such servers behind a router)")
     return " ".join(parts)
@@ -359,8 +544,13 @@ def _table_row(result: SearchResult, rank: int, r: dict) -> dict:
     """One line of the ranked table; the TTFT and E2E columns are named by the statistic the SLO used."""
     q, stat = result.query, result.query["statistic"]
     several = isinstance(q["gpu"], list)
+    eng = q["engine"] if not several else next(iter(q["engine"].values()))
+    varied = {k: r[k] for k in ("kv_cache_dtype", "max_num_batched_tokens", "max_num_seqs")
+              if (k == "kv_cache_dtype" and len(q.get("kv_cache_dtypes") or ()) > 1)
+              or isinstance(eng.get(k), list)}
+    names = {"kv_cache_dtype": "kv", "max_num_batched_tokens": "budget", "max_num_seqs": "seqs"}
     return {"rank": rank, **({"gpu": r["gpu"]} if several else {}), "layout": r["layout"], "weights": r["weights"],
-            "conc": r["concurrency_per_replica"], **({"gpus": r["gpus_used"]} if several or q["objective"] !=
+            **{names[k]: v for k, v in varied.items()}, "conc": r["concurrency_per_replica"], **({"gpus": r["gpus_used"]} if several or q["objective"] !=
                                                       "tokens_per_gpu" else {}),
             f"ttft_{stat}_ms": r[f"ttft_{stat}_ms"], f"tpot_{stat}_ms": r[f"tpot_{stat}_ms"],
             **({f"e2e_{stat}_ms": r[f"e2e_{stat}_ms"]} if q["e2e_ms"] else {}),
@@ -383,10 +573,10 @@ def summary(result: SearchResult, top: int) -> dict:
             "requests_per_s_total", "usd_per_hour", "output_tokens_per_usd", "weights_bytes_per_gpu",
             "kv_pool_bytes_per_gpu")
     brief = lambda r: {**{k: r[k] for k in keep if k in r}, "vllm_command": vllm_command(result, r)}  # noqa: E731
-    return {"query": result.query, "configurations_considered": len(result.rows) + len(result.rejected),
-            "configurations_scored": len(result.rows), "feasible": len(feasible),
-            "rejected": result.rejected_counts, "seconds": round(result.seconds, 2),
-            "compile_seconds": round(result.compile_seconds, 2),
+    return {"query": result.query, "configurations_considered": result.scored + len(result.rejected),
+            "configurations_scored": result.scored, "configurations_simulated": len(result.rows),
+            "feasible": len(feasible), "rejected": result.rejected_counts, "seconds": round(result.seconds, 2),
+            "screen_seconds": round(result.screen_seconds, 3), "compile_seconds": round(result.compile_seconds, 2),
             "pareto": [brief(r) for r in result.pareto], "ranked": [brief(r) for r in feasible[:top]],
             "best": brief(feasible[0]) if feasible else None}
 
@@ -479,16 +669,29 @@ def add_search_arguments(sp) -> None:
     sp.add_argument("--objective", choices=OBJECTIVES, default="tokens_per_gpu",
                     help="tokens_per_gpu: most output tokens/s per GPU (or per US$) on the whole budget; "
                          "min_gpus_for_rate: fewest GPUs that meet the SLO at --rate (default tokens_per_gpu)")
-    sp.add_argument("--concurrency", type=_int_list, default=list(DEFAULT_CONCURRENCY),
-                    help="clients per replica to try, comma-separated (default 1,2,4,...,256)")
+    sp.add_argument("--concurrency", type=_int_list, default=None,
+                    help="clients per replica to try, comma-separated (default 1,2,4,...,256; with --screen "
+                         "every one from 1 to 512)")
+    sp.add_argument("--screen", action="store_true",
+                    help="estimate every configuration by the closed-loop steady state first and simulate only "
+                         "the best and the Pareto front (--simulate-top); widens the default space to every "
+                         "concurrency up to 512, budgets 2048-16384, running limits 64-1024 and both KV-cache "
+                         "precisions (docs/search.md)")
+    sp.add_argument("--simulate-top", type=number(int, 1), default=SIMULATE_TOP,
+                    help=f"with --screen: configurations simulated, the best and of the front (default {SIMULATE_TOP})")
+    sp.add_argument("--kv-cache-dtypes", type=lambda s: [w.strip() for w in s.split(",") if w.strip()],
+                    default=None, help="KV-cache precisions to try, of auto, bf16, fp16, fp8 (default auto; with "
+                                       "--screen auto,fp8)")
     sp.add_argument("--weights", type=lambda s: [w.strip() for w in s.split(",") if w.strip()], default=None,
                     help="weight precisions to try, comma-separated, of bf16, fp16, fp8 (default: the checkpoint's)")
     sp.add_argument("--gpu-memory-utilization", type=number(float, 0, 1, low_open=True),
                     default=GPU_MEMORY_UTILIZATION, help="vLLM's --gpu-memory-utilization (default 0.9)")
-    sp.add_argument("--max-num-batched-tokens", type=number(int, 1), default=None,
-                    help="vLLM's token budget per step (default: vLLM's for the GPU)")
-    sp.add_argument("--max-num-seqs", type=number(int, 1), default=None,
-                    help="vLLM's sequences per step (default: vLLM's for the GPU)")
+    sp.add_argument("--max-num-batched-tokens", type=_int_list, default=None,
+                    help="vLLM's token budget per step, or several comma-separated (default: vLLM's for the GPU; "
+                         "with --screen 2048,4096,8192,16384)")
+    sp.add_argument("--max-num-seqs", type=_int_list, default=None,
+                    help="vLLM's sequences per step, or several comma-separated (default: vLLM's for the GPU; "
+                         "with --screen 64,128,256,512,1024)")
     sp.add_argument("--engine-version", default=DEFAULT_ENGINE_VERSION,
                     help=f"vLLM version whose calibration prices the steps (default {DEFAULT_ENGINE_VERSION})")
     sp.add_argument("--rounds", type=number(int, 2), default=10,
@@ -519,9 +722,10 @@ def run_search(args) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                       engine_version=args.engine_version, model_configs=args.model_configs,
                       bench_data=args.bench_data, calibration=args.calibration,
-                      workload_options={"rounds": args.rounds})
-    if args.out and res.rows:
-        write_frame(args.out, pd.DataFrame(res.rows), fmt)
+                      workload_options={"rounds": args.rounds}, screen=args.screen,
+                      simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes)
+    if args.out and (res.rows or res.screened is not None):
+        write_frame(args.out, scored_frame(res), fmt)
     if args.json:
         print(json.dumps(summary(res, args.top), indent=1))
     else:
@@ -538,7 +742,7 @@ def run_search(args) -> int:
 
 def _print_report(res: SearchResult, args) -> None:
     q = res.query
-    considered = len(res.rows) + len(res.rejected)
+    considered = res.scored + len(res.rejected)
     stat = q["statistic"]
     goal = [f"{stat} TTFT <= {q['ttft_ms']:g} ms" if q["ttft_ms"] else "",
             f"mean TPOT <= {q['tpot_ms']:g} ms" if q["tpot_ms"] else "",
@@ -549,8 +753,15 @@ def _print_report(res: SearchResult, args) -> None:
           f"objective: {', '.join(x for x in goal if x) or 'none'}"
           + (", fewest GPUs" if q["objective"] == "min_gpus_for_rate" else "")
           + (f"; US$ per GPU-hour: {', '.join(f'{g} {p:g}' for g, p in prices.items())}" if prices else ""))
-    print(f"  {considered} configurations, {len(res.rows)} scored, {len(res.feasible)} meet the objective, "
-          f"{len(res.pareto)} on the Pareto front ({res.seconds:.1f} s, and {res.compile_seconds:.1f} s compiling)")
+    if res.screened is not None:
+        print(f"  {considered} configurations, {res.scored} screened by the steady-state estimate "
+              f"({res.screen_seconds:.2f} s), {int(res.screened['meets_slo'].sum())} of them within the objective; "
+              f"{len(res.rows)} simulated, {len(res.feasible)} meet the objective, {len(res.pareto)} on the Pareto "
+              f"front ({res.seconds:.1f} s in all, and {res.compile_seconds:.1f} s compiling)")
+    else:
+        print(f"  {considered} configurations, {len(res.rows)} scored, {len(res.feasible)} meet the objective, "
+              f"{len(res.pareto)} on the Pareto front ({res.seconds:.1f} s, and {res.compile_seconds:.1f} s "
+              "compiling)")
     for reason, n in res.rejected_counts.items():
         print(f"  rejected {n}: {reason}")
     print("  each replica (DP) is an independent engine behind a round-robin router; conc = clients per replica")

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 
 from .. import memory, ops
-from ..calibration import resolve_calibration
+from ..calibration import resolve_calibration, serving_terms
 from ..errors import InputError
 from ..io import (add_pricing_arguments, atomic_write, check_output_file, number, print_table,
     read_json_lines, refuse_overwrite)
@@ -255,9 +255,14 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
 
 @dataclass(frozen=True)
 class Options:
+    """The simulation's client- and host-side terms: ``ingress_ms`` and ``client_ms`` (module docstring),
+    ``request_host_us`` the host's work per scheduled request per step that the engine does not overlap with
+    the GPU (`scheduler.host_step_us`; None: the serving calibration's, `serving_calibration`), and the load
+    generator's pause between stages."""
     ingress_ms: float = INGRESS_MS
     client_ms: float = CLIENT_MS
     stage_interval_s: float = STAGE_INTERVAL_S
+    request_host_us: float | None = None
     max_iterations: int = 2_000_000
 
 
@@ -281,8 +286,14 @@ class Simulator:
     def __init__(self, bench_data=None, calibration: str = "default", allow_other_gpu: bool = False,
                  options: Options = Options()):
         self.bench_data, self.calibration, self.allow_other_gpu = bench_data, calibration, allow_other_gpu
-        self.options = options
         self._tables, self._cal, self.calibration_used, self._step_models = {}, {}, {}, {}
+        if options.request_host_us is None:
+            terms, desc = serving_terms(calibration)
+            options = dataclasses.replace(options, request_host_us=terms["request_host_us"])
+            self.calibration_used["serving host terms"] = desc
+        else:
+            self.calibration_used["serving host terms"] = f"request_host_us {options.request_host_us:g} (given)"
+        self.options = options
 
     def tables(self, gpu: GPU):
         if gpu.name not in self._tables:
@@ -322,6 +333,8 @@ class Simulator:
         fn = _step_time_fn(static)
         pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
         dec = float(fn(sm, b, b * float(ops.decode_keys(d, isl + osl / 2)), 0.0, 0.0, 0.0))
+        pre, dec = (float(sch.host_step_us(t, n, o.request_host_us, dep.async_scheduling))
+                    for t, n in ((pre, 1.0), (dec, b)))
         return (o.ingress_ms + o.client_ms) / 1e3 + (pre + (osl - 1) * dec) * 1e-6
 
     def engine(self, dep: Deployment) -> sch.Engine:
@@ -329,7 +342,7 @@ class Simulator:
         return sch.Engine(np.int32(dep.max_batched_tokens), np.int32(dep.max_seqs), np.int32(dep.kv_blocks),
                           np.int32(BLOCK_TOKENS), np.bool_(dep.prefix_caching), np.bool_(dep.async_scheduling),
                           np.float32(o.ingress_ms / 1e3), np.float32(o.client_ms / 1e3),
-                          np.float32(o.stage_interval_s))
+                          np.float32(o.stage_interval_s), np.float32(o.request_host_us))
 
     def run(self, deps: list[Deployment], batch: int = 16) -> list[tuple[Deployment, dict]]:
         """Simulate every deployment; returns (deployment, per-request and engine results as numpy)."""
@@ -522,14 +535,16 @@ def read_serving_records(path, exclude_gpus: tuple[str, ...] = ()) -> list[tuple
 
 def serve(records, model_configs=None, bench_data=None, calibration: str = "default",
           allow_other_gpu: bool = False, options: Options = Options(), workload_options: dict | None = None,
-          kv_blocks_fn=None, batch: int = 16) -> list[dict]:
+          kv_blocks_fn=None, batch: int = 16, simulator: Simulator | None = None) -> list[dict]:
     """Serving estimates for one record (a dict) or many (dicts, or (dict, location) pairs): one output
     dict per record, ``{"id", "predicted", "throughput", "kv_cache", "simulation", "notes"}`` or
-    ``{"id", "refused": reason}``."""
+    ``{"id", "refused": reason}``.  ``simulator``: a `Simulator` whose loaded tables and step models to use
+    (its own tables, calibration and options then replace ``bench_data``, ``calibration``,
+    ``allow_other_gpu`` and ``options``)."""
     if isinstance(records, dict):
         records = [records]
     items = [r if isinstance(r, tuple) else (r, f"record {i}") for i, r in enumerate(records)]
-    sim = Simulator(bench_data, calibration, allow_other_gpu, options)
+    sim = simulator or Simulator(bench_data, calibration, allow_other_gpu, options)
     outs, deps = [], []
     for rec, where in items:
         try:
@@ -542,7 +557,7 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
             outs.append(dep)
         except Refusal as e:
             outs.append({"id": str(rec.get("id")), "refused": str(e)})
-    results = {id(d): statistics(d, res, options) for d, res in sim.run(deps, batch=batch)}
+    results = {id(d): statistics(d, res, sim.options) for d, res in sim.run(deps, batch=batch)}
     final = []
     for o in outs:
         if isinstance(o, Deployment):
@@ -586,6 +601,9 @@ def add_serve_arguments(sp) -> None:
                     help=f"client-side time added to TTFT and E2E (default {CLIENT_MS})")
     sp.add_argument("--ingress-ms", type=number(float, 0), default=INGRESS_MS,
                     help=f"client send -> visible to the scheduler (default {INGRESS_MS})")
+    sp.add_argument("--request-host-us", type=number(float, 0), default=None,
+                    help="host time per scheduled request per step that the engine does not overlap with the GPU "
+                         "(default: the calibration's serving terms, `costmodel fit-serving`; 0 with none)")
     sp.add_argument("--multi-turn", choices=("repeat", "accumulate"), default="repeat",
                     help="what a chat user's later turn sends (docs/serving.md; default repeat)")
     sp.add_argument("--rounds", type=number(int, 1), default=10, help="closed loop: requests per client (default 10)")
@@ -613,7 +631,7 @@ def run_serve(args) -> int:
     items = read_serving_records(args.records, tuple(args.exclude_gpu))
     t0 = time.perf_counter()
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
-                 Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms),
+                 Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms, request_host_us=args.request_host_us),
                  {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
                   "start": args.start, "arrivals": args.arrivals})
     took = time.perf_counter() - t0
