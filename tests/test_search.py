@@ -459,6 +459,7 @@ def test_screened_search_simulates_the_best_and_reports_serve_numbers():
     assert len(frame) == res.scored and (frame["estimate"] == "simulation").sum() == len(res.rows)
     s = sr.summary(res, 3)
     assert s["configurations_scored"] == res.scored and s["configurations_simulated"] == len(res.rows)
+    assert s["query"]["concurrency"] == "1-24" and sr._compact([1, 2, 4, 8]) == [1, 2, 4, 8]
     if any(r["kv_cache_dtype"] == "fp8" for r in res.feasible):
         r = next(r for r in res.feasible if r["kv_cache_dtype"] == "fp8")
         assert "--kv-cache-dtype fp8" in sr.vllm_command(res, r)

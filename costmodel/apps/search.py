@@ -154,6 +154,13 @@ def _precision_problem(model, weights: str, gpu) -> str | None:
     return None
 
 
+def _compact(values: list) -> list | str:
+    """Sorted integers as given, or "FIRST-LAST" when they are every integer between (more than 3)."""
+    if len(values) > 3 and values[-1] - values[0] == len(values) - 1:
+        return f"{values[0]}-{values[-1]}"
+    return values
+
+
 def _options(value, default, name) -> list:
     """A search axis from an int, a list of them, or None (``default``)."""
     vals = default if value is None else [value] if isinstance(value, int) and not isinstance(value, bool) else value
@@ -223,7 +230,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     engine = {"name": "vllm", "version": engine_version, "gpu_memory_utilization": gpu_memory_utilization}
     query = {"model": model, "gpu": g.name, "gpus": gpus, "gpus_per_node": gpus_per_node, "isl": isl,
              "osl": osl, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "statistic": statistic(percentile),
-             "rate": rate, "objective": objective, "concurrency": concurrency,
+             "rate": rate, "objective": objective, "concurrency": _compact(concurrency),
              "usd_per_gpu_hour": {g.name: usd_per_gpu_hour} if usd_per_gpu_hour else None,
              "weights": weights, "checkpoint_weights": base.dtype, "kv_cache_dtypes": kv_dtypes,
              "screen": screen, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
