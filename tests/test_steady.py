@@ -1,6 +1,8 @@
 """Closed-loop steady state (`apps.steady`): one client by hand from the step model, agreement with the
 scheduler simulation, properties (finite and positive, TPOT and throughput non-decreasing in clients,
 the mapped call equals one point at a time, the host term adds under synchronous scheduling)."""
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -25,11 +27,9 @@ def deployment():
 
 
 def points(dep, clients, P=512, O=64, host_us=0.0, is_async=False):
-    n = len(clients)
-    full = lambda v, dt=np.float32: np.full(n, v, dt)  # noqa: E731
-    return steady.ClosedLoop(np.asarray(clients, np.float32), full(P), full(O), full(dep.max_batched_tokens),
-                             full(dep.max_seqs), full(dep.kv_blocks * 16), full(is_async, bool),
-                             full(sv.INGRESS_MS / 1e3), full(sv.CLIENT_MS / 1e3), full(host_us))
+    eng = sv.Simulator(options=sv.Options(request_host_us=host_us)).engine(
+        dataclasses.replace(dep, async_scheduling=is_async))
+    return steady.closed_loop(eng, clients, P, O)
 
 
 def step_s(static, sm, n_dec, ctx, n_pre, new):

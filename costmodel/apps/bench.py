@@ -402,13 +402,10 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
     from . import steady
     n_steady = max(closed_estimates, STEADY_ESTIMATES)
     pts = [base[n % len(base)][0] for n in range(n_steady)]
-    o = sim.options
-    cl = steady.ClosedLoop(*(np.asarray(v, dt) for v, dt in (
-        ([d.requests.n_users for d in pts], np.float32), ([d.requests.prompt_tokens[0] for d in pts], np.float32),
-        ([d.requests.output_tokens[0] for d in pts], np.float32), ([d.max_batched_tokens for d in pts], np.float32),
-        ([d.max_seqs for d in pts], np.float32), ([d.kv_blocks * sv.BLOCK_TOKENS for d in pts], np.float32),
-        ([d.async_scheduling for d in pts], bool), ([o.ingress_ms / 1e3] * n_steady, np.float32),
-        ([o.client_ms / 1e3] * n_steady, np.float32), ([o.request_host_us] * n_steady, np.float32))))
+    engines = [sim.engine(d) for d in pts]
+    cl = steady.ClosedLoop(*(np.asarray(v, np.float32) for v in (
+        [d.requests.n_users for d in pts], [d.requests.prompt_tokens[0] for d in pts],
+        [d.requests.output_tokens[0] for d in pts])), stack(engines))
     fn = steady.compiled(su.static)
     t0 = time.perf_counter()
     jax.block_until_ready(fn(sm, cl))

@@ -15,6 +15,7 @@ docs/search.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
@@ -389,14 +390,10 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
         att = row["attention_dp"]
         c = np.asarray(fit, np.float64)
         per_rank = np.ceil(c / att)
-        n = len(fit)
-        o = sim.options
-        cl = steady.ClosedLoop(per_rank.astype(np.float32), np.full(n, isl, np.float32), np.full(n, osl, np.float32),
-                               np.full(n, row["max_num_batched_tokens"], np.float32),
-                               np.full(n, row["max_num_seqs"], np.float32),
-                               np.full(n, row["kv_tokens_per_rank"], np.float32),
-                               np.full(n, dep.async_scheduling, bool), np.full(n, o.ingress_ms / 1e3, np.float32),
-                               np.full(n, o.client_ms / 1e3, np.float32), np.full(n, o.request_host_us, np.float32))
+        eng = sim.engine(dataclasses.replace(dep, max_batched_tokens=row["max_num_batched_tokens"],
+                                             max_seqs=row["max_num_seqs"],
+                                             kv_blocks=row["kv_tokens_per_rank"] // serve_mod.BLOCK_TOKENS))
+        cl = steady.closed_loop(eng, per_rank, isl, osl)
         by_static.setdefault((static, id(lk)), (static, sch.StepModel(lk, on, params), []))[2].append((gi, c, cl))
     cols: dict = {}
 

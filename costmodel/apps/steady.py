@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ..step import Batch, batch_features, combine, decode_keys_of_means, prefill_of_means
 from . import scheduler as sch
@@ -39,18 +40,20 @@ DAMPING = 0.5  # weight of the new values in each fixed-point update (converged 
 
 
 class ClosedLoop(NamedTuple):
-    """One closed-loop point per element (arrays of one shape, or scalars)."""
+    """Closed-loop points (arrays of one shape, the engine's fields too; `closed_loop` broadcasts one
+    engine): clients, prompt and output tokens, and the engine as the simulation takes it (`scheduler.Engine`:
+    token budget, running limit, KV blocks, scheduling mode, ingress, client and host terms)."""
 
     clients: jax.Array  # C
     prompt_tokens: jax.Array  # P
     output_tokens: jax.Array  # O
-    max_batched_tokens: jax.Array  # B: token budget of a step
-    max_seqs: jax.Array  # running requests at most
-    kv_tokens: jax.Array  # KV-cache capacity in tokens
-    async_scheduling: jax.Array  # bool
-    ingress_s: jax.Array  # client send -> visible to the scheduler
-    client_s: jax.Array  # client-side time added to TTFT and E2E
-    request_host_us: jax.Array  # host work per scheduled request per step (`scheduler.host_step_us`)
+    engine: sch.Engine
+
+
+def closed_loop(engine: sch.Engine, clients, prompt_tokens, output_tokens) -> ClosedLoop:
+    """`ClosedLoop` points of one engine for arrays (or scalars) of clients, prompt and output tokens."""
+    c, p, o = np.broadcast_arrays(*(np.asarray(x, np.float32) for x in (clients, prompt_tokens, output_tokens)))
+    return ClosedLoop(c, p, o, jax.tree_util.tree_map(lambda a: np.broadcast_to(np.asarray(a), c.shape), engine))
 
 
 class Estimate(NamedTuple):
@@ -83,13 +86,14 @@ def _share(p, chunk):
 def estimate(sm, static, cl: ClosedLoop) -> Estimate:
     """The steady state of one closed loop (module docstring); `jax.vmap` maps it over points."""
     f32 = jnp.float32
+    e = cl.engine
     C, P, O = (jnp.asarray(x, f32) for x in (cl.clients, cl.prompt_tokens, cl.output_tokens))
-    B, S, K = (jnp.asarray(x, f32) for x in (cl.max_batched_tokens, cl.max_seqs, cl.kv_tokens))
-    c = jnp.asarray(cl.ingress_s, f32) + jnp.asarray(cl.client_s, f32)
+    B, S, K = (jnp.asarray(x, f32) for x in (e.max_batched_tokens, e.max_seqs, e.kv_blocks * e.block_tokens))
+    c = jnp.asarray(e.ingress_s, f32) + jnp.asarray(e.client_s, f32)
     cap = jnp.maximum(jnp.minimum(S, K / (P + O / 2)), 1.0)
     ctx = P + O / 2
-    step = functools.partial(_step_s, sm, static, host_us=cl.request_host_us, is_async=cl.async_scheduling)
-    extra_wait = jnp.where(cl.async_scheduling, 1.0, 0.0)
+    step = functools.partial(_step_s, sm, static, host_us=e.request_host_us, is_async=e.async_scheduling)
+    extra_wait = jnp.where(e.async_scheduling, 1.0, 0.0)
 
     def relations(T, d, p, n):
         """From the mean step time T, decodes d and prefill tokens p per step and running requests n:
@@ -125,7 +129,7 @@ def estimate(sm, static, cl: ClosedLoop) -> Estimate:
     state = jax.lax.fori_loop(0, ITERATIONS, body, (T0, n0, jnp.zeros_like(P), n0))
     E, X, n, k, T_pre, tpot, wait, *_ = relations(*state)
     queue = jnp.maximum(C / X - E - c, 0.0)
-    ttft = cl.ingress_s + queue + wait + k * T_pre + cl.client_s
+    ttft = e.ingress_s + queue + wait + k * T_pre + e.client_s
     e2e = ttft + (O - 1) * tpot
     return Estimate(ttft, tpot, e2e, X, X * O, n, queue)
 
