@@ -208,6 +208,17 @@ def allreduce_combine(table_us, has_table: bool, tp, nbytes, hw: Hardware, p: Pa
     return jnp.where(tp > 1.0, t * p.comm_scale, 0.0)
 
 
+def pp_handoff_us(nbytes, tp, hw: Hardware, p: Params):
+    """One pipeline-stage hand-off (µs) of ``nbytes`` per GPU (`ops.pp_handoff_bytes`): a point-to-point send
+    at the NVLink bandwidth times its efficiency plus the all-reduce's fixed latency, then the receiving TP
+    group's all-gather of the tp shards ((tp - 1) x ``nbytes`` per GPU); times ``comm_scale``.  Analytic: no
+    measured point-to-point table ships, and stages are taken to sit in one NVLink domain."""
+    link = hw.nvlink_bytes_per_s * p.nvlink_efficiency
+    t = p.allreduce_latency_us + nbytes / link * 1e6
+    gather = jnp.where(tp > 1.0, p.allreduce_latency_us + (tp - 1.0) * nbytes / link * 1e6, 0.0)
+    return (t + gather) * p.comm_scale
+
+
 def allreduce_us(comm: CommTable | None, tp, nbytes, hw: Hardware, p: Params):
     """One all-reduce of ``nbytes`` per GPU over ``tp`` GPUs (µs); see `allreduce_combine`."""
     return allreduce_combine(allreduce_table_us(comm, tp, nbytes), comm is not None, tp, nbytes, hw, p)

@@ -18,7 +18,10 @@ GQA_MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "MiniMaxM2ForCausa
 # Mixture-of-experts models with multi-head latent attention (MLA) of the geometry the MLA tables measure
 # (`MLA_GEOMETRY`): DeepSeek-V3/R1 and Kimi-K2/K2.5 (whose text model is a DeepseekV3ForCausalLM).
 MLA_ARCHS = ("DeepseekV3ForCausalLM",)
-MOE_ARCHS = GQA_MOE_ARCHS + MLA_ARCHS
+# Llama-4 (Scout, Maverick): a multimodal wrapper around an MoE text model with a shared expert and chunked
+# local attention in three of four layers; only the text model is priced (`ModelConfig._llama4`).
+LLAMA4_ARCHS = ("Llama4ForConditionalGeneration", "Llama4ForCausalLM")
+MOE_ARCHS = GQA_MOE_ARCHS + MLA_ARCHS + LLAMA4_ARCHS
 SUPPORTED_ARCHS = DENSE_ARCHS + MOE_ARCHS
 # The MLA geometry of the measured MLA module tables (bench_data/README.md "MLA attention modules"):
 # DeepSeek-V3's hidden size, q/kv LoRA ranks and head dims.  Heads per GPU are a table axis.
@@ -126,6 +129,9 @@ class ModelConfig:
         if not isinstance(cfg, dict):
             raise InputError(f"a model config must be a JSON object, got {json_type(cfg)}", where)
         text = cfg.get("text_config") if "hidden_size" not in cfg else None
+        top_arch = cfg.get("architectures")
+        if isinstance(top_arch, list) and top_arch and top_arch[0] in LLAMA4_ARCHS:
+            return cls._llama4(cfg, top_arch[0], name, where)
         if isinstance(text, dict) and (text.get("architectures") or [None])[0] in MLA_ARCHS:
             return cls._mla(cfg, text["architectures"][0], name, where)  # Kimi-K2.5: the text model is priced
         if "text_config" in cfg and "hidden_size" not in cfg:
@@ -199,6 +205,30 @@ class ModelConfig:
             tie_embeddings=bool(tie), dtype=dtype, sliding_window=float(window),
             max_position_embeddings=float(max_pos), sliding_layers=sliding,
             **_moe_fields(arch_from_config(cfg, name, where)))
+
+    @classmethod
+    def _llama4(cls, cfg: dict, arch: str, name: str, where: str) -> "ModelConfig":
+        """A Llama-4 text model, read through `arch_from_config` (the vision tower is not priced): routed
+        experts and one shared expert of the expert size in the MoE layers, ``intermediate_size_mlp`` in the
+        dense ones; the chunked local-attention layers (``attention_chunk_size``, every layer but each fourth)
+        priced as sliding-window layers of the chunk (exact while a context is within one chunk, an upper bound
+        beyond: a chunked layer attends the current chunk only).  Attention, router and lm_head keep the
+        attention weights' precision (the fp8 checkpoints leave them bf16); experts their own."""
+        a = arch_from_config(cfg, name, where)
+        kind = a.quant.attention.kind
+        if kind not in DTYPE_BYTES:
+            raise InputError(f"attention weights in {kind} are not priced (bf16, fp16, fp8 are)", where,
+                             "quantization_config")
+        chunked = a.attn_types.count("chunked")
+        text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+        return cls(
+            name=name, arch=arch, hidden_size=a.hidden, num_layers=a.layers, num_heads=a.heads,
+            num_kv_heads=a.kv_heads, head_dim=a.head_dim, intermediate_size=a.intermediate, vocab_size=a.vocab,
+            tie_embeddings=a.tie_embeddings, dtype=kind,
+            sliding_window=float(a.chunk) if chunked else math.inf,
+            sliding_layers=chunked if 0 < chunked < a.layers else 0,
+            max_position_embeddings=float(text.get("max_position_embeddings") or math.inf),
+            **{**_moe_fields(a), "qk_norm": bool(text.get("use_qk_norm"))})
 
     @classmethod
     def _mla(cls, cfg: dict, arch: str, name: str, where: str) -> "ModelConfig":

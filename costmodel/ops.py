@@ -54,6 +54,9 @@ class Dims(NamedTuple):
     # + qk_rope_head_dim elements, replicated on every GPU); 0 without MLA
     mla_latent: float = 0.0
     kv_cache_bytes: float = ACT_BYTES  # bytes per KV-cache element: 2 bf16/fp16, 1 fp8 (`kv_cache_dtype`)
+    # pipeline parallelism: the layers are split over this many stages of tp GPUs; a step is one batch's pass
+    # through every stage (all ``layers``), with pp - 1 hand-offs of its activations (`pp_handoff_bytes`)
+    pp: float = 1.0
 
     @property
     def dense_layers(self):
@@ -83,11 +86,14 @@ def per_gpu_layouts(models, tps) -> tuple[tuple[int, int, int], ...]:
     return tuple(sorted({h for hq, hkv, d in models for tp in tps if (h := per_gpu_heads(hq, hkv, d, tp))}))
 
 
-def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1, attention_dp: int = 1) -> Dims:
+def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1, attention_dp: int = 1, pp: int = 1) -> Dims:
     """Per-GPU shapes of ``cfg`` under tensor parallelism ``tp`` and, for a mixture-of-experts model, expert
     parallelism ``moe_ep`` inside the expert group of tp x ``attention_dp`` GPUs (vLLM's
     ``--enable-expert-parallel``: ``moe_ep = tp x attention_dp``; ``--data-parallel-size`` is
-    ``attention_dp``)."""
+    ``attention_dp``), with the layers over ``pp`` pipeline stages (``--pipeline-parallel-size``)."""
+    if isinstance(pp, bool) or not isinstance(pp, int) or not 1 <= pp <= cfg.num_layers:
+        raise InputError(f"must be an integer from 1 to the {cfg.num_layers} layers of {cfg.name}, got {pp!r}",
+                         field="pp")
     heads = per_gpu_heads(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, tp)
     bad = [f"{k}={v}" for k, v in (("num_attention_heads", cfg.num_heads),
                                     ("intermediate_size", cfg.intermediate_size)) if tp < 1 or v % tp]
@@ -110,6 +116,7 @@ def dims(cfg: ModelConfig, tp: int, moe_ep: int = 1, attention_dp: int = 1) -> D
         moe_ep=float(moe_ep), sliding_layers=float(cfg.sliding_layers) if mixed else 0.0,
         sliding_window=window if mixed else NO_WINDOW, attention_dp=float(attention_dp),
         mla_latent=float(cfg.q_lora_rank + cfg.kv_lora_rank + cfg.qk_rope_head_dim) if cfg.mla else 0.0,
+        pp=float(pp),
     )
 
 
@@ -305,6 +312,13 @@ def memory_kernels_per_layer(d: Dims):
 def allreduce_bytes(d: Dims, tokens):
     """Message of one TP all-reduce of the hidden states (bytes per GPU)."""
     return tokens * d.hidden * ACT_BYTES
+
+
+def pp_handoff_bytes(d: Dims, tokens):
+    """What one GPU sends to its peer in the next pipeline stage per hand-off (bytes): vLLM passes the hidden
+    states and the residual (2 x tokens x hidden, activation dtype) and splits them over the TP ranks, each
+    sending 1/tp; the receiving stage all-gathers them over its TP group (`kernel_time.pp_handoff_us`)."""
+    return 2.0 * tokens * d.hidden * ACT_BYTES / d.tp
 
 
 def ep_exchange_message(d: Dims, tokens):

@@ -10,7 +10,8 @@ Composition per step (all times in µs):
   each part is priced from its table and, when both are present, the smaller fixed cost is counted once;
 * bandwidth-bound kernels per layer (RMSNorm x2, RoPE, KV-cache write, activation, Qwen3 q/k norm);
 * two TP all-reduces per layer plus one after the vocab-parallel embedding; under attention data
-  parallelism, the MoE layers' dispatch and combine over the expert group;
+  parallelism, the MoE layers' dispatch and combine over the expert group; under pipeline parallelism,
+  pp - 1 hand-offs of the activations between stages (a step is one batch's pass through every stage);
 * multi-head latent attention (DeepSeek-V3, Kimi-K2.5): one layer's MLA block from the measured MLA module
   tables in place of the attention projections and kernels (`MLA_PART`);
 * embedding, final norm, lm_head and sampling for the requests that emit a token;
@@ -45,6 +46,11 @@ MOE_PART = "moe"  # the breakdown's extra part for mixture-of-experts models (ro
 # queries for DeepSeek and Kimi (bench_data/README.md "Fused MoE"); other models take `moe_curve`'s default.
 MLA_MOE_DISTRIBUTION = "power_law_1.01"
 MLA_PART = "mla"  # the breakdown's extra part for MLA models (the MLA module tables; attention parts are 0)
+# The kernel vLLM runs per-tensor and per-channel fp8 experts with (compressed-tensors checkpoints, its own
+# --quantization fp8) unless told otherwise (VLLM_USE_FLASHINFER_MOE_FP8): its Triton fused MoE.  Where a GPU's
+# table measured fp8 experts only with another kernel (Hopper: FlashInfer's CUTLASS, ModelOpt checkpoints'
+# path), the Triton curve measured with 128x128 block scales prices them (`moe_curve_of`, docs/model.md).
+FP8_EXPERTS_KERNEL = "triton"
 
 
 class Step(NamedTuple):
@@ -154,10 +160,11 @@ class Setup:
     moe_ep: int = 1
     attention_dp: int = 1
     kv_tables: str = "bf16"  # the attention tables' KV-cache rows read (`kv_table_set`): "bf16" or "fp8"
+    pp: int = 1
 
 
 def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, attention_dp: int = 1,
-          kv_cache_dtype: str = "auto") -> Setup:
+          kv_cache_dtype: str = "auto", pp: int = 1) -> Setup:
     """Bind a model, a GPU's tables and a TP degree (and, for a mixture-of-experts model, its expert
     parallelism ``moe_ep`` inside the expert group of tp x ``attention_dp`` GPUs: vLLM's
     ``--data-parallel-size attention_dp --enable-expert-parallel`` is ``moe_ep = tp x attention_dp``); pick
@@ -166,9 +173,12 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, atten
 
     ``kv_cache_dtype`` is vLLM's ``--kv-cache-dtype``: "auto" (the model's bf16/fp16), "bf16", "fp16" or
     "fp8".  An FP8 KV cache reads the attention tables' FP8-KV rows (`attention_tables`) and stores and
-    reads the KV cache at 1 byte per element (`ops.Dims.kv_cache_bytes`)."""
+    reads the KV cache at 1 byte per element (`ops.Dims.kv_cache_bytes`).
+
+    ``pp`` pipeline stages (``--pipeline-parallel-size``): the step is one batch's pass through all of them,
+    every layer at ``tp`` plus pp - 1 activation hand-offs (`ops.pp_handoff_bytes`)."""
     kv = kv_table_set(kv_cache_dtype)
-    d = ops.dims(model, tp, moe_ep, attention_dp)._replace(kv_cache_bytes=float(memory.kv_element_bytes(kv_cache_dtype)))
+    d = ops.dims(model, tp, moe_ep, attention_dp, pp)._replace(kv_cache_bytes=float(memory.kv_element_bytes(kv_cache_dtype)))
     g = kt.choose_gemm_table(tables, model.dtype)
     (dec, dec_heads), (pre, pre_heads) = attention_tables(tables, kv, d, model) if not model.mla else \
         ((tables.decode, tables.decode_heads), (tables.prefill, tables.prefill_heads))
@@ -181,7 +191,7 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, atten
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
                     moe=bool(model.experts), shared_experts=bool(model.shared_intermediate),
                     mixed_attention=bool(d.sliding_layers), mla=model.mla)
-    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep, attention_dp, kv)
+    return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep, attention_dp, kv, pp)
 
 
 def kv_table_set(kv_cache_dtype: str) -> str:
@@ -224,7 +234,12 @@ def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int, atten
     dtype = "bf16" if model.expert_dtype == "fp16" else model.expert_dtype
     shape = (model.hidden_size, model.moe_intermediate, model.experts, model.top_k)
     moe_tp = tp * attention_dp // moe_ep
-    got = moe_curve(df, dtype, *shape, moe_tp, moe_ep, MLA_MOE_DISTRIBUTION if model.mla else None)
+    dist = MLA_MOE_DISTRIBUTION if model.mla else None
+    got = None
+    if dtype == "fp8":  # vLLM's own fp8 experts kernel is Triton (`FP8_EXPERTS_KERNEL`)
+        got = moe_curve(df[df["kernel"] == FP8_EXPERTS_KERNEL], "fp8", *shape, moe_tp, moe_ep, dist) or \
+            moe_curve(df[df["kernel"] == FP8_EXPERTS_KERNEL], "fp8_block", *shape, moe_tp, moe_ep, dist)
+    got = got or moe_curve(df, dtype, *shape, moe_tp, moe_ep, dist)
     if got is None:
         s = moe_shapes(df, dtype)
         s = s[(s.hidden_size == shape[0]) & (s.inter_size == shape[1]) & (s.num_experts == shape[2])
@@ -492,7 +507,8 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
         "attn_prefill": attn_pre,
         "attn_decode": attn_dec,
         "memory_ops": d.layers * memory,
-        "communication": (2.0 * d.layers + 1.0) * comm + gather,
+        "communication": (2.0 * d.layers + 1.0) * comm + gather + (d.pp - 1.0) * kt.pp_handoff_us(
+            ops.pp_handoff_bytes(d, f.tokens), d.tp, hw, p),
         "lm_head_sampling": head,
         "overhead": overhead,
     }

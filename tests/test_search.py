@@ -16,7 +16,7 @@ from conftest import shared_model
 
 CONC = (1, 8, 32)
 OPTS = {"rounds": 2}
-SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS)
+SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS, pp=1)  # pipelines: `test_pipeline_*`
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_memory_divisibility_and_gpu_rejections():
     # Llama-3.1-70B in bf16: 131 GiB of weights on one 80 GB H100, 66 GiB each on two; 64 query heads do not
     # split three ways; TP6 needs more than three GPUs.  Nothing is left to score.
     res = sr.search("llama-3.1-70b", "H100", 3, isl=256, osl=32, concurrency=(1, 4), gpus_per_node=6,
-                    weights=["bf16"])
+                    weights=["bf16"], pp=1)
     assert res.rows == []
     by_tp = {r["tp"]: r["reason"] for r in res.rejected}
     assert by_tp == {1: sr.WEIGHTS_DO_NOT_FIT, 2: sr.WEIGHTS_DO_NOT_FIT, 3: sr.DIVISIBILITY, 6: sr.TOO_MANY_GPUS}
@@ -48,15 +48,36 @@ def test_memory_divisibility_and_gpu_rejections():
     assert sr.no_result_message(res).startswith("no feasible configuration: rejected 4 memory")
 
 
+def test_pipeline_fits_a_model_that_tensor_parallelism_cannot_and_equals_serve():
+    # Llama-3.1-70B in bf16 on 3 GPUs: TP3 cannot split its 64 heads and TP1/TP2 cannot hold its weights,
+    # but three pipeline stages of one GPU hold 27, 27 and 26 of its 80 layers
+    res = sr.search("llama-3.1-70b", "H100", 3, isl=256, osl=32, concurrency=(1, 4), gpus_per_node=6,
+                    weights=["bf16"], workload_options=OPTS)
+    assert {(r["tp"], r["pp"], r["dp"]) for r in res.rows} == {(1, 3, 1)}
+    by = {(r["tp"], r["pp"]): r["reason"] for r in res.rejected}
+    assert by[(1, 1)] == by[(1, 2)] == by[(2, 1)] == sr.WEIGHTS_DO_NOT_FIT and by[(3, 1)] == sr.DIVISIBILITY
+    assert by[(1, 6)] == by[(2, 3)] == by[(3, 2)] == by[(6, 1)] == sr.TOO_MANY_GPUS
+    row = max(res.rows, key=lambda r: r["concurrency_per_replica"])
+    assert row["gpus_used"] == 3 and row["layout"] == "TP1 PP3 x DP1"
+    assert "--pipeline-parallel-size 3" in sr.vllm_command(res, row)
+    rec = {"id": "pp3", "model": "llama-3.1-70b", "gpu": "H100", "tp": 1, "pp": 3, "weights": "bf16",
+           "engine": {"name": "vllm", "version": "0.15.1", "gpu_memory_utilization": 0.9},
+           "workload": {"type": "closed", "concurrency": 4, "input_tokens": 256, "output_tokens": 32}}
+    out = sv.serve([rec], workload_options=OPTS)[0]
+    assert row["tpot_mean_ms"] == pytest.approx(out["predicted"]["tpot_mean_ms"], rel=1e-9)
+    assert row["output_tokens_per_s_per_gpu"] == pytest.approx(out["throughput"]["output_tokens_per_s_per_gpu"])
+    assert out["simulation"]["pp"] == 3 and any("pipeline" in n for n in out["notes"])
+
+
 def test_kv_for_the_concurrency_and_fp8_without_tensor_cores():
     cap = memory.kv_capacity_tokens("llama-3.1-8b", 1, "H100", 0.9, max_num_batched_tokens=8192, max_num_seqs=1024,
                                     weights="bf16")
     assert cap.fits and 64 * (32000 + 32) > cap.tokens  # the memory model's own numbers, not the search's
-    res = sr.search("llama-3.1-8b", "H100", 1, isl=32000, osl=32, concurrency=(64,))
+    res = sr.search("llama-3.1-8b", "H100", 1, isl=32000, osl=32, concurrency=(64,), pp=1)
     assert res.rows == [] and res.rejected_counts == {sr.KV_DOES_NOT_FIT: 1, sr.TOO_MANY_GPUS: 3}
     most = cap.blocks // -(-(32000 + 32) // 16)  # whole 16-token blocks per request
     assert 0 < most < 64 and f"at most {most} requests" in res.rejected[0]["detail"]
-    res = sr.search("llama-3.1-8b", "A100", 1, isl=256, osl=32, concurrency=(1,), weights=["fp8"])
+    res = sr.search("llama-3.1-8b", "A100", 1, isl=256, osl=32, concurrency=(1,), weights=["fp8"], pp=1)
     assert res.rejected_counts == {sr.PRECISION: 1, sr.TOO_MANY_GPUS: 3}
 
 
@@ -134,7 +155,7 @@ def test_cli_json_and_out(res, tmp_path, capsys):
     out = tmp_path / "rows.csv"
     rc = main(["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
                "--concurrency", "1,8,32", "--rounds", "2", "--tpot-ms", "1000", "--out", str(out), "--json",
-               "--explain"])
+               "--explain", "--pp", "1"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     s = json.loads(cap.out)
@@ -150,7 +171,8 @@ def test_cli_json_and_out(res, tmp_path, capsys):
 def test_cli_report_names_the_statistic_price_and_gpus(res, capsys):
     rc = main(["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
                "--concurrency", "1,8,32", "--rounds", "2", "--ttft-ms", "10000", "--e2e-ms", "10000",
-               "--percentile", "99", "--price", "H100=2", "--objective", "min_gpus_for_rate", "--rate", "1"])
+               "--percentile", "99", "--price", "H100=2", "--objective", "min_gpus_for_rate", "--rate", "1",
+               "--pp", "1"])
     out = capsys.readouterr().out
     assert rc == 0
     assert "p99 TTFT <= 10000 ms, p99 E2E <= 10000 ms, >= 1 requests/s, fewest GPUs" in out
@@ -410,13 +432,17 @@ def test_min_gpus_for_rate_picks_the_fewest_gpus(res):
 
 
 def test_moe_layouts_with_attention_data_parallelism(shared):
-    """A mixture-of-experts model on 2 GPUs: TP1, TP2 with and without its experts over the group, and TP1 x
-    attention-DP 2 with the experts over both; the attention-DP row is what `serve` gives the same record, its
-    GPUs are tp x attention_dp, and its vllm command names the data-parallel size."""
+    """A mixture-of-experts model on 2 GPUs: (tp, pp, attention_dp, moe_ep) TP1, TP1 x PP2, TP2 with and
+    without its experts over the group, and TP1 x attention-DP 2 with the experts over both; the attention-DP
+    row is what `serve` gives the same record, its GPUs are tp x attention_dp, and its vllm command names the
+    data-parallel size."""
     cfg = shared / "model_configs"
-    assert sr.layouts(shared_model("qwen3-30b-a3b"), 2) == [(1, 1, 1), (1, 2, 2), (2, 1, 1), (2, 1, 2)]
+    assert sr.layouts(shared_model("qwen3-30b-a3b"), 2) == [(1, 1, 1, 1), (1, 2, 1, 1), (1, 1, 2, 2), (2, 1, 1, 1),
+                                                            (2, 1, 1, 2)]
+    assert sr.layouts(shared_model("qwen3-30b-a3b"), 2, pps=[1]) == [(1, 1, 1, 1), (1, 1, 2, 2), (2, 1, 1, 1),
+                                                                     (2, 1, 1, 2)]
     res = sr.search("qwen3-30b-a3b", "H100", 2, isl=256, osl=32, concurrency=(4,), workload_options=OPTS,
-                    calibration="none", model_configs=cfg)
+                    calibration="none", model_configs=cfg, pp=1)
     att = next(r for r in res.rows if r["attention_dp"] == 2)
     assert (att["tp"], att["moe_ep"], att["dp"], att["gpus_used"]) == (1, 2, 1, 2)
     rec = {"id": "x", "model": "qwen3-30b-a3b", "gpu": "H100", "tp": 1, "attention_dp": 2, "moe_ep": 2,

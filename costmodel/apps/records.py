@@ -74,12 +74,13 @@ class Record:
     moe_weights: str | None = None  # storage of the routed experts (`model.MOE_WEIGHTS`); None: the model's
     attention_dp: int = 1  # attention data-parallel ranks (the steps are one rank's); experts over tp x this
     kv_cache_dtype: str = "auto"  # `KV_CACHE_DTYPES`: the KV cache's precision (auto: the model's bf16/fp16)
+    pp: int = 1  # pipeline stages: a step is one batch's pass through all of them (`step.setup`)
 
     @property
     def setup_key(self) -> tuple:
         """What picks the record's `step.setup` (and its KV-cache capacity)."""
         return (self.model, get_gpu(self.gpu).name, self.tp, self.dtype, self.moe_ep, self.moe_weights,
-                self.attention_dp, self.kv_cache_dtype)
+                self.attention_dp, self.kv_cache_dtype, self.pp)
 
     @property
     def engine(self) -> str | None:
@@ -120,7 +121,7 @@ def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
 # tracers, accepted and not used).  Others are reported by `read_records`.
 RECORD_FIELDS = ("id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
                  "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx", "moe_ep", "moe_weights",
-                 "attention_dp", "kv_cache_dtype")
+                 "attention_dp", "kv_cache_dtype", "pp")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")  # the record field ``kv_cache_dtype``
 STEP_FIELDS = ("prefill", "decode")
 
@@ -221,6 +222,9 @@ def parse_record(obj, where: str) -> Record:
     attention_dp = obj.get("attention_dp", 1)
     if isinstance(attention_dp, bool) or not isinstance(attention_dp, int) or attention_dp < 1:
         raise InputError(f"must be a positive integer, got {attention_dp!r}", where, "attention_dp")
+    pp = obj.get("pp", 1)
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise InputError(f"must be a positive integer, got {pp!r}", where, "pp")
     kv_cache_dtype = obj.get("kv_cache_dtype", "auto")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}", where, "kv_cache_dtype")
@@ -253,12 +257,12 @@ def parse_record(obj, where: str) -> Record:
     if is_async is not None and not isinstance(is_async, bool):
         raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
     known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
-             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype"}
+             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype", "pp"}
     return Record(id=str(rid), model=obj["model"], gpu=obj["gpu"], tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
                   kind=kind, source=source, dtype=dtype, timing=timing,
                   async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known}, moe_ep=moe_ep,
-                  moe_weights=moe_weights, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype)
+                  moe_weights=moe_weights, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype, pp=pp)
 
 
 def max_context(steps: list) -> int:
@@ -322,7 +326,7 @@ class Predictor:
                 if r.moe_weights:
                     m = m.with_expert_dtype(r.moe_weights)
                 self._setups[key] = setup(m, self.tables(r.gpu, r.where), r.tp, r.moe_ep,
-                                          attention_dp=r.attention_dp, kv_cache_dtype=r.kv_cache_dtype)
+                                          attention_dp=r.attention_dp, kv_cache_dtype=r.kv_cache_dtype, pp=r.pp)
             except InputError as e:
                 raise InputError(str(e), r.where) from None
         return self._setups[key]
@@ -334,7 +338,7 @@ class Predictor:
         if key not in self._capacity:
             try:
                 self._capacity[key] = memory.kv_capacity_tokens(
-                    load_arch(r.model, self.model_configs), memory.Layout(tp=r.tp, attention_dp=r.attention_dp,
+                    load_arch(r.model, self.model_configs), memory.Layout(tp=r.tp, pp=r.pp, attention_dp=r.attention_dp,
                                                                       moe_ep=r.moe_ep), get_gpu(r.gpu),
                     weights=r.dtype, moe_weights=r.moe_weights, kv_cache_dtype=r.kv_cache_dtype, **KV_CHECK)
             except InputError:

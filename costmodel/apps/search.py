@@ -129,21 +129,26 @@ def tp_candidates(gpus_per_node: int) -> list[int]:
     return [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
 
 
-def _layout_name(tp: int, moe_ep: int, dp: int, attention_dp: int = 1) -> str:
-    return (f"TP{tp}" + (f" attDP{attention_dp}" if attention_dp > 1 else "") + (f" EP{moe_ep}" if moe_ep > 1 else "")
-            + f" x DP{dp}")
+def _layout_name(tp: int, moe_ep: int, dp: int, attention_dp: int = 1, pp: int = 1) -> str:
+    return (f"TP{tp}" + (f" PP{pp}" if pp > 1 else "") + (f" attDP{attention_dp}" if attention_dp > 1 else "")
+            + (f" EP{moe_ep}" if moe_ep > 1 else "") + f" x DP{dp}")
 
 
-def layouts(model, gpus_per_node: int) -> list[tuple[int, int, int]]:
-    """(tp, attention_dp, moe_ep) of one replica inside one node: every TP degree (`tp_candidates`); for a
-    mixture-of-experts model also its experts over the TP group (``moe_ep = tp``: vLLM's
-    --enable-expert-parallel) and attention data parallelism over attention_dp ranks of tp GPUs with the
-    experts over all of them (``moe_ep = tp x attention_dp``)."""
+def layouts(model, gpus_per_node: int, pps=None) -> list[tuple[int, int, int, int]]:
+    """(tp, pp, attention_dp, moe_ep) of one replica inside one node: every TP degree (`tp_candidates`) and
+    pipeline stages of it that the node holds (``tp x pp`` GPUs, stages in one NVLink domain: the hand-offs
+    are priced at NVLink bandwidth); for a mixture-of-experts model also its experts over the TP group
+    (``moe_ep = tp``: vLLM's --enable-expert-parallel) and attention data parallelism over attention_dp ranks
+    of tp GPUs with the experts over all of them (``moe_ep = tp x attention_dp``, one stage).  ``pps``: the
+    pipeline degrees to keep (None: all)."""
     out = []
     for tp in tp_candidates(gpus_per_node):
-        out += [(tp, 1, ep) for ep in (sorted({1, tp}) if model.experts else [1])]
+        for pp in tp_candidates(gpus_per_node // tp):
+            if pps is not None and pp not in pps:
+                continue
+            out += [(tp, pp, 1, ep) for ep in (sorted({1, tp}) if model.experts else [1])]
         if model.experts:
-            out += [(tp, att, tp * att) for att in tp_candidates(gpus_per_node // tp) if att > 1]
+            out += [(tp, 1, att, tp * att) for att in tp_candidates(gpus_per_node // tp) if att > 1]
     return out
 
 
@@ -179,7 +184,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
            calibration: str = "default", workload_options: dict | None = None, e2e_ms: float | None = None,
            percentile: int | None = None, objective: str = "tokens_per_gpu",
            usd_per_gpu_hour: float | None = None, screen: bool = False,
-           simulate_top: int = SIMULATE_TOP) -> SearchResult:
+           simulate_top: int = SIMULATE_TOP, pp=None) -> SearchResult:
     """Search the deployments of ``model`` on ``gpus`` GPUs of type ``gpu`` for a closed loop of ``isl``
     input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try
     (default `DEFAULT_CONCURRENCY`, with ``screen`` `SCREEN_CONCURRENCY`); ``rate``: requests/s the whole
@@ -187,7 +192,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     ``weights``: precisions to try (default: the checkpoint's); ``max_num_batched_tokens``,
     ``max_num_seqs``: an engine limit or a list to try (default vLLM's for the GPU, with ``screen``
     `SCREEN_BATCHED_TOKENS` and `SCREEN_SEQS`); ``kv_cache_dtypes``: KV-cache precisions to try (default
-    auto, with ``screen`` `SCREEN_KV_DTYPES`).  SLOs on TTFT, TPOT and E2E; None leaves that one open.
+    auto, with ``screen`` `SCREEN_KV_DTYPES`); ``pp``: pipeline degrees to try, an int or a list (default
+    every one whose stages fit in a node).  SLOs on TTFT, TPOT and E2E; None leaves that one open.
     ``percentile`` (50, 90 or 99) checks TTFT, TPOT and E2E against that percentile instead of the mean.
     ``objective``: "tokens_per_gpu" (every replica the budget holds, dp = gpus // tp) or "min_gpus_for_rate"
     (needs ``rate``: dp = the replicas the rate needs, at most gpus // tp; best = fewest GPUs).
@@ -218,6 +224,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     budgets = _options(max_num_batched_tokens, SCREEN_BATCHED_TOKENS if screen else [d_tokens],
                        "max_num_batched_tokens")
     seqs = _options(max_num_seqs, SCREEN_SEQS if screen else [d_seqs], "max_num_seqs")
+    pps = None if pp is None else _options(pp, None, "pp")
     kv_dtypes = list(dict.fromkeys(kv_cache_dtypes or (SCREEN_KV_DTYPES if screen else ("auto",))))
     for k in kv_dtypes:
         if k not in KV_CACHE_DTYPES:
@@ -234,14 +241,15 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
              "rate": rate, "objective": objective, "concurrency": _compact(concurrency),
              "usd_per_gpu_hour": {g.name: usd_per_gpu_hour} if usd_per_gpu_hour else None,
              "weights": weights, "checkpoint_weights": base.dtype, "kv_cache_dtypes": kv_dtypes,
+             "pp": pps or "every degree whose stages fit in a node",
              "screen": screen, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
                                           budgets[0], "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
     result = SearchResult(query)
     sim = serve_mod.Simulator(bench_data, calibration)
 
     def reject(layout, w, reason, detail, cs=concurrency, kvd="auto", tokens=None, seq=None):
-        tp, att, ep = layout
-        result.rejected += [{"tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w, "kv_cache_dtype": kvd,
+        tp, pp, att, ep = layout
+        result.rejected += [{"tp": tp, "pp": pp, "attention_dp": att, "moe_ep": ep, "weights": w, "kv_cache_dtype": kvd,
                              "max_num_batched_tokens": tokens, "max_num_seqs": seq, "concurrency": c,
                              "reason": reason, "detail": detail} for c in cs]
 
@@ -249,19 +257,20 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     per_engine = len(budgets) * len(seqs)
     for w in weights:
         m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
-        for layout in layouts(base, gpus_per_node):
-            tp, att, ep = layout
+        for layout in layouts(base, gpus_per_node, pps):
+            tp, pp, att, ep = layout
             every = concurrency * per_engine * len(kv_dtypes)
-            if tp * att > gpus:
+            if tp * pp * att > gpus:
                 reject(layout, w, TOO_MANY_GPUS, f"tp={tp} x attention_dp={att} > gpus={gpus}"
-                       if att > 1 else f"tp={tp} > gpus={gpus}", every)
+                       if att > 1 else f"tp={tp} x pp={pp} > gpus={gpus}" if pp > 1 else f"tp={tp} > gpus={gpus}",
+                       every)
                 continue
             problem = _precision_problem(base, w, g)
             if problem:
                 reject(layout, w, PRECISION, problem, every)
                 continue
             try:
-                ops.dims(m, tp, ep, att)
+                ops.dims(m, tp, ep, att, pp)
             except InputError as e:
                 reject(layout, w, DIVISIBILITY, str(e), every)
                 continue
@@ -275,7 +284,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                         eng = {**engine, "max_num_batched_tokens": tokens, "max_num_seqs": seq, "kv_cache_dtype": kvd}
                         why = dict(kvd=kvd, tokens=tokens, seq=seq)
                         try:
-                            cap = serve_mod.kv_capacity(arch, g, tp, ep, eng, m.dtype, m.expert_dtype or None, att)
+                            cap = serve_mod.kv_capacity(arch, g, tp, ep, eng, m.dtype, m.expert_dtype or None, att,
+                                                        pp)
                         except InputError as e:
                             reject(layout, w, REFUSED, f"KV-cache capacity: {e}", **why)
                             continue
@@ -287,7 +297,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                                    f"{cap.memory_bytes / GIB:.1f} GiB", **why)
                             continue
                         most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
-                        per_rank = [-(-c // att) for c in concurrency]
+                        per_rank = [-(-c // att) for c in concurrency]  # a rank's pp lanes share its cache
                         fit = [c for c, r in zip(concurrency, per_rank) if r <= most]
                         if len(fit) < len(concurrency):
                             reject(layout, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most "
@@ -295,9 +305,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                                    **why)
                         if not fit:
                             continue
-                        rec = {"model": model, "gpu": gpu, "tp": tp, "attention_dp": att, "moe_ep": ep,
+                        rec = {"model": model, "gpu": gpu, "tp": tp, "pp": pp, "attention_dp": att, "moe_ep": ep,
                                "weights": w, "engine": eng}
-                        row = {"gpu": g.name, "tp": tp, "attention_dp": att, "moe_ep": ep, "weights": w,
+                        row = {"gpu": g.name, "tp": tp, "pp": pp, "attention_dp": att, "moe_ep": ep, "weights": w,
                                "kv_cache_dtype": kvd, "max_num_seqs": seq, "max_num_batched_tokens": tokens,
                                "gpu_memory_utilization": gpu_memory_utilization,
                                "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
@@ -307,7 +317,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     def candidate(rec, row, c):
         per_rank = -(-c // row["attention_dp"])
         kvd = "" if row["kv_cache_dtype"] == "auto" else f"-kv{row['kv_cache_dtype']}"
-        rid = (f"{row['weights']}-tp{row['tp']}-att{row['attention_dp']}-ep{row['moe_ep']}{kvd}-"
+        rid = (f"{row['weights']}-tp{row['tp']}-pp{row['pp']}-att{row['attention_dp']}-ep{row['moe_ep']}{kvd}-"
                f"b{row['max_num_batched_tokens']}-s{row['max_num_seqs']}-c{c}")
         r = {**rec, "id": rid, "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
                                             "output_tokens": osl}}
@@ -332,16 +342,17 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
-            reject((rec["tp"], rec["attention_dp"], rec["moe_ep"]), rec["weights"], REFUSED, out["refused"],
+            reject((rec["tp"], rec["pp"], rec["attention_dp"], rec["moe_ep"]), rec["weights"], REFUSED, out["refused"],
                    [rec["workload"]["concurrency"]], row["kv_cache_dtype"], row["max_num_batched_tokens"],
                    row["max_num_seqs"])
             continue
         p, t = out["predicted"], out["throughput"]
-        budget = gpus // (row["tp"] * row["attention_dp"])
+        replica = row["tp"] * row["pp"] * row["attention_dp"]
+        budget = gpus // replica
         dp = budget if objective == "tokens_per_gpu" else \
             min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
-        row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp, row["attention_dp"]), "dp": dp,
-                    "gpus_used": row["tp"] * row["attention_dp"] * dp,
+        row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp, row["attention_dp"], row["pp"]), "dp": dp,
+                    "gpus_used": replica * dp,
                     "concurrency_total": row["concurrency_per_replica"] * dp})
         row.update({k: p[k] for k in serve_mod.METRICS})
         row.update({
@@ -380,19 +391,19 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
     by_static: dict = {}
     probes: dict = {}  # one deployment per step model (layout, weights, KV-cache precision)
     for gi, (rec, row, fit) in enumerate(groups):
-        key = (row["tp"], row["attention_dp"], row["moe_ep"], row["weights"], row["kv_cache_dtype"])
+        key = (row["tp"], row["pp"], row["attention_dp"], row["moe_ep"], row["weights"], row["kv_cache_dtype"])
         if key not in probes:
             probe = {**rec, "id": "probe", "workload": {"type": "closed", "concurrency": 1, "input_tokens": isl,
                                                           "output_tokens": osl}}
             dep = serve_mod.resolve(probe, "search", model_configs, workload_options={"rounds": 2})
             probes[key] = (dep, sim.step_model(dep))
         dep, (static, lk, on, params) = probes[key]
-        att = row["attention_dp"]
+        lanes = row["attention_dp"] * row["pp"]  # what `serve.rank_workload` splits the clients over
         c = np.asarray(fit, np.float64)
-        per_rank = np.ceil(c / att)
+        per_rank = np.ceil(c / lanes)
         eng = sim.engine(dataclasses.replace(dep, max_batched_tokens=row["max_num_batched_tokens"],
                                              max_seqs=row["max_num_seqs"],
-                                             kv_blocks=row["kv_tokens_per_rank"] // serve_mod.BLOCK_TOKENS))
+                                             kv_blocks=row["kv_tokens_per_rank"] // serve_mod.BLOCK_TOKENS // row["pp"]))
         cl = steady.closed_loop(eng, per_rank, isl, osl)
         by_static.setdefault((static, id(lk)), (static, sch.StepModel(lk, on, params), []))[2].append((gi, c, cl))
     cols: dict = {}
@@ -409,14 +420,14 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
             at += len(c)
             row = groups[gi][1]
             n = len(c)
-            share = c / np.ceil(c / row["attention_dp"])
-            rank_gpus = row["tp"] * row["attention_dp"]
+            share = c / np.ceil(c / (row["attention_dp"] * row["pp"]))
+            rank_gpus = row["tp"] * row["attention_dp"] * row["pp"]
             req_s = est.requests_per_s[sl] * share
             budget = gpus // rank_gpus
             dp = np.full(n, budget) if objective == "tokens_per_gpu" else \
                 np.minimum(budget, np.maximum(1, np.ceil(rate / req_s - 1e-9))).astype(int)
             add(group=np.full(n, gi), **{k: np.full(n, row[k]) for k in (
-                "gpu", "tp", "attention_dp", "moe_ep", "weights", "kv_cache_dtype", "max_num_batched_tokens",
+                "gpu", "tp", "pp", "attention_dp", "moe_ep", "weights", "kv_cache_dtype", "max_num_batched_tokens",
                 "max_num_seqs")}, concurrency_per_replica=c.astype(int), dp=dp, gpus_used=dp * rank_gpus,
                 ttft_mean_ms=est.ttft_s[sl] * 1e3, tpot_mean_ms=est.tpot_s[sl] * 1e3, e2e_mean_ms=est.e2e_s[sl] * 1e3,
                 output_tokens_per_s_per_gpu=req_s * osl / rank_gpus,
@@ -456,7 +467,7 @@ def scored_frame(result: SearchResult) -> pd.DataFrame:
     sim = pd.DataFrame(result.rows).assign(estimate="simulation")
     if result.screened is None:
         return sim
-    key = ["gpu", "tp", "attention_dp", "moe_ep", "weights", "kv_cache_dtype", "max_num_batched_tokens",
+    key = ["gpu", "tp", "pp", "attention_dp", "moe_ep", "weights", "kv_cache_dtype", "max_num_batched_tokens",
            "max_num_seqs", "concurrency_per_replica"]
     steady_rows = result.screened.drop(columns="group").assign(estimate="steady state")
     if not sim.empty:
@@ -510,6 +521,8 @@ def vllm_command(result: SearchResult, row: dict) -> str:
     """The ``vllm serve`` command line of a scored row."""
     q = result.query
     parts = ["vllm serve", q["model"], f"--tensor-parallel-size {row['tp']}"]
+    if row.get("pp", 1) > 1:
+        parts.append(f"--pipeline-parallel-size {row['pp']}")
     att = row.get("attention_dp", 1)
     if att > 1 or row["dp"] > 1:  # attention-DP ranks share one expert group; replicas of it are servers apart
         parts.append(f"--data-parallel-size {att if att > 1 else row['dp']}")
@@ -570,7 +583,7 @@ def summary(result: SearchResult, top: int) -> dict:
     """The machine-readable summary (``--json``)."""
     feasible = result.feasible
     stat = result.query["statistic"]
-    keep = ("gpu", "layout", "tp", "attention_dp", "moe_ep", "dp", "gpus_used", "weights", "concurrency_per_replica",
+    keep = ("gpu", "layout", "tp", "pp", "attention_dp", "moe_ep", "dp", "gpus_used", "weights", "concurrency_per_replica",
             "concurrency_total", "ttft_mean_ms", f"ttft_{stat}_ms", "tpot_mean_ms", f"tpot_{stat}_ms",
             f"e2e_{stat}_ms",
             "output_tokens_per_s_per_gpu", "output_tokens_per_s_per_user", "output_tokens_per_s_total",
@@ -656,7 +669,10 @@ def add_search_arguments(sp) -> None:
                     help="US$ per GPU-hour of every GPU type searched, e.g. H100=2.5,H200=3.8: rank by output "
                          "tokens per US$ (default: by tokens/s per GPU)")
     sp.add_argument("--gpus-per-node", type=number(int, 1), default=8,
-                    help="GPUs of one node: the largest tensor-parallel group (default 8)")
+                    help="GPUs of one node: the largest tensor-parallel group and pipeline (default 8)")
+    sp.add_argument("--pp", type=_int_list, default=None,
+                    help="pipeline-parallel degrees to try, comma-separated (default: every one whose stages fit "
+                         "in a node)")
     sp.add_argument("--isl", type=number(int, 1), required=True, help="input tokens per request")
     sp.add_argument("--osl", type=number(int, 1), required=True, help="output tokens per request")
     sp.add_argument("--ttft-ms", type=number(float, 0, low_open=True), default=None,
@@ -727,7 +743,7 @@ def run_search(args) -> int:
                       engine_version=args.engine_version, model_configs=args.model_configs,
                       bench_data=args.bench_data, calibration=args.calibration,
                       workload_options={"rounds": args.rounds}, screen=args.screen,
-                      simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes)
+                      simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes, pp=args.pp)
     if args.out and (res.rows or res.screened is not None):
         write_frame(args.out, scored_frame(res), fmt)
     if args.json:

@@ -71,14 +71,16 @@ def default_batch_limits(gpu: GPU) -> tuple[int, int]:
 
 
 def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
-                moe_weights: str | None = None, attention_dp: int = 1) -> memory.KVCapacity:
+                moe_weights: str | None = None, attention_dp: int = 1, pp: int = 1) -> memory.KVCapacity:
     """The memory model's KV-cache capacity of a deployment (`memory.kv_capacity_tokens`: weights,
     profile-run activations, non-torch memory and, from vLLM 0.21, CUDA graphs) at the engine's
     ``gpu_memory_utilization`` and batch limits (vLLM's defaults where the engine gives none); with
     ``attention_dp`` > 1 one rank's (its tp GPUs hold the attention weights and 1/(tp x attention_dp) of the
-    experts); the KV cache in the engine's ``kv_cache_dtype`` (default auto: the model's bf16/fp16)."""
+    experts); the KV cache in the engine's ``kv_cache_dtype`` (default auto: the model's bf16/fp16); with
+    ``pp`` stages the tokens the most loaded stage holds."""
     tokens, seqs = default_batch_limits(gpu)
-    return memory.kv_capacity_tokens(arch, memory.Layout(tp=tp, moe_ep=moe_ep, attention_dp=attention_dp), gpu,
+    return memory.kv_capacity_tokens(arch, memory.Layout(tp=tp, pp=pp, moe_ep=moe_ep, attention_dp=attention_dp),
+                                     gpu,
                                      engine.get("gpu_memory_utilization") or 0.9,
                                      max_num_batched_tokens=engine.get("max_num_batched_tokens") or tokens,
                                      max_num_seqs=engine.get("max_num_seqs") or seqs, weights=weights,
@@ -86,11 +88,11 @@ def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str
 
 
 def estimate_kv_blocks(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
-                       moe_weights: str | None = None, attention_dp: int = 1) -> int:
+                       moe_weights: str | None = None, attention_dp: int = 1, pp: int = 1) -> int:
     """KV-cache blocks of a deployment (one attention-DP rank's) whose record gives none
     (``engine.observed_kv_blocks``), from the memory model (`kv_capacity`); blocks of the full-attention pool
     the scheduler draws from."""
-    cap = kv_capacity(arch, gpu, tp, moe_ep, engine, weights, moe_weights, attention_dp)
+    cap = kv_capacity(arch, gpu, tp, moe_ep, engine, weights, moe_weights, attention_dp, pp)
     return max(cap.tokens // BLOCK_TOKENS, 0)
 
 
@@ -119,6 +121,12 @@ class Deployment:
     load_share: float = 1.0  # the deployment's load over the simulated rank's: totals are the rank's x this
     dp: int = 1  # whole replicas (independent engines) behind a round-robin router
     kv_cache_dtype: str = "auto"  # `records.KV_CACHE_DTYPES`: priced from the matching attention tables
+    pp: int = 1  # pipeline stages of tp GPUs; the simulation is one of pp interleaved batch lanes
+
+    @property
+    def gpus(self) -> int:
+        """Every GPU of the deployment (the simulated lane or rank carries 1/load_share of its load)."""
+        return self.tp * self.pp * self.attention_dp * self.dp
 
 
 class Refusal(Exception):
@@ -168,8 +176,6 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         raise Refusal(f"mode '{mode}': disaggregated prefill/decode workers are not modelled yet")
     tp = _num(rec.get("tp", 1), where, "tp")
     pp = _num(rec.get("pp") or 1, where, "pp")
-    if pp > 1:
-        raise Refusal(f"pp={pp}: pipeline parallelism is not modelled yet")
     dp = _num(rec.get("dp") or 1, where, "dp")
     dp_att = rec.get("attention_dp")
     dp_att = 1 if dp_att is None else dp_att  # checked with the layout (`ops.dims`)
@@ -196,7 +202,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         except InputError as e:
             raise InputError(str(e), where, "moe_weights") from None
     try:
-        ops.dims(model, tp, moe_ep, dp_att)
+        ops.dims(model, tp, moe_ep, dp_att, pp)
     except InputError as e:
         raise InputError(str(e), where) from None
     eng = rec.get("engine") or {}
@@ -234,13 +240,17 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
             try:
                 kv_blocks = estimate_kv_blocks(load_arch(str(rec["model"]), model_configs), gpu, tp, moe_ep,
                                                {**eng, "gpu_memory_utilization": util}, model.dtype,
-                                               model.expert_dtype or None, dp_att)
+                                               model.expert_dtype or None, dp_att, pp)
             except InputError as e:
                 raise Refusal(f"KV-cache capacity: {e}") from None
         kv_source = "estimated"
+    if pp > 1:  # the pp batches in flight share the cache: each lane is simulated with its share
+        kv_blocks //= pp
+        notes.append(f"pipeline parallelism: {pp} batches in flight, each simulated as a lane with 1/{pp} of the "
+                     "requests and KV cache and the pipeline's full pass as its step (docs/serving.md)")
     if (eng.get("cpu_offload_gib") or 0) > 0:
         notes.append(f"CPU KV offload ({eng['cpu_offload_gib']} GiB) is not modelled")
-    workload, share = rank_workload(rec["workload"], dp_att * dp)
+    workload, share = rank_workload(rec["workload"], dp_att * dp * pp)
     requests = wl_mod.from_record(workload, where, max_model_len, **(workload_options or {}))
     if not len(requests):
         raise Refusal("the workload sends no request")
@@ -248,7 +258,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
     return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
                       kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep,
-                      dp_att, share, dp, kv_dtype)
+                      dp_att, share, dp, kv_dtype, pp)
 
 
 # ---------------------------------------------------------------- simulation
@@ -312,11 +322,11 @@ class Simulator:
     def step_model(self, dep: Deployment):
         """(static, lookup, model on GPU, parameters) of a deployment's step model, built once per model, GPU,
         layout and calibration key and shared by the deployments that name them."""
-        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, dep.attention_dp, dep.kv_cache_dtype,
+        key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, dep.attention_dp, dep.kv_cache_dtype, dep.pp,
                engine_key(dep.engine_version))
         if key not in self._step_models:
             su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep, attention_dp=dep.attention_dp,
-                       kv_cache_dtype=dep.kv_cache_dtype)
+                       kv_cache_dtype=dep.kv_cache_dtype, pp=dep.pp)
             self._step_models[key] = (su.static, of_setup(su), as_scalars(su.on_gpu),
                                       as_scalars(self.params(dep.gpu, dep.engine_version)))
         return self._step_models[key]
@@ -328,7 +338,7 @@ class Simulator:
         r, o = dep.requests, self.options
         isl, osl = float(r.prompt_tokens[0]), float(r.output_tokens[0])
         b = float(min(r.n_users, dep.max_seqs))
-        d = ops.dims(dep.model, dep.tp, dep.moe_ep, dep.attention_dp)
+        d = ops.dims(dep.model, dep.tp, dep.moe_ep, dep.attention_dp, dep.pp)
         sm = sch.StepModel(lk, on, params)
         fn = _step_time_fn(static)
         pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
@@ -464,7 +474,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
                                          r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
     span = float(np.max(np.where(m, res["done_s"] + client, -np.inf)) - np.min(np.where(m, send, np.inf))) \
         if m.any() else float("nan")
-    gpus = dep.tp * dep.attention_dp * dep.dp  # every GPU of the deployment; the simulated rank carries 1/load_share
+    gpus = dep.gpus
     out_tok = float(r.output_tokens[m].sum()) * dep.load_share
     tput = {"requests_per_s": float(m.sum()) * dep.load_share / span if span > 0 else None,
             "output_tokens_per_s": out_tok / span if span > 0 else None,
@@ -481,7 +491,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
            "busy_fraction": float(res["busy_s"]) / end if end > 0 else 0.0,
            "complete": bool(res["complete"]), "overflow": bool(res["overflow"]), "window": int(res["window"]),
            "async_scheduling": dep.async_scheduling, "max_num_batched_tokens": dep.max_batched_tokens,
-           "max_num_seqs": dep.max_seqs, "attention_dp": dep.attention_dp, "dp": dep.dp,
+           "max_num_seqs": dep.max_seqs, "attention_dp": dep.attention_dp, "dp": dep.dp, "pp": dep.pp,
            "load_share": dep.load_share}
     notes = list(dep.notes)
     if not res["complete"]:

@@ -8,7 +8,8 @@ A *space* of configurations is either named axes (their Cartesian product) or a 
   (default: the model config's), ``moe_ep`` and ``attention_dp`` (expert parallelism and attention data
   parallelism of a mixture-of-experts model as in `step.setup`; default 1, written as output columns only
   where some group sets them), ``kv_cache_dtype`` (`records.KV_CACHE_DTYPES`, default auto; written only
-  where some group sets another);
+  where some group sets another), ``pp`` (pipeline stages, `step.setup`: the step is one batch's pass
+  through all of them; default 1, written where some group sets it);
 * the batch, summarized (decode attention is priced from the batch size and the total keys, prefill
   attention from the number of chunks and the total query-key pairs, GEMMs from the token count, so these
   summaries are exact):
@@ -83,10 +84,10 @@ from ..step import (
 )
 from .records import KV_CACHE_DTYPES, KV_CHECK
 
-GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype", "moe_ep", "attention_dp", "kv_cache_dtype")
+GROUP_AXES = ("model", "gpu", "tp", "calibration", "dtype", "moe_ep", "attention_dp", "kv_cache_dtype", "pp")
 GROUP_DEFAULTS = {"tp": 1, "calibration": "default", "dtype": None, "moe_ep": 1, "attention_dp": 1,
-                  "kv_cache_dtype": "auto"}
-LAYOUT_AXES = ("moe_ep", "attention_dp")  # written as output columns only where some group is not at 1
+                  "kv_cache_dtype": "auto", "pp": 1}
+LAYOUT_AXES = ("moe_ep", "attention_dp", "pp")  # written as output columns only where some group is not at 1
 BATCH_COLUMNS = ("n_decode", "decode_ctx", "decode_keys", "n_prefill", "prefill_new", "prefill_cached",
                  "prefill_tokens", "prefill_pairs")
 RESULT_COLUMNS = ("step_us",) + BREAKDOWN + (MOE_PART, MLA_PART)  # MOE_PART, MLA_PART: 0 for models without
@@ -196,20 +197,22 @@ class _Resolver:
         return self._models[key]
 
     def group(self, key: tuple) -> Group:
-        model, gpu, tp, cal, dtype, moe_ep, attention_dp, kv_cache_dtype = key
+        model, gpu, tp, cal, dtype, moe_ep, attention_dp, kv_cache_dtype, pp = key
         if isinstance(tp, bool) or not float(tp).is_integer() or int(tp) < 1:
             raise InputError(f"must be a positive integer, got {tp!r}", field="tp")
         g = get_gpu(gpu)
         if g.name not in self._tables:
             self._tables[g.name] = tables_mod.load_tables(self.bench_data, g)
         m = self.model(model, normalize_dtype(dtype) if dtype else None)
-        su = setup(m, self._tables[g.name], int(tp), moe_ep, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype)
+        su = setup(m, self._tables[g.name], int(tp), moe_ep, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype,
+                   pp=pp)
         params, desc = resolve_calibration(str(cal), [g.name], allow_other_gpu=self.allow_other_gpu,
                                            table_sources={g.name: self._tables[g.name].sources})
         cal = params.get(g.name)
         try:
             kv = memory.kv_capacity_tokens(load_arch(str(model), self.model_configs),
-                                           memory.Layout(tp=int(tp), attention_dp=attention_dp, moe_ep=moe_ep), g,
+                                           memory.Layout(tp=int(tp), pp=pp, attention_dp=attention_dp, moe_ep=moe_ep),
+                                           g,
                                            weights=normalize_dtype(dtype) if dtype else None,
                                            kv_cache_dtype=kv_cache_dtype, **KV_CHECK)
         except InputError:
@@ -217,23 +220,23 @@ class _Resolver:
         return Group(key, su, cal.pooled if cal else Params(), desc, kv)
 
 
-def _norm_key(model, gpu, tp, cal, dtype, moe_ep=1, attention_dp=1, kv_cache_dtype="auto",
+def _norm_key(model, gpu, tp, cal, dtype, moe_ep=1, attention_dp=1, kv_cache_dtype="auto", pp=1,
               where: str | None = None) -> tuple:
-    """A group's key, checked: ``tp``, ``moe_ep``, ``attention_dp`` positive integers (2.7, "2" or True are
+    """A group's key, checked: ``tp``, ``moe_ep``, ``attention_dp``, ``pp`` positive integers (2.7, "2" or True are
     refused, never rounded), ``model``, ``gpu`` and ``calibration`` given, ``calibration`` none | default |
     an existing file, ``kv_cache_dtype`` one of `records.KV_CACHE_DTYPES`."""
     dtype = None if _missing(dtype) else str(dtype)
     for name, v in (("model", model), ("gpu", gpu), ("calibration", cal)):
         if _missing(v) or str(v).strip() == "":
             raise InputError("empty value", where, name)
-    for name, v in (("tp", tp), ("moe_ep", moe_ep), ("attention_dp", attention_dp)):
+    for name, v in (("tp", tp), ("moe_ep", moe_ep), ("attention_dp", attention_dp), ("pp", pp)):
         if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(v) or not float(v).is_integer() or v < 1:
             raise InputError(f"must be a positive integer, got {v!r}", where, name)
     _check_calibration_choice(str(cal), where)
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}", where, "kv_cache_dtype")
-    return (str(model), str(gpu), int(tp), str(cal), dtype, int(moe_ep), int(attention_dp), kv_cache_dtype)
+    return (str(model), str(gpu), int(tp), str(cal), dtype, int(moe_ep), int(attention_dp), kv_cache_dtype, int(pp))
 
 
 def _missing(v) -> bool:
@@ -418,7 +421,7 @@ class AxesSpace(Space):
         n_groups = math.prod(self.gshape)
         if n_groups > MAX_GROUPS:
             raise InputError(f"{n_groups:,} groups (model x gpu x tp x calibration x dtype x moe_ep x attention_dp x "
-                             f"kv_cache_dtype); a sweep has at most "
+                             f"kv_cache_dtype x pp); a sweep has at most "
                              f"{MAX_GROUPS:,}, each set up on its own", lines.get("axes"), "axes")
         for k, vals in self.group_axes:  # each value once (cheap), then the product
             for v in vals:

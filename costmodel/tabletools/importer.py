@@ -664,6 +664,7 @@ def import_aiconfigurator(
     tol: float | None = 0.015,
     bf16_consensus: bool = True,
     moe_distributions: Sequence[str] | None = MOE_DISTRIBUTIONS,
+    moe_tol: float | None = None,
 ) -> dict:
     """Convert one GPU's AIConfigurator tables into ``out_dir`` (InferSim schema).
 
@@ -679,8 +680,9 @@ def import_aiconfigurator(
     subsampling (``None`` disables it).  bf16_consensus: BF16 GEMM latency = per-shape median over the
     newest collection of every engine (each times the same cuBLAS call through ``torch`` linear; see
     `bf16_gemm_consensus`) instead of the requested engine's alone.  moe_distributions: the expert-load
-    ``distribution`` values of the MoE table written (``None``: every one measured); tol also subsamples the
-    MoE curves along ``num_tokens``.
+    ``distribution`` values of the MoE table written (``None``: every one measured); moe_tol: the same
+    subsampling of the MoE curves along ``num_tokens`` (``None``, the default: every measured point is kept;
+    the curves climb steeply at small token counts, where dropped points cost several per cent).
 
     Returns a summary dict (files written, sizes, versions, stats)."""
     if systems_dir is None:
@@ -704,12 +706,13 @@ def import_aiconfigurator(
     out = Path(out_dir)
     check_output_dir(out)
     refuse_overwrite(out, [systems_dir], folder=True)
-    if tol is not None and (isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < 1):
-        raise InputError(f"must be a number in [0, 1) or None, got {tol!r}", field="tol")
+    for name, v in (("tol", tol), ("moe_tol", moe_tol)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1):
+            raise InputError(f"must be a number in [0, 1) or None, got {v!r}", field=name)
     peaks, peak_src = _read_peaks(systems_dir, gpu)
     summary: dict = {
         "gpu": gpu, "engine": engine, "package": PACKAGE, "package_version": pkg_ver,
-        "peaks": peaks, "peak_source": peak_src, "tol": tol, "files": {}, "sources": {}, "notes": [], "stats": {},
+        "peaks": peaks, "peak_source": peak_src, "tol": tol, "moe_tol": moe_tol, "files": {}, "sources": {}, "notes": [], "stats": {},
     }
 
     def use(family, table, eng=engine, ver=version):
@@ -791,7 +794,7 @@ def import_aiconfigurator(
         # fused MoE ---------------------------------------------------------
         src = use("moe", "moe_perf")
         if src is not None:
-            moe, st = convert_moe(src, tol, moe_distributions)
+            moe, st = convert_moe(src, moe_tol, moe_distributions)
             summary["stats"]["moe"] = st
             if len(moe):
                 p = build / "moe" / gpu / "data.csv"
@@ -945,11 +948,12 @@ def _provenance_lines(s: dict, layouts) -> list[str]:
                  "attention_dp_size); the time is one GPU's experts only (no router GEMM, shared experts or "
                  "EP dispatch/combine).")
         for dt, st in m["dtypes"].items():
+            kept = (f"every point kept (no subsampling along num_tokens)" if s.get("moe_tol") is None else
+                    f"kept {st['rows_kept']} rows ({st['rows_kept'] / max(st['rows'], 1):.1%}) by the same log-log "
+                    f"subsampling along num_tokens (tol {s['moe_tol']:.1%}); reconstruction error of the dropped "
+                    f"points: max {st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}")
             L.append(f"  * {dt}: {st['rows']} rows ({st['curves']} curves, {st['shapes']} (hidden, inter, experts, "
-                     f"topk) shapes; kernels {', '.join(st['kernels'])}); kept {st['rows_kept']} rows "
-                     f"({st['rows_kept'] / max(st['rows'], 1):.1%}) by the same log-log subsampling along "
-                     f"num_tokens (tol {tol_txt}); reconstruction error of the dropped points: max "
-                     f"{st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}.")
+                     f"topk) shapes; kernels {', '.join(st['kernels'])}); {kept}.")
         if m.get("short_curves_dropped"):
             L.append(f"  * {len(m['short_curves_dropped'])} curves with fewer than {MOE_MIN_POINTS} num_tokens points "
                      "dropped (incomplete collections; nothing to interpolate along): " + "; ".join(
@@ -994,6 +998,8 @@ def add_arguments(parser) -> None:
                         help="write every measured attention head layout instead of the common-model set")
     parser.add_argument("--tol", type=number(float, 0, 1, high_open=True), default=0.015,
                         help="GEMM m-grid subsampling tolerance (relative; 0 disables)")
+    parser.add_argument("--moe-tol", type=number(float, 0, 1, high_open=True), default=0.0,
+                        help="MoE num_tokens subsampling tolerance (relative; 0, the default, keeps every point)")
     parser.add_argument("--no-bf16-consensus", action="store_true",
                         help="take BF16 GEMMs from the requested engine's collection alone instead of the "
                              "per-shape median over every engine's collection")
@@ -1019,6 +1025,7 @@ def run(args) -> int:
             systems_dir=getattr(args, "systems_dir", None),
             bf16_consensus=not getattr(args, "no_bf16_consensus", False),
             moe_distributions=_distributions(getattr(args, "moe_distributions", None)),
+            moe_tol=(getattr(args, "moe_tol", 0.0) or None),
         )
     except InputError:
         raise  # the command line's one-line error, exit status 2
