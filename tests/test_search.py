@@ -486,6 +486,21 @@ def test_screened_search_simulates_the_best_and_reports_serve_numbers():
     s = sr.summary(res, 3)
     assert s["configurations_scored"] == res.scored and s["configurations_simulated"] == len(res.rows)
     assert s["query"]["concurrency"] == "1-24" and sr._compact([1, 2, 4, 8]) == [1, 2, 4, 8]
+    assert sr._compact(list(sr.SCREEN_CONCURRENCY)) == "1-64,66-128/2,132-256/4,264-512/8"
     if any(r["kv_cache_dtype"] == "fp8" for r in res.feasible):
         r = next(r for r in res.feasible if r["kv_cache_dtype"] == "fp8")
         assert "--kv-cache-dtype fp8" in sr.vllm_command(res, r)
+
+
+def test_to_simulate_takes_the_best_of_each_layout_first():
+    """With room for two, the screen's best of layout TP4 and the best of TP2 (not on the front) are
+    simulated, not TP4's two best (the screen's errors are mostly per layout); the front adds two of its
+    three points, spread along it."""
+    rows = [(4, 1, 10, 1000.0, 30.0), (4, 1, 11, 990.0, 31.0), (4, 1, 12, 980.0, 32.0), (2, 1, 13, 900.0, 25.0)]
+    df = pd.DataFrame([{"group": g, "tp": tp, "pp": pp, "attention_dp": 1, "moe_ep": 1, "weights": "bf16",
+                        "concurrency_per_replica": c, "output_tokens_per_s_per_gpu": m,
+                        "output_tokens_per_s_per_user": u, "tpot_mean_ms": 20.0, "ttft_mean_ms": 100.0,
+                        "e2e_mean_ms": 1000.0, "requests_per_s_total": 1.0}
+                       for g, (tp, pp, c, m, u) in enumerate(rows)])
+    chosen = sr._to_simulate(df, None, 25.0, None, None, 2, "output_tokens_per_s_per_gpu")
+    assert sorted(chosen) == [(0, 10), (2, 12), (3, 13)]

@@ -44,7 +44,10 @@ DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # the space a screened search covers by default (`screen`): every concurrency up to 512 clients per replica,
 # vLLM's token budgets and running limits around its defaults, and both KV-cache precisions where the GPU has
 # fp8 KV rows
-SCREEN_CONCURRENCY = tuple(range(1, 513))
+# every client count to 64, then steps of 2, 4 and 8 clients to 128, 256 and 512 (160 values: the steady state
+# is smooth in C; --concurrency 1-512 style lists give any other grid)
+SCREEN_CONCURRENCY = tuple(range(1, 65)) + tuple(range(66, 129, 2)) + tuple(range(132, 257, 4)) + \
+    tuple(range(264, 513, 8))
 SCREEN_BATCHED_TOKENS = (2048, 4096, 8192, 16384)
 SCREEN_SEQS = (64, 128, 256, 512, 1024)
 SCREEN_KV_DTYPES = ("auto", "fp8")
@@ -161,10 +164,22 @@ def _precision_problem(model, weights: str, gpu) -> str | None:
 
 
 def _compact(values: list) -> list | str:
-    """Sorted integers as given, or "FIRST-LAST" when they are every integer between (more than 3)."""
-    if len(values) > 3 and values[-1] - values[0] == len(values) - 1:
-        return f"{values[0]}-{values[-1]}"
-    return values
+    """Sorted integers as given, or, when they are runs of more than 3 equally spaced values, the runs as
+    "FIRST-LAST" (step 1) or "FIRST-LAST/STEP", comma-separated ("1-64,66-128/2")."""
+    runs, i = [], 0
+    while i < len(values):
+        j = i + 1
+        if j < len(values):
+            step = values[j] - values[i]
+            while j + 1 < len(values) and values[j + 1] - values[j] == step:
+                j += 1
+        if j - i + 1 > 3:
+            runs.append(f"{values[i]}-{values[j]}" + (f"/{step}" if step != 1 else ""))
+            i = j + 1
+        else:
+            runs.append(None)
+            i += 1
+    return values if None in runs else ",".join(runs)
 
 
 def _options(value, default, name) -> list:
@@ -444,15 +459,18 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
 
 def _to_simulate(screened: pd.DataFrame, ttft_ms, tpot_ms, e2e_ms, rate, top: int, merit: str) -> list:
     """(group, concurrency) of the screened configurations to simulate: among those within the SLOs x (1 +
-    `SCREEN_MARGIN`), the ``top`` best by ``merit`` and up to ``top`` of their Pareto front (``merit`` against
-    tokens/s per user), spread evenly along it."""
+    `SCREEN_MARGIN`), ``top`` of the best by ``merit`` (the best of each layout and weight precision first,
+    then the next best overall) and up to ``top`` of their Pareto front (``merit`` against tokens/s per
+    user), spread evenly along it."""
     if screened.empty:
         return []
     near = screened[_meets(screened, "mean", ttft_ms, tpot_ms, e2e_ms, rate, SCREEN_MARGIN)]
     if near.empty:  # nothing near the objective: the simulation shows how far the closest ones are
         near = screened.nsmallest(top, "tpot_mean_ms")
     ranked = near.sort_values([merit, "output_tokens_per_s_per_user"], ascending=False)
-    best = ranked.head(top)
+    # the best of each layout first (the screen's errors are mostly per layout), then the next best overall
+    per_layout = ranked.drop_duplicates(["tp", "pp", "attention_dp", "moe_ep", "weights"])
+    best = pd.concat([per_layout, ranked]).drop_duplicates(["group", "concurrency_per_replica"]).head(top)
     users = ranked["output_tokens_per_s_per_user"].to_numpy()
     front = ranked[users > np.maximum.accumulate(np.concatenate([[-np.inf], users[:-1]]))]
     if len(front) > top:
@@ -691,7 +709,7 @@ def add_search_arguments(sp) -> None:
                          "min_gpus_for_rate: fewest GPUs that meet the SLO at --rate (default tokens_per_gpu)")
     sp.add_argument("--concurrency", type=_int_list, default=None,
                     help="clients per replica to try, comma-separated (default 1,2,4,...,256; with --screen "
-                         "every one from 1 to 512)")
+                         "every one to 64, then steps of 2, 4, 8 to 512)")
     sp.add_argument("--screen", action="store_true",
                     help="estimate every configuration by the closed-loop steady state first and simulate only "
                          "the best and the Pareto front (--simulate-top); widens the default space to every "

@@ -296,7 +296,9 @@ class Simulator:
     def __init__(self, bench_data=None, calibration: str = "default", allow_other_gpu: bool = False,
                  options: Options = Options()):
         self.bench_data, self.calibration, self.allow_other_gpu = bench_data, calibration, allow_other_gpu
-        self._tables, self._cal, self.calibration_used, self._step_models = {}, {}, {}, {}
+        self._cal, self.calibration_used = {}, {}
+        # step models are shared by the simulators of one process that read the same tables and calibration
+        self._step_models = _STEP_MODELS.setdefault((str(bench_data), str(calibration), allow_other_gpu), {})
         if options.request_host_us is None:
             terms, desc = serving_terms(calibration)
             options = dataclasses.replace(options, request_host_us=terms["request_host_us"])
@@ -306,9 +308,7 @@ class Simulator:
         self.options = options
 
     def tables(self, gpu: GPU):
-        if gpu.name not in self._tables:
-            self._tables[gpu.name] = load_tables(self.bench_data, gpu)
-        return self._tables[gpu.name]
+        return _tables(self.bench_data, gpu)
 
     def params(self, gpu: GPU, version) -> Params:
         if gpu.name not in self._cal:
@@ -403,6 +403,7 @@ class Simulator:
         else:
             stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
             r = jax.vmap(lambda sm, e, w: sch.simulate(sm, e, w, **kw))(stack(sms), stack(engines), stack(wls))
+            r = jax.tree_util.tree_map(np.asarray, r)  # one transfer, then numpy slices (not one dispatch each)
             res = [jax.tree_util.tree_map(lambda a, i=i: a[i], r) for i in range(len(chunk))]
         out = []
         for d, rs in zip(deps, res):
@@ -410,6 +411,15 @@ class Simulator:
             rs = {k: np.asarray(v) for k, v in rs._asdict().items()}
             out.append({**{k: (v[:n] if v.ndim and v.shape[0] == R else v) for k, v in rs.items()}, "window": W})
         return out
+
+
+_STEP_MODELS: dict = {}  # (bench_data, calibration, allow_other_gpu) -> `Simulator.step_model`'s cache
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(bench_data, gpu: GPU):
+    """A GPU's tables, read once per process (they are not modified after loading)."""
+    return load_tables(bench_data, gpu)
 
 
 @functools.lru_cache(maxsize=None)
