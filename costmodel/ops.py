@@ -145,6 +145,18 @@ def moe_split(cfg: ModelConfig, tp: int, moe_ep: int, attention_dp: int = 1) -> 
     return moe_tp
 
 
+def check_moe_tp(cfg: ModelConfig, tp: int, moe_ep: int, attention_dp: int, moe_tp) -> None:
+    """A record's stated ``moe_tp`` (each expert's TP degree) against the layout's, tp x attention_dp /
+    moe_ep (`moe_split`): InputError naming the field when a mixture-of-experts model's differ.  None or 0
+    states nothing; a dense model has no experts, so its ``moe_tp`` is not read."""
+    if moe_tp is None or moe_tp == 0 or not cfg.experts:
+        return
+    want = moe_split(cfg, tp, moe_ep, attention_dp)
+    if isinstance(moe_tp, bool) or not isinstance(moe_tp, int) or moe_tp != want:
+        raise InputError(f"must be tp x attention_dp / moe_ep = {tp} x {attention_dp} / {moe_ep} = {want} for "
+                         f"{cfg.name}'s experts, got {moe_tp!r}", field="moe_tp")
+
+
 class Gemm(NamedTuple):
     """One GEMM y[m,n] = x[m,k]·W[k,n]."""
 

@@ -105,3 +105,33 @@ def test_sweep_pp_axis_equals_predict(h100):
     np.testing.assert_allclose(got.step_us, total, rtol=1e-5)
     np.testing.assert_allclose(got.communication, parts["communication"], rtol=1e-5)
     assert list(got.pp) == list(df.pp)
+
+
+def test_record_layout_fields_dp_and_moe_tp():
+    """A step record's ``dp`` (replicas: a step is one replica's) is validated and changes nothing; ``moe_tp``
+    is checked against tp x attention_dp / moe_ep for a mixture-of-experts model, not read for a dense one."""
+    from costmodel.apps.records import Predictor
+    from conftest import need_shared
+    base = {"id": "m", "model": "qwen3-30b-a3b", "gpu": "H100", "tp": 2, "moe_ep": 2, "steps": [{"decode": [100]}]}
+    assert parse_record({**base, "dp": 4}, "f:1").setup_key == parse_record(base, "f:1").setup_key
+    with pytest.raises(InputError, match="field 'dp'"):
+        parse_record({**base, "dp": 0}, "f:1")
+    pred = Predictor(model_configs=need_shared() / "model_configs")
+    ok = parse_record({**base, "moe_tp": 1}, "f:2")  # 2 x 1 / 2
+    pred.setup_for(ok)
+    with pytest.raises(InputError, match=r"f:3.*field 'moe_tp'.*= 1"):
+        pred.setup_for(parse_record({**base, "moe_tp": 2}, "f:3"))
+    dense = parse_record({"id": "d", "model": "llama-3.1-8b", "gpu": "H100", "tp": 2, "moe_tp": 7,
+                          "steps": [{"decode": [100]}]}, "f:4")
+    pred.setup_for(dense)  # no experts: moe_tp states nothing about them
+
+
+def test_serve_checks_a_stated_moe_tp():
+    from conftest import need_shared
+    rec = {"id": "m", "model": "qwen3-30b-a3b", "gpu": "H100", "tp": 2, "moe_ep": 2, "moe_tp": 2,
+           "engine": {"name": "vllm", "version": "0.15.1"},
+           "workload": {"type": "closed", "concurrency": 2, "input_tokens": 64, "output_tokens": 4}}
+    cfg = need_shared() / "model_configs"
+    with pytest.raises(InputError, match=r"f:7.*field 'moe_tp'"):
+        sv.resolve(rec, "f:7", cfg)
+    assert sv.resolve({**rec, "moe_tp": 1}, "f:7", cfg).moe_ep == 2

@@ -504,3 +504,35 @@ def test_to_simulate_takes_the_best_of_each_layout_first():
                        for g, (tp, pp, c, m, u) in enumerate(rows)])
     chosen = sr._to_simulate(df, None, 25.0, None, None, 2, "output_tokens_per_s_per_gpu")
     assert sorted(chosen) == [(0, 10), (2, 12), (3, 13)]
+
+
+def test_a_search_split_over_processes_merges_to_the_single_process_result(tmp_path, capsys):
+    """Two processes take alternate layouts; their parts, joined, hold the one-process search's rows (every
+    configuration simulated without screening), rejections and front; the command line writes and joins the
+    parts beside --out."""
+    space = dict(isl=256, osl=32, concurrency=(1, 8), workload_options=OPTS)
+    whole = sr.search("qwen3-8b", "H100", 2, **space)
+    paths = []
+    for i in range(2):
+        part = sr.search("qwen3-8b", "H100", 2, part=(i, 2), **space)
+        assert part.query["part"] == [i, 2] and 0 < len(part.rows) < len(whole.rows)
+        paths.append(tmp_path / f"s.p{i}-of-2.json")
+        sr.save_part(part, paths[-1])
+    merged = sr.merge_parts(paths)
+    key = lambda r: (r["tp"], r["pp"], r["concurrency_per_replica"])  # noqa: E731
+    assert sorted(map(key, merged.rows)) == sorted(map(key, whole.rows))
+    by = {key(r): r for r in whole.rows}
+    for r in merged.rows:
+        assert r["tpot_mean_ms"] == by[key(r)]["tpot_mean_ms"] and r["pareto"] == by[key(r)]["pareto"]
+    assert merged.rejected_counts == whole.rejected_counts
+    with pytest.raises(sr.InputError, match="not found"):
+        sr.merge_parts([paths[0], tmp_path / "missing.json"])
+    out = tmp_path / "rows.csv"
+    args = ["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
+            "--concurrency", "1,8", "--rounds", "2", "--out", str(out), "--process-count", "2"]
+    assert main(args + ["--process-index", "0"]) == 0 and main(args + ["--process-index", "1"]) == 0
+    assert (tmp_path / "rows.p1-of-2.json").is_file() and not out.exists()
+    capsys.readouterr()
+    assert main(args + ["--merge", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["configurations_scored"] == len(whole.rows) and len(pd.read_csv(out)) == len(whole.rows)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import memory
+from .. import memory, ops
 from ..errors import InputError, warn
 from ..hardware import get_gpu
 from ..model import MOE_WEIGHTS, load_arch, load_model, normalize_dtype
@@ -121,7 +121,7 @@ def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
 # tracers, accepted and not used).  Others are reported by `read_records`.
 RECORD_FIELDS = ("id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
                  "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx", "moe_ep", "moe_weights",
-                 "attention_dp", "kv_cache_dtype", "pp")
+                 "attention_dp", "kv_cache_dtype", "pp", "dp", "moe_tp")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")  # the record field ``kv_cache_dtype``
 STEP_FIELDS = ("prefill", "decode")
 
@@ -222,9 +222,14 @@ def parse_record(obj, where: str) -> Record:
     attention_dp = obj.get("attention_dp", 1)
     if isinstance(attention_dp, bool) or not isinstance(attention_dp, int) or attention_dp < 1:
         raise InputError(f"must be a positive integer, got {attention_dp!r}", where, "attention_dp")
+    for key in ("pp", "dp"):
+        v = obj.get(key, 1)
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise InputError(f"must be a positive integer, got {v!r}", where, key)
     pp = obj.get("pp", 1)
-    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
-        raise InputError(f"must be a positive integer, got {pp!r}", where, "pp")
+    moe_tp = obj.get("moe_tp")
+    if moe_tp is not None and (isinstance(moe_tp, bool) or not isinstance(moe_tp, int) or moe_tp < 0):
+        raise InputError(f"must be a non-negative integer, got {moe_tp!r}", where, "moe_tp")
     kv_cache_dtype = obj.get("kv_cache_dtype", "auto")
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}", where, "kv_cache_dtype")
@@ -257,7 +262,7 @@ def parse_record(obj, where: str) -> Record:
     if is_async is not None and not isinstance(is_async, bool):
         raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
     known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
-             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype", "pp"}
+             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype", "pp", "dp"}
     return Record(id=str(rid), model=obj["model"], gpu=obj["gpu"], tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
                   kind=kind, source=source, dtype=dtype, timing=timing,
@@ -329,6 +334,10 @@ class Predictor:
                                           attention_dp=r.attention_dp, kv_cache_dtype=r.kv_cache_dtype, pp=r.pp)
             except InputError as e:
                 raise InputError(str(e), r.where) from None
+        try:
+            ops.check_moe_tp(self._setups[key].model, r.tp, r.moe_ep, r.attention_dp, r.extra.get("moe_tp"))
+        except InputError as e:
+            raise InputError(str(e), r.where) from None
         return self._setups[key]
 
     def kv_capacity(self, r: Record):

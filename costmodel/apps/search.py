@@ -32,7 +32,7 @@ from .. import ops
 from ..compiled import CompileTimer
 from ..errors import InputError
 from ..hardware import get_gpu
-from ..io import check_output_file, number, print_table, write_frame
+from ..io import atomic_write, check_output_file, number, print_table, write_frame
 from ..model import load_arch, load_model
 from . import plotting
 from . import scheduler as sch
@@ -199,7 +199,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
            calibration: str = "default", workload_options: dict | None = None, e2e_ms: float | None = None,
            percentile: int | None = None, objective: str = "tokens_per_gpu",
            usd_per_gpu_hour: float | None = None, screen: bool = False,
-           simulate_top: int = SIMULATE_TOP, pp=None) -> SearchResult:
+           simulate_top: int = SIMULATE_TOP, pp=None, part: tuple[int, int] = (0, 1)) -> SearchResult:
     """Search the deployments of ``model`` on ``gpus`` GPUs of type ``gpu`` for a closed loop of ``isl``
     input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try
     (default `DEFAULT_CONCURRENCY`, with ``screen`` `SCREEN_CONCURRENCY`); ``rate``: requests/s the whole
@@ -218,7 +218,10 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     ``screen``: every configuration first gets the closed-loop steady-state estimate (`steady`, thousands
     per second; `SearchResult.screened`); those within the SLOs x (1 + `SCREEN_MARGIN`) on its means — the
     ``simulate_top`` best and up to ``simulate_top`` of their Pareto front — are then simulated, and the
-    simulated ones are the result's rows.  Without it every configuration is simulated."""
+    simulated ones are the result's rows.  Without it every configuration is simulated.
+
+    ``part`` (index, count): this process's share of a search split over ``count`` processes — the layouts
+    whose position in `layouts` is ``index`` modulo ``count`` (`merge_parts` joins the parts)."""
     t0 = time.perf_counter()
     g = get_gpu(gpu)
     for name, v in (("gpus", gpus), ("gpus_per_node", gpus_per_node), ("isl", isl), ("osl", osl),
@@ -240,6 +243,11 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                        "max_num_batched_tokens")
     seqs = _options(max_num_seqs, SCREEN_SEQS if screen else [d_seqs], "max_num_seqs")
     pps = None if pp is None else _options(pp, None, "pp")
+    p_index, p_count = part
+    if isinstance(p_count, bool) or not isinstance(p_count, int) or p_count < 1:
+        raise InputError(f"must be a positive integer, got {p_count!r}", field="process_count")
+    if isinstance(p_index, bool) or not isinstance(p_index, int) or not 0 <= p_index < p_count:
+        raise InputError(f"must be in 0..{p_count - 1}, got {p_index!r}", field="process_index")
     kv_dtypes = list(dict.fromkeys(kv_cache_dtypes or (SCREEN_KV_DTYPES if screen else ("auto",))))
     for k in kv_dtypes:
         if k not in KV_CACHE_DTYPES:
@@ -259,6 +267,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
              "pp": pps or "every degree whose stages fit in a node",
              "screen": screen, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
                                           budgets[0], "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
+    if p_count > 1:
+        query["part"] = [p_index, p_count]
     result = SearchResult(query)
     sim = serve_mod.Simulator(bench_data, calibration)
 
@@ -272,7 +282,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     per_engine = len(budgets) * len(seqs)
     for w in weights:
         m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
-        for layout in layouts(base, gpus_per_node, pps):
+        for li, layout in enumerate(layouts(base, gpus_per_node, pps)):
+            if li % p_count != p_index:
+                continue
             tp, pp, att, ep = layout
             every = concurrency * per_engine * len(kv_dtypes)
             if tp * pp * att > gpus:
@@ -525,14 +537,53 @@ def search_many(model: str, gpus_by_type: dict, *, prices: dict | None = None, *
              "engine": {q["gpu"]: q["engine"] for q in queries},
              "usd_per_gpu_hour": {q["gpu"]: p for q in queries for p in (q["usd_per_gpu_hour"] or {}).values()}
              or None}
+    return _joined(query, results, [[dict(x, gpu=r.query["gpu"]) for x in r.rejected] for r in results], sum)
+
+
+def _joined(query: dict, results: list, rejected: list, seconds) -> SearchResult:
+    """One result of several: their rows, rejections (one list per result), screened frames, ``seconds``
+    (sum or max) of their times, the front over all rows."""
     screened = [r.screened for r in results if r.screened is not None]
-    merged = SearchResult(query, [row for r in results for row in r.rows],
-                          [dict(x, gpu=r.query["gpu"]) for r in results for x in r.rejected],
-                          sum(r.seconds for r in results), sum(r.compile_seconds for r in results),
+    merged = SearchResult(query, [row for r in results for row in r.rows], [x for rj in rejected for x in rj],
+                          seconds(r.seconds for r in results), seconds(r.compile_seconds for r in results),
                           pd.concat(screened, ignore_index=True) if screened else None,
-                          sum(r.screen_seconds for r in results))
+                          seconds(r.screen_seconds for r in results))
     merged.mark_pareto()
     return merged
+
+
+def part_path(out: str | None, index: int, count: int) -> Path:
+    """Where part ``index`` of ``count`` of a split search is kept: beside ``--out`` (default search.json)."""
+    base = Path(out or "search.json")
+    return base.with_name(f"{base.stem}.p{index}-of-{count}.json")
+
+
+def save_part(result: SearchResult, path) -> None:
+    """One part of a split search, as JSON (rows, rejections, screened configurations, times)."""
+    def plain(v):
+        return v.item() if isinstance(v, np.generic) else str(v)
+    doc = {"query": result.query, "rows": result.rows, "rejected": result.rejected, "seconds": result.seconds,
+           "compile_seconds": result.compile_seconds, "screen_seconds": result.screen_seconds,
+           "screened": None if result.screened is None else result.screened.to_dict("records")}
+    atomic_write(path, lambda fh: fh.write(json.dumps(doc, default=plain)))
+
+
+def merge_parts(paths: list) -> SearchResult:
+    """The search whose parts `save_part` wrote to ``paths`` (every part of one split search): rows,
+    rejections and screened configurations joined, the front recomputed; ``seconds`` the slowest part's
+    (the parts run side by side).  InputError names a missing part or parts of different searches."""
+    results = []
+    for p in paths:
+        if not Path(p).is_file():
+            raise InputError("part of the split search not found (run every --process-index first)", str(p))
+        d = json.loads(Path(p).read_text())
+        results.append(SearchResult(d["query"], d["rows"], d["rejected"], d["seconds"], d["compile_seconds"],
+                                    None if d["screened"] is None else pd.DataFrame(d["screened"]),
+                                    d["screen_seconds"]))
+    queries = [{k: v for k, v in r.query.items() if k != "part"} for r in results]
+    if any(q != queries[0] for q in queries[1:]):
+        raise InputError("the parts are not one search's (their queries differ)", str(paths[0]))
+    return _joined({**queries[0], "parts": len(results)}, results, [r.rejected for r in results], max)
 
 
 def vllm_command(result: SearchResult, row: dict) -> str:
@@ -741,6 +792,13 @@ def add_search_arguments(sp) -> None:
     sp.add_argument("--out", default=None, help="every scored row to this .parquet or .csv file")
     sp.add_argument("--plot", default=None, help="the Pareto front as a PNG (needs matplotlib)")
     sp.add_argument("--json", action="store_true", help="print one JSON object instead of tables")
+    sp.add_argument("--process-index", type=number(int, 0), default=None,
+                    help="this process's part of a search split over --process-count processes: the layouts "
+                         "k with k mod count = index, kept beside --out (default: jax.process_index())")
+    sp.add_argument("--process-count", type=number(int, 1), default=None,
+                    help="processes the search is split over (default: jax.process_count())")
+    sp.add_argument("--merge", action="store_true",
+                    help="join the --process-count parts kept beside --out and report them as one search")
 
 
 def run_search(args) -> int:
@@ -752,6 +810,13 @@ def run_search(args) -> int:
             raise InputError("must end in .parquet or .csv", args.out, "out")
     if args.plot:
         check_output_file(args.plot, "plot")
+    count = jax.process_count() if args.process_count is None else args.process_count
+    index = jax.process_index() if args.process_index is None else args.process_index
+    if args.merge:
+        res = merge_parts([part_path(args.out, i, count) for i in range(count)])
+        return _report(res, args, fmt)
+    if not 0 <= index < count:
+        raise InputError(f"must be in 0..{count - 1}, got {index}", field="process_index")
     res = search_many(args.model, dict.fromkeys(args.gpu, args.gpus), prices=_prices(args.price), isl=args.isl,
                       osl=args.osl, ttft_ms=args.ttft_ms, tpot_ms=args.tpot_ms, e2e_ms=args.e2e_ms,
                       percentile=args.percentile, objective=args.objective, concurrency=args.concurrency,
@@ -761,7 +826,18 @@ def run_search(args) -> int:
                       engine_version=args.engine_version, model_configs=args.model_configs,
                       bench_data=args.bench_data, calibration=args.calibration,
                       workload_options={"rounds": args.rounds}, screen=args.screen,
-                      simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes, pp=args.pp)
+                      simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes, pp=args.pp,
+                      part=(index, count))
+    if count > 1:
+        path = part_path(args.out, index, count)
+        save_part(res, path)
+        print(f"part {index} of {count}: {res.scored} configurations scored, {len(res.rows)} simulated, "
+              f"{len(res.rejected)} rejected -> {path} (join the parts with --merge)")
+        return 0
+    return _report(res, args, fmt)
+
+
+def _report(res: SearchResult, args, fmt) -> int:
     if args.out and (res.rows or res.screened is not None):
         write_frame(args.out, scored_frame(res), fmt)
     if args.json:

@@ -203,6 +203,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
             raise InputError(str(e), where, "moe_weights") from None
     try:
         ops.dims(model, tp, moe_ep, dp_att, pp)
+        ops.check_moe_tp(model, tp, moe_ep, dp_att, rec.get("moe_tp"))
     except InputError as e:
         raise InputError(str(e), where) from None
     eng = rec.get("engine") or {}
