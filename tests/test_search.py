@@ -510,7 +510,7 @@ def test_a_search_split_over_processes_merges_to_the_single_process_result(tmp_p
     """Two processes take alternate layouts; their parts, joined, hold the one-process search's rows (every
     configuration simulated without screening), rejections and front; the command line writes and joins the
     parts beside --out."""
-    space = dict(isl=256, osl=32, concurrency=(1, 8), workload_options=OPTS)
+    space = dict(isl=256, osl=32, concurrency=(8,), workload_options=OPTS)
     whole = sr.search("qwen3-8b", "H100", 2, **space)
     paths = []
     for i in range(2):
@@ -529,7 +529,7 @@ def test_a_search_split_over_processes_merges_to_the_single_process_result(tmp_p
         sr.merge_parts([paths[0], tmp_path / "missing.json"])
     out = tmp_path / "rows.csv"
     args = ["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
-            "--concurrency", "1,8", "--rounds", "2", "--out", str(out), "--process-count", "2"]
+            "--concurrency", "8", "--rounds", "2", "--out", str(out), "--process-count", "2"]
     assert main(args + ["--process-index", "0"]) == 0 and main(args + ["--process-index", "1"]) == 0
     assert (tmp_path / "rows.p1-of-2.json").is_file() and not out.exists()
     capsys.readouterr()
