@@ -144,6 +144,7 @@ class Static:
     shared_experts: bool = False  # their shared experts (two more GEMMs)
     mixed_attention: bool = False  # sliding-window and full-attention layers (`ops.Dims.sliding_layers`)
     mla: bool = False  # multi-head latent attention priced from the MLA module tables
+    pipeline: bool = False  # pipeline stages (pp > 1): the activation hand-offs between them
 
 
 @dataclass
@@ -190,7 +191,7 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, atten
     arrays = Arrays(tables.gemm[g.table_dtype], dec, pre, tables.allreduce, moe, *mla)
     static = Static(g.same_dtype, float(DTYPE_BYTES[g.table_dtype]), g.compute_ratio, tables.allreduce is not None,
                     moe=bool(model.experts), shared_experts=bool(model.shared_intermediate),
-                    mixed_attention=bool(d.sliding_layers), mla=model.mla)
+                    mixed_attention=bool(d.sliding_layers), mla=model.mla, pipeline=pp > 1)
     return Setup(model, tables.gpu, tp, arrays, on_gpu, static, g.table_dtype, moe_ep, attention_dp, kv, pp)
 
 
@@ -507,8 +508,7 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
         "attn_prefill": attn_pre,
         "attn_decode": attn_dec,
         "memory_ops": d.layers * memory,
-        "communication": (2.0 * d.layers + 1.0) * comm + gather + (d.pp - 1.0) * kt.pp_handoff_us(
-            ops.pp_handoff_bytes(d, f.tokens), d.tp, hw, p),
+        "communication": (2.0 * d.layers + 1.0) * comm + gather,
         "lm_head_sampling": head,
         "overhead": overhead,
     }
@@ -516,6 +516,9 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
         parts["moe"] = d.moe_layers * (f.moe_us * p.gemm_scale + jnp.sum(g[na + 3:], axis=0))
         ep = kt.allreduce_combine(f.ep_table_us, static.has_comm_table, d.tp * d.attention_dp, f.ep_bytes, hw, p)
         parts["communication"] = parts["communication"] + d.moe_layers * jnp.where(d.attention_dp > 1.0, ep, 0.0)
+    if static.pipeline:  # pp - 1 hand-offs of the activations between stages
+        parts["communication"] = parts["communication"] + (d.pp - 1.0) * kt.pp_handoff_us(
+            ops.pp_handoff_bytes(d, f.tokens), d.tp, hw, p)
     if static.mla:  # one layer's MLA module, table time (no fitted scale: no measured MLA step to fit it to)
         parts[MLA_PART] = d.layers * kt.mla_layer_us(f.mla_decode_us, f.mla_prefill_us, f.mla_decode_floor_us,
                                                        f.mla_prefill_floor_us)
