@@ -4,7 +4,7 @@ validation; serve's interleaved batch lanes."""
 import jax
 import pytest
 
-from costmodel import InputError, Params, get_gpu, load_model, load_tables, pack_steps, setup, step_time
+from costmodel import InputError, Params, get_gpu, pack_steps, setup, step_time
 from costmodel import kernel_time as kt
 from costmodel import ops
 from costmodel.apps.records import parse_record
@@ -13,14 +13,7 @@ from costmodel.apps import serve as sv
 STEP = {"prefill": [[2048, 0]], "decode": [1000, 2000]}  # 2,050 tokens
 
 
-@pytest.fixture(scope="module")
-def h100():
-    return load_tables(None, get_gpu("H100"))
-
-
-@pytest.fixture(scope="module")
-def llama70():
-    return load_model("llama-3.1-70b")
+from test_fp8_kv import h100, llama70  # noqa: E402,F401  the same two fixtures (tables, Llama-3.1-70B)
 
 
 def _time(su):
