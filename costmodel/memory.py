@@ -523,8 +523,17 @@ def kv_capacity_tokens(model: str | Path | dict | Arch, layout: Layout | dict | 
     return best
 
 
+def sequence_blocks(capacity: KVCapacity, tokens) -> int:
+    """Blocks one sequence of ``tokens`` tokens (cached + new) holds in the pool: whole blocks in every KV
+    group (full-attention accounting: the bound vLLM's scheduler can rely on)."""
+    return -(-int(tokens) // capacity.block_size) * capacity.groups
+
+
 def batch_fits(capacity: KVCapacity, context_tokens) -> bool:
-    """Whether sequences of these lengths (tokens each, cached + new) fit in the pool at once, each rounded
-    up to whole blocks (full-attention accounting: the bound vLLM's scheduler can rely on)."""
-    need = sum(-(-int(n) // capacity.block_size) for n in context_tokens)
-    return need * capacity.groups <= capacity.blocks
+    """Whether sequences of these lengths (tokens each) fit in the pool at once (`sequence_blocks`)."""
+    return sum(sequence_blocks(capacity, n) for n in context_tokens) <= capacity.blocks
+
+
+def max_sequences(capacity: KVCapacity, tokens) -> int:
+    """How many sequences of ``tokens`` tokens each fit in the pool at once (`sequence_blocks`)."""
+    return capacity.blocks // sequence_blocks(capacity, tokens)

@@ -33,6 +33,7 @@ from ..compiled import CompileTimer
 from ..errors import InputError
 from ..hardware import get_gpu
 from ..io import atomic_write, check_output_file, number, print_table, write_frame
+from ..memory import max_sequences
 from ..model import load_arch, load_model
 from . import plotting
 from . import scheduler as sch
@@ -41,11 +42,10 @@ from . import steady
 from .records import KV_CACHE_DTYPES
 
 DEFAULT_CONCURRENCY = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# the space a screened search covers by default (`screen`): every concurrency up to 512 clients per replica,
-# vLLM's token budgets and running limits around its defaults, and both KV-cache precisions where the GPU has
-# fp8 KV rows
-# every client count to 64, then steps of 2, 4 and 8 clients to 128, 256 and 512 (160 values: the steady state
-# is smooth in C; --concurrency 1-512 style lists give any other grid)
+# the space a screened search covers by default (`screen`): every client count per replica to 64, then steps of
+# 2, 4 and 8 clients to 128, 256 and 512 (160 values: the steady state is smooth in C; --concurrency gives any
+# other grid), vLLM's token budgets and running limits around its defaults, and both KV-cache precisions where
+# the GPU has fp8 KV rows
 SCREEN_CONCURRENCY = tuple(range(1, 65)) + tuple(range(66, 129, 2)) + tuple(range(132, 257, 4)) + \
     tuple(range(264, 513, 8))
 SCREEN_BATCHED_TOKENS = (2048, 4096, 8192, 16384)
@@ -323,9 +323,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                                    f" GiB per GPU leave no KV cache in {gpu_memory_utilization:g} x "
                                    f"{cap.memory_bytes / GIB:.1f} GiB", **why)
                             continue
-                        most = cap.blocks // (cap.groups * -(-(isl + osl) // cap.block_size))
-                        per_rank = [-(-c // att) for c in concurrency]  # a rank's pp lanes share its cache
-                        fit = [c for c, r in zip(concurrency, per_rank) if r <= most]
+                        most = max_sequences(cap, isl + osl)
+                        # a rank's pp lanes share its cache
+                        fit = [c for c in concurrency if serve_mod.rank_clients(c, att) <= most]
                         if len(fit) < len(concurrency):
                             reject(layout, w, KV_DOES_NOT_FIT, f"{cap.tokens} KV tokens per rank hold at most "
                                    f"{most} requests of {isl + osl} tokens", [c for c in concurrency if c not in fit],
@@ -342,7 +342,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                         groups.append((rec, row, fit))
 
     def candidate(rec, row, c):
-        per_rank = -(-c // row["attention_dp"])
+        per_rank = serve_mod.rank_clients(c, row["attention_dp"])
         kvd = "" if row["kv_cache_dtype"] == "auto" else f"-kv{row['kv_cache_dtype']}"
         rid = (f"{row['weights']}-tp{row['tp']}-pp{row['pp']}-att{row['attention_dp']}-ep{row['moe_ep']}{kvd}-"
                f"b{row['max_num_batched_tokens']}-s{row['max_num_seqs']}-c{c}")
@@ -374,7 +374,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                    row["max_num_seqs"])
             continue
         p, t = out["predicted"], out["throughput"]
-        replica = row["tp"] * row["pp"] * row["attention_dp"]
+        replica = _replica_gpus(row)
         budget = gpus // replica
         dp = budget if objective == "tokens_per_gpu" else \
             min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
@@ -411,10 +411,14 @@ def _meets(r, stat: str, ttft_ms, tpot_ms, e2e_ms, rate, margin: float = 0.0):
     return ok
 
 
+def _replica_gpus(row) -> int:
+    """GPUs of one replica of a row's layout: tp x pp x attention_dp."""
+    return row["tp"] * row["pp"] * row["attention_dp"]
+
+
 def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, model_configs):
     """The steady-state estimate (`steady`) of every (group, concurrency): one DataFrame row each, with the
     group's index (``group``) and the serving metrics' means under `serve`'s names."""
-    frames = []
     by_static: dict = {}
     probes: dict = {}  # one deployment per step model (layout, weights, KV-cache precision)
     for gi, (rec, row, fit) in enumerate(groups):
@@ -425,13 +429,13 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
             dep = serve_mod.resolve(probe, "search", model_configs, workload_options={"rounds": 2})
             probes[key] = (dep, sim.step_model(dep))
         dep, (static, lk, on, params) = probes[key]
-        lanes = row["attention_dp"] * row["pp"]  # what `serve.rank_workload` splits the clients over
-        c = np.asarray(fit, np.float64)
-        per_rank = np.ceil(c / lanes)
+        c = np.asarray(fit, np.int64)
+        per_rank = serve_mod.rank_clients(c, row["attention_dp"] * row["pp"])  # as `serve.resolve` splits them
+        blocks = serve_mod.lane_kv_blocks(row["kv_tokens_per_rank"] // serve_mod.BLOCK_TOKENS, row["pp"])
         eng = sim.engine(dataclasses.replace(dep, max_batched_tokens=row["max_num_batched_tokens"],
-                                             max_seqs=row["max_num_seqs"],
-                                             kv_blocks=row["kv_tokens_per_rank"] // serve_mod.BLOCK_TOKENS // row["pp"]))
+                                             max_seqs=row["max_num_seqs"], kv_blocks=blocks))
         cl = steady.closed_loop(eng, per_rank, isl, osl)
+        c = c.astype(np.float64)
         by_static.setdefault((static, id(lk)), (static, sch.StepModel(lk, on, params), []))[2].append((gi, c, cl))
     cols: dict = {}
 
@@ -447,8 +451,8 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
             at += len(c)
             row = groups[gi][1]
             n = len(c)
-            share = c / np.ceil(c / (row["attention_dp"] * row["pp"]))
-            rank_gpus = row["tp"] * row["attention_dp"] * row["pp"]
+            share = c / serve_mod.rank_clients(c, row["attention_dp"] * row["pp"])
+            rank_gpus = _replica_gpus(row)
             req_s = est.requests_per_s[sl] * share
             budget = gpus // rank_gpus
             dp = np.full(n, budget) if objective == "tokens_per_gpu" else \

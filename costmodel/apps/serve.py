@@ -142,6 +142,17 @@ def _num(v, where, name, kind=int, minimum=1):
     return kind(v)
 
 
+def rank_clients(clients, ranks):
+    """Closed-loop clients of the busiest of ``ranks`` balanced ranks or lanes: ceil(clients / ranks) (ints or
+    integer arrays)."""
+    return -(-clients // ranks)
+
+
+def lane_kv_blocks(kv_blocks: int, pp: int) -> int:
+    """KV blocks of one of the ``pp`` batch lanes of a pipelined engine: the lanes share the stages' cache."""
+    return kv_blocks // pp
+
+
 def rank_workload(w, ranks: int) -> tuple[dict, float]:
     """The workload one of ``ranks`` balanced engine ranks receives — attention-DP ranks (vLLM's data-parallel
     load balancer spreads requests over them) times whole replicas (a round-robin router) — and the
@@ -154,7 +165,7 @@ def rank_workload(w, ranks: int) -> tuple[dict, float]:
         return w, 1.0
     c = w.get("concurrency")
     if w.get("type") == "closed" and isinstance(c, int) and not isinstance(c, bool) and c >= 1:
-        per_rank = -(-c // ranks)
+        per_rank = rank_clients(c, ranks)
         return {**w, "concurrency": per_rank}, c / per_rank
     stages = w.get("stages")
     if isinstance(stages, list) and all(isinstance(st, dict) and isinstance(st.get("rate"), (int, float))
@@ -246,7 +257,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
                 raise Refusal(f"KV-cache capacity: {e}") from None
         kv_source = "estimated"
     if pp > 1:  # the pp batches in flight share the cache: each lane is simulated with its share
-        kv_blocks //= pp
+        kv_blocks = lane_kv_blocks(kv_blocks, pp)
         notes.append(f"pipeline parallelism: {pp} batches in flight, each simulated as a lane with 1/{pp} of the "
                      "requests and KV cache and the pipeline's full pass as its step (docs/serving.md)")
     if (eng.get("cpu_offload_gib") or 0) > 0:
@@ -268,7 +279,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
 class Options:
     """The simulation's client- and host-side terms: ``ingress_ms`` and ``client_ms`` (module docstring),
     ``request_host_us`` the host's work per scheduled request per step that the engine does not overlap with
-    the GPU (`scheduler.host_step_us`; None: the serving calibration's, `serving_calibration`), and the load
+    the GPU (`scheduler.host_step_us`; None: the serving calibration's, `calibration.serving_terms`), and the load
     generator's pause between stages."""
     ingress_ms: float = INGRESS_MS
     client_ms: float = CLIENT_MS
