@@ -16,12 +16,39 @@ from conftest import shared_model
 
 CONC = (1, 8, 32)
 OPTS = {"rounds": 2}
-SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS, pp=1)  # pipelines: `test_pipeline_*`
+# pipelines: `test_pipeline_*`; disaggregated units: `test_disaggregated_units_equal_serve`
+SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS, pp=1, disagg=False)
 
 
 @pytest.fixture(scope="module")
 def res():
     return sr.search("qwen3-8b", "H100", 2, **SPACE)
+
+
+def test_disaggregated_units_equal_serve():
+    """With disaggregation, the two GPUs also make one prefill and one decode worker; the row's numbers are
+    those `serve` gives its record, and its command line is a launch sketch of both pools."""
+    full = sr.search("qwen3-8b", "H100", 2, **{**SPACE, "disagg": True})
+    rows = [r for r in full.rows if r["mode"] == "disagg"]
+    assert rows and {r["layout"] for r in rows} == {"disagg 1x prefill TP1 + 1x decode TP1"}
+    assert {(r["tp"], r["dp"]) for r in full.rows if r["mode"] == "agg"} == {(1, 2), (2, 1)}
+    for r in rows:
+        assert r["gpus_used"] == 2 and r["unit_gpus"] == 2
+        rec = {"id": "pd", "model": "qwen3-8b", "gpu": "H100", "mode": "disagg", "weights": "bf16",
+               "engine": {"name": "vllm", "version": "0.15.1", "gpu_memory_utilization": 0.9,
+                          "max_num_batched_tokens": r["max_num_batched_tokens"], "max_num_seqs": r["max_num_seqs"],
+                          "kv_cache_dtype": r["kv_cache_dtype"]},
+               "prefill": {"num_workers": 1, "tp_size": 1, "max_num_seqs": r["prefill_max_num_seqs"],
+                           "max_num_batched_tokens": r["prefill_max_num_batched_tokens"]},
+               "decode": {"num_workers": 1, "tp_size": 1},
+               "workload": {"type": "closed", "concurrency": r["concurrency_per_replica"], "input_tokens": 256,
+                            "output_tokens": 32}}
+        out, = sv.serve([rec], workload_options=OPTS)
+        assert r["tpot_mean_ms"] == pytest.approx(out["predicted"]["tpot_mean_ms"], rel=1e-9)
+        assert r["ttft_mean_ms"] == pytest.approx(out["predicted"]["ttft_mean_ms"], rel=1e-9)
+        assert r["output_tokens_per_s_per_gpu"] == pytest.approx(out["throughput"]["output_tokens_per_s_per_gpu"])
+        cmd = sr.vllm_command(full, r)
+        assert cmd.startswith("prefill (1x): vllm serve qwen3-8b") and cmd.count("NixlConnector") == 2
 
 
 def test_space_and_rejections_by_reason(res):
@@ -155,7 +182,7 @@ def test_cli_json_and_out(res, tmp_path, capsys):
     out = tmp_path / "rows.csv"
     rc = main(["search", "--model", "qwen3-8b", "--gpu", "H100", "--gpus", "2", "--isl", "256", "--osl", "32",
                "--concurrency", "1,8,32", "--rounds", "2", "--tpot-ms", "1000", "--out", str(out), "--json",
-               "--explain", "--pp", "1"])
+               "--explain", "--pp", "1", "--no-disagg"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
     s = json.loads(cap.out)
@@ -519,7 +546,7 @@ def test_a_search_split_over_processes_merges_to_the_single_process_result(tmp_p
         paths.append(tmp_path / f"s.p{i}-of-2.json")
         sr.save_part(part, paths[-1])
     merged = sr.merge_parts(paths)
-    key = lambda r: (r["tp"], r["pp"], r["concurrency_per_replica"])  # noqa: E731
+    key = lambda r: (r["mode"], r["tp"], r["pp"], r["concurrency_per_replica"])  # noqa: E731
     assert sorted(map(key, merged.rows)) == sorted(map(key, whole.rows))
     by = {key(r): r for r in whole.rows}
     for r in merged.rows:

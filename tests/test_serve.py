@@ -46,14 +46,15 @@ def engine(budget=2048, seqs=16, blocks=4000, prefix=True, is_async=False, reque
                       np.float32(request_host_us))
 
 
-def workload(offsets, prompt, output, user=None, group=None, sys_tokens=0, reuse=False, gate=None, succ=None):
+def workload(offsets, prompt, output, user=None, group=None, sys_tokens=0, reuse=False, gate=None, succ=None,
+             preloaded=None):
     n = len(offsets)
     out = {}
     for name, v, fill, dt in (("offset_s", offsets, np.inf, np.float32), ("prompt_tokens", prompt, 1, np.int32),
                               ("output_tokens", output, 1, np.int32), ("user", user, -1, np.int32),
                               ("group", group, -1, np.int32), ("sys_tokens", sys_tokens, 0, np.int32),
                               ("reuse", reuse, False, bool), ("gate", gate, False, bool),
-                              ("succ", succ, -1, np.int32)):
+                              ("succ", succ, -1, np.int32), ("preloaded", preloaded, 0, np.int32)):
         a = np.full(R, fill, dt)
         a[:n] = fill if v is None else v
         out[name] = a
@@ -137,6 +138,19 @@ def test_shared_system_prompt(model):
     r = run(model, workload([0.0, 5.0], [600, 600], [2, 2], user=[0, 1], group=[0, 0], sys_tokens=100, reuse=True),
             engine())
     assert list(r["hit_tokens"][:2]) == [0, 96]
+
+
+def test_preloaded_kv(model):
+    """A disaggregated decode worker's request: its prompt's KV arrives computed, so only the tokens after its
+    last whole block are computed before the first token (also without prefix caching), and its blocks are
+    held from admission on."""
+    P = 1000
+    r = run(model, workload([0.0], [P], [3], preloaded=[P]), engine(prefix=False))
+    hit = 16 * ((P - 1) // 16)
+    assert int(r["hit_tokens"][0]) == hit
+    assert float(r["prefill_tokens"]) == P - hit
+    ttft = r["first_s"][0] - r["send_s"][0] + CLIENT
+    assert ttft == pytest.approx(INGRESS + t_prefill(model, P - hit, hit) + CLIENT, rel=1e-4)
 
 
 def test_preemption_recomputes_and_finishes(model):
@@ -365,7 +379,8 @@ def _records(tmp_path):
               "engine": {"name": "vllm", "version": "0.12.0"},
               "workload": {"type": "closed", "concurrency": 4, "input_tokens": 500, "output_tokens": 20}}
     moe = dict(closed, id="moe", model="tiny-moe")
-    disagg = dict(closed, id="disagg", mode="disagg")
+    disagg = {**{k: v for k, v in closed.items() if k != "tp"}, "id": "disagg", "mode": "disagg",
+              "prefill": {"num_workers": 1, "tp_size": 1}, "decode": {"num_workers": 1, "tp_size": 1}}
     pp = dict(closed, id="pp", pp=2)
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in (open_loop, closed, moe, disagg, pp)))
@@ -379,7 +394,7 @@ def test_serve_records_and_refusals(tmp_path):
     by = {o["id"]: o for o in outs}
     assert [o["id"] for o in outs] == ["dense-open", "dense-closed", "moe", "disagg", "pp"]
     assert "no bf16 curve for tiny-moe's experts" in by["moe"]["refused"]  # a shape the MoE table lacks
-    assert "disaggregated" in by["disagg"]["refused"]
+    assert by["disagg"]["pools"]["decode"]["gpus"] == 1 and by["disagg"]["predicted"]["tpot_mean_ms"] > 0
     assert by["pp"]["simulation"]["pp"] == 2 and by["pp"]["predicted"]["tpot_mean_ms"] > 0  # tests/test_pipeline.py
     o = by["dense-open"]
     for k in sv.METRICS:
@@ -471,7 +486,7 @@ def test_cli(tmp_path, capsys):
                  "--out", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == ["dense-open", "dense-closed", "moe", "disagg", "pp"]
-    assert "3 priced, 2 refused" in capsys.readouterr().out
+    assert "4 priced, 1 refused" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("mutate,field", [

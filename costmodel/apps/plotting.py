@@ -30,8 +30,14 @@ def _deployment_key(rec: dict) -> tuple:
 
 def _label(rec: dict) -> str:
     w = rec.get("workload", {})
-    layout = f"TP{rec.get('tp', 1)}" + (f" DP-att{rec['attention_dp']}" if rec.get("attention_dp", 1) > 1 else "") \
-        + (f" EP{rec['moe_ep']}" if rec.get("moe_ep", 1) > 1 else "")
+    if rec.get("mode") == "disagg":
+        pools = [(role, rec.get(role) or {}) for role in ("prefill", "decode")]
+        layout = " + ".join(f"{p.get('num_workers', 1)}x {role} TP{p.get('tp_size', 1)}"
+                            + (f" DP-att{p['attention_dp_size']}" if (p.get("attention_dp_size") or 1) > 1 else "")
+                            for role, p in pools)
+    else:
+        layout = f"TP{rec.get('tp', 1)}" + (f" DP-att{rec['attention_dp']}" if rec.get("attention_dp", 1) > 1 else "") \
+            + (f" EP{rec['moe_ep']}" if rec.get("moe_ep", 1) > 1 else "")
     lengths = f" {w['input_tokens']}/{w['output_tokens']}" if "input_tokens" in w else ""
     return f"{rec.get('model')} {rec.get('gpu')} {layout}{lengths}"
 
@@ -55,7 +61,8 @@ def serving_curves(records: list[dict], outs: list[dict]) -> list[dict]:
             continue
         w, p, m = rec.get("workload", {}), o["predicted"], rec.get("measured") or {}
         if w.get("type") == "closed":
-            closed.setdefault(_deployment_key(rec), []).append((w["concurrency"], rec, p, m))
+            clients = w.get("concurrency") or o.get("simulation", {}).get("clients")  # disagg: the default clients
+            closed.setdefault(_deployment_key(rec), []).append((clients, rec, p, m))
         elif p.get("stages"):
             ms = m.get("stages") or [{}] * len(p["stages"])
             curves.append({"kind": "open", "label": f"{_label(rec)} ({rec['id']})",

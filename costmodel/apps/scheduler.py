@@ -41,6 +41,10 @@ exceed the KV capacity, caches are evicted least recently used first (users befo
 system prompt).  Requests with ``reuse`` false hit only their own cache entry (their blocks from before a
 preemption), as with random prompts.
 
+A request's ``preloaded`` prompt tokens arrive with their KV already computed (the decode worker of a
+disaggregated deployment receives them from a prefill worker): they count as a hit in whole blocks, with or
+without prefix caching, until a preemption drops them (vLLM then recomputes the prompt on the decode worker).
+
 Time is float32 seconds with a compensated (Kahan) sum for the engine clock; per-request times are float32
 (0.1 ms resolution at 1,000 s).
 """
@@ -90,6 +94,7 @@ class Workload(NamedTuple):
     reuse: jax.Array  # bool [R]: the user's cached sequence is a prefix of this prompt
     valid: jax.Array  # bool [R]
     stage_requests: jax.Array  # int32 [S]: requests per stage
+    preloaded: jax.Array  # int32 [R]: prompt tokens whose KV arrives computed (a disaggregated decode worker's)
 
 
 class StepModel(NamedTuple):
@@ -210,11 +215,11 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         return jnp.concatenate([a, jnp.full((N - R,), fill, a.dtype)])
 
     # read-only request columns, one row per request: prompt, output, user, group, system prompt, reuse,
-    # successor, stage
+    # successor, stage, preloaded
     reqi = jnp.stack([pad(wl.prompt_tokens.astype(i32), 1), pad(wl.output_tokens.astype(i32), 1),
                       pad(wl.user.astype(i32), -1), pad(wl.group.astype(i32), -1), pad(wl.sys_tokens.astype(i32), 0),
                       pad(wl.reuse.astype(i32), 0), pad(jnp.where(wl.valid, wl.succ, -1).astype(i32), -1),
-                      pad(wl.stage.astype(i32), 0)], 1)
+                      pad(wl.stage.astype(i32), 0), pad(wl.preloaded.astype(i32), 0)], 1)
     offset = pad(wl.offset_s.astype(f32), INF)
     valid = pad(wl.valid, False)
     n_valid = jnp.sum(wl.valid).astype(i32)  # valid requests come first
@@ -249,7 +254,7 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
     def body(s):
         base = s["base"]
         c = jax.lax.dynamic_slice_in_dim(reqi, base, W)
-        P, O, user, group, sysT, reuse, succ, stage = (c[:, j] for j in range(8))
+        P, O, user, group, sysT, reuse, succ, stage, pre = (c[:, j] for j in range(9))
         wi, wf = s["wi"], s["wf"]
         st, comp, gen, blk, hit0, npre = (wi[:, j] for j in range(6))
         first, done = wf[:, 0], wf[:, 1]
@@ -270,7 +275,9 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         ut = s["utab"][u_ix]
         own = jnp.where((user >= 0) & ((reuse > 0) | (ut[:, 1] == idx)), ut[:, 0], 0)
         grp = jnp.where((group >= 0) & (s["gtab"][g_ix, 0] > 0), (sysT // B) * B, 0)
-        hit = jnp.where(engine.prefix_caching, jnp.minimum(jnp.maximum(own, grp), ((P + gen - 1) // B) * B), 0)
+        hit = jnp.where(engine.prefix_caching, jnp.maximum(own, grp), 0)
+        # KV received from a prefill worker counts as a hit in whole blocks until a preemption drops it
+        hit = jnp.minimum(jnp.maximum(hit, jnp.where(npre == 0, (pre // B) * B, 0)), ((P + gen - 1) // B) * B)
 
         # 1. running requests, in order, under the token budget; preempt from the tail when blocks run out.
         # 2. waiting requests, first come first served, while the running limit and the blocks allow (none in a

@@ -6,7 +6,8 @@ parallelism inside the TP group (``moe_ep`` 1 or ``tp``: vLLM's ``--enable-exper
 data parallelism with the experts over all its GPUs (`layouts`), the weight precisions asked for, and the
 concurrency per replica; the GPUs left over by one replica hold more replicas (``dp = gpus // (tp x
 attention_dp)``), each an independent engine behind a round-robin router that sends it 1/dp of the
-clients.  Every candidate is first checked for what it needs (GPUs, divisibility of heads and experts, FP8
+clients; disaggregated units of prefill and decode workers are built from the feasible layouts and the best
+few simulated (`_disagg_candidates`).  Every candidate is first checked for what it needs (GPUs, divisibility of heads and experts, FP8
 tensor cores, weights and the KV cache of its concurrency in memory) and every rejection is counted by
 reason; the rest are scored with `serve.serve` on the closed-loop workload, one replica per record, so the
 numbers are those ``costmodel serve`` gives for the same record.  What is and is not searched:
@@ -53,6 +54,10 @@ SCREEN_SEQS = (64, 128, 256, 512, 1024)
 SCREEN_KV_DTYPES = ("auto", "fp8")
 SIMULATE_TOP = 16  # screened configurations simulated: this many best, and up to this many of the front
 SCREEN_MARGIN = 0.1  # a screened configuration is simulated when within the SLOs x (1 + this)
+DISAGG_TOP = 4  # disaggregated deployments simulated (`_disagg_candidates`)
+DISAGG_CLIENTS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
+                  320, 384, 448, 512)  # per decode rank
+DISAGG_MAX_RHO = 0.98  # prefill utilisation above which a unit's clients would mostly queue for prefill
 DEFAULT_ENGINE_VERSION = "0.15.1"  # the newest engine the packaged calibration has parameters for
 GPU_MEMORY_UTILIZATION = 0.9
 GIB = 2.0**30
@@ -132,6 +137,21 @@ def tp_candidates(gpus_per_node: int) -> list[int]:
     return [d for d in range(1, gpus_per_node + 1) if gpus_per_node % d == 0]
 
 
+def _row_layout_name(row: dict, dp: int) -> str:
+    """A scored row's layout, a disaggregated unit's as its two pools (times dp units)."""
+    if row.get("mode") != "disagg":
+        return _layout_name(row["tp"], row["moe_ep"], dp, row["attention_dp"], row["pp"])
+    pre = _pool_name(row["prefill_tp"], row["prefill_moe_ep"], row["prefill_attention_dp"])
+    dec = _pool_name(row["tp"], row["moe_ep"], row["attention_dp"])
+    return (f"disagg {row['prefill_workers']}x prefill {pre} + {row['decode_workers']}x decode {dec}"
+            + (f" (x{dp})" if dp > 1 else ""))
+
+
+def _pool_name(tp: int, moe_ep: int, attention_dp: int) -> str:
+    """One worker's layout: "TP2", "TP1 attDP4 EP4"."""
+    return _layout_name(tp, moe_ep, 1, attention_dp).removesuffix(" x DP1")
+
+
 def _layout_name(tp: int, moe_ep: int, dp: int, attention_dp: int = 1, pp: int = 1) -> str:
     return (f"TP{tp}" + (f" PP{pp}" if pp > 1 else "") + (f" attDP{attention_dp}" if attention_dp > 1 else "")
             + (f" EP{moe_ep}" if moe_ep > 1 else "") + f" x DP{dp}")
@@ -199,7 +219,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
            calibration: str = "default", workload_options: dict | None = None, e2e_ms: float | None = None,
            percentile: int | None = None, objective: str = "tokens_per_gpu",
            usd_per_gpu_hour: float | None = None, screen: bool = False,
-           simulate_top: int = SIMULATE_TOP, pp=None, part: tuple[int, int] = (0, 1)) -> SearchResult:
+           simulate_top: int = SIMULATE_TOP, pp=None, part: tuple[int, int] = (0, 1),
+           disagg: bool = True) -> SearchResult:
     """Search the deployments of ``model`` on ``gpus`` GPUs of type ``gpu`` for a closed loop of ``isl``
     input and ``osl`` output tokens per request (module doc).  ``concurrency``: clients per replica to try
     (default `DEFAULT_CONCURRENCY`, with ``screen`` `SCREEN_CONCURRENCY`); ``rate``: requests/s the whole
@@ -219,6 +240,10 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     per second; `SearchResult.screened`); those within the SLOs x (1 + `SCREEN_MARGIN`) on its means — the
     ``simulate_top`` best and up to ``simulate_top`` of their Pareto front — are then simulated, and the
     simulated ones are the result's rows.  Without it every configuration is simulated.
+
+    ``disagg``: also score disaggregated prefill/decode pools built from the feasible layouts
+    (`_disagg_candidates`; `DISAGG_TOP` of them are simulated; in a split search by part 0, from every part's
+    layouts).
 
     ``part`` (index, count): this process's share of a search split over ``count`` processes — the layouts
     whose position in `layouts` is ``index`` modulo ``count`` (`merge_parts` joins the parts)."""
@@ -272,18 +297,24 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     result = SearchResult(query)
     sim = serve_mod.Simulator(bench_data, calibration)
 
+    mine = [True]  # whether the layout at hand is this part's (every part checks every layout for disaggregation)
+
     def reject(layout, w, reason, detail, cs=concurrency, kvd="auto", tokens=None, seq=None):
+        if not mine[0]:
+            return
         tp, pp, att, ep = layout
         result.rejected += [{"tp": tp, "pp": pp, "attention_dp": att, "moe_ep": ep, "weights": w, "kv_cache_dtype": kvd,
                              "max_num_batched_tokens": tokens, "max_num_seqs": seq, "concurrency": c,
                              "reason": reason, "detail": detail} for c in cs]
 
-    groups = []  # (record without workload, row without results, concurrencies that fit)
+    groups = []  # (record without workload, row without results, concurrencies that fit) of this part's layouts
+    every_group = []  # ... of every layout: the pools of disaggregated units
     per_engine = len(budgets) * len(seqs)
     for w in weights:
         m = base.with_dtype(serve_mod.WEIGHT_DTYPES[w])
         for li, layout in enumerate(layouts(base, gpus_per_node, pps)):
-            if li % p_count != p_index:
+            mine[0] = li % p_count == p_index
+            if not (mine[0] or disagg and p_index == 0):
                 continue
             tp, pp, att, ep = layout
             every = concurrency * per_engine * len(kv_dtypes)
@@ -339,7 +370,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                                "gpu_memory_utilization": gpu_memory_utilization,
                                "weights_bytes_per_gpu": cap.weight_bytes, "kv_pool_bytes_per_gpu": cap.kv_bytes,
                                "kv_bytes_per_token": cap.kv_bytes_per_token, "kv_tokens_per_rank": cap.tokens}
-                        groups.append((rec, row, fit))
+                        every_group.append((rec, row, fit))
+                        if mine[0]:
+                            groups.append((rec, row, fit))
 
     def candidate(rec, row, c):
         per_rank = serve_mod.rank_clients(c, row["attention_dp"])
@@ -364,12 +397,15 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
             result.screen_seconds = time.perf_counter() - t_screen - screen_compiling.seconds
         else:
             candidates = [candidate(rec, row, c) for rec, row, fit in groups for c in fit]
+        if disagg and p_index == 0 and every_group:
+            candidates += _disagg_candidates(sim, every_group, gpus, isl, osl, ttft_ms, tpot_ms, DISAGG_TOP, model_configs,
+                                             arch)
         outs = serve_mod.serve([r for r, _ in candidates], model_configs, workload_options=workload_options,
                                simulator=sim) if candidates else []
     result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
-            reject((rec["tp"], rec["pp"], rec["attention_dp"], rec["moe_ep"]), rec["weights"], REFUSED, out["refused"],
+            reject((row["tp"], row["pp"], row["attention_dp"], row["moe_ep"]), row["weights"], REFUSED, out["refused"],
                    [rec["workload"]["concurrency"]], row["kv_cache_dtype"], row["max_num_batched_tokens"],
                    row["max_num_seqs"])
             continue
@@ -378,7 +414,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         budget = gpus // replica
         dp = budget if objective == "tokens_per_gpu" else \
             min(budget, max(1, math.ceil(rate / t["requests_per_s"] - 1e-9)))
-        row.update({"layout": _layout_name(row["tp"], row["moe_ep"], dp, row["attention_dp"], row["pp"]), "dp": dp,
+        row.setdefault("mode", "agg")
+        row.update({"layout": _row_layout_name(row, dp), "dp": dp,
                     "gpus_used": replica * dp,
                     "concurrency_total": row["concurrency_per_replica"] * dp})
         row.update({k: p[k] for k in serve_mod.METRICS})
@@ -412,23 +449,17 @@ def _meets(r, stat: str, ttft_ms, tpot_ms, e2e_ms, rate, margin: float = 0.0):
 
 
 def _replica_gpus(row) -> int:
-    """GPUs of one replica of a row's layout: tp x pp x attention_dp."""
-    return row["tp"] * row["pp"] * row["attention_dp"]
+    """GPUs of one replica of a row's layout: tp x pp x attention_dp, or a disaggregated unit's (both pools)."""
+    return row.get("unit_gpus") or row["tp"] * row["pp"] * row["attention_dp"]
 
 
 def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, model_configs):
     """The steady-state estimate (`steady`) of every (group, concurrency): one DataFrame row each, with the
     group's index (``group``) and the serving metrics' means under `serve`'s names."""
     by_static: dict = {}
-    probes: dict = {}  # one deployment per step model (layout, weights, KV-cache precision)
+    probes: dict = {}
     for gi, (rec, row, fit) in enumerate(groups):
-        key = (row["tp"], row["pp"], row["attention_dp"], row["moe_ep"], row["weights"], row["kv_cache_dtype"])
-        if key not in probes:
-            probe = {**rec, "id": "probe", "workload": {"type": "closed", "concurrency": 1, "input_tokens": isl,
-                                                          "output_tokens": osl}}
-            dep = serve_mod.resolve(probe, "search", model_configs, workload_options={"rounds": 2})
-            probes[key] = (dep, sim.step_model(dep))
-        dep, (static, lk, on, params) = probes[key]
+        dep, (static, lk, on, params) = _probe(sim, probes, rec, row, isl, osl, model_configs)
         c = np.asarray(fit, np.int64)
         per_rank = serve_mod.rank_clients(c, row["attention_dp"] * row["pp"])  # as `serve.resolve` splits them
         blocks = serve_mod.lane_kv_blocks(row["kv_tokens_per_rank"] // serve_mod.BLOCK_TOKENS, row["pp"])
@@ -471,6 +502,108 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
         f["usd_per_hour"] = f["gpus_used"] * usd_per_gpu_hour
         f["output_tokens_per_usd"] = f["output_tokens_per_s_total"] * 3600 / f["usd_per_hour"]
     return f
+
+
+def _probe(sim, probes: dict, rec: dict, row: dict, isl: int, osl: int, model_configs):
+    """(deployment, step model) of a group's record at one client, one per layout, weights and KV-cache
+    precision (cached in ``probes``)."""
+    key = (row["tp"], row["pp"], row["attention_dp"], row["moe_ep"], row["weights"], row["kv_cache_dtype"])
+    if key not in probes:
+        probe = {**rec, "id": "probe", "workload": {"type": "closed", "concurrency": 1, "input_tokens": isl,
+                                                      "output_tokens": osl}}
+        dep = serve_mod.resolve(probe, "search", model_configs, workload_options={"rounds": 2})
+        probes[key] = (dep, sim.step_model(dep))
+    return probes[key]
+
+
+def _disagg_candidates(sim, groups, gpus, isl, osl, ttft_ms, tpot_ms, top, model_configs, arch) -> list:
+    """Disaggregated deployments to simulate: (record, row) pairs, ``top`` at most.
+
+    Pools are the feasible single-stage layouts (pp 1) of one weight and KV-cache precision, the decode
+    pool at its highest running limit, the prefill pool at the smallest token budget that holds a whole
+    prompt (else the largest) and its lowest running limit, among the limits that fit.  A prefill worker of
+    layout P and a decode worker of layout D make a unit of n_p x P + n_d x D GPUs within the budget, the
+    decode ranks running b clients each (the concurrencies that fit D's KV cache).  A closed form ranks them: the decode step of b requests gives TPOT; a cycle is TTFT + (OSL -
+    1) TPOT, C = b x n_d x attention_dp(D) clients complete C / cycle requests per second, which the prefill
+    workers serve with utilisation rho (prompts one at a time: n_p x attention_dp(P) / prefill); TTFT is
+    the prefill plus a wait of rho prefills (a closed loop's few clients queue far less than an open loop's
+    M/D/1 wait at the same utilisation), the KV transfer, the decode worker's first step and the client- and
+    ingress-side time.  Units whose prefill utilisation exceeds `DISAGG_MAX_RHO` are
+    skipped; the best (most output tokens/s per GPU) within the SLOs of each (P, D) pair, then overall, are
+    simulated (`serve.run_disaggregated`)."""
+    o = sim.options
+    fixed_s = (2 * o.ingress_ms + o.client_ms) / 1e3
+    probes: dict = {}
+    pools = {}
+    chosen: dict = {}  # per precision and layout, the group with the highest running limit (decode)
+    prefill_limits: dict = {}  # ... (token budget, running limit) of the prefill pool (docstring)
+    for rec, row, fit in groups:
+        key = (row["weights"], row["kv_cache_dtype"], row["tp"], row["attention_dp"], row["moe_ep"])
+        if row["pp"] != 1:
+            continue
+        if key not in chosen or row["max_num_seqs"] > chosen[key][1]["max_num_seqs"]:
+            chosen[key] = (rec, row, fit)
+        b, n = row["max_num_batched_tokens"], row["max_num_seqs"]
+        rank = (b >= isl, -b if b >= isl else b, -n)  # one whole prompt per step at least, few batched together
+        if key not in prefill_limits or rank > prefill_limits[key][0]:
+            prefill_limits[key] = (rank, b, n)
+    for (w, kvd, *lay), (rec, row, fit) in chosen.items():
+        key, lay = (w, kvd), tuple(lay)
+        pools.setdefault(key, {})
+        dep, sm = _probe(sim, probes, rec, row, isl, osl, model_configs)
+        # clients per decode rank: what its KV cache holds, within the running limit (no queue at decode)
+        b_list = [b for b in DISAGG_CLIENTS if b <= min(max(fit), row["max_num_seqs"])]
+        pre_s = sim.phase_s(dep, *sm, batch=1)[0]
+        dec_s = np.array([sim.phase_s(dep, *sm, batch=b)[1] for b in b_list])
+        xfer = serve_mod.kv_transfer_s(arch, dep.gpu, {"tp": row["tp"], "attention_dp": row["attention_dp"]}, isl,
+                                       row["kv_cache_dtype"], gpus)
+        pools[key][lay] = (rec, row, pre_s, np.array(b_list), dec_s, xfer)
+    found = []
+    for key, by_layout in pools.items():
+        for lp, (rec_p, row_p, pre_s, *_) in by_layout.items():
+            w_p = _replica_gpus(row_p)
+            for ld, (rec_d, row_d, _, bs, dec_s, xfer) in by_layout.items():
+                w_d = _replica_gpus(row_d)
+                best = None
+                for n_p in range(1, (gpus - w_d) // w_p + 1):
+                    for n_d in range(1, (gpus - n_p * w_p) // w_d + 1):
+                        unit = n_p * w_p + n_d * w_d
+                        clients = bs * n_d * row_d["attention_dp"]
+                        cycle = fixed_s + pre_s + xfer + (osl - 1) * dec_s
+                        x = clients / cycle
+                        rho = x * pre_s / (n_p * row_p["attention_dp"])
+                        ttft = fixed_s + pre_s * (1 + rho) + xfer + dec_s
+                        ok = (rho <= DISAGG_MAX_RHO) & (ttft * 1e3 <= (ttft_ms or np.inf)) & \
+                            (dec_s * 1e3 <= (tpot_ms or np.inf))
+                        tok_gpu = np.where(ok, x * osl / unit, -np.inf)
+                        i = int(np.argmax(tok_gpu))
+                        if np.isfinite(tok_gpu[i]) and (best is None or tok_gpu[i] > best[0]):
+                            best = (tok_gpu[i], n_p, n_d, int(clients[i]), int(bs[i]))
+                if best:
+                    found.append((best, rec_d, row_p, row_d))
+    found.sort(key=lambda f: -f[0][0])
+    out = []
+    for (tok_gpu, n_p, n_d, clients, b), rec_d, row_p, row_d in found[:top]:
+        pool = lambda r, n: {"num_workers": n, "tp_size": r["tp"], "pp_size": 1,  # noqa: E731
+                             "attention_dp_size": r["attention_dp"], "moe_ep_size": r["moe_ep"]}
+        _, budget, seqs = prefill_limits[(row_p["weights"], row_p["kv_cache_dtype"], row_p["tp"],
+                                          row_p["attention_dp"], row_p["moe_ep"])]
+        rid = (f"{row_d['weights']}-kv{row_d['kv_cache_dtype']}-disagg-{n_p}x"
+               f"{_pool_name(row_p['tp'], row_p['moe_ep'], row_p['attention_dp'])}-{n_d}x"
+               f"{_pool_name(row_d['tp'], row_d['moe_ep'], row_d['attention_dp'])}-c{clients}")
+        rec = {**{k: v for k, v in rec_d.items() if k not in ("tp", "pp", "attention_dp", "moe_ep")},
+               "id": rid.replace(" ", ""), "mode": "disagg", "decode": pool(row_d, n_d),
+               "prefill": {**pool(row_p, n_p), "max_num_batched_tokens": budget, "max_num_seqs": seqs},
+               "workload": {"type": "closed", "concurrency": clients, "input_tokens": isl, "output_tokens": osl}}
+        row = {k: v for k, v in row_d.items() if k not in ("kv_bytes_per_token", "kv_tokens_per_rank")}
+        row.update({"mode": "disagg", "prefill_tp": row_p["tp"], "prefill_attention_dp": row_p["attention_dp"],
+                    "prefill_max_num_batched_tokens": budget, "prefill_max_num_seqs": seqs,
+                    "prefill_moe_ep": row_p["moe_ep"], "prefill_workers": n_p, "decode_workers": n_d,
+                    "unit_gpus": n_p * _replica_gpus(row_p) + n_d * _replica_gpus(row_d),
+                    "concurrency_per_replica": clients,
+                    "kv_needed_bytes_per_gpu": b * (isl + osl) * row_d["kv_bytes_per_token"]})
+        out.append((rec, row))
+    return out
 
 
 def _to_simulate(screened: pd.DataFrame, ttft_ms, tpot_ms, e2e_ms, rate, top: int, merit: str) -> list:
@@ -591,7 +724,16 @@ def merge_parts(paths: list) -> SearchResult:
 
 
 def vllm_command(result: SearchResult, row: dict) -> str:
-    """The ``vllm serve`` command line of a scored row."""
+    """The ``vllm serve`` command line of a scored row; for a disaggregated unit a launch sketch: each pool's
+    workers with vLLM's NIXL KV connector, behind a prefill/decode proxy (vLLM's example proxy or Dynamo)."""
+    if row.get("mode") == "disagg":
+        pre = {**row, "mode": "agg", "tp": row["prefill_tp"], "pp": 1, "attention_dp": row["prefill_attention_dp"],
+               "moe_ep": row["prefill_moe_ep"], "dp": 1, "max_num_seqs": row["prefill_max_num_seqs"],
+               "max_num_batched_tokens": row["prefill_max_num_batched_tokens"]}
+        kv = """--kv-transfer-config '{"kv_connector":"NixlConnector","kv_role":"kv_both"}'"""
+        return (f"prefill ({row['prefill_workers']}x): {vllm_command(result, pre)} {kv}; "
+                f"decode ({row['decode_workers']}x): {vllm_command(result, {**row, 'mode': 'agg', 'dp': 1})} {kv}; "
+                "a prefill/decode proxy in front" + (f" (x {row['dp']} such units)" if row["dp"] > 1 else ""))
     q = result.query
     parts = ["vllm serve", q["model"], f"--tensor-parallel-size {row['tp']}"]
     if row.get("pp", 1) > 1:
@@ -746,6 +888,8 @@ def add_search_arguments(sp) -> None:
     sp.add_argument("--pp", type=_int_list, default=None,
                     help="pipeline-parallel degrees to try, comma-separated (default: every one whose stages fit "
                          "in a node)")
+    sp.add_argument("--no-disagg", dest="disagg", action="store_false",
+                    help="leave out disaggregated prefill/decode pools (default: the best few are simulated)")
     sp.add_argument("--isl", type=number(int, 1), required=True, help="input tokens per request")
     sp.add_argument("--osl", type=number(int, 1), required=True, help="output tokens per request")
     sp.add_argument("--ttft-ms", type=number(float, 0, low_open=True), default=None,
@@ -831,7 +975,7 @@ def run_search(args) -> int:
                       bench_data=args.bench_data, calibration=args.calibration,
                       workload_options={"rounds": args.rounds}, screen=args.screen,
                       simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes, pp=args.pp,
-                      part=(index, count))
+                      part=(index, count), disagg=args.disagg)
     if count > 1:
         path = part_path(args.out, index, count)
         save_part(res, path)

@@ -122,6 +122,8 @@ class Deployment:
     dp: int = 1  # whole replicas (independent engines) behind a round-robin router
     kv_cache_dtype: str = "auto"  # `records.KV_CACHE_DTYPES`: priced from the matching attention tables
     pp: int = 1  # pipeline stages of tp GPUs; the simulation is one of pp interleaved batch lanes
+    think_s: float = 0.0  # a closed-loop client's time elsewhere between this engine's answer and its next
+    #                       request (the other pool of a disaggregated deployment), not part of the latency
 
     @property
     def gpus(self) -> int:
@@ -184,7 +186,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
             raise InputError("missing required field", where, key)
     mode = rec.get("mode", "agg")
     if mode != "agg":
-        raise Refusal(f"mode '{mode}': disaggregated prefill/decode workers are not modelled yet")
+        raise InputError(f"must be 'agg' or 'disagg', got {mode!r}", where, "mode")
     tp = _num(rec.get("tp", 1), where, "tp")
     pp = _num(rec.get("pp") or 1, where, "pp")
     dp = _num(rec.get("dp") or 1, where, "dp")
@@ -343,27 +345,33 @@ class Simulator:
                                       as_scalars(self.params(dep.gpu, dep.engine_version)))
         return self._step_models[key]
 
-    def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
-        """One closed-loop request's duration from send to the client's reading its last token, with every
-        client's request decoding beside it: ingress + its prefill alone + (OSL − 1) decode steps of
-        min(C, max_num_seqs) requests at the middle context + client time (step model, µs -> s)."""
+    def phase_s(self, dep: Deployment, static, lk, on, params, batch: float | None = None) -> tuple[float, float]:
+        """(a prompt's prefill alone, a decode step of ``batch`` requests at the middle context) in seconds,
+        host work included (step model); ``batch`` defaults to min(clients, max_num_seqs)."""
         r, o = dep.requests, self.options
         isl, osl = float(r.prompt_tokens[0]), float(r.output_tokens[0])
-        b = float(min(r.n_users, dep.max_seqs))
+        b = float(min(r.n_users, dep.max_seqs) if batch is None else batch)
         d = ops.dims(dep.model, dep.tp, dep.moe_ep, dep.attention_dp, dep.pp)
         sm = sch.StepModel(lk, on, params)
         fn = _step_time_fn(static)
         pre = float(fn(sm, 0.0, 0.0, 1.0, isl, float(ops.prefill_pairs_tiled(d, isl, 0.0))))
         dec = float(fn(sm, b, b * float(ops.decode_keys(d, isl + osl / 2)), 0.0, 0.0, 0.0))
-        pre, dec = (float(sch.host_step_us(t, n, o.request_host_us, dep.async_scheduling))
-                    for t, n in ((pre, 1.0), (dec, b)))
-        return (o.ingress_ms + o.client_ms) / 1e3 + (pre + (osl - 1) * dec) * 1e-6
+        return tuple(float(sch.host_step_us(t, n, o.request_host_us, dep.async_scheduling)) * 1e-6
+                     for t, n in ((pre, 1.0), (dec, b)))
+
+    def request_duration_s(self, dep: Deployment, static, lk, on, params) -> float:
+        """One closed-loop request's duration from send to the client's reading its last token, with every
+        client's request decoding beside it: ingress + its prefill alone + (OSL − 1) decode steps of
+        min(C, max_num_seqs) requests at the middle context + client time (`phase_s`)."""
+        o = self.options
+        pre, dec = self.phase_s(dep, static, lk, on, params)
+        return (o.ingress_ms + o.client_ms) / 1e3 + pre + (float(dep.requests.output_tokens[0]) - 1) * dec
 
     def engine(self, dep: Deployment) -> sch.Engine:
         o = self.options
         return sch.Engine(np.int32(dep.max_batched_tokens), np.int32(dep.max_seqs), np.int32(dep.kv_blocks),
                           np.int32(BLOCK_TOKENS), np.bool_(dep.prefix_caching), np.bool_(dep.async_scheduling),
-                          np.float32(o.ingress_ms / 1e3), np.float32(o.client_ms / 1e3),
+                          np.float32(o.ingress_ms / 1e3), np.float32(o.client_ms / 1e3 + dep.think_s),
                           np.float32(o.stage_interval_s), np.float32(o.request_host_us))
 
     def run(self, deps: list[Deployment], batch: int = 16) -> list[tuple[Deployment, dict]]:
@@ -371,7 +379,8 @@ class Simulator:
         prepared = [(dep,) + self.step_model(dep) for dep in deps]
         for dep, static, lk, on, params in prepared:
             if dep.requests.kind == "closed" and dep.requests.start != "together":
-                dep.requests = wl_mod.stagger_start(dep.requests, self.request_duration_s(dep, static, lk, on, params))
+                dep.requests = wl_mod.stagger_start(dep.requests, self.request_duration_s(dep, static, lk, on, params)
+                                                    + dep.think_s)
         groups: dict = {}
         for p in prepared:
             groups.setdefault(p[1], []).append(p)
@@ -459,7 +468,8 @@ def _padded(r: wl_mod.Requests, R: int, S: int) -> sch.Workload:
         succ=p(r.succ, -1, np.int32), prompt_tokens=p(r.prompt_tokens, 1, np.int32),
         output_tokens=p(r.output_tokens, 1, np.int32), user=p(r.user, -1, np.int32),
         group=p(r.group, -1, np.int32), sys_tokens=p(r.sys_tokens, 0, np.int32), reuse=p(r.reuse, False, bool),
-        valid=p(np.ones(n, bool), False, bool), stage_requests=stage_requests)
+        valid=p(np.ones(n, bool), False, bool), stage_requests=stage_requests,
+        preloaded=p(0 if r.preloaded is None else r.preloaded, 0, np.int32))
 
 
 # ---------------------------------------------------------------- statistics
@@ -535,6 +545,216 @@ def _round(x):
     return x
 
 
+# ---------------------------------------------------------------- disaggregated prefill and decode
+
+POOL_FIELDS = ("num_workers", "tp_size", "pp_size", "attention_dp_size", "moe_tp_size", "moe_ep_size", "batch_size")
+POOL_ENGINE_FIELDS = ("max_num_batched_tokens", "max_num_seqs")  # a pool's own engine limits, over ``engine``
+DISAGG_ROUNDS = 3  # alternating simulations of the two pools at most (`run_disaggregated`)
+DISAGG_DAMPING = 0.5  # weight of a round's simulated times in the next round's think times
+DISAGG_SETTLED = 0.02  # ... stopping once Tp + Td (`run_disaggregated`) changed by at most this fraction
+KV_TRANSFER_FIXED_MS = 1.0  # per request: the hand-off through the router and the transfer's set-up and notice
+INTERNODE_BYTES_PER_S = 50e9  # one 400 Gb/s network adapter per GPU, one direction
+GPUS_PER_NODE = 8
+
+
+@dataclass
+class Disaggregated:
+    """A disaggregated deployment: ``prefill`` and ``decode`` are one rank of each pool, simulated as closed
+    loops of their share of the ``clients`` (`run_disaggregated`); ``transfer_s`` moves one prompt's KV."""
+
+    id: str
+    where: str
+    record: dict
+    prefill: Deployment
+    decode: Deployment
+    clients: int
+    transfer_s: float
+    notes: list = field(default_factory=list)
+    rounds: int = 0  # alternating rounds run
+    rounds_change: float = float("nan")  # relative change of Tp + Td (`run_disaggregated`) in the last round
+
+    @property
+    def gpus(self) -> int:
+        return self.prefill.gpus + self.decode.gpus
+
+
+def _pool_record(rec: dict, role: str, where: str, clients: int, output_tokens: int) -> dict:
+    """The aggregated record of one pool of a disaggregated record: its layout, ``num_workers`` replicas, the
+    record's model, GPU, weights and engine, and a closed loop of the deployment's clients."""
+    pool = rec.get(role)
+    if not isinstance(pool, dict):
+        raise InputError("must be an object with the pool's layout", where, role)
+    for k in pool:
+        if k not in POOL_FIELDS + POOL_ENGINE_FIELDS:
+            raise InputError(f"unknown field (known: {', '.join(POOL_FIELDS + POOL_ENGINE_FIELDS)})", where,
+                             f"{role}.{k}")
+    eng = rec.get("engine") or {}
+    if not isinstance(eng, dict):
+        raise InputError("must be an object", where, "engine")
+    own = {k: _num(pool[k], where, f"{role}.{k}") for k in POOL_ENGINE_FIELDS if pool.get(k) is not None}
+    # AIConfigurator writes 0 for the expert split it leaves to the layout (`ops.check_moe_tp`)
+    n = {k: _num(1 if pool.get(k) is None or (k == "moe_ep_size" and pool[k] == 0) else pool[k], where,
+                 f"{role}.{k}") for k in POOL_FIELDS if k != "moe_tp_size"}
+    moe_tp = pool.get("moe_tp_size") or None
+    w = rec["workload"]
+    return {**{k: v for k, v in rec.items() if k not in ("mode", "prefill", "decode", "dp")}, "mode": "agg",
+            "engine": {**eng, **own}, "tp": n["tp_size"], "pp": n["pp_size"], "attention_dp": n["attention_dp_size"],
+            "moe_ep": n["moe_ep_size"], "moe_tp": moe_tp, "dp": n["num_workers"],
+            "workload": {"type": "closed", "concurrency": clients, "input_tokens": w.get("input_tokens"),
+                         "output_tokens": output_tokens}}
+
+
+def disaggregated_clients(rec: dict, where: str) -> tuple[int, str | None]:
+    """A disaggregated closed loop's clients: ``workload.concurrency``, or when null AIConfigurator's
+    convention for its disaggregated benchmarks, the decode pool's batch_size x num_workers x
+    attention_dp_size (each decode rank running batch_size requests); the note says which."""
+    w = rec.get("workload")
+    if not isinstance(w, dict) or w.get("type") != "closed":
+        raise Refusal("disaggregated deployments are modelled for closed-loop workloads only")
+    if w.get("concurrency") is not None:
+        return _num(w["concurrency"], where, "workload.concurrency"), None
+    dec = rec.get("decode") if isinstance(rec.get("decode"), dict) else {}
+    c = 1
+    for k in ("batch_size", "num_workers", "attention_dp_size"):
+        c *= _num(dec.get(k, 1) or 1, where, f"decode.{k}")
+    return c, (f"workload.concurrency is null: {c} clients, the decode pool's batch_size x num_workers x "
+               "attention_dp_size (AIConfigurator's convention)")
+
+
+def kv_transfer_s(arch, gpu: GPU, decode_layout: dict, prompt_tokens: int, kv_cache_dtype: str, gpus: int,
+                  gpus_per_node: int = GPUS_PER_NODE) -> float:
+    """Seconds to move one prompt's KV cache from a prefill worker to a decode worker: every decode GPU pulls
+    its own share (`memory.kv_bytes_per_token` of the decode layout: its KV heads, its stage's layers, window
+    caps at this length) over its own link at once, NVLink when the deployment's ``gpus`` fit in one node,
+    else one network adapter per GPU (`INTERNODE_BYTES_PER_S`), plus `KV_TRANSFER_FIXED_MS`."""
+    per_gpu_bytes = prompt_tokens * memory.kv_bytes_per_token(arch, decode_layout, kv_cache_dtype,
+                                                             context_tokens=prompt_tokens)
+    link = gpu.nvlink_bytes_per_s if gpus <= gpus_per_node else INTERNODE_BYTES_PER_S
+    return KV_TRANSFER_FIXED_MS / 1e3 + per_gpu_bytes / link
+
+
+def resolve_disaggregated(rec: dict, where: str, model_configs=None, kv_blocks_fn=None,
+                          workload_options=None) -> Disaggregated:
+    """Validate a ``mode: "disagg"`` record and resolve one rank of each pool (module section above)."""
+    for key in ("id", "model", "gpu", "workload", "prefill", "decode"):
+        if key not in rec:
+            raise InputError("missing required field", where, key)
+    for key in ("tp", "pp", "dp", "attention_dp", "moe_tp", "moe_ep"):
+        if rec.get(key) is not None:
+            raise InputError("a disaggregated record's layout is its pools' (prefill.tp_size, decode.tp_size, ...)",
+                             where, key)
+    clients, note = disaggregated_clients(rec, where)
+    osl = rec["workload"].get("output_tokens")
+    deps = {}
+    for role, out in (("prefill", 1), ("decode", osl)):
+        try:
+            deps[role] = resolve(_pool_record(rec, role, where, clients, out), where, model_configs, kv_blocks_fn,
+                                 workload_options)
+        except Refusal as e:
+            raise Refusal(f"{role} pool: {e}") from None
+    pre, dec = deps["prefill"], deps["decode"]
+    dec.requests = dataclasses.replace(dec.requests, preloaded=dec.requests.prompt_tokens.copy())
+    isl = int(dec.requests.prompt_tokens[0])
+    layout = {"tp": dec.tp, "pp": dec.pp, "attention_dp": dec.attention_dp}
+    gpus = pre.gpus + dec.gpus
+    xfer = kv_transfer_s(load_arch(str(rec["model"]), model_configs), dec.gpu, layout, isl, dec.kv_cache_dtype,
+                         gpus)
+    notes = [note] if note else []
+    if note is None and rec["decode"].get("batch_size") is not None:
+        notes.append("decode.batch_size is not used: workload.concurrency gives the clients")
+    if (rec["prefill"].get("batch_size") or 1) != 1:
+        notes.append("prefill.batch_size is not used: the token budget decides how many prompts a prefill step "
+                     "carries")
+    notes.append(f"disaggregated: {pre.dp} prefill worker(s) of {pre.gpus // pre.dp} GPUs and {dec.dp} decode "
+                 f"worker(s) of {dec.gpus // dec.dp} GPUs; KV transfer {xfer * 1e3:.2f} ms per request over "
+                 f"{'NVLink' if gpus <= GPUS_PER_NODE else 'the network'} (docs/serving.md)")
+    return Disaggregated(str(rec["id"]), where, rec, pre, dec, clients, xfer, notes)
+
+
+def _mean_duration_s(res: dict, r: wl_mod.Requests) -> float:
+    """Mean time from a measured request's send to its last token (s)."""
+    m = r.measured & np.isfinite(res["done_s"])
+    return float(np.mean(res["done_s"][m] - res["send_s"][m])) if m.any() else float("nan")
+
+
+def run_disaggregated(sim: Simulator, dds: list, batch: int = 16) -> list[tuple[Disaggregated, dict, dict]]:
+    """Simulate disaggregated deployments: (deployment, prefill result, decode result) each.
+
+    A client's cycle is: send, the prefill worker's whole request (ingress, queue, prompt, first token: Tp),
+    the KV transfer (Tx), the decode worker's request (ingress, queue, last prompt block, every output token:
+    Td), client time, next send.  Each pool is a closed loop whose clients spend the rest of the cycle
+    elsewhere (`Deployment.think_s`: Tx + Td for the prefill pool, Tp + Tx for the decode pool).  Tp and Td
+    start from the step model's closed forms (`Simulator.request_duration_s`) and move halfway
+    (`DISAGG_DAMPING`) to each round's simulations of both pools (every deployment's pools in one batched
+    `Simulator.run`), until Tp + Td changes by at most `DISAGG_SETTLED` or after `DISAGG_ROUNDS` rounds (the
+    returned results are the last round's; `Disaggregated.rounds_change` is its relative change, reported with a note when it
+    exceeds `DISAGG_SETTLED`)."""
+    if not dds:
+        return []
+    client_s = sim.options.client_ms / 1e3
+    tp, td = {}, {}
+    for dd in dds:
+        tp[id(dd)] = sim.request_duration_s(dd.prefill, *sim.step_model(dd.prefill)) - client_s
+        td[id(dd)] = sim.request_duration_s(dd.decode, *sim.step_model(dd.decode)) - client_s
+    final, todo = {}, list(dds)
+    for round_ in range(1, DISAGG_ROUNDS + 1):
+        for dd in todo:
+            dd.prefill.think_s = dd.transfer_s + td[id(dd)]
+            dd.decode.think_s = tp[id(dd)] + dd.transfer_s
+            dd.rounds = round_
+        results = sim.run([d for dd in todo for d in (dd.prefill, dd.decode)], batch=batch)
+        left = []
+        for i, dd in enumerate(todo):
+            rp, rd = results[2 * i][1], results[2 * i + 1][1]
+            new_p = _mean_duration_s(rp, dd.prefill.requests)
+            new_d = _mean_duration_s(rd, dd.decode.requests)
+            # what the think times depend on: the client's cycle outside its client time
+            dd.rounds_change = abs((new_p + new_d) / (tp[id(dd)] + td[id(dd)]) - 1.0)
+            # damped: near a balance of the pools the undamped update swings between a prefill queue and none
+            tp[id(dd)] = DISAGG_DAMPING * new_p + (1 - DISAGG_DAMPING) * tp[id(dd)]
+            td[id(dd)] = DISAGG_DAMPING * new_d + (1 - DISAGG_DAMPING) * td[id(dd)]
+            final[id(dd)] = (dd, rp, rd)
+            if not dd.rounds_change <= DISAGG_SETTLED:
+                left.append(dd)
+        todo = left
+        if not todo:
+            break
+    return [final[id(dd)] for dd in dds]
+
+
+def disaggregated_statistics(dd: Disaggregated, res_p: dict, res_d: dict, options: Options = Options()) -> dict:
+    """The output line of a disaggregated deployment: the decode pool's `statistics` with the client's
+    latencies (TTFT = Tp + Tx + the decode worker's first token + client time; E2E = Tp + Tx + Td + client
+    time; a prefill and a decode request paired in order, the pools' requests being independent), throughput
+    per GPU over both pools, and each pool's own block under ``pools``."""
+    pre, dec = dd.prefill, dd.decode
+    out_p, out_d = statistics(pre, res_p, options), statistics(dec, res_d, options)
+    mp = pre.requests.measured & np.isfinite(res_p["done_s"])
+    md = dec.requests.measured & np.isfinite(res_d["done_s"])
+    n = int(min(mp.sum(), md.sum()))
+    t_p = (res_p["done_s"] - res_p["send_s"])[mp][:n].astype(np.float64)
+    first_d = (res_d["first_s"] - res_d["send_s"])[md][:n].astype(np.float64)
+    done_d = (res_d["done_s"] - res_d["send_s"])[md][:n].astype(np.float64)
+    lead = t_p + dd.transfer_s + options.client_ms / 1e3
+    pred = _latency_stats((lead + first_d) * 1e3, (lead + done_d) * 1e3, dec.requests.output_tokens[md][:n])
+    tput = dict(out_d["throughput"])
+    if tput.get("output_tokens_per_s"):
+        tput["output_tokens_per_s_per_gpu"] = tput["output_tokens_per_s"] / dd.gpus
+    tput["output_tokens_per_s_per_user"] = 1e3 / pred["itl_mean_ms"] if pred.get("itl_mean_ms") else None
+    notes = list(dd.notes) + [n_ for n_ in out_p["notes"] + out_d["notes"] if n_ not in dd.notes]
+    if not dd.rounds_change <= DISAGG_SETTLED:
+        notes.append(f"the pools' mean request times (prefill + decode) still changed by "
+                     f"{100 * dd.rounds_change:.1f} % in the last of {dd.rounds} alternating rounds")
+    sim = {**out_d["simulation"], "clients": dd.clients, "kv_transfer_ms": dd.transfer_s * 1e3,
+           "rounds": dd.rounds, "last_round_change": dd.rounds_change}
+    pools = {role: {"gpus": d.gpus, "workers": d.dp, "tp": d.tp, "pp": d.pp, "attention_dp": d.attention_dp,
+                    "requests_per_s": o["throughput"].get("requests_per_s"), "kv_cache": o["kv_cache"],
+                    "busy_fraction": o["simulation"]["busy_fraction"]}
+             for role, d, o in (("prefill", pre, out_p), ("decode", dec, out_d))}
+    return {"predicted": _round(pred), "throughput": _round(tput), "kv_cache": out_d["kv_cache"],
+            "simulation": _round(sim), "pools": _round(pools), "notes": notes}
+
+
 # ---------------------------------------------------------------- records and the command
 
 def _records_kept(path, exclude_gpus: tuple[str, ...]) -> list[tuple[dict, str]]:
@@ -577,25 +797,28 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
         records = [records]
     items = [r if isinstance(r, tuple) else (r, f"record {i}") for i, r in enumerate(records)]
     sim = simulator or Simulator(bench_data, calibration, allow_other_gpu, options)
-    outs, deps = [], []
+    outs, deps, dds = [], [], []
     for rec, where in items:
         try:
-            dep = resolve(rec, where, model_configs, kv_blocks_fn, workload_options)
+            if isinstance(rec, dict) and rec.get("mode") == "disagg":
+                dd = resolve_disaggregated(rec, where, model_configs, kv_blocks_fn, workload_options)
+                pools = [dd.prefill, dd.decode]
+            else:
+                dd = resolve(rec, where, model_configs, kv_blocks_fn, workload_options)
+                pools = [dd]
             try:  # what the GPU's tables lack: an MoE shape, precision or layout, fp8 KV-cache rows, ...
-                sim.step_model(dep)
+                for dep in pools:
+                    sim.step_model(dep)
             except InputError as e:
                 raise Refusal(str(e)) from None
-            deps.append(dep)
-            outs.append(dep)
+            (dds if isinstance(dd, Disaggregated) else deps).append(dd)
+            outs.append(dd)
         except Refusal as e:
             outs.append({"id": str(rec.get("id")), "refused": str(e)})
     results = {id(d): statistics(d, res, sim.options) for d, res in sim.run(deps, batch=batch)}
-    final = []
-    for o in outs:
-        if isinstance(o, Deployment):
-            final.append({"id": o.id, **results[id(o)]})
-        else:
-            final.append(o)
+    results.update({id(dd): disaggregated_statistics(dd, rp, rd, sim.options)
+                    for dd, rp, rd in run_disaggregated(sim, dds, batch)})
+    final = [{"id": o.id, **results[id(o)]} if isinstance(o, (Deployment, Disaggregated)) else o for o in outs]
     serve.calibration_used = sim.calibration_used
     return final
 

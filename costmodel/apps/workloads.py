@@ -72,6 +72,7 @@ class Requests:
     kind: str = "closed"
     start: str = "together"  # closed loop: how the clients' first requests go out
     notes: list = field(default_factory=list)
+    preloaded: np.ndarray | None = None  # int32: prompt tokens whose KV arrives computed (None: none)
 
     def __len__(self):
         return len(self.prompt_tokens)
