@@ -72,8 +72,8 @@ def test_pools_and_composition(served):
 def test_closed_loop_cycle(served):
     """Each pool's clients spend the rest of the cycle in the other pool: the think times are the other
     pool's mean request time plus the transfer, and C clients complete C / cycle requests per second
-    (Little's law, the cycle being E2E).  The rate is counted over the span of the measured requests (3
-    rounds), which the spread of the clients' first requests lengthens by less than one cycle."""
+    (Little's law, the cycle being E2E; the decode pool's rate is its clients over its own cycle, which the
+    settled think time makes the same within `DISAGG_SETTLED`)."""
     _, dd, rp, rd, out, _ = served
     t_p = sv._mean_duration_s(rp, dd.prefill.requests)
     t_d = sv._mean_duration_s(rd, dd.decode.requests)
@@ -81,8 +81,7 @@ def test_closed_loop_cycle(served):
     assert dd.decode.think_s == pytest.approx(t_p + dd.transfer_s, rel=sv.DISAGG_SETTLED)
     assert dd.prefill.think_s == pytest.approx(t_d + dd.transfer_s, rel=sv.DISAGG_SETTLED)
     rate = out["throughput"]["requests_per_s"]
-    little = rate * out["predicted"]["e2e_mean_ms"] / 1e3
-    assert C * 3 / 4 <= little <= C * 1.01
+    assert rate * out["predicted"]["e2e_mean_ms"] / 1e3 == pytest.approx(C, rel=2 * sv.DISAGG_SETTLED)
 
 
 def test_disaggregated_decodes_faster_than_aggregated(served):

@@ -478,6 +478,21 @@ def test_whole_replicas_share_the_clients():
     assert two["simulation"]["dp"] == 2 and two["simulation"]["load_share"] == 2.0
 
 
+def test_closed_loop_throughput_is_the_steady_rate():
+    """A closed loop's C clients complete C / (mean E2E) requests per second (Little's law), so the rate does
+    not depend on how many rounds the clients run, whose first and last ramps a count over the run's span
+    would include."""
+    rec = {"id": "c", "model": "llama-2-7b", "gpu": "H100", "tp": 1,
+           "engine": {"name": "vllm", "version": "0.12.0", "max_num_batched_tokens": 2048, "max_num_seqs": 64},
+           "workload": {"type": "closed", "concurrency": 6, "input_tokens": 500, "output_tokens": 20}}
+    short, long_ = (sv.serve([rec], calibration="none", workload_options={"rounds": n})[0] for n in (3, 8))
+    for o in (short, long_):
+        t = o["throughput"]
+        assert t["requests_per_s"] == pytest.approx(6 / (o["predicted"]["e2e_mean_ms"] / 1e3), rel=1e-4)
+        assert t["output_tokens_per_s"] == pytest.approx(20 * t["requests_per_s"], rel=1e-6)
+    assert short["throughput"]["requests_per_s"] == pytest.approx(long_["throughput"]["requests_per_s"], rel=0.03)
+
+
 def test_cli(tmp_path, capsys):
     from costmodel.cli import main
     path, cfg = _records(tmp_path)

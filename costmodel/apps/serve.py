@@ -490,6 +490,22 @@ def _latency_stats(ttft, e2e, out_tokens) -> dict:
     return out
 
 
+def _requests_per_s(dep: Deployment, res: dict, m, e2e_s, client_s: float) -> float | None:
+    """The deployment's requests per second from the measured requests ``m`` (E2E ``e2e_s`` with client time).
+    Closed loop: each client sends its next request when it has read the last one (and spent ``think_s``
+    elsewhere), so C clients complete C / (mean E2E + think) requests per second (Little's law: the steady
+    rate, without the ramps at the start and end of the run).  Open loop: the requests answered over the
+    span from the first send to the last answer."""
+    r = dep.requests
+    if not m.any():
+        return None
+    if r.kind == "closed":
+        return r.n_users * dep.load_share / (float(np.mean(e2e_s)) + dep.think_s)
+    send = res["send_s"].astype(np.float64)
+    span = float(np.max(res["done_s"][m] + client_s) - np.min(send[m]))
+    return float(m.sum()) * dep.load_share / span if span > 0 else None
+
+
 def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict:
     """The record's output line (without ``id``): predictions under the keys of ``measured``, throughput,
     KV-cache use, and how the simulation went."""
@@ -504,13 +520,10 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
     if r.kind == "open":
         pred["stages"] = [_latency_stats(ttft[m & (r.stage == s)], e2e[m & (r.stage == s)],
                                          r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
-    span = float(np.max(np.where(m, res["done_s"] + client, -np.inf)) - np.min(np.where(m, send, np.inf))) \
-        if m.any() else float("nan")
-    gpus = dep.gpus
-    out_tok = float(r.output_tokens[m].sum()) * dep.load_share
-    tput = {"requests_per_s": float(m.sum()) * dep.load_share / span if span > 0 else None,
-            "output_tokens_per_s": out_tok / span if span > 0 else None,
-            "output_tokens_per_s_per_gpu": out_tok / span / gpus if span > 0 else None,
+    req_s = _requests_per_s(dep, res, m, e2e[m] / 1e3 if m.any() else e2e[m], client)
+    out_s = req_s * float(r.output_tokens[m].mean()) if req_s else None
+    tput = {"requests_per_s": req_s, "output_tokens_per_s": out_s,
+            "output_tokens_per_s_per_gpu": out_s / dep.gpus if out_s else None,
             "output_tokens_per_s_per_user": (1e3 / pred["itl_mean_ms"]) if pred.get("itl_mean_ms") else None}
     end = float(res["end_s"])
     kv = {"blocks": dep.kv_blocks, "source": dep.kv_source,
