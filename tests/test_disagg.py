@@ -29,8 +29,8 @@ def test_kv_transfer_by_hand():
     way) inside a node or a 50 GB/s network adapter beyond it, plus the fixed 1 ms."""
     arch, gpu = load_arch("llama-3.1-8b"), get_gpu("H100")
     assert memory.kv_bytes_per_token(arch, {"tp": 2}) == 65_536
-    t_node = sv.kv_transfer_s(arch, gpu, {"tp": 2}, 1000, "auto", gpus=4)
-    t_net = sv.kv_transfer_s(arch, gpu, {"tp": 2}, 1000, "auto", gpus=16)
+    t_node = sv.kv_transfer_s(arch, gpu, {"tp": 2}, 1000, "auto", same_node=True)
+    t_net = sv.kv_transfer_s(arch, gpu, {"tp": 2}, 1000, "auto", same_node=False)
     assert t_node == pytest.approx(1e-3 + 65.536e6 / 450e9, rel=1e-9)
     assert t_net == pytest.approx(1e-3 + 65.536e6 / 50e9, rel=1e-9)
 

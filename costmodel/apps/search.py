@@ -54,6 +54,7 @@ SCREEN_SEQS = (64, 128, 256, 512, 1024)
 SCREEN_KV_DTYPES = ("auto", "fp8")
 SIMULATE_TOP = 16  # screened configurations simulated: this many best, and up to this many of the front
 SCREEN_MARGIN = 0.1  # a screened configuration is simulated when within the SLOs x (1 + this)
+GROUP_ONLY = ("kv_bytes_per_token", "kv_tokens_per_rank")  # a group's fields its scored rows do not carry
 DISAGG_TOP = 4  # disaggregated deployments simulated (`_disagg_candidates`)
 DISAGG_CLIENTS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                   320, 384, 448, 512)  # per decode rank
@@ -381,7 +382,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                f"b{row['max_num_batched_tokens']}-s{row['max_num_seqs']}-c{c}")
         r = {**rec, "id": rid, "workload": {"type": "closed", "concurrency": c, "input_tokens": isl,
                                             "output_tokens": osl}}
-        out = {k: v for k, v in row.items() if k not in ("kv_bytes_per_token", "kv_tokens_per_rank")}
+        out = {k: v for k, v in row.items() if k not in GROUP_ONLY}
         return r, {**out, "concurrency_per_replica": c,
                    "kv_needed_bytes_per_gpu": per_rank * (isl + osl) * row["kv_bytes_per_token"]}
 
@@ -555,19 +556,21 @@ def _disagg_candidates(sim, groups, gpus, isl, osl, ttft_ms, tpot_ms, top, model
         b_list = [b for b in DISAGG_CLIENTS if b <= min(max(fit), row["max_num_seqs"])]
         pre_s = sim.phase_s(dep, *sm, batch=1)[0]
         dec_s = np.array([sim.phase_s(dep, *sm, batch=b)[1] for b in b_list])
-        xfer = serve_mod.kv_transfer_s(arch, dep.gpu, {"tp": row["tp"], "attention_dp": row["attention_dp"]}, isl,
-                                       row["kv_cache_dtype"], gpus)
+        # over NVLink when the unit fits one node, as `serve.resolve_disaggregated` decides it
+        xfer = {same: serve_mod.kv_transfer_s(arch, dep.gpu, {"tp": row["tp"], "attention_dp": row["attention_dp"]},
+                                              isl, row["kv_cache_dtype"], same) for same in (True, False)}
         pools[key][lay] = (rec, row, pre_s, np.array(b_list), dec_s, xfer)
     found = []
     for key, by_layout in pools.items():
         for lp, (rec_p, row_p, pre_s, *_) in by_layout.items():
             w_p = _replica_gpus(row_p)
-            for ld, (rec_d, row_d, _, bs, dec_s, xfer) in by_layout.items():
+            for ld, (rec_d, row_d, _, bs, dec_s, xfers) in by_layout.items():
                 w_d = _replica_gpus(row_d)
                 best = None
                 for n_p in range(1, (gpus - w_d) // w_p + 1):
                     for n_d in range(1, (gpus - n_p * w_p) // w_d + 1):
                         unit = n_p * w_p + n_d * w_d
+                        xfer = xfers[unit <= serve_mod.GPUS_PER_NODE]
                         clients = bs * n_d * row_d["attention_dp"]
                         cycle = fixed_s + pre_s + xfer + (osl - 1) * dec_s
                         x = clients / cycle
@@ -595,7 +598,7 @@ def _disagg_candidates(sim, groups, gpus, isl, osl, ttft_ms, tpot_ms, top, model
                "id": rid.replace(" ", ""), "mode": "disagg", "decode": pool(row_d, n_d),
                "prefill": {**pool(row_p, n_p), "max_num_batched_tokens": budget, "max_num_seqs": seqs},
                "workload": {"type": "closed", "concurrency": clients, "input_tokens": isl, "output_tokens": osl}}
-        row = {k: v for k, v in row_d.items() if k not in ("kv_bytes_per_token", "kv_tokens_per_rank")}
+        row = {k: v for k, v in row_d.items() if k not in GROUP_ONLY}
         row.update({"mode": "disagg", "prefill_tp": row_p["tp"], "prefill_attention_dp": row_p["attention_dp"],
                     "prefill_max_num_batched_tokens": budget, "prefill_max_num_seqs": seqs,
                     "prefill_moe_ep": row_p["moe_ep"], "prefill_workers": n_p, "decode_workers": n_d,

@@ -520,7 +520,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
     if r.kind == "open":
         pred["stages"] = [_latency_stats(ttft[m & (r.stage == s)], e2e[m & (r.stage == s)],
                                          r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
-    req_s = _requests_per_s(dep, res, m, e2e[m] / 1e3 if m.any() else e2e[m], client)
+    req_s = _requests_per_s(dep, res, m, e2e[m] / 1e3, client)
     out_s = req_s * float(r.output_tokens[m].mean()) if req_s else None
     tput = {"requests_per_s": req_s, "output_tokens_per_s": out_s,
             "output_tokens_per_s_per_gpu": out_s / dep.gpus if out_s else None,
@@ -634,15 +634,16 @@ def disaggregated_clients(rec: dict, where: str) -> tuple[int, str | None]:
                "attention_dp_size (AIConfigurator's convention)")
 
 
-def kv_transfer_s(arch, gpu: GPU, decode_layout: dict, prompt_tokens: int, kv_cache_dtype: str, gpus: int,
-                  gpus_per_node: int = GPUS_PER_NODE) -> float:
+def kv_transfer_s(arch, gpu: GPU, decode_layout: dict, prompt_tokens: int, kv_cache_dtype: str,
+                  same_node: bool) -> float:
     """Seconds to move one prompt's KV cache from a prefill worker to a decode worker: every decode GPU pulls
     its own share (`memory.kv_bytes_per_token` of the decode layout: its KV heads, its stage's layers, window
-    caps at this length) over its own link at once, NVLink when the deployment's ``gpus`` fit in one node,
-    else one network adapter per GPU (`INTERNODE_BYTES_PER_S`), plus `KV_TRANSFER_FIXED_MS`."""
+    caps at this length) over its own link at once, NVLink when both pools sit in one node (`same_node`:
+    their GPUs together at most `GPUS_PER_NODE`), else one network adapter per GPU (`INTERNODE_BYTES_PER_S`),
+    plus `KV_TRANSFER_FIXED_MS`."""
     per_gpu_bytes = prompt_tokens * memory.kv_bytes_per_token(arch, decode_layout, kv_cache_dtype,
                                                              context_tokens=prompt_tokens)
-    link = gpu.nvlink_bytes_per_s if gpus <= gpus_per_node else INTERNODE_BYTES_PER_S
+    link = gpu.nvlink_bytes_per_s if same_node else INTERNODE_BYTES_PER_S
     return KV_TRANSFER_FIXED_MS / 1e3 + per_gpu_bytes / link
 
 
@@ -671,7 +672,7 @@ def resolve_disaggregated(rec: dict, where: str, model_configs=None, kv_blocks_f
     layout = {"tp": dec.tp, "pp": dec.pp, "attention_dp": dec.attention_dp}
     gpus = pre.gpus + dec.gpus
     xfer = kv_transfer_s(load_arch(str(rec["model"]), model_configs), dec.gpu, layout, isl, dec.kv_cache_dtype,
-                         gpus)
+                         gpus <= GPUS_PER_NODE)
     notes = [note] if note else []
     if note is None and rec["decode"].get("batch_size") is not None:
         notes.append("decode.batch_size is not used: workload.concurrency gives the clients")
