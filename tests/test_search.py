@@ -15,7 +15,7 @@ from costmodel.cli import main
 from conftest import shared_model
 
 CONC = (1, 8, 32)
-OPTS = {"rounds": 2}
+OPTS = {"rounds": 2, "benchmark_rounds": 0}  # what the search simulates: the steady state
 # pipelines: `test_pipeline_*`; disaggregated units: `test_disaggregated_units_equal_serve`
 SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS, pp=1, disagg=False)
 

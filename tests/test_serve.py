@@ -440,7 +440,7 @@ def test_attention_dp_is_one_rank_with_its_share_of_the_clients(shared):
     rec = {"id": "dep", "model": "qwen3-30b-a3b", "gpu": "H100", "tp": 1, "attention_dp": 2, "moe_ep": 2,
            "engine": {"name": "vllm", "version": "0.12.0"},
            "workload": {"type": "closed", "concurrency": 7, "input_tokens": 500, "output_tokens": 20}}
-    cfg, opts = shared / "model_configs", {"rounds": 3}
+    cfg, opts = shared / "model_configs", {"rounds": 3, "benchmark_rounds": 0}
     blocks = lambda *a: 4000  # noqa: E731  the same cache for both
     o, = sv.serve([rec], model_configs=cfg, calibration="none", workload_options=opts, kv_blocks_fn=blocks)
     assert o["simulation"]["measured_requests"] == 4 * 2 and o["simulation"]["load_share"] == 1.75
@@ -489,7 +489,7 @@ def test_closed_loop_throughput_is_the_steady_rate():
     for o in (short, long_):
         t = o["throughput"]
         assert t["requests_per_s"] == pytest.approx(6 / (o["predicted"]["e2e_mean_ms"] / 1e3), rel=1e-4)
-        assert t["output_tokens_per_s"] == pytest.approx(20 * t["requests_per_s"], rel=1e-6)
+        assert t["output_tokens_per_s"] == pytest.approx(20 * t["requests_per_s"], rel=1e-5)  # both rounded to 4 decimals
     assert short["throughput"]["requests_per_s"] == pytest.approx(long_["throughput"]["requests_per_s"], rel=0.03)
 
 

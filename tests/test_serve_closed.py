@@ -61,3 +61,42 @@ def test_cond_rows_under_vmap():
             want = jax.lax.cond(pred[i], fn, lambda c, h: c, (a[i], b[i]), (scale, b[i][0]))
             np.testing.assert_allclose(np.asarray(got[0][i]), np.asarray(want[0]))
             np.testing.assert_array_equal(np.asarray(got[1][i]), np.asarray(want[1]))
+
+
+def test_benchmark_burst_round_weighs_one_round_in_R():
+    """With ``benchmark_rounds`` R the latency means are the steady rounds' weighted (R - 1)/R and the
+    first-round burst's 1/R; the burst is what a one-round simulation with every client together gives
+    (priced independently here); the rate follows from the same mean E2E."""
+    rec = _closed(0, 4, 1500, 12)
+    R = 5
+    mixed, = sv.serve([rec], calibration="none", workload_options={"rounds": 3, "benchmark_rounds": R})
+    steady, = sv.serve([rec], calibration="none", workload_options={"rounds": 3, "benchmark_rounds": 0})
+    burst, = sv.serve([rec], calibration="none",
+                      workload_options={"rounds": 1, "warmup_rounds": 0, "start": "together"})
+    assert "benchmark_rounds" not in steady["simulation"] and "benchmark_rounds" not in burst["simulation"]
+    assert mixed["simulation"]["benchmark_rounds"] == R
+    assert mixed["simulation"]["burst_ttft_mean_ms"] == pytest.approx(burst["predicted"]["ttft_mean_ms"], rel=1e-4)
+    for k in ("ttft_mean_ms", "e2e_mean_ms", "tpot_mean_ms"):
+        want = ((R - 1) * steady["predicted"][k] + burst["predicted"][k]) / R
+        assert mixed["predicted"][k] == pytest.approx(want, rel=1e-4), k
+    # four 1,500-token prompts under a 2,048-token budget queue behind each other in the burst
+    assert burst["predicted"]["ttft_mean_ms"] > steady["predicted"]["ttft_mean_ms"]
+    # the rate follows from the benchmark's mean E2E (Little's law): the burst round's slower requests lower it
+    t = mixed["throughput"]
+    assert t["requests_per_s"] == pytest.approx(4 / (mixed["predicted"]["e2e_mean_ms"] / 1e3), rel=1e-4)
+    assert t["requests_per_s"] < steady["throughput"]["requests_per_s"]
+    assert mixed["throughput"]["output_tokens_per_s_per_user"] == pytest.approx(1e3 / mixed["predicted"]["itl_mean_ms"],
+                                                                             rel=1e-4)
+
+
+def test_burst_round_is_one_round_of_the_clients_at_once():
+    from costmodel.apps import workloads as wl
+    r = wl.closed_loop({"concurrency": 3, "input_tokens": 10, "output_tokens": 4}, "t", rounds=4)
+    b = wl.burst_round(r)
+    assert len(b) == 3 and b.n_users == 3 and b.benchmark_rounds == 0 and b.start == "together"
+    assert not b.gate.any() and (b.succ == -1).all() and b.measured.all() and (b.offset_s == 0).all()
+    assert r.benchmark_rounds == wl.BENCHMARK_ROUNDS
+    assert wl.closed_loop({"concurrency": 3, "input_tokens": 10, "output_tokens": 4}, "t",
+                          start="together").benchmark_rounds == 0
+    with pytest.raises(sv.InputError, match="benchmark_rounds"):
+        wl.closed_loop({"concurrency": 3, "input_tokens": 10, "output_tokens": 4}, "t", benchmark_rounds=-1)

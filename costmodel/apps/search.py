@@ -401,7 +401,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         if disagg and p_index == 0 and every_group:
             candidates += _disagg_candidates(sim, every_group, gpus, isl, osl, ttft_ms, tpot_ms, DISAGG_TOP, model_configs,
                                              arch)
-        outs = serve_mod.serve([r for r, _ in candidates], model_configs, workload_options=workload_options,
+        # a deployment's own traffic has no benchmark's first-round burst: steady-state latencies
+        outs = serve_mod.serve([r for r, _ in candidates], model_configs,
+                               workload_options={"benchmark_rounds": 0, **(workload_options or {})},
                                simulator=sim) if candidates else []
     result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):

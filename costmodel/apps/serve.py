@@ -506,21 +506,35 @@ def _requests_per_s(dep: Deployment, res: dict, m, e2e_s, client_s: float) -> fl
     return float(m.sum()) * dep.load_share / span if span > 0 else None
 
 
-def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict:
+def _latencies_ms(res: dict, client_s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per request: TTFT and E2E at the client (ms), and whether it finished."""
+    send = res["send_s"].astype(np.float64)
+    return ((res["first_s"] - send + client_s) * 1e3, (res["done_s"] - send + client_s) * 1e3,
+            np.isfinite(res["done_s"]))
+
+
+def statistics(dep: Deployment, res: dict, options: Options = Options(), burst: dict | None = None) -> dict:
     """The record's output line (without ``id``): predictions under the keys of ``measured``, throughput,
-    KV-cache use, and how the simulation went."""
+    KV-cache use, and how the simulation went.  ``burst``: the results of the closed loop's
+    `workloads.burst_round`, whose requests then weigh 1/R of the latency statistics and the steady rounds'
+    (R − 1)/R (R = ``benchmark_rounds``), and so does the mean E2E the closed loop's rate follows from."""
     r = dep.requests
     client = options.client_ms / 1e3
-    send = res["send_s"].astype(np.float64)
-    finished = np.isfinite(res["done_s"])
-    ttft = (res["first_s"] - send + client) * 1e3
-    e2e = (res["done_s"] - send + client) * 1e3
+    ttft, e2e, finished = _latencies_ms(res, client)
     m = r.measured & finished
-    pred = _latency_stats(ttft[m], e2e[m], r.output_tokens[m])
+    lat = (ttft[m], e2e[m], r.output_tokens[m])
+    tb, eb, fb = _latencies_ms(burst, client) if burst is not None else (None, None, None)
+    if burst is not None:
+        # integer weights: each steady request stands for (R - 1) / n_rounds of a client's requests, each burst
+        # request for one
+        n_rounds = max(int(round(m.sum() / r.n_users)), 1)
+        lat = tuple(np.concatenate([np.repeat(a, r.benchmark_rounds - 1), np.repeat(b[fb], n_rounds)])
+                    for a, b in zip(lat, (tb, eb, r.output_tokens[:len(tb)])))
+    pred = _latency_stats(*lat)
     if r.kind == "open":
         pred["stages"] = [_latency_stats(ttft[m & (r.stage == s)], e2e[m & (r.stage == s)],
                                          r.output_tokens[m & (r.stage == s)]) for s in range(len(r.stage_requests))]
-    req_s = _requests_per_s(dep, res, m, e2e[m] / 1e3, client)
+    req_s = _requests_per_s(dep, res, m, lat[1] / 1e3, client)
     out_s = req_s * float(r.output_tokens[m].mean()) if req_s else None
     tput = {"requests_per_s": req_s, "output_tokens_per_s": out_s,
             "output_tokens_per_s_per_gpu": out_s / dep.gpus if out_s else None,
@@ -539,6 +553,11 @@ def statistics(dep: Deployment, res: dict, options: Options = Options()) -> dict
            "max_num_seqs": dep.max_seqs, "attention_dp": dep.attention_dp, "dp": dep.dp, "pp": dep.pp,
            "load_share": dep.load_share}
     notes = list(dep.notes)
+    if burst is not None:
+        sim["benchmark_rounds"] = r.benchmark_rounds
+        sim["burst_ttft_mean_ms"] = float(tb[fb].mean()) if fb.any() else None
+        if not burst["complete"]:
+            notes.append("the first-round burst's simulation stopped before every request finished")
     if not res["complete"]:
         notes.append("the simulation stopped before every request finished (iteration limit or a request "
                      "that can never be scheduled)")
@@ -667,7 +686,9 @@ def resolve_disaggregated(rec: dict, where: str, model_configs=None, kv_blocks_f
         except Refusal as e:
             raise Refusal(f"{role} pool: {e}") from None
     pre, dec = deps["prefill"], deps["decode"]
-    dec.requests = dataclasses.replace(dec.requests, preloaded=dec.requests.prompt_tokens.copy())
+    # the pools' clients are coupled through each other's steady times: no first-round burst
+    pre.requests = dataclasses.replace(pre.requests, benchmark_rounds=0)
+    dec.requests = dataclasses.replace(dec.requests, preloaded=dec.requests.prompt_tokens.copy(), benchmark_rounds=0)
     isl = int(dec.requests.prompt_tokens[0])
     layout = {"tp": dec.tp, "pp": dec.pp, "attention_dp": dec.attention_dp}
     gpus = pre.gpus + dec.gpus
@@ -829,7 +850,12 @@ def serve(records, model_configs=None, bench_data=None, calibration: str = "defa
             outs.append(dd)
         except Refusal as e:
             outs.append({"id": str(rec.get("id")), "refused": str(e)})
-    results = {id(d): statistics(d, res, sim.options) for d, res in sim.run(deps, batch=batch)}
+    # a closed loop measured as a benchmark whose first round is a burst: that round simulated on its own
+    benched = [d for d in deps if d.requests.kind == "closed" and d.requests.benchmark_rounds > 0]
+    bursts = [dataclasses.replace(d, requests=wl_mod.burst_round(d.requests), notes=[]) for d in benched]
+    ran = sim.run(deps + bursts, batch=batch)
+    burst_of = {id(d): res for d, (_, res) in zip(benched, ran[len(deps):])}
+    results = {id(d): statistics(d, res, sim.options, burst_of.get(id(d))) for d, res in ran[:len(deps)]}
     results.update({id(dd): disaggregated_statistics(dd, rp, rd, sim.options)
                     for dd, rp, rd in run_disaggregated(sim, dds, batch)})
     final = [{"id": o.id, **results[id(o)]} if isinstance(o, (Deployment, Disaggregated)) else o for o in outs]
@@ -881,6 +907,10 @@ def add_serve_arguments(sp) -> None:
     sp.add_argument("--start", choices=wl_mod.START, default="random",
                     help="closed loop: clients' first requests at random times within one request's duration "
                          "(default), evenly over it, or all at once (docs/serving.md)")
+    sp.add_argument("--benchmark-rounds", type=number(int, 0), default=wl_mod.BENCHMARK_ROUNDS,
+                    help="closed loop: latencies as a benchmark of this many requests per client measures them, "
+                         f"its first round all clients at once (default {wl_mod.BENCHMARK_ROUNDS}, aiperf as "
+                         "AIConfigurator runs it; 0: the steady state only)")
     sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
                     help="inference-perf load type whose timer draws the send times (default constant)")
     sp.add_argument("--exclude-gpu", action="append", default=[],
@@ -902,7 +932,7 @@ def run_serve(args) -> int:
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
                  Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms, request_host_us=args.request_host_us),
                  {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
-                  "start": args.start, "arrivals": args.arrivals})
+                  "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds})
     took = time.perf_counter() - t0
     if args.out:
         atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))

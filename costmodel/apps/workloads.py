@@ -10,7 +10,11 @@
   lost step with each other; ``"spread"``: evenly over that duration (no two clients ever collide: the
   least queueing); ``"together"``: all at t = 0, after which identical requests stay in lockstep cohorts
   (all prefill, then all decode: the most queueing).  The simulation itself is deterministic, so cohorts
-  that form never split again.
+  that form never split again.  ``benchmark_rounds`` R (default `BENCHMARK_ROUNDS`; 0: off): the latency
+  statistics are those of a benchmark of R requests per client whose first round is a burst, as aiperf
+  runs one (AIConfigurator's benchmark: a warm-up that is drained first, then C × R requests, the first C
+  sent at once): a one-round simulation with every client together (`burst_round`) weighs 1/R of them, the
+  steady rounds (R − 1)/R (`serve.statistics`).  Only with a ``"random"`` or ``"spread"`` start.
 
 * **inference-perf shared prefix** (``{"type": "inference_perf_shared_prefix", "stages": [{"rate",
   "duration_s"}], "num_unique_system_prompts", "num_users_per_system_prompt", "system_prompt_len",
@@ -71,6 +75,7 @@ class Requests:
     rejected: int = 0  # requests the server refuses (too long), not simulated
     kind: str = "closed"
     start: str = "together"  # closed loop: how the clients' first requests go out
+    benchmark_rounds: int = 0  # closed loop: rounds of the benchmark whose first is a burst (0: none)
     notes: list = field(default_factory=list)
     preloaded: np.ndarray | None = None  # int32: prompt tokens whose KV arrives computed (None: none)
 
@@ -86,13 +91,17 @@ def _count(w: dict, key: str, where: str, minimum: int = 1) -> int:
 
 
 START = ("random", "spread", "together")
+BENCHMARK_ROUNDS = 20  # requests per client of AIConfigurator's benchmark (aiperf, C x 20 after a warm-up)
 
 
-def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1, start: str = "random") -> Requests:
+def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1, start: str = "random",
+                benchmark_rounds: int = BENCHMARK_ROUNDS) -> Requests:
     """The requests of a closed loop; with ``start`` "random" or "spread" the first requests' offsets are
     set by `stagger_start` once a request's duration is known."""
     if start not in START:
         raise InputError(f"must be one of {', '.join(START)}, got {start!r}", where, "start")
+    if isinstance(benchmark_rounds, bool) or not isinstance(benchmark_rounds, int) or benchmark_rounds < 0:
+        raise InputError(f"must be an integer >= 0, got {benchmark_rounds!r}", where, "benchmark_rounds")
     C = _count(w, "concurrency", where)
     isl, osl = _count(w, "input_tokens", where), _count(w, "output_tokens", where)
     n = C * rounds
@@ -104,7 +113,20 @@ def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1, s
         prompt_tokens=np.full(n, isl, np.int32), output_tokens=np.full(n, osl, np.int32),
         user=client.astype(np.int32), group=np.full(n, -1, np.int32), sys_tokens=np.zeros(n, np.int32),
         reuse=np.zeros(n, bool), measured=i >= C * min(warmup_rounds, rounds - 1),
-        stage_requests=np.array([n], np.int32), n_users=C, n_groups=0, kind="closed", start=start)
+        stage_requests=np.array([n], np.int32), n_users=C, n_groups=0, kind="closed", start=start,
+        benchmark_rounds=benchmark_rounds if start != "together" else 0)
+
+
+def burst_round(r: Requests) -> Requests:
+    """One round of a closed loop's clients, all sent at t = 0 and all measured: the first round of a
+    benchmark that starts its clients together (``benchmark_rounds``)."""
+    C = r.n_users
+    return dataclass_replace(
+        r, offset_s=np.zeros(C, np.float32), stage=r.stage[:C], gate=np.zeros(C, bool), succ=np.full(C, -1, np.int32),
+        prompt_tokens=r.prompt_tokens[:C], output_tokens=r.output_tokens[:C], user=r.user[:C], group=r.group[:C],
+        sys_tokens=r.sys_tokens[:C], reuse=r.reuse[:C], measured=np.ones(C, bool),
+        stage_requests=np.array([C], np.int32), start="together", benchmark_rounds=0,
+        preloaded=None if r.preloaded is None else r.preloaded[:C], notes=[])
 
 
 def stagger_start(r: Requests, cycle_s: float, seed: int = 0) -> Requests:
@@ -221,7 +243,8 @@ def from_record(w, where: str, max_model_len: int | None = None, **options) -> R
     if not isinstance(w, dict) or "type" not in w:
         raise InputError("must be an object with a 'type'", where, "workload")
     if w["type"] == "closed":
-        return closed_loop(w, where, **{k: v for k, v in options.items() if k in ("rounds", "warmup_rounds", "start")})
+        return closed_loop(w, where, **{k: v for k, v in options.items()
+                                        if k in ("rounds", "warmup_rounds", "start", "benchmark_rounds")})
     if w["type"] == "inference_perf_shared_prefix":
         return shared_prefix(w, where, max_model_len,
                              **{k: v for k, v in options.items() if k in ("multi_turn", "seed", "arrivals")})
