@@ -594,3 +594,22 @@ def test_host_step_us():
     assert np.allclose(t, [115.0, 250.0])
     t = sch.host_step_us(np.float32([100.0, 100.0]), np.float32([3.0, 30.0]), np.float32(5.0), np.bool_(True))
     assert np.allclose(t, [100.0, 150.0])
+
+
+def test_a_small_window_flags_what_it_cannot_see(model):
+    """A closed loop whose client 0 asks for ten times longer answers than the others: their requests run
+    rounds ahead of its, past a window of two rounds from its oldest unfinished request.  The small window
+    either gives what a window holding every request gives, or says that it overflowed (and `serve` reruns
+    it with a larger one)."""
+    su, sm, _ = model
+    C, rounds = 4, 12
+    n = C * rounds
+    i = np.arange(n)
+    wl = workload(np.zeros(n), [500] * n, np.where(i % C == 0, 200, 20), gate=i >= C,
+                  succ=np.where(i + C < n, i + C, -1))
+    kw = dict(static=su.static, n_users=U, n_groups=G, max_iterations=200_000)
+    full = sch.simulate(sm, engine(), wl, window=W, **kw)
+    small = sch.simulate(sm, engine(), wl, window=2 * C, **kw)
+    assert not bool(full.overflow) and bool(full.complete)
+    same = np.allclose(np.asarray(small.first_s)[:n], np.asarray(full.first_s)[:n], rtol=1e-5)
+    assert bool(small.overflow) or same

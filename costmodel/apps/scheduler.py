@@ -431,9 +431,12 @@ def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: in
         new_f = jnp.stack([first, done], 1)
         lead = jnp.min(jnp.where(st != DONE, slot, W))
         fi, ff = fresh(base + W)
-        outside = base + W
-        overflow = s["overflow"] | (valid[outside] & (
-            jnp.maximum(stage_start[reqi[outside, 7]] + offset[outside], gate[outside]) + engine.ingress_s <= t_new))
+        # a request past the window that is already visible waits for the window to reach it: the run is
+        # redone with a larger window.  Only the next W requests can be: a gated request past them has its
+        # predecessor past the window too, unfinished (closed loops of at most W clients; chat users)
+        ahead = lambda a: jax.lax.dynamic_slice_in_dim(a, base + W, W)  # noqa: E731
+        overflow = s["overflow"] | jnp.any(ahead(valid) & (
+            jnp.maximum(stage_start[ahead(reqi)[:, 7]] + ahead(offset), ahead(gate)) + engine.ingress_s <= t_new))
         return dict(
             wi=jax.lax.dynamic_slice_in_dim(jnp.concatenate([new_i, fi]), lead, W),
             wf=jax.lax.dynamic_slice_in_dim(jnp.concatenate([new_f, ff]), lead, W),

@@ -138,7 +138,9 @@ def stagger_start(r: Requests, cycle_s: float, seed: int = 0) -> Requests:
     if r.start == "spread":
         offset[:C] = np.arange(C) * (cycle_s / C)
     else:
-        offset[:C] = np.random.default_rng(seed).uniform(0.0, cycle_s, C)
+        # sorted: clients are alike, and request order then follows send order, so the simulation's window
+        # (the oldest unfinished request on) holds every client's current request
+        offset[:C] = np.sort(np.random.default_rng(seed).uniform(0.0, cycle_s, C))
     return dataclass_replace(r, offset_s=offset)
 
 
