@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import kernel_time as kt
-from .compiled import once
+from .compiled import jit, once
 from . import memory, ops
 from .errors import InputError
 from .hardware import GPU
@@ -572,7 +572,7 @@ def make_step_fn(static: Static):
     f(arrays, on, params, steps) -> (total_us [S], breakdown {name: [S]})."""
     def one(arrays, on, params, step):
         return step_time(arrays, on, params, step, static)
-    return jax.jit(jax.vmap(one, in_axes=(None, None, None, 0)))
+    return jit(jax.vmap(one, in_axes=(None, None, None, 0)))
 
 
 # ---------------------------------------------------------------- building padded steps

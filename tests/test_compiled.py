@@ -1,9 +1,11 @@
-"""`compiled.once` gives what a default compilation gives; `CompileTimer` counts compilations only."""
+"""`compiled.once` and `compiled.jit` give what a default compilation gives (`jit` also inside another jit, under
+`jax.grad` and `jax.vmap`); `CompileTimer` counts compilations only."""
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
-from costmodel.compiled import CompileTimer, once
+from costmodel.compiled import CompileTimer, cpu_options, jit, once
 
 
 def test_once_equals_default_compilation():
@@ -21,3 +23,18 @@ def test_compile_timer_counts_compilation_not_runs():
     with CompileTimer() as again:  # compiled already: nothing to count
         f(x).block_until_ready()
     assert first.seconds > 0.0 and again.seconds == 0.0
+
+
+def test_jit_equals_default_compilation_alone_and_nested():
+    g = lambda x, y: jnp.sum(jnp.where(x > 1.0, jnp.exp(jnp.log1p(x) * y), x * y), axis=0)  # noqa: E731
+    x, y = np.linspace(0.1, 5.0, 96, dtype=np.float32).reshape(12, 8), np.float32(1.7)
+    f, ref = jit(g), jax.jit(g)
+    np.testing.assert_allclose(np.asarray(f(x, y)), np.asarray(ref(x, y)), rtol=1e-6)
+    # inside another jitted function (where JAX refuses compiler options), under grad, and under vmap
+    outer = jax.jit(lambda x, y: f(x, y).sum() * 2.0)
+    assert float(outer(x, y)) == pytest.approx(2.0 * float(ref(x, y).sum()), rel=1e-6)
+    grad = jax.jit(jax.grad(lambda y: f(x, y).sum()))(y)
+    np.testing.assert_allclose(float(grad), float(jax.grad(lambda y: ref(x, y).sum())(y)), rtol=1e-5)
+    mapped = jax.vmap(f, in_axes=(0, None))(np.stack([x, 2 * x]), y)
+    np.testing.assert_allclose(np.asarray(mapped[1]), np.asarray(ref(2 * x, y)), rtol=1e-6)
+    assert jax.default_backend() != "cpu" or cpu_options() is not None  # this XLA takes the CPU options

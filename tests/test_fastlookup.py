@@ -10,6 +10,7 @@ import pytest
 from costmodel import get_gpu, load_model, load_tables, ops, setup
 from costmodel.fastlookup import TOKEN_TABLE, specialise
 from costmodel.step import TableLookup, step_gemms, Batch
+from costmodel.compiled import jit
 
 
 @pytest.fixture(scope="module", params=[("llama-3.1-8b", "H100", 2), ("qwen3-8b", "A100", 1)])
@@ -40,7 +41,7 @@ def test_fast_lookup_equals_table_lookup(pair):
     pairs = (n_pre * np.exp(rng.uniform(0, np.log(1e9), n))).astype(np.float32)
     sampled = n_dec + n_pre
     args = (d, tokens, sampled, n_dec, keys, n_pre, pairs)
-    f = jax.jit(jax.vmap(lambda lk, *b: _methods(lk, d, *b), in_axes=(None, 0, 0, 0, 0, 0, 0)))
+    f = jit(jax.vmap(lambda lk, *b: _methods(lk, d, *b), in_axes=(None, 0, 0, 0, 0, 0, 0)))
     want = np.asarray(f(slow, *args[1:]))
     got = np.asarray(f(fast, *args[1:]))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=1e-6)

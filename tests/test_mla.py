@@ -17,6 +17,7 @@ from costmodel.hardware import get_gpu
 from costmodel.model import load_model
 from costmodel.params import Params
 from costmodel.tables import load_mla, load_tables, mla_curve, mla_tables_of
+from costmodel.compiled import jit
 
 from conftest import shared_model
 
@@ -54,7 +55,7 @@ def _batch_fn(su):
         b = step.Batch(n_dec, step.decode_keys_of_means(d, n_dec, ctx), n_pre, tokens, pairs)
         return step.combine(step.batch_features(step.TableLookup(arrays, su.on_gpu), su.on_gpu, b, su.static),
                             su.on_gpu, Params(), su.static)
-    return jax.jit(f)
+    return jit(f)
 
 
 @pytest.fixture(scope="module")

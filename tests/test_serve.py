@@ -21,6 +21,7 @@ from costmodel.apps import workloads as wlm
 from costmodel.errors import InputError
 from costmodel.fastlookup import specialise
 from costmodel.params import Params
+from costmodel.compiled import jit
 
 REPO = Path(__file__).resolve().parent.parent
 R, W, U, G, S = 64, 64, 8, 4, 2  # one compiled shape for every scenario below
@@ -36,7 +37,7 @@ def model():
     on = jax.tree_util.tree_map(lambda v: np.asarray(v, np.int32 if np.issubdtype(np.asarray(v).dtype, np.integer)
                                                      else np.float32), su.on_gpu)
     sm = sch.StepModel(lk, on, jax.tree_util.tree_map(np.float32, Params()))
-    step = jax.jit(lambda n_dec, keys, n_pre, tok, pairs: sch._step_us(sm, su.static, n_dec, keys, n_pre, tok, pairs))
+    step = jit(lambda n_dec, keys, n_pre, tok, pairs: sch._step_us(sm, su.static, n_dec, keys, n_pre, tok, pairs))
     return su, sm, step
 
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from costmodel.apps import scheduler as sch
 from costmodel.apps import serve as sv
 from costmodel.apps import steady
+from costmodel.compiled import jit
 
 REC = {"id": "x", "model": "llama-2-7b", "gpu": "H100", "tp": 1,
        "engine": {"version": "0.12.0", "max_num_batched_tokens": 2048, "max_num_seqs": 64},
@@ -86,7 +87,7 @@ def test_properties(deployment, P, O, host, is_async):
     for name, tol in (("tpot_s", 1e-3), ("ttft_s", 1e-3), ("output_tokens_per_s", 0.02)):
         v = getattr(est, name)
         assert np.all(np.diff(v) >= -tol * v[:-1]), name
-    one = jax.jit(steady.estimate, static_argnums=1)(sm, static, jax.tree_util.tree_map(
+    one = jit(steady.estimate, static_argnums=1)(sm, static, jax.tree_util.tree_map(
         lambda a: a[3], points(dep, clients, P, O, host, is_async)))
     assert float(one.tpot_s) == pytest.approx(float(est.tpot_s[3]), rel=1e-5)
 

@@ -7,6 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from costmodel import Params, load_model, pack_steps, setup, step_time
 from costmodel.apps.records import _step_fn
+from costmodel.compiled import jit
 from costmodel.step import Step, pad_steps
 
 SET = dict(max_examples=15, deadline=None)
@@ -90,7 +91,7 @@ _GRAD = {}
 def _single_fn(static):
     """One step at a time (jitted once per padded width), for the Python-loop side of the comparison."""
     if static not in _SINGLE:
-        _SINGLE[static] = jax.jit(lambda a, lay, p, s: step_time(a, lay, p, s, static)[0])
+        _SINGLE[static] = jit(lambda a, lay, p, s: step_time(a, lay, p, s, static)[0])
     return _SINGLE[static]
 
 
@@ -98,7 +99,7 @@ def _grad_fn(static):
     """The gradient of one step's time with respect to the parameters, the tables and the step (jitted)."""
     if static not in _GRAD:
         f = lambda p, a, lay, s: step_time(a, lay, p, s, static)[0]  # noqa: E731
-        _GRAD[static] = jax.jit(jax.grad(f, argnums=(0, 1, 3)))
+        _GRAD[static] = jit(jax.grad(f, argnums=(0, 1, 3)))
     return _GRAD[static]
 
 

@@ -21,6 +21,7 @@ from costmodel.errors import InputError
 from costmodel.params import Params
 from costmodel.apps.records import _step_fn
 from costmodel.step import pad_steps
+from costmodel.compiled import jit
 
 from conftest import sweep_stopped_after
 
@@ -151,7 +152,7 @@ def test_sweep_predict_and_loop_agree(h100):
     pred._tables["H100-SXM"] = h100
     predicted, _ = pred.predict(records, params)
     p = params["H100-SXM"].pooled  # records without vllm_version get the pooled parameters, as the sweep does
-    fn = jax.jit(lambda a, lay, pp, s, st: cm.step_time(a, lay, pp, s, st)[0], static_argnums=4)
+    fn = jit(lambda a, lay, pp, s, st: cm.step_time(a, lay, pp, s, st)[0], static_argnums=4)
     packed = cm.pack_steps(_as_steps(df))  # common widths: one compilation for the loop
     sus = {(tp, kv): cm.setup(cm.load_model("llama-3.1-8b"), h100, int(tp), kv_cache_dtype=kv)
            for tp in df.tp.unique() for kv in ("auto", "fp8")}

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from ..calibration import calibration_to_dict, portable_sources
+from ..compiled import jit
 from ..errors import InputError
 from ..io import check_output_file, print_table, refuse_overwrite, write_json
 from ..params import FIELDS, PRIORS, Calibration, Params, from_log, prior_arrays, to_log
@@ -97,7 +98,7 @@ def _lbfgs(loss, steps: int):
     run(theta, data) -> (theta, loss history, final |grad|)."""
     opt = optax.lbfgs()
 
-    @jax.jit
+    @jit
     def run(theta, data):
         fn = functools.partial(loss, data=data)
         value_and_grad = optax.value_and_grad_from_state(fn)

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import memory, ops
+from ..compiled import jit
 from ..errors import InputError, warn
 from ..hardware import get_gpu
 from ..model import MOE_WEIGHTS, load_arch, load_model, normalize_dtype
@@ -544,7 +545,7 @@ def below_floor_warning(records: list[Record], floor: np.ndarray, shown: int = 5
 
 @functools.lru_cache(maxsize=None)
 def _combine_fn(static):
-    return jax.jit(jax.vmap(lambda f, lay, p: combine(f, lay, p, static), in_axes=(0, None, None)))
+    return jit(jax.vmap(lambda f, lay, p: combine(f, lay, p, static), in_axes=(0, None, None)))
 
 
 def mape_table(records: list[Record], predicted: np.ndarray) -> list[dict]:

@@ -57,8 +57,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..step import Batch, batch_features, combine
 from .. import ops
+from ..compiled import jit
+from ..step import Batch, batch_features, combine
 
 INF = np.float32(np.inf)
 DONE, WAITING, RUNNING = 2, 0, 1
@@ -161,10 +162,6 @@ def host_step_us(gpu_us, n_requests, request_host_us, async_scheduling):
     return jnp.where(async_scheduling, jnp.maximum(gpu_us, host), gpu_us + host)
 
 
-# XLA:CPU's YNNPACK fusion slows the loop's small operations down (as in the sweep's fast path)
-CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 DECODE_STEPS = 16  # engine steps one loop iteration can run: a step and the decode-only steps after it
 
 
@@ -184,12 +181,7 @@ def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int
 def _compiled(static, window, n_users, n_groups, max_iterations, decode_steps=DECODE_STEPS):
     fn = functools.partial(_simulate, static=static, window=window, n_users=n_users, n_groups=n_groups,
                            max_iterations=max_iterations, decode_steps=decode_steps)
-    if jax.default_backend() == "cpu":
-        try:
-            return jax.jit(fn, compiler_options=CPU_COMPILER_OPTIONS)
-        except TypeError:  # a jax without compiler_options
-            pass
-    return jax.jit(fn)
+    return jit(fn)
 
 
 def _simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int, n_users: int, n_groups: int,

@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import memory, ops
 from ..calibration import resolve_calibration, serving_terms
+from ..compiled import jit
 from ..errors import InputError
 from ..io import (add_pricing_arguments, atomic_write, check_output_file, number, print_table,
     read_json_lines, refuse_overwrite)
@@ -445,8 +446,8 @@ def _tables(bench_data, gpu: GPU):
 
 @functools.lru_cache(maxsize=None)
 def _step_time_fn(static):
-    return jax.jit(lambda sm, n_dec, keys, n_pre, tokens, pairs: sch._step_us(sm, static, n_dec, keys, n_pre,
-                                                                                 tokens, pairs))
+    return jit(lambda sm, n_dec, keys, n_pre, tokens, pairs: sch._step_us(sm, static, n_dec, keys, n_pre, tokens,
+                                                                             pairs))
 
 
 def _expected_work(dep: Deployment) -> float:

@@ -60,6 +60,7 @@ import pandas as pd
 from .. import memory, ops
 from .. import tables as tables_mod
 from ..calibration import resolve_calibration
+from ..compiled import cpu_options
 from ..errors import InputError
 from ..fastlookup import TOKEN_TABLE, FastLookup, as_scalars, common_shapes, of_setup
 from ..hardware import get_gpu
@@ -135,11 +136,6 @@ def fast_chunk(mode: Mode, static: Static, lookup: FastLookup, on: ModelOnGPU, p
     return tuple(jnp.where(ok, v, jnp.nan) for v in jax.vmap(one)(b0, b1, b2, b3, b4))
 
 
-# XLA:CPU's YNNPACK fusion would take over the reduction in `combine` and everything after it, op by op
-# (10x slower here); plain fused loops are used instead.
-COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
-
-
 class _Compiled:
     """fast_chunk compiled for one (mode, static, devices); with several devices the configuration axis is
     sharded over them (`jax.shard_map` on a 1-D mesh of the local devices), group tables replicated."""
@@ -164,10 +160,7 @@ class _Compiled:
                            for x in leaves))
         if key not in self._exe:
             lowered = self.jit.lower(lookup, on, params, *b)
-            try:
-                self._exe[key] = lowered.compile(compiler_options=COMPILER_OPTIONS if _on_cpu() else None)
-            except Exception:  # an XLA without the option: compile plainly
-                self._exe[key] = lowered.compile()
+            self._exe[key] = lowered.compile(compiler_options=cpu_options())
         return self._exe[key](lookup, on, params, *b)
 
 
