@@ -6,13 +6,14 @@ compile it.  `once` compiles such a function at XLA -O0 and, on CPU, with the le
 fusion emitters take about two thirds of the compile time); the values agree with a default compilation to
 float32 rounding (relative 1e-6).
 
-`jit` is `jax.jit` for the programs that run long (the serving loop, the sweep's chunk, the steady-state
-estimate, the fit's L-BFGS loop): default optimisation, and on CPU `CPU_OPTIONS`.  XLA:CPU's YNNPACK fusion
-would run the step model's reductions op by op (10x slower).  Its fusion emitters, against the legacy loop
+`jit` is `jax.jit` for the programs that run long (the serving loop, the steady-state estimate, the fit's
+L-BFGS loop, predict's step function): default optimisation, and on CPU `CPU_OPTIONS`.  XLA:CPU's YNNPACK
+fusion would run the step model's reductions op by op (10x slower).  Its fusion emitters, against the legacy loop
 emitters (2-core x86 machine, jax 0.10.2, 2026-12-07): the serving loop compiles in 1.1-1.5x the time; a
 serve of 1 to 64 closed loops takes 14-24 % longer, compilation included; after compilation 256 closed loops
-in one call run 4 % and 4,096 run 15 % faster; the sweep's chunk is the same within noise.  The test suite
-takes 5.5 min with them off, 7.9 with them on.
+in one call run 4 % and 4,096 run 15 % faster; the sweep's chunk evaluates 3-7 % more configurations per
+second with them, so it keeps them (`cpu_options(legacy_emitters=False)`).  The test suite takes 5.5 min
+with them off, 7.9 with them on.
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ import numpy as np
 
 GENERIC_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 COMPILER_OPTIONS = {**GENERIC_OPTIONS, "xla_cpu_use_fusion_emitters": False}
-CPU_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_use_fusion_emitters": False}
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+CPU_OPTIONS = {**NO_YNN, "xla_cpu_use_fusion_emitters": False}
 _EXE: dict = {}
 _CPU_OPTIONS_OK: list = []  # [bool] once probed: whether this XLA takes CPU_OPTIONS
 
 
-def cpu_options() -> dict | None:
-    """`CPU_OPTIONS` where the default backend is the CPU and its XLA takes them (probed once with a tiny
-    program), else None."""
+def cpu_options(legacy_emitters: bool = True) -> dict | None:
+    """`CPU_OPTIONS` (``legacy_emitters`` false: `NO_YNN` only) where the default backend is the CPU and its
+    XLA takes them (probed once with a tiny program), else None."""
     if jax.default_backend() != "cpu":
         return None
     if not _CPU_OPTIONS_OK:
@@ -39,7 +41,9 @@ def cpu_options() -> dict | None:
             _CPU_OPTIONS_OK.append(True)
         except Exception:  # an XLA without these options
             _CPU_OPTIONS_OK.append(False)
-    return CPU_OPTIONS if _CPU_OPTIONS_OK[0] else None
+    if not _CPU_OPTIONS_OK[0]:
+        return None
+    return CPU_OPTIONS if legacy_emitters else NO_YNN
 
 
 def jit(fn, **kwargs):

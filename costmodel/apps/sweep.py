@@ -160,7 +160,7 @@ class _Compiled:
                            for x in leaves))
         if key not in self._exe:
             lowered = self.jit.lower(lookup, on, params, *b)
-            self._exe[key] = lowered.compile(compiler_options=cpu_options())
+            self._exe[key] = lowered.compile(compiler_options=cpu_options(legacy_emitters=False))
         return self._exe[key](lookup, on, params, *b)
 
 
