@@ -1,4 +1,5 @@
-"""Compiling run-once computations for compile time rather than run time.
+"""Compiler options in one place: run-once computations compiled for compile time (`once`), long-running
+programs compiled for run time on CPU (`jit`).
 
 Setup work (a model's spline coefficients for a sweep, the features of a set of records) runs once per
 table shapes or per record set and takes milliseconds, while XLA's default optimisation takes seconds to
@@ -22,10 +23,11 @@ import functools
 import jax
 import numpy as np
 
+LEGACY_EMITTERS = {"xla_cpu_use_fusion_emitters": False}  # XLA:CPU's loop emitters instead of its fusion emitters
 GENERIC_OPTIONS = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-COMPILER_OPTIONS = {**GENERIC_OPTIONS, "xla_cpu_use_fusion_emitters": False}
+COMPILER_OPTIONS = {**GENERIC_OPTIONS, **LEGACY_EMITTERS}
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
-CPU_OPTIONS = {**NO_YNN, "xla_cpu_use_fusion_emitters": False}
+CPU_OPTIONS = {**NO_YNN, **LEGACY_EMITTERS}
 _EXE: dict = {}
 _CPU_OPTIONS_OK: list = []  # [bool] once probed: whether this XLA takes CPU_OPTIONS
 
