@@ -181,6 +181,35 @@ def _crossings(P: np.ndarray, width: float) -> list[float]:
     return sorted(set(float(v) for v in r if 1e-9 * width < v < (1 - 1e-9) * width))
 
 
+SLIVER = 1e-3  # pieces narrower than this (log length) are merged into a neighbour ...
+SLIVER_TOL = 1e-6  # ... where that moves no column's log time by more than this
+
+
+def _merge_slivers(P: np.ndarray, segs: list) -> list:
+    """Pieces [lo, hi, argmax list] of one cell with the slivers merged into a neighbour (`SLIVER`): a
+    crossing next to a node or to another crossing (columns that coincide up to float32 rounding cross
+    anywhere) adds a piece that changes no value but deepens the cell finder and its lookup table."""
+    def err(am, lo, hi):  # largest change of a column's log time on [lo, hi] under the argmax list ``am``
+        u = np.linspace(lo, hi, 5)
+        v = P @ np.stack([u ** 3, u * u, u, np.ones_like(u)])  # [Nb, 5]
+        return float(np.max(np.abs(np.maximum.accumulate(v, axis=0) - v[am])))
+
+    out = []
+    for k, (lo, hi, am) in enumerate(segs):
+        if out and out[-1][2] == am:
+            out[-1][1] = hi
+        elif hi - lo < SLIVER and len(segs) > 1:
+            if out and err(out[-1][2], lo, hi) <= SLIVER_TOL:
+                out[-1][1] = hi
+            elif k + 1 < len(segs) and err(segs[k + 1][2], lo, hi) <= SLIVER_TOL:
+                segs[k + 1][0] = lo
+            else:
+                out.append([lo, hi, am])
+        else:
+            out.append([lo, hi, am])
+    return out
+
+
 def refine_attention(coef: np.ndarray, t: AttnTable):
     """A head layout of ``t`` whose cubics are ``coef`` [4, Nl-1, Nb] as pieces on which the running max over
     batch columns is one column's cubic: (piece boundaries [P+1], piece origins [P], coefficients [P, Nb, 4],
@@ -200,11 +229,8 @@ def refine_attention(coef: np.ndarray, t: AttnTable):
                 if v[j] > v[best]:
                     best = j
                 am.append(best)
-            if segs and segs[-1][1] == am:
-                segs[-1][0] = hi_u
-            else:
-                segs.append([hi_u, am])
-        for hi_u, am in segs:
+            segs.append([lo_u, hi_u, am])
+        for _, hi_u, am in _merge_slivers(P, segs):
             nodes.append(x[i + 1] if hi_u >= width else np.float32(float(x[i]) + hi_u))
             x0.append(x[i])
             rc.append(P[am])
@@ -321,24 +347,25 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
     gl = step_gemms(d, Batch(*(np.float32(1.0),) * 5), static)
     dec_c, pre_c = int(on.decode_layout), int(on.prefill_layout)
     comm_x = np.asarray(comm.log_bytes, np.float32) if comm is not None else np.zeros(2, np.float32)
+    has_moe, has_mla = moe is not None, any(t is not None for t in mla)
     moe = _NO_MOE if moe is None else kt.MoeCurve(*(np.asarray(a, np.float32) for a in moe))
     mla = tuple(_NO_MLA if t is None else AttnTable(*(np.asarray(a, np.float32) for a in t)) for t in mla)
     finders = (Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x),
                Finder.build(moe.log_tokens))
-    gc, cc, dc, pc, mc, floor, tok, ec, mlc = jax.tree_util.tree_map(np.asarray, once(
+    gc, cc, dc, pc, mc, floor, tok, ec, mlc, floors = jax.tree_util.tree_map(np.asarray, once(
         _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
         np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
-        np.int32(pre_c), finders, d, comm is not None, moe, mla))
+        np.int32(pre_c), finders, d, comm is not None, moe, mla, has_moe, has_mla))
     f32 = np.float32
     return FastLookup(Series.build(np.asarray(gemm.log_m, np.float32), gc, finders[0]), f32(floor),
                       _per_token(tok["tok_gemm"]), _refined(dc.astype(np.float64), decode), f32(on.decode_kv_scale),
-                      f32(kt.attn_floor_us(decode, dec_c)), _refined(pc.astype(np.float64), prefill),
+                      floors[0], _refined(pc.astype(np.float64), prefill),
                       f32(on.prefill_len_scale), Series.build(comm_x, cc[..., None], finders[1]),
                       _per_token(tok["tok_comm"]), _per_token(tok["tok_gather"]),
                       Series.build(moe.log_tokens, mc[..., None], finders[2]), _per_token(tok["tok_moe"]),
                       Series.build(comm_x, ec[..., None], finders[1]), _per_token(tok["tok_ep"]),
                       _refined(mlc[0].astype(np.float64), mla[0]), _refined(mlc[1].astype(np.float64), mla[1]),
-                      np.asarray([kt.attn_floor_us(t, 0) for t in mla], np.float32), d, comm is not None)
+                      floors[1:], d, comm is not None)
 
 
 def of_setup(su) -> FastLookup:
@@ -359,15 +386,18 @@ def _per_token(v: np.ndarray) -> np.ndarray:
     return np.concatenate([v[..., :1], v], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=11)
-def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm, moe, mla):
+@functools.partial(jax.jit, static_argnums=(11, 14, 15))
+def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm, moe, mla, has_moe,
+             has_mla):
     """What `specialise` computes, in one compilation per table shapes: interpax's spline coefficients of
     the G GEMMs' blended log-m cubics [4, Nm-1, G] (the blend of the neighbouring shapes' splines is the
     spline of the blend), of the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], of the two attention
     head layouts [4, Nl-1, Nb], of the fused-MoE curve [4, Nt-1], the GEMM table's log floor, the per-token
     tables (index m - 1): the lookup's own GEMM, all-reduce and fused-MoE functions (`_gemm_us`, `_comm_us`,
     `_moe_us`) at every integer, the all-reduce's cubic for the expert group [4, Nb-1] and the two MLA
-    tables' cubics (decode, prefill) [4, Nl-1, Nb] each."""
+    tables' cubics (decode, prefill) [4, Nl-1, Nb] each.  Without ``has_moe`` (``has_mla``) the MoE (MLA)
+    outputs are zeros of their placeholders' shapes, never read.  Last, the attention tables' smallest times
+    (`kernel_time.attn_floor_us`: decode layout, MLA decode, MLA prefill) [3]."""
     def one(k, n):
         series, offset, w = gemm_shape_blend(gemm, k, n)
         c = monotone_spline(gemm.log_m, series.T).c @ w
@@ -377,25 +407,30 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
           if comm is not None else jnp.zeros((4, 1)))
     dc = monotone_spline(decode.log_len, decode.log_t[dec_c]).c
     pc = monotone_spline(prefill.log_len, prefill.log_t[pre_c]).c
-    mc = monotone_spline(moe.log_tokens, moe.log_us).c
     floor = gemm_log_floor(gemm)
     m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
     gemm_s = Series.build(gemm.log_m, gc, finders[0])
+    none = jnp.zeros(TOKEN_TABLE, jnp.float32)
     tok = {"tok_gemm": jnp.stack([_gemm_us(gemm_s, floor, i, jnp.log(m)) for i in range(ks.shape[0])]),
-           "tok_moe": _moe_us(Series.build(moe.log_tokens, mc[..., None], finders[2]), ops.moe_tokens(d, m))}
-    mlc = [monotone_spline(t.log_len, t.log_t[0]).c for t in mla]
+           "tok_comm": none, "tok_gather": none, "tok_moe": none, "tok_ep": none}
+    mc = jnp.zeros((4, moe.log_tokens.shape[0] - 1))
+    if has_moe:
+        mc = monotone_spline(moe.log_tokens, moe.log_us).c
+        tok["tok_moe"] = _moe_us(Series.build(moe.log_tokens, mc[..., None], finders[2]), ops.moe_tokens(d, m))
+    mlc = [monotone_spline(t.log_len, t.log_t[0]).c if has_mla else
+           jnp.zeros((4, t.log_len.shape[0] - 1, t.log_b.shape[0])) for t in mla]
+    ec = jnp.zeros((4, comm.log_bytes.shape[0] - 1 if has_comm else 1))
     if has_comm:
-        ep_gpus = jnp.maximum(d.tp * d.attention_dp, 2.0)
-        ec = monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c @ comm_gpu_weights(comm, ep_gpus)
         comm_s = Series.build(comm.log_bytes, cc[..., None], finders[1])
         tok["tok_comm"] = _comm_us(comm_s, ops.allreduce_bytes(d, m))
         tok["tok_gather"] = _comm_us(comm_s, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
+    if has_comm and has_moe:
+        ep_gpus = jnp.maximum(d.tp * d.attention_dp, 2.0)
+        ec = monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c @ comm_gpu_weights(comm, ep_gpus)
         tok["tok_ep"] = _comm_us(Series.build(comm.log_bytes, ec[..., None], finders[1]),
                                  jnp.maximum(ops.ep_exchange_message(d, m), 1.0))
-    else:
-        ec = jnp.zeros((4, 1))
-        tok["tok_comm"] = tok["tok_gather"] = tok["tok_ep"] = jnp.zeros(TOKEN_TABLE, jnp.float32)
-    return gc, cc, dc, pc, mc, floor, tok, ec, mlc
+    floors = jnp.stack([kt.attn_floor_us(decode, dec_c)] + [kt.attn_floor_us(t, 0) for t in mla]).astype(jnp.float32)
+    return gc, cc, dc, pc, mc, floor, tok, ec, mlc, floors
 
 
 def _refined(coef: np.ndarray, t: AttnTable) -> RefinedAttn:

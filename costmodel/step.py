@@ -37,7 +37,8 @@ from .model import DTYPE_BYTES, ModelConfig
 from .params import Params
 from .interp import suffix_min
 from .tables import (DECODE_SLOPE_HI, PREFILL_SLOPE_HI, AttnTable, CommTable, GemmTable, Tables, attn_table_name,
-                     bracket, fold_batch, gemm_table_us, load_moe, mla_tables_of, moe_curve, moe_shapes, nearest_layout)
+                     bracket, f32_array, fold_batch, gemm_table_us, load_moe, mla_tables_of, moe_curve, moe_shapes,
+                     nearest_layout)
 
 BREAKDOWN = ("gemm", "attn_prefill", "attn_decode", "memory_ops", "communication", "lm_head_sampling",
              "overhead")
@@ -252,7 +253,7 @@ def moe_curve_of(model: ModelConfig, tables: Tables, tp: int, moe_ep: int, atten
             f"{', '.join(have) if have else 'none for this shape'}", field="moe_ep" if have else "model")
     tokens, us = (np.asarray(a, np.float64) for a in got)
     us = suffix_min(us[None, :], (1,))[0]
-    return kt.MoeCurve(jnp.asarray(np.log(tokens), jnp.float32), jnp.asarray(np.log(us), jnp.float32))
+    return kt.MoeCurve(f32_array(np.log(tokens)), f32_array(np.log(us)))
 
 
 def _nodes(grid, x) -> np.ndarray:

@@ -310,8 +310,13 @@ def _looks_like_data(header) -> bool:
         return first in ("bf16", "fp16", "fp8")
 
 
+def f32_array(a) -> jax.Array:
+    """``a`` as a float32 JAX array, rounded by numpy (JAX would compile a conversion per shape)."""
+    return jnp.asarray(np.asarray(a, np.float32))
+
+
 def _log_grid(values) -> np.ndarray:
-    return np.log(np.array(sorted(set(float(v) for v in values))))
+    return np.log(np.unique(np.asarray(values, dtype=float)))
 
 
 def _index(grid_log: np.ndarray, values) -> np.ndarray:
@@ -325,9 +330,11 @@ def _clean(name: str, t: np.ndarray, axes, label, adjustments: list[Adjustment],
     and refilled before)."""
     cleaned = suffix_min(t, axes)
     dropped = dropped or {}
-    for idx in zip(*np.nonzero(~np.isnan(t) & (np.abs(cleaned - t) > 1e-9 * t))):
+    lowered = ~np.isnan(t) & (np.abs(cleaned - t) > 1e-9 * t)
+    for idx, measured, used in zip(map(tuple, np.argwhere(lowered).tolist()), t[lowered].tolist(),
+                                   cleaned[lowered].tolist()):
         if idx not in dropped:
-            adjustments.append(Adjustment(name, label(idx), float(t[idx]), float(cleaned[idx]), tuple(map(int, idx))))
+            adjustments.append(Adjustment(name, label(idx), measured, used, idx))
     for idx, (measured, reason) in sorted(dropped.items()):
         adjustments.append(Adjustment(name, label(idx), measured, float(cleaned[idx]), idx, reason))
     return cleaned
@@ -371,7 +378,8 @@ def load_gemm(path: Path, adjustments: list[Adjustment], gpu: GPU | None = None,
         d = d.groupby(["k", "n", "m"], as_index=False)["latency_us"].min()
         raw[_index(lk, d.k), _index(ln, d.n), _index(lm, d.m)] = d.latency_us
         m_, k_, n_ = np.exp(lm), np.exp(lk), np.exp(ln)
-        label = lambda ix: f"m={m_[ix[2]]:.0f} k={k_[ix[0]]:.0f} n={n_[ix[1]]:.0f}"  # noqa: E731
+        ms, ks, ns = ([f"{v:.0f}" for v in a] for a in (m_, k_, n_))
+        label = lambda ix: f"m={ms[ix[2]]} k={ks[ix[0]]} n={ns[ix[1]]}"  # noqa: E731
         beats_peak = None
         if gpu is not None and (dtype != "fp8" or gpu.fp8_flops > 0):
             roof_us = 2.0 * k_[:, None, None] * n_[None, :, None] * m_[None, None, :] / gpu.peak_flops(dtype) * 1e6
@@ -396,7 +404,7 @@ def load_gemm(path: Path, adjustments: list[Adjustment], gpu: GPU | None = None,
         filled += int(np.isnan(raw).sum()) - len(dropped)
         t = _clean(f"gemm/{dtype}", np.exp(grid), (2,), label, adjustments, dropped)
         _note_dropped(notes, f"gemm/{dtype}", path, label, dropped, t)
-        out[dtype] = GemmTable(*(jnp.asarray(a, jnp.float32) for a in (lm, lk, ln, np.log(t))))
+        out[dtype] = GemmTable(*(f32_array(a) for a in (lm, lk, ln, np.log(t))))
     return out, df, filled
 
 
@@ -452,27 +460,30 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
     slope = DECODE_SLOPE_HI if kind == "decode" else PREFILL_SLOPE_HI
     name, rows = attn_table_name(kind, kv), KV_ROWS[kv][kind]
     frames, files, other_dtypes = [], _attn_files(folder, notes if kv == "bf16" else None), set()
+    kept = []
     for heads, f in files:
-        df = None if frames_read is None else frames_read.get(f)
-        if df is None:
+        read = None if frames_read is None else frames_read.get(f)
+        if read is None:
             df = _read_csv(f, (length_col, "latency_us"), SCHEMAS[kind], notes if kv == "bf16" else None,
                            optional=("batch_size",))
+            if "batch_size" not in df.columns:
+                df["batch_size"] = 1.0
+            read = df, {c: df[c].astype(str).str.strip().str.lower() for c in ("dtype", "kv_dtype") if c in df.columns}
             if frames_read is not None:
-                frames_read[f] = df
-        df = df.copy()
-        if "batch_size" not in df.columns:
-            df["batch_size"] = 1.0
+                frames_read[f] = read
+        df, dtypes = read
+        keep = np.ones(len(df), bool)
         for col, allowed in rows.items():
-            if col in df.columns:
-                keep = df[col].astype(str).str.strip().str.lower().isin(allowed)
-                other_dtypes |= {f"{col}={v}" for v in df.loc[~keep, col].astype(str)}
-                df = df[keep]
-        if df.empty:
+            if col in dtypes:
+                ok = dtypes[col].isin(allowed).to_numpy()
+                other_dtypes |= {f"{col}={v}" for v in df.loc[keep & ~ok, col].astype(str).unique()}
+                keep &= ok
+        if not keep.any():
             if notes is not None and kv == "bf16":
                 notes.append(f"{f}: skipped, no rows with bf16/fp16 activations and KV cache")
             continue
-        df = df.assign(hq=heads[0], hkv=heads[1], d=heads[2], file=f.name)
-        frames.append(df)
+        frames.append(df[keep])
+        kept.append((heads, f.name))
     if not frames:
         if files and kv == "bf16":
             raise InputError(f"no rows with bf16/fp16 activations and KV cache in {len(files)} file(s) (found "
@@ -480,6 +491,10 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
                              str(folder), "dtype")
         return None, [], None, 0
     df = pd.concat(frames, ignore_index=True)
+    rows_per_file = [len(x) for x in frames]
+    for i, col in enumerate(("hq", "hkv", "d")):  # each file's head layout and name, set on the joined rows
+        df[col] = np.repeat([h[i] for h, _ in kept], rows_per_file)
+    df["file"] = np.repeat([file_name for _, file_name in kept], rows_per_file)
     heads = sorted(set(zip(df.hq, df.hkv, df.d)))
     ll, lb = _log_grid(df[length_col]), _log_grid(df.batch_size)
     if len(ll) < 2:
@@ -506,7 +521,7 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
     label = lambda ix: f"{'-'.join(map(str, heads[ix[0]]))} batch={B[ix[2]]:.0f} {length_col}={L[ix[1]]:.0f}"  # noqa: E731
     t = _clean(name, np.exp(grid), (1, 2), label, adjustments, dropped)
     _note_dropped(notes, name, folder, label, dropped, t)
-    table = AttnTable(jnp.asarray(ll, jnp.float32), jnp.asarray(lb, jnp.float32), jnp.asarray(np.log(t), jnp.float32))
+    table = AttnTable(f32_array(ll), f32_array(lb), f32_array(np.log(t)))
     return table, heads, df, n_missing
 
 
@@ -534,7 +549,7 @@ def load_allreduce(path: Path, adjustments: list[Adjustment] | None = None, note
         if adjustments is not None:
             adjustments.append(Adjustment("allreduce", label(idx), measured, float(t[idx]), idx, reason))
     _note_dropped(notes, "allreduce", path, label, dropped, t)
-    return CommTable(*(jnp.asarray(a, jnp.float32) for a in (lg, lby, np.log(t)))), df
+    return CommTable(*(f32_array(a) for a in (lg, lby, np.log(t)))), df
 
 
 def default_bench_data() -> Path:
@@ -825,7 +840,7 @@ def mla_table(df: pd.DataFrame, num_heads: int, kv_dtype: str = "bf16", gemm_dty
         grid[_index(ll, got[0]), j] = np.log(got[1])
         grid[:, j] = fill_work_axis(grid[:, j], ll, slope)
     t = suffix_min(np.exp(grid)[None], (1, 2))
-    return AttnTable(*(jnp.asarray(a, jnp.float32) for a in (ll, lb, np.log(t))))
+    return AttnTable(*(f32_array(a) for a in (ll, lb, np.log(t))))
 
 
 def mla_tables_of(gpu: str, num_heads: int, kv_dtype: str, gemm_dtype: str, data_dir=None) -> tuple[AttnTable, AttnTable]:

@@ -163,15 +163,16 @@ def _call_split(ev, gidx, batch, group: int, reps: int = 5) -> dict:
     its inputs to the device, evaluating them there, and copying the step times and breakdown back."""
     rows = np.flatnonzero(gidx == group)[:ev.call_size]
     part = [ev._pad(np.asarray(b[rows], np.float32), 1.0) for b in batch]
-    fn, args = ev._fns[group], ev.tables[group][ev._integral(part)]
+    args = ev.tables[group][ev._integral(part)]
     ins = jax.block_until_ready(jax.device_put(part, ev._sh))
-    res = jax.block_until_ready(fn(*args, *ins))
+    fn = ev._fns[group].executable(args, *ins)
+    res = jax.block_until_ready(fn(args[0], args[1], *ins))
     t_in, t_eval, t_out = [], [], []
     for _ in range(reps):
         t0 = time.perf_counter()
         ins = jax.block_until_ready(jax.device_put(part, ev._sh))
         t1 = time.perf_counter()
-        res = jax.block_until_ready(fn(*args, *ins))
+        res = jax.block_until_ready(fn(args[0], args[1], *ins))
         t2 = time.perf_counter()
         host = [np.array(r) for r in res]
         t3 = time.perf_counter()

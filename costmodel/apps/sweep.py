@@ -60,7 +60,7 @@ import pandas as pd
 from .. import memory, ops
 from .. import tables as tables_mod
 from ..calibration import resolve_calibration
-from ..compiled import cpu_options
+from ..compiled import cpu_options, join_scalars, split_scalars
 from ..errors import InputError
 from ..fastlookup import TOKEN_TABLE, FastLookup, as_scalars, common_shapes, of_setup
 from ..hardware import get_gpu
@@ -120,48 +120,66 @@ class Mode:
     prefill_total: bool  # batch gives prefill_tokens, prefill_pairs (else prefill_new, prefill_cached)
 
 
+def extra_parts(static: Static) -> tuple[str, ...]:
+    """The parts beyond `BREAKDOWN` that a model's steps have (`MOE_PART`, `MLA_PART`); the others are 0."""
+    return tuple(k for k, has in ((MOE_PART, static.moe), (MLA_PART, static.mla)) if has)
+
+
 def fast_chunk(mode: Mode, static: Static, lookup: FastLookup, on: ModelOnGPU, params: Params, b0, b1, b2, b3, b4):
-    """Step times of a chunk of configurations of one group: a tuple (total, *`BREAKDOWN`) of [C] (µs);
-    the batch columns b0..b4 are read as `Mode` says.  The step model itself (`step.batch_features`,
-    `step.combine`), with the group's tables specialised (`fastlookup`)."""
+    """Step times of a chunk of configurations of one group: a tuple (total, *`BREAKDOWN`, *`extra_parts`)
+    of [C] (µs); the batch columns b0..b4 are read as `Mode` says.  The step model itself
+    (`step.batch_features`, `step.combine`), with the group's tables specialised (`fastlookup`)."""
     def one(n_dec, dec, n_pre, pre_a, pre_b):
         d = on.dims
         keys = dec if mode.decode_total else decode_keys_of_means(d, n_dec, dec)
         tokens, pairs = (pre_a, pre_b) if mode.prefill_total else prefill_of_means(d, n_pre, pre_a, pre_b)
         total, parts = combine(batch_features(lookup, on, Batch(n_dec, keys, n_pre, tokens, pairs), static),
                                on, params, static)
-        return [total] + [parts[k] for k in BREAKDOWN] + [parts.get(k, jnp.zeros_like(total)) for k in (MOE_PART, MLA_PART)]
+        return [total] + [parts[k] for k in BREAKDOWN + extra_parts(static)]
 
     ok = (b0 + b2) > 0
     return tuple(jnp.where(ok, v, jnp.nan) for v in jax.vmap(one)(b0, b1, b2, b3, b4))
 
 
 class _Compiled:
-    """fast_chunk compiled for one (mode, static, devices); with several devices the configuration axis is
-    sharded over them (`jax.shard_map` on a 1-D mesh of the local devices), group tables replicated."""
+    """fast_chunk compiled for one (mode, static, devices), its group tables passed as `compiled.split_scalars`
+    gives them; with several devices the configuration axis is sharded over them (`jax.shard_map` on a 1-D
+    mesh of the local devices), group tables replicated."""
 
     def __init__(self, mode: Mode, static: Static, n_devices: int):
-        fn = functools.partial(fast_chunk, mode, static)
-        self.rep = self.sh = None
+        self.mode, self.static = mode, static
+        self.rep = self.sh = self.mesh = None
         if n_devices > 1:
             from jax.sharding import Mesh, NamedSharding
             from jax.sharding import PartitionSpec as P
-            mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("c",))
-            self.rep, self.sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("c"))
-            fn = jax.shard_map(fn, mesh=mesh, in_specs=(P(), P(), P()) + (P("c"),) * 5, out_specs=P("c"))
-            self.jit = jax.jit(fn, in_shardings=(self.rep,) * 3 + (self.sh,) * 5, out_shardings=self.sh)
-        else:
-            self.jit = jax.jit(fn)
-        self._exe = {}
+            self.mesh = Mesh(np.asarray(jax.local_devices()[:n_devices]), ("c",))
+            self.rep, self.sh = NamedSharding(self.mesh, P()), NamedSharding(self.mesh, P("c"))
+        self._jits, self._exe = {}, {}
 
-    def __call__(self, lookup, on, params, *b):
-        leaves, tree = jax.tree_util.tree_flatten((lookup, on, params, b))
-        key = (tree, tuple((np.shape(x), str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype))
-                           for x in leaves))
+    def _jit(self, spec):
+        if spec not in self._jits:
+            def fn(arrays, scalars, *b):
+                return fast_chunk(self.mode, self.static, *join_scalars(arrays, scalars, spec), *b)
+            if self.mesh is not None:
+                from jax.sharding import PartitionSpec as P
+                fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P()) + (P("c"),) * 5, out_specs=P("c"))
+                self._jits[spec] = jax.jit(fn, in_shardings=(self.rep,) * 2 + (self.sh,) * 5, out_shardings=self.sh)
+            else:
+                self._jits[spec] = jax.jit(fn)
+        return self._jits[spec]
+
+    def executable(self, tables, *b):
+        """The compiled function of ``tables`` ((arrays, scalars, spec) of `compiled.split_scalars`) and batch
+        columns ``b`` of these shapes and dtypes (compiled once); call it as ``f(arrays, scalars, *b)``."""
+        arrays, scalars, spec = tables
+        key = (spec, tuple((np.shape(x), str(x.dtype)) for x in (*arrays, scalars, *b)))
         if key not in self._exe:
-            lowered = self.jit.lower(lookup, on, params, *b)
+            lowered = self._jit(spec).lower(arrays, scalars, *b)
             self._exe[key] = lowered.compile(compiler_options=cpu_options(legacy_emitters=False))
-        return self._exe[key](lookup, on, params, *b)
+        return self._exe[key]
+
+    def __call__(self, tables, *b):
+        return self.executable(tables, *b)(tables[0], tables[1], *b)
 
 
 def _on_cpu() -> bool:
@@ -717,15 +735,18 @@ class Evaluator:
         self.n_devices = n_dev
         self.call_size = int(math.ceil(max(int(call_size), 1) / n_dev) * n_dev)
         self.serial = _on_cpu()
-        self._fns, self.tables = [], []
+        self._fns, self.tables, self._exes = [], [], {}
+        self._columns = [("step_us",) + BREAKDOWN + extra_parts(gr.setup.static) for gr in self.groups]
         self.calls = {False: 0, True: 0}  # kernel calls by path (True: per-token tables)
         for gr, lk in zip(self.groups, common_shapes([gr.lookup() for gr in self.groups])):
             fn = _compiled(self.mode, gr.setup.static, n_dev)
             self._fns.append(fn)
             self._sh = fn.sh
             rest = (as_scalars(gr.setup.on_gpu), as_scalars(gr.params))
-            self.tables.append({integral: jax.device_put((dataclasses.replace(lk, int_tokens=integral),) + rest, fn.rep)
-                                for integral in (False, True)})
+            self.tables.append({})
+            for integral in (False, True):
+                arrays, scalars, spec = split_scalars((dataclasses.replace(lk, int_tokens=integral),) + rest)
+                self.tables[-1][integral] = (*jax.device_put((arrays, scalars), fn.rep), spec)
 
     def _pad(self, a: np.ndarray, fill):
         if a.shape[0] == self.call_size:
@@ -757,13 +778,17 @@ class Evaluator:
                 ins = jax.device_put(part, self._sh)
                 integral = self._integral(part)
                 self.calls[integral] += 1
-                res = self._fns[gi](*self.tables[gi][integral], *ins)
+                args = self.tables[gi][integral]
+                exe = self._exes.get((gi, integral))
+                if exe is None:  # every call of a group has the same shapes (padded to call_size)
+                    exe = self._exes[gi, integral] = self._fns[gi].executable(args, *ins)
+                res = exe(args[0], args[1], *ins)
                 if self.serial:  # one execution at a time: concurrent ones thrash the caches on CPU
                     jax.block_until_ready(res)
                 else:  # start the device-to-host copies now, so they overlap later calls
                     for r in res:
                         r.copy_to_host_async()
-                calls.append((rows, hi - lo, res))
+                calls.append((rows, hi - lo, gi, res))
         return k, calls
 
     def _integral(self, b: list[np.ndarray]) -> bool:
@@ -775,8 +800,14 @@ class Evaluator:
                         and np.array_equal(b[2], np.floor(b[2])))
 
     def fetch_parts(self, handle):
-        """Per dispatched call: (rows, [total, *breakdown] as numpy views of the results)."""
-        return [(rows, [np.asarray(r)[:n] for r in res]) for rows, n, res in handle[1]]
+        """Per dispatched call: (rows, the `RESULT_COLUMNS` as numpy arrays; views of the results, zeros for
+        the parts its model does not have)."""
+        out = []
+        for rows, n, gi, res in handle[1]:
+            vals = dict(zip(self._columns[gi], res))
+            out.append((rows, [np.asarray(vals[c])[:n] if c in vals else np.zeros(n, np.float32)
+                               for c in RESULT_COLUMNS]))
+        return out
 
     def fetch(self, handle) -> list[np.ndarray]:
         """[step_us, *BREAKDOWN], each a float32 array over the submitted rows."""
