@@ -38,3 +38,24 @@ def test_jit_equals_default_compilation_alone_and_nested():
     mapped = jax.vmap(f, in_axes=(0, None))(np.stack([x, 2 * x]), y)
     np.testing.assert_allclose(np.asarray(mapped[1]), np.asarray(ref(2 * x, y)), rtol=1e-6)
     assert jax.default_backend() != "cpu" or cpu_options() is not None  # this XLA takes the CPU options
+
+
+def test_split_scalars_round_trip_inside_jit():
+    """The float32 scalars of a tree travel as one vector and come back in their places; other leaves (arrays,
+    int32 scalars) pass unchanged, and the jitted function gives what it gives on the tree itself."""
+    from costmodel.compiled import join_scalars, split_scalars
+    from costmodel.params import Params
+    tree = ({"a": np.float32(2.5), "b": np.arange(4, dtype=np.float32), "i": np.int32(3)},
+            jax.tree_util.tree_map(np.float32, Params()))
+    arrays, scalars, spec = split_scalars(tree)
+    assert scalars.dtype == np.float32 and len(scalars) == 1 + len(Params._fields)
+    assert len(arrays) == 2  # the [4] array and the int32 scalar
+    back = join_scalars(arrays, scalars, spec)
+    assert jax.tree_util.tree_structure(back) == jax.tree_util.tree_structure(tree)
+    for x, y in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(tree)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+    def f(t):
+        return t[0]["a"] * t[0]["b"] * t[0]["i"] + t[1].step_overhead_us
+    packed = jax.jit(lambda a, s: f(join_scalars(a, s, spec)))
+    np.testing.assert_array_equal(np.asarray(packed(arrays, scalars)), np.asarray(jax.jit(f)(tree)))

@@ -735,7 +735,7 @@ class Evaluator:
         self.n_devices = n_dev
         self.call_size = int(math.ceil(max(int(call_size), 1) / n_dev) * n_dev)
         self.serial = _on_cpu()
-        self._fns, self.tables, self._exes = [], [], {}
+        self._fns, self.tables, self._exes, self._zero_columns = [], [], {}, {}
         self._columns = [("step_us",) + BREAKDOWN + extra_parts(gr.setup.static) for gr in self.groups]
         self.calls = {False: 0, True: 0}  # kernel calls by path (True: per-token tables)
         for gr, lk in zip(self.groups, common_shapes([gr.lookup() for gr in self.groups])):
@@ -805,9 +805,16 @@ class Evaluator:
         out = []
         for rows, n, gi, res in handle[1]:
             vals = dict(zip(self._columns[gi], res))
-            out.append((rows, [np.asarray(vals[c])[:n] if c in vals else np.zeros(n, np.float32)
-                               for c in RESULT_COLUMNS]))
+            out.append((rows, [np.asarray(vals[c])[:n] if c in vals else self._zeros(n) for c in RESULT_COLUMNS]))
         return out
+
+    def _zeros(self, n: int) -> np.ndarray:
+        """A read-only float32 array of ``n`` zeros, shared by the parts no configuration of a call has."""
+        z = self._zero_columns.get(n)
+        if z is None:
+            z = self._zero_columns[n] = np.zeros(n, np.float32)
+            z.flags.writeable = False
+        return z
 
     def fetch(self, handle) -> list[np.ndarray]:
         """[step_us, *BREAKDOWN], each a float32 array over the submitted rows."""
