@@ -35,6 +35,17 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                           int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 
+# XLA's backend (LLVM) optimisation level 0 for this session: the same programs, compiled about twice as fast
+# and run slower, with the same results (the whole suite passes at either level).  The tests that a
+# miscompilation would break run again at the default level in a subprocess
+# (tests/test_default_optimization.py).  COSTMODEL_TESTS_XLA_DEFAULT=1, or a level in XLA_FLAGS, keeps the
+# caller's level.
+XLA_O0 = "--xla_backend_optimization_level=0"
+if os.environ.get("COSTMODEL_TESTS_XLA_DEFAULT") != "1" and \
+        "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {XLA_O0}".strip()
+
+
 def pytest_sessionfinish(session, exitstatus):
     if _JAX_CACHE:
         shutil.rmtree(_JAX_CACHE, ignore_errors=True)
