@@ -14,6 +14,7 @@ from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
 from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
 from .calibration import calibration_path, parameter_sets_used, resolve_calibration
+from .compiled import enable_compile_cache
 from .errors import InputError, warnings_as_lines
 from .hardware import get_gpu
 from .io import (ALLOW_OTHER_GPU_HELP, atomic_write, check_output_file, number, print_table,
@@ -190,6 +191,8 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, or argparse's usage error (already printed)
         return e.code if isinstance(e.code, int) else 0 if e.code is None else 2
+    if args.cmd != "bench":  # the benchmark times compilation from scratch
+        enable_compile_cache()
     try:
         with warnings_as_lines():
             return int(args.func(args) or 0)

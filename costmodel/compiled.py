@@ -19,6 +19,8 @@ with them off, 7.9 with them on (at XLA's default backend optimisation level, be
 from __future__ import annotations
 
 import functools
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -93,6 +95,42 @@ def once(fn, *args):
                 if options is None:
                     raise
     return _EXE[key](*[a for a in args if not isinstance(a, bool)])
+
+
+CACHE_ENV = "COSTMODEL_CACHE_DIR"  # costmodel's cache folder; "off" (or "0", "none", "false", "") turns it off
+CACHE_MIN_COMPILE_S = 0.1  # programs that take less than this to compile are not kept
+
+
+def compile_cache_dir(env=None) -> Path | None:
+    """Where the command line keeps its compiled programs between runs (JAX's persistent compilation
+    cache): ``$COSTMODEL_CACHE_DIR/jax``, else ``$XDG_CACHE_HOME/costmodel/jax``, else
+    ``~/.cache/costmodel/jax``; None where ``COSTMODEL_CACHE_DIR`` says off or JAX's own cache is set
+    (``JAX_COMPILATION_CACHE_DIR``: that one is used as it is)."""
+    env = os.environ if env is None else env
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return None
+    v = env.get(CACHE_ENV)
+    if v is not None and v.strip().lower() in ("", "0", "off", "none", "false"):
+        return None
+    base = Path(v) if v else Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "costmodel"
+    return base / "jax"
+
+
+def enable_compile_cache(env=None) -> Path | None:
+    """Keep compiled programs between runs in `compile_cache_dir` (a program compiled once is loaded, not
+    compiled, by the next process: a repeated `costmodel search` or `serve` starts seconds sooner); returns
+    the folder, or None where it stays off (see `compile_cache_dir`, or JAX's cache already configured, or
+    the folder cannot be made).  Call it before the first compilation."""
+    d = compile_cache_dir(env)
+    if d is None or jax.config.jax_compilation_cache_dir:
+        return None
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    jax.config.update("jax_compilation_cache_dir", str(d))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
+    return d
 
 
 def split_scalars(tree):

@@ -3,6 +3,7 @@
 The commands run in this process (`cli`), so that they share the tables and compilations of the other tests;
 `test_entry_point` runs the real `python -m costmodel.cli` in a fresh process."""
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -65,14 +66,20 @@ def test_bad_records(tmp_path, cli, bad, needle):
 
 
 def test_entry_point(tmp_path):
-    """`python -m costmodel.cli` in a fresh process: `predict` on the default example exits 0 and writes its six
-    records; a bad record exits 2 with one line on stderr naming file:line, and writes nothing."""
+    """`python -m costmodel.cli` in a fresh process: `predict` on the default example exits 0, writes its six
+    records and keeps its compiled programs in the cache folder (`COSTMODEL_CACHE_DIR`); a bad record exits 2
+    with one line on stderr naming file:line, and writes nothing."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_COMPILATION_CACHE")}
+    env["COSTMODEL_CACHE_DIR"] = str(tmp_path / "cache")
+
     def run(*args):
-        return subprocess.run([sys.executable, "-m", "costmodel.cli", *args], capture_output=True, text=True)
+        return subprocess.run([sys.executable, "-m", "costmodel.cli", *args], capture_output=True, text=True,
+                              env=env)
     out = tmp_path / "o.jsonl"
     r = run("predict", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert len(out.read_text().splitlines()) == 6 and f"wrote {out}" in r.stdout
+    assert any((tmp_path / "cache" / "jax").iterdir())  # at least one compiled program kept
     p = _write(tmp_path, [GOOD, '{"id": "b", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "steps": ['])
     bad_out = tmp_path / "bad.jsonl"
     r = run("predict", str(p), "--out", str(bad_out), "--calibration", "none")

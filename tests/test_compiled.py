@@ -59,3 +59,16 @@ def test_split_scalars_round_trip_inside_jit():
         return t[0]["a"] * t[0]["b"] * t[0]["i"] + t[1].step_overhead_us
     packed = jax.jit(lambda a, s: f(join_scalars(a, s, spec)))
     np.testing.assert_array_equal(np.asarray(packed(arrays, scalars)), np.asarray(jax.jit(f)(tree)))
+
+
+def test_compile_cache_folder_follows_the_environment(tmp_path):
+    """The command line's compilation cache: under COSTMODEL_CACHE_DIR, else XDG_CACHE_HOME, else ~/.cache;
+    off when asked, and left to JAX where its own cache folder is set."""
+    from pathlib import Path
+    from costmodel.compiled import compile_cache_dir
+    assert compile_cache_dir({"COSTMODEL_CACHE_DIR": str(tmp_path)}) == tmp_path / "jax"
+    assert compile_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == tmp_path / "costmodel" / "jax"
+    assert compile_cache_dir({}) == Path.home() / ".cache" / "costmodel" / "jax"
+    for off in ("off", "0", "", "none", "FALSE"):
+        assert compile_cache_dir({"COSTMODEL_CACHE_DIR": off}) is None
+    assert compile_cache_dir({"JAX_COMPILATION_CACHE_DIR": str(tmp_path), "COSTMODEL_CACHE_DIR": "x"}) is None

@@ -142,6 +142,7 @@ def bench(n_configs: int = 10_000_000, loop_configs: int = 300, chunk: int = 1 <
         "loop_evals_per_s": loop_rate,
         "speedup": rates[MODELS[0]] / loop_rate,
         "compile_s": compile_s,
+        "compile_cache": jax.config.jax_compilation_cache_dir,  # None: compile_s compiled from scratch
         "peak_rss_mb": peak,
         "n_configs": total_n,
         "loop_configs": len(idx),
