@@ -172,11 +172,17 @@ def _crossings(P: np.ndarray, width: float) -> list[float]:
     A[:, 0, :] = -C[:, 1:] / C[:, :1]
     A[:, 1, 0] = A[:, 2, 1] = 1.0
     roots = [np.linalg.eigvals(A).ravel()] if len(C) else []
-    for d in D[~cubic]:  # lower degree
-        nz = np.nonzero(np.abs(d) > 1e-300)[0]
-        if nz.size and nz[0] < 3:
-            roots.append(np.roots(d[nz[0]:]))
-    r = np.concatenate(roots) if roots else np.zeros(0)
+    rest = D[~cubic]  # lower degree: quadratics by their companion matrices too, linear ones directly
+    quad = np.abs(rest[:, 1]) > 1e-300
+    Q, L = rest[quad], rest[~quad]
+    if len(Q):
+        A2 = np.zeros((len(Q), 2, 2))
+        A2[:, 0, :] = -Q[:, 2:] / Q[:, 1:2]
+        A2[:, 1, 0] = 1.0
+        roots.append(np.linalg.eigvals(A2).ravel())
+    lin = np.abs(L[:, 2]) > 1e-300
+    roots.append(-L[lin, 3] / L[lin, 2])
+    r = np.concatenate(roots)
     r = r[np.abs(r.imag) < 1e-9].real
     return sorted(set(float(v) for v in r if 1e-9 * width < v < (1 - 1e-9) * width))
 
