@@ -13,7 +13,7 @@ fusion would run the step model's reductions op by op (10x slower).  Its fusion 
 emitters (2-core x86 machine, jax 0.10.2, 2026-12-07): the serving loop compiles in 1.1-1.5x the time; a
 serve of 1 to 64 closed loops takes 14-24 % longer, compilation included; after compilation 256 closed loops
 in one call run 4 % and 4,096 run 15 % faster; the sweep's chunk evaluates 3-7 % more configurations per
-second with them, so it keeps them (`cpu_options(legacy_emitters=False)`).  The test suite took 5.5 min
+second with them, so it keeps them (`jit(fn, legacy_emitters=False)`).  The test suite took 5.5 min
 with them off, 7.9 with them on (at XLA's default backend optimisation level, before the suite moved to level 0).
 """
 from __future__ import annotations
@@ -50,11 +50,12 @@ def cpu_options(legacy_emitters: bool = True) -> dict | None:
     return CPU_OPTIONS if legacy_emitters else NO_YNN
 
 
-def jit(fn, **kwargs):
+def jit(fn, legacy_emitters: bool = True, **kwargs):
     """``jax.jit(fn, **kwargs)`` compiled with `cpu_options` (call it at run time, not at import: it starts
-    JAX's backend).  Called inside another jitted function, where JAX refuses compiler options, it is a
-    plain ``jax.jit``: the outer program is compiled with the outer options."""
-    options = cpu_options()
+    JAX's backend); its ``.lower(...).compile()`` takes the same options.  Called inside another jitted
+    function, where JAX refuses compiler options, it is a plain ``jax.jit``: the outer program is compiled
+    with the outer options."""
+    options = cpu_options(legacy_emitters)
     if options is None:
         return jax.jit(fn, **kwargs)
     return _WithOptions(jax.jit(fn, compiler_options=options, **kwargs), jax.jit(fn, **kwargs))

@@ -164,9 +164,10 @@ def _call_split(ev, gidx, batch, group: int, reps: int = 5) -> dict:
     its inputs to the device, evaluating them there, and copying the step times and breakdown back."""
     rows = np.flatnonzero(gidx == group)[:ev.call_size]
     part = [ev._pad(np.asarray(b[rows], np.float32), 1.0) for b in batch]
-    args = ev.tables[group][ev._integral(part)]
+    integral = ev._integral(part)
+    args = ev.tables[group][integral]
     ins = jax.block_until_ready(jax.device_put(part, ev._sh))
-    fn = ev._fns[group].executable(args, *ins)
+    fn = ev.executable(group, integral, ins)
     res = jax.block_until_ready(fn(args[0], args[1], *ins))
     t_in, t_eval, t_out = [], [], []
     for _ in range(reps):

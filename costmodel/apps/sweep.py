@@ -60,7 +60,7 @@ import pandas as pd
 from .. import memory, ops
 from .. import tables as tables_mod
 from ..calibration import resolve_calibration
-from ..compiled import cpu_options, join_scalars, split_scalars
+from ..compiled import jit, join_scalars, split_scalars
 from ..errors import InputError
 from ..fastlookup import TOKEN_TABLE, FastLookup, as_scalars, common_shapes, of_setup
 from ..hardware import get_gpu
@@ -160,12 +160,14 @@ class _Compiled:
         if spec not in self._jits:
             def fn(arrays, scalars, *b):
                 return fast_chunk(self.mode, self.static, *join_scalars(arrays, scalars, spec), *b)
+            # the chunk keeps XLA:CPU's fusion emitters: 3-7 % more evaluations per second (`compiled`)
             if self.mesh is not None:
                 from jax.sharding import PartitionSpec as P
                 fn = jax.shard_map(fn, mesh=self.mesh, in_specs=(P(), P()) + (P("c"),) * 5, out_specs=P("c"))
-                self._jits[spec] = jax.jit(fn, in_shardings=(self.rep,) * 2 + (self.sh,) * 5, out_shardings=self.sh)
+                self._jits[spec] = jit(fn, legacy_emitters=False, in_shardings=(self.rep,) * 2 + (self.sh,) * 5,
+                                       out_shardings=self.sh)
             else:
-                self._jits[spec] = jax.jit(fn)
+                self._jits[spec] = jit(fn, legacy_emitters=False)
         return self._jits[spec]
 
     def executable(self, tables, *b):
@@ -174,12 +176,8 @@ class _Compiled:
         arrays, scalars, spec = tables
         key = (spec, tuple((np.shape(x), str(x.dtype)) for x in (*arrays, scalars, *b)))
         if key not in self._exe:
-            lowered = self._jit(spec).lower(arrays, scalars, *b)
-            self._exe[key] = lowered.compile(compiler_options=cpu_options(legacy_emitters=False))
+            self._exe[key] = self._jit(spec).lower(arrays, scalars, *b).compile()
         return self._exe[key]
-
-    def __call__(self, tables, *b):
-        return self.executable(tables, *b)(tables[0], tables[1], *b)
 
 
 def _on_cpu() -> bool:
@@ -779,10 +777,7 @@ class Evaluator:
                 integral = self._integral(part)
                 self.calls[integral] += 1
                 args = self.tables[gi][integral]
-                exe = self._exes.get((gi, integral))
-                if exe is None:  # every call of a group has the same shapes (padded to call_size)
-                    exe = self._exes[gi, integral] = self._fns[gi].executable(args, *ins)
-                res = exe(args[0], args[1], *ins)
+                res = self.executable(gi, integral, ins)(args[0], args[1], *ins)
                 if self.serial:  # one execution at a time: concurrent ones thrash the caches on CPU
                     jax.block_until_ready(res)
                 else:  # start the device-to-host copies now, so they overlap later calls
@@ -790,6 +785,15 @@ class Evaluator:
                         r.copy_to_host_async()
                 calls.append((rows, hi - lo, gi, res))
         return k, calls
+
+    def executable(self, gi: int, integral: bool, ins):
+        """The compiled call of group ``gi`` on its per-token (``integral``) or cubic path for device inputs
+        ``ins``, looked up once: every call has the same shapes (padded to ``call_size``).  Call it as
+        ``f(*self.tables[gi][integral][:2], *ins)``."""
+        exe = self._exes.get((gi, integral))
+        if exe is None:
+            exe = self._exes[gi, integral] = self._fns[gi].executable(self.tables[gi][integral], *ins)
+        return exe
 
     def _integral(self, b: list[np.ndarray]) -> bool:
         """Whether every token count (and requests sampled) is an integer within the per-token tables."""
