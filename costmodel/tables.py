@@ -42,6 +42,7 @@ import csv
 import io
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -109,6 +110,43 @@ class Adjustment:
     reason: str = "envelope"
 
 
+class Adjustments(Sequence):
+    """The `Adjustment` list of a load, built on first read: a GEMM table lowers tens of thousands of points
+    and most loads never list them.  ``append`` adds one now; ``add_lowered`` adds a table's lowered cells,
+    labelled later, in their place in the order."""
+
+    def __init__(self):
+        self._parts: list = []  # Adjustment, or (name, label, cells [n, ndim], measured [n], used [n])
+        self._list: list[Adjustment] | None = None
+
+    def append(self, a: Adjustment) -> None:
+        self._parts.append(a)
+        self._list = None
+
+    def add_lowered(self, name: str, label, cells: np.ndarray, measured_us: np.ndarray, used_us: np.ndarray):
+        self._parts.append((name, label, cells, measured_us, used_us))
+        self._list = None
+
+    def _items(self) -> list[Adjustment]:
+        if self._list is None:
+            out = []
+            for p in self._parts:
+                if isinstance(p, Adjustment):
+                    out.append(p)
+                    continue
+                name, label, cells, measured, used = p
+                out.extend(Adjustment(name, label(ix), m, u, ix) for ix, m, u in
+                           zip(map(tuple, cells.tolist()), measured.tolist(), used.tolist()))
+            self._list = out
+        return self._list
+
+    def __getitem__(self, i):
+        return self._items()[i]
+
+    def __len__(self) -> int:
+        return len(self._items())
+
+
 @dataclass
 class Tables:
     """Everything loaded for one GPU.  Array fields are pytrees; the rest is static metadata."""
@@ -128,7 +166,7 @@ class Tables:
     prefill_fp8_heads: list[tuple[int, int, int]] = field(default_factory=list)
     sources: dict[str, str] = field(default_factory=dict)  # table -> file/folder it came from
     measured: dict[str, pd.DataFrame] = field(default_factory=dict)  # raw measured points per table
-    adjustments: list[Adjustment] = field(default_factory=list)
+    adjustments: Adjustments = field(default_factory=Adjustments)
     filled_cells: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # files read with a tolerance (e.g. a missing header)
 
@@ -329,7 +367,7 @@ def _index(grid_log: np.ndarray, values) -> np.ndarray:
     return np.searchsorted(grid_log, np.log(np.asarray(values, dtype=float)) - 1e-9)
 
 
-def _clean(name: str, t: np.ndarray, axes, label, adjustments: list[Adjustment],
+def _clean(name: str, t: np.ndarray, axes, label, adjustments: Adjustments,
            dropped: dict | None = None) -> np.ndarray:
     """The lower envelope of ``t`` along ``axes`` (`suffix_min`), with an `Adjustment` for each cell it
     lowers and for each cell in ``dropped`` (cell -> (measured µs, reason): measurements the loader dropped
@@ -337,10 +375,9 @@ def _clean(name: str, t: np.ndarray, axes, label, adjustments: list[Adjustment],
     cleaned = suffix_min(t, axes)
     dropped = dropped or {}
     lowered = ~np.isnan(t) & (np.abs(cleaned - t) > 1e-9 * t)
-    for idx, measured, used in zip(map(tuple, np.argwhere(lowered).tolist()), t[lowered].tolist(),
-                                   cleaned[lowered].tolist()):
-        if idx not in dropped:
-            adjustments.append(Adjustment(name, label(idx), measured, used, idx))
+    for idx in dropped:
+        lowered[idx] = False
+    adjustments.add_lowered(name, label, np.argwhere(lowered), t[lowered], cleaned[lowered])
     for idx, (measured, reason) in sorted(dropped.items()):
         adjustments.append(Adjustment(name, label(idx), measured, float(cleaned[idx]), idx, reason))
     return cleaned
@@ -367,7 +404,7 @@ def _drop_outliers(raw: np.ndarray, x: np.ndarray, axis: int, also: np.ndarray |
 MAX_IMPOSSIBLE_SHARE = 0.1
 
 
-def load_gemm(path: Path, adjustments: list[Adjustment], gpu: GPU | None = None,
+def load_gemm(path: Path, adjustments: Adjustments, gpu: GPU | None = None,
               notes: list[str] | None = None) -> tuple[dict[str, GemmTable], pd.DataFrame, int]:
     """Load a GEMM table (one `GemmTable` per dtype).  With ``gpu``, points faster than its peak FLOP/s
     are dropped as impossible (too many of them: InputError)."""
@@ -455,7 +492,7 @@ def attn_table_name(kind: str, kv: str = "bf16") -> str:
     return kind if kv == "bf16" else f"{kind}_{kv}"
 
 
-def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes: list[str] | None = None,
+def load_attention(folder: Path, kind: str, adjustments: Adjustments, notes: list[str] | None = None,
                    kv: str = "bf16", frames_read: dict | None = None):
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable, from the rows
     of KV-cache precision ``kv`` (`KV_ROWS`).  A folder without bf16 rows is refused; one without fp8 rows
@@ -531,7 +568,7 @@ def load_attention(folder: Path, kind: str, adjustments: list[Adjustment], notes
     return table, heads, df, n_missing
 
 
-def load_allreduce(path: Path, adjustments: list[Adjustment] | None = None, notes: list[str] | None = None):
+def load_allreduce(path: Path, adjustments: Adjustments | None = None, notes: list[str] | None = None):
     """Load an all-reduce table.  Only outliers dropped and refilled are reported in ``adjustments`` (the
     lower envelope's changes are not)."""
     df = _read_csv(path, ("num_gpus", "message_bytes", "latency_us"))
@@ -591,7 +628,7 @@ def load_tables(bench_data: str | Path | None, gpu: GPU) -> Tables:
     """Load every table the bench_data folder(s) have for ``gpu``; see `parse_bench_data` for mixing sources."""
     roots = parse_bench_data(bench_data)
     root = roots["gemm"]
-    adj: list[Adjustment] = []
+    adj = Adjustments()
     tables = Tables(gpu=gpu, root=root, gemm={}, decode=None, prefill=None, allreduce=None, adjustments=adj)
     d = find_gpu_dir(root, "gemm", gpu)
     if d is not None and (d / "data.csv").is_file():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from costmodel.ops import per_gpu_heads
-from costmodel.tables import attn_table_us, gemm_table_us, nearest_layout
+from costmodel.tables import Adjustment, Adjustments, attn_table_us, gemm_table_us, nearest_layout
 
 
 def _cleaned_lookup(tables, table):
@@ -127,3 +127,24 @@ def test_gemm_never_faster_than_fastest_measured_call(h100_infersim):
     g = h100_infersim.gemm["fp8"]
     fastest = float(jnp.exp(jnp.min(g.log_t)))
     assert float(gemm_table_us(g, 1.0, 64.0, 64.0)) == pytest.approx(fastest)
+
+
+def test_adjustments_label_lowered_cells_when_read_and_keep_their_order():
+    calls = []
+
+    def label(ix):
+        calls.append(ix)
+        return f"cell {ix}"
+
+    adj = Adjustments()
+    adj.append(Adjustment("allreduce", "first", 3.0, 2.0, (0, 1), "outlier"))
+    adj.add_lowered("gemm/bf16", label, np.array([[0, 0, 2], [1, 3, 4]]), np.array([5.0, 7.0]), np.array([4.0, 6.5]))
+    adj.append(Adjustment("decode", "last", 9.0, 8.0, (2, 2, 2)))
+    assert calls == []  # nothing labelled before the list is read
+    assert len(adj) == 4
+    assert [a.where for a in adj] == ["first", "cell (0, 0, 2)", "cell (1, 3, 4)", "last"]
+    assert adj[1] == Adjustment("gemm/bf16", "cell (0, 0, 2)", 5.0, 4.0, (0, 0, 2), "envelope")
+    assert adj[2].cell == (1, 3, 4) and adj[2].measured_us == 7.0 and adj[2].used_us == 6.5
+    assert len(calls) == 2  # labelled once, then kept
+    list(adj)
+    assert len(calls) == 2

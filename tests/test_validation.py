@@ -20,7 +20,7 @@ from costmodel.hardware import get_gpu
 from costmodel.interp import OUTLIER_FACTOR, low_outliers, suffix_min
 from costmodel.model import ModelConfig, load_model, quantized_weight_dtype
 from costmodel.step import MAX_TOKENS, pack_steps, validate_step
-from costmodel.tables import load_gemm, load_tables
+from costmodel.tables import Adjustments, load_gemm, load_tables
 
 H100 = get_gpu("H100")
 LLAMA = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "bfloat16",
@@ -420,7 +420,7 @@ def test_bad_gemm_tables(tmp_path, text, where, needle):
     path = tmp_path / "data.csv"
     path.write_bytes(text.encode("latin-1") if "\xe9" in text else text.encode())
     with pytest.raises(InputError) as e:
-        load_gemm(path, [])
+        load_gemm(path, Adjustments())
     assert str(e.value).startswith(f"{path}{where}: ") and needle in str(e.value)
 
 
@@ -670,7 +670,7 @@ def test_fuzz_gemm_table(tmp_path, rows):
     path = tmp_path / "data.csv"
     path.write_text(GEMM_HEADER + "".join(",".join(r) + "\n" for r in rows))
     try:
-        tabs, _, _ = load_gemm(path, [], H100)
+        tabs, _, _ = load_gemm(path, Adjustments(), H100)
     except InputError:
         return
     for g in tabs.values():
