@@ -144,3 +144,11 @@ def test_plot_curve_of_a_disaggregated_record():
     curve, = plotting.serving_curves([rec], [out])
     assert curve["x"] == [6] and "1x prefill TP1 + 1x decode TP1" in curve["label"]
     assert curve["ttft_ms"] == ([280.0], [300.0]) and curve["tpot_ms"] == ([8.5], [9.0])
+
+
+def test_pools_without_limits_keep_vllms_defaults():
+    """A disaggregated record's pools are not AIConfigurator's aggregated benchmark workers: without limits
+    they take vLLM's defaults (`serve.default_batch_limits`), not the closed loop's benchmark limits."""
+    dd = sv.resolve_disaggregated(_record(engine={"name": "vllm", "version": "0.12.0"}), "test")
+    for dep in (dd.prefill, dd.decode):
+        assert (dep.max_batched_tokens, dep.max_seqs) == sv.default_batch_limits(get_gpu("H100"))

@@ -66,7 +66,9 @@ def test_serve_runs_pp_batch_lanes_on_tp_x_pp_gpus():
            "workload": {"type": "closed", "concurrency": 8, "input_tokens": 256, "output_tokens": 16}}
     dep = sv.resolve(rec, "f:1", workload_options={"rounds": 2})
     arch = sv.load_arch("llama-3.1-70b")
-    whole = sv.estimate_kv_blocks(arch, get_gpu("H100"), 2, 1, {"gpu_memory_utilization": 0.9}, "fp8", None, 1, 2)
+    limits = {"max_num_batched_tokens": 8 + 256 + 1500, "max_num_seqs": 8}  # AIConfigurator's benchmark workers
+    whole = sv.estimate_kv_blocks(arch, get_gpu("H100"), 2, 1, {"gpu_memory_utilization": 0.9, **limits}, "fp8",
+                                  None, 1, 2)
     assert dep.pp == 2 and dep.gpus == 4 and dep.kv_blocks == whole // 2 and dep.load_share == 2.0
     assert dep.requests.n_users == 4
     out = sv.serve([rec], workload_options={"rounds": 2})[0]

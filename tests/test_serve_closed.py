@@ -100,3 +100,61 @@ def test_burst_round_is_one_round_of_the_clients_at_once():
                           start="together").benchmark_rounds == 0
     with pytest.raises(sv.InputError, match="benchmark_rounds"):
         wl.closed_loop({"concurrency": 3, "input_tokens": 10, "output_tokens": 4}, "t", benchmark_rounds=-1)
+
+
+def _bare(c, isl, osl, **over):
+    """A closed loop whose record gives no engine limits."""
+    rec = {"id": "b", "model": "llama-3.1-8b", "gpu": "H100", "tp": 1, "engine": {"name": "vllm", "version": "0.12.0"},
+           "workload": {"type": "closed", "concurrency": c, "input_tokens": isl, "output_tokens": osl}}
+    rec.update(over)
+    return rec
+
+
+def test_closed_loop_without_limits_runs_as_aiconfigurator_benchmarks_it():
+    """A closed loop of C clients whose record gives no limits gets the limits AIConfigurator's generator gives
+    the workers it benchmarks: max_num_seqs = C per replica, max_num_batched_tokens = that + ISL + 1500, and
+    the KV cache the memory model gives at those limits (a sampler warm-up of C requests, not 1024)."""
+    from costmodel import memory
+    from costmodel.hardware import get_gpu
+    from costmodel.model import load_arch
+
+    dep = sv.resolve(_bare(16, 4096, 256), "t")
+    assert (dep.max_seqs, dep.max_batched_tokens) == (16, 16 + 4096 + 1500)
+    assert any("AIConfigurator" in n and "max_num_seqs 16" in n for n in dep.notes)
+    cap = memory.kv_capacity_tokens(load_arch("llama-3.1-8b"), memory.Layout(tp=1), get_gpu("H100"), 0.9,
+                                    max_num_batched_tokens=5612, max_num_seqs=16)
+    assert dep.kv_blocks == cap.tokens // 16
+    vllm = sv.resolve(_bare(16, 4096, 256), "t", workload_options={"closed_loop_limits": "vllm"})
+    assert (vllm.max_batched_tokens, vllm.max_seqs) == sv.default_batch_limits(get_gpu("H100")) == (8192, 1024)
+    assert vllm.kv_blocks < dep.kv_blocks  # 1024 dummy requests' logits over a 128k vocabulary in the warm-up
+    assert not any("AIConfigurator" in n for n in vllm.notes)
+    # replicas behind a router: each worker's batch is its share, ceil(C / dp)
+    two = sv.resolve(_bare(5, 1000, 100, dp=2), "t")
+    assert (two.max_seqs, two.max_batched_tokens) == (3, 3 + 1000 + 1500)
+
+
+def test_a_records_own_limits_win_and_other_workloads_keep_vllms():
+    rec = _bare(16, 4096, 256)
+    rec["engine"]["max_num_seqs"] = 64
+    dep = sv.resolve(rec, "t")
+    assert (dep.max_seqs, dep.max_batched_tokens) == (64, 16 + 4096 + 1500)  # the missing one only
+    rec["engine"]["max_num_batched_tokens"] = 2048
+    dep = sv.resolve(rec, "t")
+    assert (dep.max_seqs, dep.max_batched_tokens) == (64, 2048)
+    assert not any("AIConfigurator" in n for n in dep.notes)
+    open_loop = _bare(16, 4096, 256, workload={"type": "inference_perf_shared_prefix", "stages": [
+        {"rate": 1.0, "duration_s": 10}], "num_unique_system_prompts": 2, "num_users_per_system_prompt": 2,
+        "system_prompt_len": 100, "question_len": 200, "output_len": 20})
+    dep = sv.resolve(open_loop, "t")
+    assert (dep.max_batched_tokens, dep.max_seqs) == (8192, 1024)
+    from costmodel.errors import InputError
+    with pytest.raises(InputError, match="closed_loop_limits"):
+        sv.resolve(_bare(16, 4096, 256), "t", workload_options={"closed_loop_limits": "sglang"})
+
+
+def test_benchmark_limits_only_for_well_formed_closed_loops():
+    assert sv.benchmark_limits({"type": "closed", "concurrency": 8, "input_tokens": 1024}) == (8 + 1024 + 1500, 8)
+    assert sv.benchmark_limits({"type": "closed", "concurrency": 8, "input_tokens": 1024}, 3) == (3 + 1024 + 1500, 3)
+    for w in ({"type": "closed", "concurrency": None, "input_tokens": 1024},
+              {"type": "closed", "concurrency": 8, "input_tokens": 0}, {"type": "trace"}, None):
+        assert sv.benchmark_limits(w) is None

@@ -71,6 +71,25 @@ def default_batch_limits(gpu: GPU) -> tuple[int, int]:
     return (8192, 1024) if big else (2048, 256)
 
 
+CLOSED_LOOP_LIMITS = ("aiconfigurator", "vllm")  # where a closed loop's missing engine limits come from
+BENCHMARK_EXTRA_TOKENS = 1500  # AIConfigurator's benchmark budget: batch size + ISL + this many tokens
+
+
+def benchmark_limits(workload, replicas: int = 1) -> tuple[int, int] | None:
+    """The engine limits AIConfigurator's generator gives the vLLM workers it benchmarks at a fixed
+    concurrency (its ``rule_plugin/benchmark/vllm.rule``, aggregated workers): ``max_num_seqs`` = the
+    worker's batch size B = ceil(C / replicas) of a closed loop's C clients, and ``max_num_batched_tokens`` =
+    B + ISL + 1500, as (max_num_batched_tokens, max_num_seqs); None for a workload that is not a well-formed
+    closed loop."""
+    if not isinstance(workload, dict) or workload.get("type") != "closed":
+        return None
+    c, isl = workload.get("concurrency"), workload.get("input_tokens")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (c, isl)):
+        return None
+    b = rank_clients(c, replicas)
+    return b + isl + BENCHMARK_EXTRA_TOKENS, b
+
+
 def kv_capacity(arch, gpu: GPU, tp: int, moe_ep: int, engine: dict, weights: str | None = None,
                 moe_weights: str | None = None, attention_dp: int = 1, pp: int = 1) -> memory.KVCapacity:
     """The memory model's KV-cache capacity of a deployment (`memory.kv_capacity_tokens`: weights,
@@ -179,7 +198,14 @@ def rank_workload(w, ranks: int) -> tuple[dict, float]:
 
 def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, workload_options=None) -> Deployment:
     """Validate a record and resolve its deployment; `Refusal` for what this version does not model,
-    `InputError` for bad input."""
+    `InputError` for bad input.  ``workload_options``: `workloads.from_record`'s, and ``closed_loop_limits``:
+    where a closed loop's engine limits come from when its record gives none, ``"aiconfigurator"`` (default:
+    `benchmark_limits`) or ``"vllm"`` (vLLM's defaults, `default_batch_limits`, as for other workloads)."""
+    workload_options = dict(workload_options or {})
+    limits = workload_options.pop("closed_loop_limits", CLOSED_LOOP_LIMITS[0])
+    if limits not in CLOSED_LOOP_LIMITS:
+        raise InputError(f"must be one of {', '.join(CLOSED_LOOP_LIMITS)}, got {limits!r}", where,
+                         "closed_loop_limits")
     if not isinstance(rec, dict):
         raise InputError("a record must be a JSON object", where)
     for key in ("id", "model", "gpu", "workload"):
@@ -224,9 +250,15 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
     if not isinstance(eng, dict):
         raise InputError("must be an object", where, "engine")
     version = eng.get("version")
-    d_tokens, d_seqs = default_batch_limits(gpu)
-    max_tokens = _num(eng.get("max_num_batched_tokens"), where, "engine.max_num_batched_tokens") or d_tokens
-    max_seqs = _num(eng.get("max_num_seqs"), where, "engine.max_num_seqs") or d_seqs
+    bench = benchmark_limits(rec["workload"], dp) if limits == "aiconfigurator" else None
+    d_tokens, d_seqs = bench or default_batch_limits(gpu)
+    max_tokens = _num(eng.get("max_num_batched_tokens"), where, "engine.max_num_batched_tokens")
+    max_seqs = _num(eng.get("max_num_seqs"), where, "engine.max_num_seqs")
+    limit_notes = []
+    if bench is not None and not (max_tokens and max_seqs):
+        limit_notes.append(f"engine limits as AIConfigurator benchmarks a closed loop (the record gives none): "
+                           f"max_num_seqs {max_seqs or d_seqs}, max_num_batched_tokens {max_tokens or d_tokens}")
+    max_tokens, max_seqs = max_tokens or d_tokens, max_seqs or d_seqs
     block = _num(eng.get("block_size"), where, "engine.block_size") or BLOCK_TOKENS
     if block != BLOCK_TOKENS:
         raise Refusal(f"engine.block_size={block}: only 16-token blocks are modelled")
@@ -244,7 +276,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         raise InputError(f"must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_dtype!r}", where,
                          "engine.kv_cache_dtype")
     max_model_len = _num(eng.get("max_model_len"), where, "engine.max_model_len")
-    notes = []
+    notes = limit_notes
     observed = (eng.get("observed_kv_blocks") or {}).get("gpu_kv_blocks")
     if observed is not None:
         kv_blocks, kv_source = _num(observed, where, "engine.observed_kv_blocks.gpu_kv_blocks"), "observed"
@@ -254,7 +286,8 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         else:
             try:
                 kv_blocks = estimate_kv_blocks(load_arch(str(rec["model"]), model_configs), gpu, tp, moe_ep,
-                                               {**eng, "gpu_memory_utilization": util}, model.dtype,
+                                               {**eng, "gpu_memory_utilization": util, "max_num_seqs": max_seqs,
+                                                "max_num_batched_tokens": max_tokens}, model.dtype,
                                                model.expert_dtype or None, dp_att, pp)
             except InputError as e:
                 raise Refusal(f"KV-cache capacity: {e}") from None
@@ -683,7 +716,7 @@ def resolve_disaggregated(rec: dict, where: str, model_configs=None, kv_blocks_f
     for role, out in (("prefill", 1), ("decode", osl)):
         try:
             deps[role] = resolve(_pool_record(rec, role, where, clients, out), where, model_configs, kv_blocks_fn,
-                                 workload_options)
+                                 {**(workload_options or {}), "closed_loop_limits": "vllm"})
         except Refusal as e:
             raise Refusal(f"{role} pool: {e}") from None
     pre, dec = deps["prefill"], deps["decode"]
@@ -912,6 +945,9 @@ def add_serve_arguments(sp) -> None:
                     help="closed loop: latencies as a benchmark of this many requests per client measures them, "
                          f"its first round all clients at once (default {wl_mod.BENCHMARK_ROUNDS}, aiperf as "
                          "AIConfigurator runs it; 0: the steady state only)")
+    sp.add_argument("--closed-loop-limits", choices=CLOSED_LOOP_LIMITS, default=CLOSED_LOOP_LIMITS[0],
+                    help="closed loop whose record gives no max_num_seqs / max_num_batched_tokens: AIConfigurator's "
+                         "benchmark workers (default: clients, clients + ISL + 1500) or vLLM's defaults")
     sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
                     help="inference-perf load type whose timer draws the send times (default constant)")
     sp.add_argument("--exclude-gpu", action="append", default=[],
@@ -933,7 +969,8 @@ def run_serve(args) -> int:
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
                  Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms, request_host_us=args.request_host_us),
                  {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
-                  "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds})
+                  "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds,
+                  "closed_loop_limits": args.closed_loop_limits})
     took = time.perf_counter() - t0
     if args.out:
         atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))
