@@ -158,3 +158,13 @@ def test_benchmark_limits_only_for_well_formed_closed_loops():
     for w in ({"type": "closed", "concurrency": None, "input_tokens": 1024},
               {"type": "closed", "concurrency": 8, "input_tokens": 0}, {"type": "trace"}, None):
         assert sv.benchmark_limits(w) is None
+
+
+def test_every_command_that_simulates_records_takes_closed_loop_limits():
+    from costmodel.cli import build_parser
+    p = build_parser()
+    for argv in (["serve", "r.jsonl"], ["fit-serving", "r.jsonl", "--out", "c.json"], ["regret", "r.jsonl"]):
+        assert p.parse_args(argv).closed_loop_limits == "aiconfigurator"
+        assert p.parse_args(argv + ["--closed-loop-limits", "vllm"]).closed_loop_limits == "vllm"
+        with pytest.raises(SystemExit):
+            p.parse_args(argv + ["--closed-loop-limits", "sglang"])

@@ -220,6 +220,7 @@ def add_regret_arguments(sp) -> None:
     sp.add_argument("--save-predictions", default=None, help="write the predictions here (JSON Lines)")
     sp.add_argument("--min-configs", type=number(int, 2), default=MIN_CONFIGS,
                     help=f"smallest group scored (default {MIN_CONFIGS})")
+    serve_mod.add_closed_loop_limits_argument(sp)
     sp.add_argument("--client-connection-limit", type=number(int, 1), default=None,
                     help="requests the benchmark client keeps in flight at most (e.g. 100, aiohttp's default "
                          "connection pool); more clients than that are priced as that many (docs/search.md)")
@@ -256,7 +257,8 @@ def run_regret(args) -> int:
     else:
         stripped = [(as_served(r, args.client_connection_limit), w) for r, w in items]
         preds = serve_mod.serve(stripped, args.model_configs, args.bench_data, args.calibration,
-                                args.allow_other_gpu)
+                                args.allow_other_gpu,
+                                workload_options={"closed_loop_limits": args.closed_loop_limits})
         how = "calibration: " + "; ".join(f"{g}: {d}" for g, d in serve_mod.serve.calibration_used.items())
     if args.client_connection_limit:
         how += f"; at most {args.client_connection_limit} requests in flight per client"

@@ -922,6 +922,13 @@ def error_summary(rows: list[dict]) -> list[dict]:
     return out
 
 
+def add_closed_loop_limits_argument(sp) -> None:
+    """--closed-loop-limits, for every command that simulates serving records (`resolve`)."""
+    sp.add_argument("--closed-loop-limits", choices=CLOSED_LOOP_LIMITS, default=CLOSED_LOOP_LIMITS[0],
+                    help="closed loop whose record gives no max_num_seqs / max_num_batched_tokens: AIConfigurator's "
+                         "benchmark workers (default: clients, clients + ISL + 1500) or vLLM's defaults")
+
+
 def add_serve_arguments(sp) -> None:
     sp.add_argument("records", help="serving records, JSON Lines (schema: docs/serving.md)")
     add_pricing_arguments(sp, "none | default | PATH (as for predict)")
@@ -945,9 +952,7 @@ def add_serve_arguments(sp) -> None:
                     help="closed loop: latencies as a benchmark of this many requests per client measures them, "
                          f"its first round all clients at once (default {wl_mod.BENCHMARK_ROUNDS}, aiperf as "
                          "AIConfigurator runs it; 0: the steady state only)")
-    sp.add_argument("--closed-loop-limits", choices=CLOSED_LOOP_LIMITS, default=CLOSED_LOOP_LIMITS[0],
-                    help="closed loop whose record gives no max_num_seqs / max_num_batched_tokens: AIConfigurator's "
-                         "benchmark workers (default: clients, clients + ISL + 1500) or vLLM's defaults")
+    add_closed_loop_limits_argument(sp)
     sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
                     help="inference-perf load type whose timer draws the send times (default constant)")
     sp.add_argument("--exclude-gpu", action="append", default=[],

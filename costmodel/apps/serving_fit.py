@@ -177,6 +177,7 @@ def add_fit_serving_arguments(sp) -> None:
     sp.add_argument("--exclude-gpu", action="append", default=[],
                     help="drop records on this GPU before reading them (repeatable)")
     sp.add_argument("--rounds", type=int, default=10, help="closed loop: requests per client (default 10)")
+    sv.add_closed_loop_limits_argument(sp)
 
 
 def run_fit_serving(args) -> int:
@@ -195,7 +196,8 @@ def run_fit_serving(args) -> int:
     t0 = time.perf_counter()
     res = fit_serving(items, measured, by=args.leave_out, grid_cache=args.grid_cache,
                       model_configs=args.model_configs, bench_data=args.bench_data, calibration=args.calibration,
-                      allow_other_gpu=args.allow_other_gpu, workload_options={"rounds": args.rounds})
+                      allow_other_gpu=args.allow_other_gpu,
+                      workload_options={"rounds": args.rounds, "closed_loop_limits": args.closed_loop_limits})
     took = time.perf_counter() - t0
     table = error_table(res["rows"], res["by"])
     print(f"costmodel fit-serving: {len(items)} records, {len(res['refused'])} refused; request_host_us "
