@@ -168,3 +168,15 @@ def test_every_command_that_simulates_records_takes_closed_loop_limits():
         assert p.parse_args(argv + ["--closed-loop-limits", "vllm"]).closed_loop_limits == "vllm"
         with pytest.raises(SystemExit):
             p.parse_args(argv + ["--closed-loop-limits", "sglang"])
+
+
+def test_regret_refuses_closed_loop_limits_with_read_predictions(tmp_path, capsys):
+    """--closed-loop-limits shapes predictions regret makes, so with --predictions it is refused, not ignored."""
+    from costmodel.cli import main
+    rec = tmp_path / "r.jsonl"
+    rec.write_text("")
+    pred = tmp_path / "p.jsonl"
+    pred.write_text("")
+    assert main(["regret", str(rec), "--predictions", str(pred)]) == 0
+    assert main(["regret", str(rec), "--predictions", str(pred), "--closed-loop-limits", "vllm"]) != 0
+    assert "closed-loop-limits" in capsys.readouterr().err

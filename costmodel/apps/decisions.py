@@ -244,6 +244,9 @@ def read_predictions(path) -> list[dict]:
 
 
 def run_regret(args) -> int:
+    if args.predictions and args.closed_loop_limits != serve_mod.CLOSED_LOOP_LIMITS[0]:
+        raise InputError("applies when regret predicts the records itself, not to --predictions",
+                         field="closed-loop-limits")
     if args.save_predictions:
         check_output_file(args.save_predictions, "save-predictions")
         refuse_overwrite(args.save_predictions, [args.records], "save-predictions")
