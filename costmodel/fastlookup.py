@@ -409,8 +409,9 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
         c = monotone_spline(gemm.log_m, series.T).c @ w
         return c.at[3].add(offset @ w)
     gc = jnp.moveaxis(jax.vmap(one)(ks, ns), 0, -1)
-    cc = (monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c @ comm_gpu_weights(comm, tp)
-          if comm is not None else jnp.zeros((4, 1)))
+    # the all-reduce table's cubics per GPU count [4, Nb-1, Ng], blended for tp here and for the expert group below
+    comm_c = monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c if has_comm else None
+    cc = comm_c @ comm_gpu_weights(comm, tp) if has_comm else jnp.zeros((4, 1))
     dc = monotone_spline(decode.log_len, decode.log_t[dec_c]).c
     pc = monotone_spline(prefill.log_len, prefill.log_t[pre_c]).c
     floor = gemm_log_floor(gemm)
@@ -432,7 +433,7 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
         tok["tok_gather"] = _comm_us(comm_s, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
     if has_comm and has_moe:
         ep_gpus = jnp.maximum(d.tp * d.attention_dp, 2.0)
-        ec = monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c @ comm_gpu_weights(comm, ep_gpus)
+        ec = comm_c @ comm_gpu_weights(comm, ep_gpus)
         tok["tok_ep"] = _comm_us(Series.build(comm.log_bytes, ec[..., None], finders[1]),
                                  jnp.maximum(ops.ep_exchange_message(d, m), 1.0))
     floors = jnp.stack([kt.attn_floor_us(decode, dec_c)] + [kt.attn_floor_us(t, 0) for t in mla]).astype(jnp.float32)

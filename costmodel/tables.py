@@ -367,12 +367,14 @@ def _index(grid_log: np.ndarray, values) -> np.ndarray:
     return np.searchsorted(grid_log, np.log(np.asarray(values, dtype=float)) - 1e-9)
 
 
-def _clean(name: str, t: np.ndarray, axes, label, adjustments: Adjustments,
+def _clean(name: str, t: np.ndarray, axes, label, adjustments: Adjustments | None,
            dropped: dict | None = None) -> np.ndarray:
-    """The lower envelope of ``t`` along ``axes`` (`suffix_min`), with an `Adjustment` for each cell it
-    lowers and for each cell in ``dropped`` (cell -> (measured µs, reason): measurements the loader dropped
-    and refilled before)."""
+    """The lower envelope of ``t`` along ``axes`` (`suffix_min`), with an `Adjustment` in ``adjustments``
+    (None: not kept) for each cell it lowers and for each cell in ``dropped`` (cell -> (measured µs,
+    reason): measurements the loader dropped and refilled before)."""
     cleaned = suffix_min(t, axes)
+    if adjustments is None:
+        return cleaned
     dropped = dropped or {}
     lowered = ~np.isnan(t) & (np.abs(cleaned - t) > 1e-9 * t)
     for idx in dropped:
@@ -404,10 +406,11 @@ def _drop_outliers(raw: np.ndarray, x: np.ndarray, axis: int, also: np.ndarray |
 MAX_IMPOSSIBLE_SHARE = 0.1
 
 
-def load_gemm(path: Path, adjustments: Adjustments, gpu: GPU | None = None,
+def load_gemm(path: Path, adjustments: Adjustments | None = None, gpu: GPU | None = None,
               notes: list[str] | None = None) -> tuple[dict[str, GemmTable], pd.DataFrame, int]:
-    """Load a GEMM table (one `GemmTable` per dtype).  With ``gpu``, points faster than its peak FLOP/s
-    are dropped as impossible (too many of them: InputError)."""
+    """Load a GEMM table (one `GemmTable` per dtype), recording changed points in ``adjustments`` (None: not
+    kept).  With ``gpu``, points faster than its peak FLOP/s are dropped as impossible (too many of them:
+    InputError)."""
     df = _read_csv(path, ("m", "k", "n", "latency_us"), dtype_column=True)
     if "dtype" not in df.columns:
         df["dtype"] = "fp8"
@@ -492,7 +495,7 @@ def attn_table_name(kind: str, kv: str = "bf16") -> str:
     return kind if kv == "bf16" else f"{kind}_{kv}"
 
 
-def load_attention(folder: Path, kind: str, adjustments: Adjustments, notes: list[str] | None = None,
+def load_attention(folder: Path, kind: str, adjustments: Adjustments | None = None, notes: list[str] | None = None,
                    kv: str = "bf16", frames_read: dict | None = None):
     """Load all head layouts of one attention kind ('decode' or 'prefill') into one AttnTable, from the rows
     of KV-cache precision ``kv`` (`KV_ROWS`).  A folder without bf16 rows is refused; one without fp8 rows

@@ -66,7 +66,7 @@ from ..io import write_text
 from ..model import DTYPE_BYTES
 from ..params import Params
 from ..interp import interp_work_axis
-from ..tables import (MLA_CURVE_COLUMNS, Adjustments, MLA_KINDS, MOE_SHAPE_COLUMNS, attn_table_us, comm_table_us, default_bench_data, gemm_table_us,
+from ..tables import (MLA_CURVE_COLUMNS, MLA_KINDS, MOE_SHAPE_COLUMNS, attn_table_us, comm_table_us, default_bench_data, gemm_table_us,
                      load_allreduce, load_attention, load_gemm, load_mla, load_moe, load_tables,
                      nearest_layout)
 from .importer import _safe_version_key, gemm_collections
@@ -97,10 +97,10 @@ def discover(root: Path) -> dict[str, dict[str, Path]]:
 def measured_cells(kind: str, path: Path) -> pd.DataFrame:
     """The loader's measured grid cells of one table (duplicates at their minimum, as the loader keeps)."""
     if kind == "gemm":
-        _, df, _ = load_gemm(Path(path), Adjustments())
+        _, df, _ = load_gemm(Path(path))
         return df.groupby(["dtype", "k", "n", "m"], as_index=False)["latency_us"].min()
     if kind in LENGTH:
-        table, _, df, _ = load_attention(Path(path), kind, Adjustments())
+        table, _, df, _ = load_attention(Path(path), kind)
         if table is None:
             return pd.DataFrame(columns=["hq", "hkv", "d", LENGTH[kind], "batch_size", "latency_us"])
         return df.groupby(["hq", "hkv", "d", LENGTH[kind], "batch_size"], as_index=False)["latency_us"].min()
@@ -172,12 +172,12 @@ def predict_from_cells(kind: str, cells: pd.DataFrame, query: pd.Series, folder:
     """Build the table of ``cells`` with the loader and predict the cell ``query``."""
     path = _write_table(kind, cells, folder)
     if kind == "gemm":
-        tabs, _, _ = load_gemm(path, Adjustments())
+        tabs, _, _ = load_gemm(path)
         return float(gemm_table_us(tabs[query["dtype"]], float(query.m), float(query.k), float(query.n)))
     if kind == "allreduce":
         tab, _ = load_allreduce(path)
         return float(comm_table_us(tab, float(query.num_gpus), float(query.message_bytes)))
-    tab, heads, _, _ = load_attention(path, kind, Adjustments())
+    tab, heads, _, _ = load_attention(path, kind)
     c = heads.index((int(query.hq), int(query.hkv), int(query.d)))
     hi, lo = SLOPES[kind]
     return float(attn_table_us(tab, c, float(query.batch_size), float(query[LENGTH[kind]]), hi, lo))
