@@ -418,7 +418,7 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
     m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
     gemm_s = Series.build(gemm.log_m, gc, finders[0])
     none = jnp.zeros(TOKEN_TABLE, jnp.float32)
-    tok = {"tok_gemm": jnp.stack([_gemm_us(gemm_s, floor, i, jnp.log(m)) for i in range(ks.shape[0])]),
+    tok = {"tok_gemm": _gemm_us(gemm_s, floor, jnp.arange(ks.shape[0])[:, None], jnp.log(m)),
            "tok_comm": none, "tok_gather": none, "tok_moe": none, "tok_ep": none}
     mc = jnp.zeros((4, moe.log_tokens.shape[0] - 1))
     if has_moe:
