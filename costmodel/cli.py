@@ -51,9 +51,9 @@ def cmd_predict(args) -> int:
         write_json(meta_path, meta)
     print(f"costmodel predict: {len(records)} records, calibration={cal_name}")
     print("  parameters: " + ", ".join(f"{k} ({n} records)" for k, n in used.items()))
-    note = previous_step_note(records)[1]
-    if note:
-        print(note)
+    for note in (previous_step_note(records)[1], pred.sampler_note(records)):
+        if note:
+            print(note)
     for g, src in sources.items():
         print(f"  tables for {g}: " + ", ".join(f"{k}={v}" for k, v in src.items()))
     rows = mape_table(records, total)

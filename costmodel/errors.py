@@ -42,3 +42,12 @@ def warnings_as_lines(stream=None):
         warnings.simplefilter("always", InputWarning)
         warnings.showwarning = show
         yield
+
+
+def json_type(v) -> str:
+    """What a parsed JSON value is, in JSON's words."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "true/false"
+    return {dict: "an object", list: "an array", str: "a string"}.get(type(v), "a number")

@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import InputError
+from . import sampling
+from .errors import InputError, json_type
 from .io import read_json
 
 DENSE_ARCHS = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -91,6 +92,8 @@ class ModelConfig:
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
+    # vLLM's per-request sampling defaults from the checkpoint's generation_config.json (`sampling`), as items
+    sampling_defaults: tuple = ()
 
     @property
     def mla(self) -> bool:
@@ -316,15 +319,6 @@ def _moe_fields(a: "Arch") -> dict:
                 expert_dtype=expert_dtype, qk_norm=a.qk_norm_params > 0)
 
 
-def json_type(v) -> str:
-    """What a parsed JSON value is, in JSON's words."""
-    if v is None:
-        return "null"
-    if isinstance(v, bool):
-        return "true/false"
-    return {dict: "an object", list: "an array", str: "a string"}.get(type(v), "a number")
-
-
 def positive_int(v, where: str | None, field: str) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
         raise InputError(f"must be a positive integer, got {v!r}", where, field)
@@ -433,8 +427,9 @@ def load_model(name_or_path: str, configs_dir: str | Path | None = None, where: 
     c = config_path(name_or_path, configs_dir)
     if c is not None:
         p = Path(name_or_path)
-        return ModelConfig.from_dict(read_json(c), name=p.name if p.suffix != ".json" else p.parent.name,
-                                     where=str(c))
+        m = ModelConfig.from_dict(read_json(c), name=p.name if p.suffix != ".json" else p.parent.name, where=str(c))
+        defaults = sampling.generation_defaults(c)
+        return replace(m, sampling_defaults=tuple(sorted(defaults.items()))) if defaults else m
     looked = configs_dir if configs_dir else default_model_configs_dir()
     raise InputError(f"no config.json for model '{name_or_path}' under {looked}", where, "model")
 

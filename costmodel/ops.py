@@ -57,6 +57,10 @@ class Dims(NamedTuple):
     # pipeline parallelism: the layers are split over this many stages of tp GPUs; a step is one batch's pass
     # through every stage (all ``layers``), with pp - 1 hand-offs of its activations (`pp_handoff_bytes`)
     pp: float = 1.0
+    # the sampler's top-k/top-p filter (`sampler_filter`): bytes per vocabulary entry per sampled request, and
+    # kernels per step (0 without a filter)
+    filter_bytes: float = 0.0
+    filter_kernels: float = 0.0
 
     @property
     def dense_layers(self):
@@ -358,7 +362,29 @@ def embedding_bytes(d: Dims, tokens):
 
 
 def sampling_bytes(d: Dims, sampled):
-    """Logits traffic after lm_head: three fp32 passes over the full vocabulary per sampled request.  Under
-    TP, vLLM V1 all-gathers the vocab-parallel logits and every rank runs the sampler on all of them, so
-    the passes cover ``vocab · tp`` entries, not one GPU's shard."""
-    return 3.0 * sampled * d.vocab * d.tp * 4.0
+    """Logits traffic after lm_head: three fp32 passes over the full vocabulary per sampled request, and the
+    top-k/top-p filter's `Dims.filter_bytes` per entry when the requests use one.  Under TP, vLLM V1
+    all-gathers the vocab-parallel logits and every rank runs the sampler on all of them, so the passes cover
+    ``vocab · tp`` entries, not one GPU's shard."""
+    return (3.0 * 4.0 + d.filter_bytes) * sampled * d.vocab * d.tp
+
+
+# vLLM V1's PyTorch top-k/top-p filter over [requests, vocabulary] fp32 logits, HBM bytes per vocabulary entry
+# per sampled request and kernels per step.
+# "top_p" sorts (PyTorch's sort of rows shorter than a million entries: one radix sort of every entry with an
+# 8-byte (segment, index) payload, then a stable regroup by segment):
+#   fill (segment, index) 8 + radix sort of 4-byte keys with 8-byte values (histogram 4, four 8-bit digit
+#   passes each reading and writing 12) 100 + regroup on the segment bits (one pass: histogram 8, 16) 24 +
+#   gather into sorted values and int64 indices (read 8 + 4, write 4 + 8) 24                        = 156
+#   top-p mask: softmax of the sorted row (12), cumsum in place (8), compare (5), masked fill (9)     =  34
+#   scatter back to vocabulary order (clone 8; read index 8 and value 4, write 4)                    =  24
+#   about 18 kernels (fill, 6 for the key sort, 3 for the regroup, gather, softmax, cumsum, compare, last column,
+#   masked fill, clone, scatter)
+# "top_k" alone selects without sorting: torch.topk's radix select (about four reads 16), the k-th value per
+# row, compare (5) and masked fill (9): 30 bytes, about 6 kernels.
+SAMPLER_FILTERS = {"none": (0.0, 0.0), "top_k": (30.0, 6.0), "top_p": (214.0, 18.0)}
+
+
+def sampler_filter(kind: str) -> tuple[float, float]:
+    """(`Dims.filter_bytes`, `Dims.filter_kernels`) of a sampler filter (`sampling.FILTERS`)."""
+    return SAMPLER_FILTERS[kind]

@@ -31,6 +31,7 @@ import numpy as np
 from . import kernel_time as kt
 from .compiled import jit, once
 from . import memory, ops
+from . import sampling as sampling_mod
 from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
@@ -166,7 +167,7 @@ class Setup:
 
 
 def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, attention_dp: int = 1,
-          kv_cache_dtype: str = "auto", pp: int = 1) -> Setup:
+          kv_cache_dtype: str = "auto", pp: int = 1, sampling: dict | None = None) -> Setup:
     """Bind a model, a GPU's tables and a TP degree (and, for a mixture-of-experts model, its expert
     parallelism ``moe_ep`` inside the expert group of tp x ``attention_dp`` GPUs: vLLM's
     ``--data-parallel-size attention_dp --enable-expert-parallel`` is ``moe_ep = tp x attention_dp``); pick
@@ -178,9 +179,14 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, atten
     reads the KV cache at 1 byte per element (`ops.Dims.kv_cache_bytes`).
 
     ``pp`` pipeline stages (``--pipeline-parallel-size``): the step is one batch's pass through all of them,
-    every layer at ``tp`` plus pp - 1 activation hand-offs (`ops.pp_handoff_bytes`)."""
+    every layer at ``tp`` plus pp - 1 activation hand-offs (`ops.pp_handoff_bytes`).
+
+    ``sampling``: the requests' sampling parameters over the model's generation-config defaults
+    (`sampling.merged`), which pick the sampler's filter (`ops.sampler_filter`)."""
     kv = kv_table_set(kv_cache_dtype)
-    d = ops.dims(model, tp, moe_ep, attention_dp, pp)._replace(kv_cache_bytes=float(memory.kv_element_bytes(kv_cache_dtype)))
+    fb, fk = ops.sampler_filter(sampling_mod.merged(model.sampling_defaults, sampling).filter(model.vocab_size))
+    d = ops.dims(model, tp, moe_ep, attention_dp, pp)._replace(
+        kv_cache_bytes=float(memory.kv_element_bytes(kv_cache_dtype)), filter_bytes=fb, filter_kernels=fk)
     g = kt.choose_gemm_table(tables, model.dtype)
     (dec, dec_heads), (pre, pre_heads) = attention_tables(tables, kv, d, model) if not model.mla else \
         ((tables.decode, tables.decode_heads), (tables.prefill, tables.prefill_heads))
@@ -502,7 +508,7 @@ def combine(f: Features, on: ModelOnGPU, params: Params, static: Static):
     per_layer = p.layer_overhead_us + jnp.where(has_pre, p.prefill_layer_overhead_us, 0.0)
     overhead = p.step_overhead_us + p.request_overhead_us * (f.n_prefill + f.n_decode) + per_layer * d.layers
     na = attention_gemm_count(static)  # g: attention projections, gate_up, down, lm_head, MoE GEMMs
-    head = g[na + 2] + kt.memory_us(f.head_bytes, hw, p) + 4.0 * p.kernel_floor_us  # embed, norm, sampler
+    head = g[na + 2] + kt.memory_us(f.head_bytes, hw, p) + (4.0 + d.filter_kernels) * p.kernel_floor_us  # embed, norm, sampler
     parts = {
         "gemm": (d.layers * jnp.sum(g[:4]) if not static.moe  # attention projections; dense MLP layers' own
                  else d.layers * (g[0] if static.mla else g[0] + g[1]) + d.dense_layers * (g[na] + g[na + 1])),

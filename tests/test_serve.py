@@ -513,6 +513,7 @@ def test_cli(tmp_path, capsys):
     (lambda r: r["workload"].update(type="trace"), "workload.type"),
     (lambda r: r.update(tp="two"), "tp"),
     (lambda r: r.update(attention_dp=0), "attention_dp"),
+    (lambda r: r.update(sampling={"top_p": 1.5}), "sampling.top_p"),
 ])
 def test_bad_input_names_line_and_field(tmp_path, mutate, field):
     rec = {"id": "a", "model": "llama-2-7b", "gpu": "H100", "tp": 1,
@@ -572,6 +573,20 @@ def test_fp8_kv_cache():
     assert "kv_cache_dtype" in a100["refused"] and "fp8" in a100["refused"]
     with pytest.raises(InputError, match="engine.kv_cache_dtype"):
         sv.resolve(dict(rec, engine=dict(rec["engine"], kv_cache_dtype="int8")), "r:1")
+
+
+def test_sampling_filter():
+    """A record's ``sampling`` with top-p: the sampler sorts the vocabulary for every request (a note says so),
+    so each step, and the TPOT, takes longer; greedy sampling leaves the step as it is."""
+    rec = {"id": "plain", "model": "llama-2-7b", "gpu": "H100", "tp": 1, "engine": {"name": "vllm", "version": "0.12.0"},
+           "workload": {"type": "closed", "concurrency": 16, "input_tokens": 500, "output_tokens": 64}}
+    plain, top_p, greedy = sv.serve([rec, dict(rec, id="top_p", sampling={"top_p": 0.9, "temperature": 0.6}),
+                                     dict(rec, id="greedy", sampling={"top_p": 0.9, "temperature": 0})],
+                                    calibration="none", workload_options={"rounds": 3})
+    assert top_p["predicted"]["tpot_mean_ms"] > plain["predicted"]["tpot_mean_ms"]
+    assert greedy["predicted"] == plain["predicted"]
+    assert any("top-p filter over the 32,000-entry vocabulary" in n for n in top_p["notes"])
+    assert not any("sampler" in n for n in plain["notes"] + greedy["notes"])
 
 
 @pytest.mark.parametrize("is_async", [False, True])

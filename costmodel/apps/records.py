@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import memory, ops
+from .. import memory, ops, sampling
 from ..compiled import jit
 from ..errors import InputError, warn
 from ..hardware import get_gpu
@@ -76,12 +76,13 @@ class Record:
     attention_dp: int = 1  # attention data-parallel ranks (the steps are one rank's); experts over tp x this
     kv_cache_dtype: str = "auto"  # `KV_CACHE_DTYPES`: the KV cache's precision (auto: the model's bf16/fp16)
     pp: int = 1  # pipeline stages: a step is one batch's pass through all of them (`step.setup`)
+    sampling: dict | None = None  # the requests' sampling parameters (`sampling.parse`) over the model's defaults
 
     @property
     def setup_key(self) -> tuple:
         """What picks the record's `step.setup` (and its KV-cache capacity)."""
         return (self.model, get_gpu(self.gpu).name, self.tp, self.dtype, self.moe_ep, self.moe_weights,
-                self.attention_dp, self.kv_cache_dtype, self.pp)
+                self.attention_dp, self.kv_cache_dtype, self.pp, tuple(sorted((self.sampling or {}).items())))
 
     @property
     def engine(self) -> str | None:
@@ -122,7 +123,7 @@ def previous_step_note(records: list[Record]) -> tuple[int, str | None]:
 # tracers, accepted and not used).  Others are reported by `read_records`.
 RECORD_FIELDS = ("id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
                  "async_scheduling", "vllm_version", "max_num_batched_tokens", "approx", "moe_ep", "moe_weights",
-                 "attention_dp", "kv_cache_dtype", "pp", "dp", "moe_tp")
+                 "attention_dp", "kv_cache_dtype", "pp", "dp", "moe_tp", "sampling")
 KV_CACHE_DTYPES = ("auto", "bf16", "fp16", "fp8")  # the record field ``kv_cache_dtype``
 STEP_FIELDS = ("prefill", "decode")
 
@@ -262,13 +263,15 @@ def parse_record(obj, where: str) -> Record:
     is_async = obj.get("async_scheduling")
     if is_async is not None and not isinstance(is_async, bool):
         raise InputError(f"must be true or false, got {is_async!r}", where, "async_scheduling")
+    samp = sampling.parse(obj["sampling"], where) if obj.get("sampling") is not None else None
     known = {"id", "model", "gpu", "tp", "steps", "measured_us", "kind", "source", "dtype", "timing",
-             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype", "pp", "dp"}
+             "async_scheduling", "moe_ep", "moe_weights", "attention_dp", "kv_cache_dtype", "pp", "dp", "sampling"}
     return Record(id=str(rid), model=obj["model"], gpu=obj["gpu"], tp=tp, steps=steps,
                   where=where, measured_us=None if measured is None else float(measured),
                   kind=kind, source=source, dtype=dtype, timing=timing,
                   async_scheduling=is_async, extra={k: v for k, v in obj.items() if k not in known}, moe_ep=moe_ep,
-                  moe_weights=moe_weights, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype, pp=pp)
+                  moe_weights=moe_weights, attention_dp=attention_dp, kv_cache_dtype=kv_cache_dtype, pp=pp,
+                  sampling=samp)
 
 
 def max_context(steps: list) -> int:
@@ -332,7 +335,8 @@ class Predictor:
                 if r.moe_weights:
                     m = m.with_expert_dtype(r.moe_weights)
                 self._setups[key] = setup(m, self.tables(r.gpu, r.where), r.tp, r.moe_ep,
-                                          attention_dp=r.attention_dp, kv_cache_dtype=r.kv_cache_dtype, pp=r.pp)
+                                          attention_dp=r.attention_dp, kv_cache_dtype=r.kv_cache_dtype, pp=r.pp,
+                                          sampling=r.sampling)
             except InputError as e:
                 raise InputError(str(e), r.where) from None
         try:
@@ -340,6 +344,13 @@ class Predictor:
         except InputError as e:
             raise InputError(str(e), r.where) from None
         return self._setups[key]
+
+    def sampler_note(self, records: list[Record]) -> str | None:
+        """A line saying how many records' requests run the sampler's top-k/top-p filter (`ops.sampler_filter`),
+        None when none do."""
+        n = sum(float(self.setup_for(r).on_gpu.dims.filter_bytes) > 0 for r in records)
+        return (f"  sampler: {n} records sample with a top-k/top-p filter over the vocabulary (their `sampling` or "
+                "their model's generation_config.json; docs/model.md)") if n else None
 
     def kv_capacity(self, r: Record):
         """The KV-cache capacity (`memory.KVCapacity`) of ``r``'s model on its GPU at its TP degree, with vLLM's

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from .. import memory, ops
+from .. import memory, ops, sampling
 from ..calibration import resolve_calibration, serving_terms
 from ..compiled import jit
 from ..errors import InputError
@@ -144,6 +144,7 @@ class Deployment:
     pp: int = 1  # pipeline stages of tp GPUs; the simulation is one of pp interleaved batch lanes
     think_s: float = 0.0  # a closed-loop client's time elsewhere between this engine's answer and its next
     #                       request (the other pool of a disaggregated deployment), not part of the latency
+    sampling: tuple = ()  # the record's ``sampling`` (`sampling.parse`) as items, over the model's defaults
 
     @property
     def gpus(self) -> int:
@@ -246,6 +247,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         ops.check_moe_tp(model, tp, moe_ep, dp_att, rec.get("moe_tp"))
     except InputError as e:
         raise InputError(str(e), where) from None
+    samp = sampling.parse(rec["sampling"], where) if rec.get("sampling") is not None else {}
     eng = rec.get("engine") or {}
     if not isinstance(eng, dict):
         raise InputError("must be an object", where, "engine")
@@ -277,6 +279,10 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
                          "engine.kv_cache_dtype")
     max_model_len = _num(eng.get("max_model_len"), where, "engine.max_model_len")
     notes = limit_notes
+    kind = sampling.merged(model.sampling_defaults, samp).filter(model.vocab_size)
+    if kind != "none":
+        notes.append(f"sampler: {kind.replace('_', '-')} filter over the {model.vocab_size:,}-entry vocabulary for every "
+                     f"request ({'the record' if samp else 'the model'}'s sampling parameters; docs/serving.md)")
     observed = (eng.get("observed_kv_blocks") or {}).get("gpu_kv_blocks")
     if observed is not None:
         kv_blocks, kv_source = _num(observed, where, "engine.observed_kv_blocks.gpu_kv_blocks"), "observed"
@@ -306,7 +312,7 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         raise Refusal(f"{kv_blocks} KV blocks ({kv_source}) cannot hold one request")
     return Deployment(str(rec["id"]), where, rec, model, gpu, tp, version, max_tokens, max_seqs, kv_blocks,
                       kv_source, prefix, bool(is_async), max_model_len, requests, notes + requests.notes, moe_ep,
-                      dp_att, share, dp, kv_dtype, pp)
+                      dp_att, share, dp, kv_dtype, pp, sampling=tuple(sorted(samp.items())))
 
 
 # ---------------------------------------------------------------- simulation
@@ -371,10 +377,10 @@ class Simulator:
         """(static, lookup, model on GPU, parameters) of a deployment's step model, built once per model, GPU,
         layout and calibration key and shared by the deployments that name them."""
         key = (dep.model, dep.gpu.name, dep.tp, dep.moe_ep, dep.attention_dp, dep.kv_cache_dtype, dep.pp,
-               engine_key(dep.engine_version))
+               engine_key(dep.engine_version), dep.sampling)
         if key not in self._step_models:
             su = setup(dep.model, self.tables(dep.gpu), dep.tp, dep.moe_ep, attention_dp=dep.attention_dp,
-                       kv_cache_dtype=dep.kv_cache_dtype, pp=dep.pp)
+                       kv_cache_dtype=dep.kv_cache_dtype, pp=dep.pp, sampling=dict(dep.sampling))
             self._step_models[key] = (su.static, of_setup(su), as_scalars(su.on_gpu),
                                       as_scalars(self.params(dep.gpu, dep.engine_version)))
         return self._step_models[key]
