@@ -92,8 +92,9 @@ class ModelConfig:
     q_lora_rank: int = 0
     kv_lora_rank: int = 0
     qk_rope_head_dim: int = 0
-    # vLLM's per-request sampling defaults from the checkpoint's generation_config.json (`sampling`), as items
-    sampling_defaults: tuple = ()
+    # vLLM's per-request sampling defaults from the checkpoint's generation_config.json (`sampling`), as items;
+    # None when the model folder has no generation_config.json (vLLM's own defaults then)
+    sampling_defaults: tuple | None = None
 
     @property
     def mla(self) -> bool:
@@ -429,7 +430,7 @@ def load_model(name_or_path: str, configs_dir: str | Path | None = None, where: 
         p = Path(name_or_path)
         m = ModelConfig.from_dict(read_json(c), name=p.name if p.suffix != ".json" else p.parent.name, where=str(c))
         defaults = sampling.generation_defaults(c)
-        return replace(m, sampling_defaults=tuple(sorted(defaults.items()))) if defaults else m
+        return m if defaults is None else replace(m, sampling_defaults=tuple(sorted(defaults.items())))
     looked = configs_dir if configs_dir else default_model_configs_dir()
     raise InputError(f"no config.json for model '{name_or_path}' under {looked}", where, "model")
 

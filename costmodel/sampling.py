@@ -70,13 +70,13 @@ def parse(obj, where: str | None, field: str = "sampling") -> dict:
     return out
 
 
-def generation_defaults(config_json: Path) -> dict:
+def generation_defaults(config_json: Path) -> dict | None:
     """The sampling defaults vLLM takes from the ``generation_config.json`` beside ``config_json`` (`KEYS`
-    it sets; {} when there is no such file).  Its other keys are the checkpoint's and ignored, as vLLM does."""
+    it sets), None when there is no such file.  Its other keys are the checkpoint's and ignored, as vLLM does."""
     from .io import read_json
     path = Path(config_json).parent / "generation_config.json"
     if not path.is_file():
-        return {}
+        return None
     cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise InputError(f"a generation config must be a JSON object, got {json_type(cfg)}", str(path))
@@ -84,5 +84,6 @@ def generation_defaults(config_json: Path) -> dict:
 
 
 def merged(defaults, given: dict | None) -> Sampling:
-    """The parameters a request runs with: ``given`` over the model's ``defaults`` (a dict or its items)."""
-    return Sampling(**{**dict(defaults), **(given or {})})
+    """The parameters a request runs with: ``given`` over the model's ``defaults`` (a dict or its items; None:
+    none)."""
+    return Sampling(**{**dict(defaults or ()), **(given or {})})

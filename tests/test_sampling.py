@@ -56,7 +56,9 @@ def _model_dir(tmp_path, generation):
 def test_generation_config_gives_the_defaults(tmp_path):
     d = _model_dir(tmp_path, {"bos_token_id": 1, "do_sample": True, "temperature": 0.6, "top_p": 0.9})
     assert dict(load_model(str(d)).sampling_defaults) == {"temperature": 0.6, "top_p": 0.9}
-    assert load_model("llama-3.1-8b").sampling_defaults == ()  # the packaged configs have none
+    assert load_model("llama-3.1-8b").sampling_defaults is None  # the packaged configs have no generation config
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1}))
+    assert load_model(str(d)).sampling_defaults == ()  # a generation config that sets no sampling
     (d / "generation_config.json").write_text("[1]")
     with pytest.raises(InputError, match=r"generation_config.json: a generation config must be a JSON object"):
         load_model(str(d))

@@ -283,6 +283,9 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
     if kind != "none":
         notes.append(f"sampler: {kind.replace('_', '-')} filter over the {model.vocab_size:,}-entry vocabulary for every "
                      f"request ({'the record' if samp else 'the model'}'s sampling parameters; docs/serving.md)")
+    elif not samp and model.sampling_defaults is None:
+        notes.append("sampler: no top-k/top-p filter priced (the record gives no sampling and the model folder has no "
+                     "generation_config.json, whose defaults vLLM would apply; docs/serving.md)")
     observed = (eng.get("observed_kv_blocks") or {}).get("gpu_kv_blocks")
     if observed is not None:
         kv_blocks, kv_source = _num(observed, where, "engine.observed_kv_blocks.gpu_kv_blocks"), "observed"
