@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from .errors import InputError, json_type
+from .io import read_json
 
 KEYS = ("temperature", "top_p", "top_k")
 FILTERS = ("none", "top_k", "top_p")
@@ -73,7 +74,6 @@ def parse(obj, where: str | None, field: str = "sampling") -> dict:
 def generation_defaults(config_json: Path) -> dict | None:
     """The sampling defaults vLLM takes from the ``generation_config.json`` beside ``config_json`` (`KEYS`
     it sets), None when there is no such file.  Its other keys are the checkpoint's and ignored, as vLLM does."""
-    from .io import read_json
     path = Path(config_json).parent / "generation_config.json"
     if not path.is_file():
         return None
