@@ -18,6 +18,7 @@ vLLM 0.15; later versions' Triton or FlashInfer filters are faster, and are pric
 """
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -57,18 +58,37 @@ def parse(obj, where: str | None, field: str = "sampling") -> dict:
                          f"{', '.join(KEYS)} only", where, field)
     out = {}
     for k, v in obj.items():
+        name = f"{field}.{k}" if field else k
         if v is None:
             continue
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise InputError(f"must be a number, got {v!r}", where, f"{field}.{k}")
+            raise InputError(f"must be a number, got {v!r}", where, name)
         if k == "temperature" and v < 0:
-            raise InputError(f"must be >= 0, got {v!r}", where, f"{field}.{k}")
+            raise InputError(f"must be >= 0, got {v!r}", where, name)
         if k == "top_p" and not 0 < v <= 1:
-            raise InputError(f"must be in (0, 1], got {v!r}", where, f"{field}.{k}")
+            raise InputError(f"must be in (0, 1], got {v!r}", where, name)
         if k == "top_k" and (v != int(v) or v < -1):
-            raise InputError(f"must be an integer >= -1, got {v!r}", where, f"{field}.{k}")
+            raise InputError(f"must be an integer >= -1, got {v!r}", where, name)
         out[k] = int(v) if k == "top_k" else float(v)
     return out
+
+
+def parse_option(text: str) -> dict:
+    """The command line's ``--sampling`` value, ``KEY=VALUE[,KEY=VALUE...]`` of `KEYS` (``top_p=0.95,top_k=20``),
+    checked as `parse` checks a record's object; a bad value is argparse's one-line error naming the option."""
+    obj = {}
+    try:
+        for item in str(text).split(","):
+            key, sep, value = item.partition("=")
+            try:
+                obj[key.strip()] = float(value)
+            except ValueError:
+                sep = ""
+            if not sep:
+                raise InputError(f"must be KEY=VALUE pairs of {', '.join(KEYS)} separated by commas, got {text!r}")
+        return parse(obj, None, "")
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def generation_defaults(config_json: Path) -> dict | None:

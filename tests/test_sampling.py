@@ -9,7 +9,7 @@ from costmodel import InputError, ops
 from costmodel.apps.records import Predictor, parse_record
 from costmodel.model import default_model_configs_dir, load_model
 from costmodel.params import Params
-from costmodel.sampling import Sampling, merged, parse
+from costmodel.sampling import Sampling, merged, parse, parse_option
 
 V = 128256  # llama-3.1-8b's vocabulary
 
@@ -101,3 +101,49 @@ def test_predict_says_which_records_sample_with_a_filter(tmp_path, capsys):
     assert main(["predict", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "sampler: 1 records sample with a top-k/top-p filter" in out and "unknown" not in err
+
+
+def test_command_line_option():
+    assert parse_option("top_p=0.95,top_k=20, temperature=0.6") == {"top_p": 0.95, "top_k": 20, "temperature": 0.6}
+    import argparse
+    for bad, msg in (("foo", "KEY=VALUE pairs"), ("top_p=2", "field 'top_p': must be in"), ("min_p=0.1", "min_p")):
+        with pytest.raises(argparse.ArgumentTypeError, match=msg):
+            parse_option(bad)
+
+
+def test_serving_option_fills_what_the_record_leaves_out():
+    from costmodel.apps import serve as sv
+    rec = {"id": "a", "model": "llama-2-7b", "gpu": "H100", "tp": 1,
+           "workload": {"type": "closed", "concurrency": 4, "input_tokens": 100, "output_tokens": 8}}
+    for given, record, want in (({"top_p": 0.9}, None, (("top_p", 0.9),)),
+                                ({"top_p": 0.9, "top_k": 5}, {"top_k": 20}, (("top_k", 20), ("top_p", 0.9))),
+                                (None, {"temperature": 0.0}, (("temperature", 0.0),))):
+        r = dict(rec, sampling=record) if record else rec
+        assert sv.resolve(r, "r:1", workload_options={"sampling": given}).sampling == want
+
+
+def test_every_command_that_simulates_records_takes_sampling(tmp_path, capsys):
+    from costmodel.cli import build_parser, main
+    p = build_parser()
+    for argv in (["serve", "r.jsonl"], ["fit-serving", "r.jsonl", "--out", "c.json"], ["regret", "r.jsonl"],
+                 ["search", "--model", "llama-3.1-8b", "--gpu", "H100", "--gpus", "1", "--isl", "8", "--osl", "8"]):
+        assert p.parse_args(argv).sampling is None
+        assert p.parse_args(argv + ["--sampling", "top_p=0.9"]).sampling == {"top_p": 0.9}
+    # regret with --predictions predicts nothing itself: --sampling is refused there, not ignored
+    rec, pred = tmp_path / "r.jsonl", tmp_path / "p.jsonl"
+    rec.write_text("")
+    pred.write_text("")
+    assert main(["regret", str(rec), "--predictions", str(pred), "--sampling", "top_p=0.9"]) != 0
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_search_prices_and_reports_the_sampling_it_was_given():
+    from costmodel.apps import search as sr
+    kw = dict(isl=256, osl=32, tpot_ms=50.0, concurrency=[8], disagg=False)
+    plain = sr.search("llama-3.1-8b", "H100", 1, **kw)
+    top_p = sr.search("llama-3.1-8b", "H100", 1, workload_options={"sampling": {"top_p": 0.9}}, **kw)
+    assert top_p.query["sampling"] == {"top_p": 0.9} and plain.query["sampling"] is None
+    a, b = plain.rows[0], top_p.rows[0]
+    assert b["tpot_mean_ms"] > a["tpot_mean_ms"]
+    assert sr.vllm_command(top_p, b).endswith("""--override-generation-config '{"top_p":0.9}'""")
+    assert "override-generation-config" not in sr.vllm_command(plain, a)

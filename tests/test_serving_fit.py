@@ -94,3 +94,20 @@ def test_fit_recovers_the_term_holds_out_each_deployment_and_serve_uses_it(tmp_p
     assert o["predicted"]["tpot_mean_ms"] == pytest.approx(truth[recs[0]["id"]]["tpot_mean_ms"], rel=0.02)
     assert main(["fit-serving", str(path), "--out", str(tmp_path / "x.json"), "--calibration", "none"]) == 2
     assert "fits on top of a step calibration" in capsys.readouterr().err
+
+
+def test_grid_cache_is_kept_only_for_the_same_records_and_options(tmp_path, monkeypatch):
+    """The grid's simulations are reused for the same records and serving options; a changed option (here the
+    requests' sampling) or record simulates again."""
+    calls = []
+    monkeypatch.setattr(sf, "_serve", lambda items, g, **kw: calls.append(g) or {str(r["id"]): {} for r, _ in items})
+    items = [({"id": "a", "model": "llama-2-7b"}, "r:1")]
+    cache = tmp_path / "grid.json"
+    sf._grid_runs(items, [0.0, 40.0], cache, {"workload_options": {"rounds": 2}})
+    sf._grid_runs(items, [0.0, 40.0], cache, {"workload_options": {"rounds": 2}})
+    assert len(calls) == 2
+    sf._grid_runs(items, [0.0, 40.0], cache, {"workload_options": {"rounds": 2, "sampling": {"top_p": 0.9}}})
+    assert len(calls) == 4
+    sf._grid_runs([({"id": "a", "model": "llama-3.1-8b"}, "r:1")], [0.0, 40.0], cache,
+                  {"workload_options": {"rounds": 2, "sampling": {"top_p": 0.9}}})
+    assert len(calls) == 6

@@ -221,6 +221,7 @@ def add_regret_arguments(sp) -> None:
     sp.add_argument("--min-configs", type=number(int, 2), default=MIN_CONFIGS,
                     help=f"smallest group scored (default {MIN_CONFIGS})")
     serve_mod.add_closed_loop_limits_argument(sp)
+    serve_mod.add_sampling_argument(sp)
     sp.add_argument("--client-connection-limit", type=number(int, 1), default=None,
                     help="requests the benchmark client keeps in flight at most (e.g. 100, aiohttp's default "
                          "connection pool); more clients than that are priced as that many (docs/search.md)")
@@ -247,6 +248,8 @@ def run_regret(args) -> int:
     if args.predictions and args.closed_loop_limits != serve_mod.CLOSED_LOOP_LIMITS[0]:
         raise InputError("applies when regret predicts the records itself, not to --predictions",
                          field="closed-loop-limits")
+    if args.predictions and args.sampling:
+        raise InputError("applies when regret predicts the records itself, not to --predictions", field="sampling")
     if args.save_predictions:
         check_output_file(args.save_predictions, "save-predictions")
         refuse_overwrite(args.save_predictions, [args.records], "save-predictions")
@@ -261,7 +264,8 @@ def run_regret(args) -> int:
         stripped = [(as_served(r, args.client_connection_limit), w) for r, w in items]
         preds = serve_mod.serve(stripped, args.model_configs, args.bench_data, args.calibration,
                                 args.allow_other_gpu,
-                                workload_options={"closed_loop_limits": args.closed_loop_limits})
+                                workload_options={"closed_loop_limits": args.closed_loop_limits,
+                                                  "sampling": args.sampling})
         how = "calibration: " + "; ".join(f"{g}: {d}" for g, d in serve_mod.serve.calibration_used.items())
     if args.client_connection_limit:
         how += f"; at most {args.client_connection_limit} requests in flight per client"

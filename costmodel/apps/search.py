@@ -285,13 +285,14 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         if w not in serve_mod.WEIGHT_DTYPES:
             raise InputError(f"must be one of {', '.join(serve_mod.WEIGHT_DTYPES)}, got {w!r}", field="weights")
     engine = {"name": "vllm", "version": engine_version, "gpu_memory_utilization": gpu_memory_utilization}
+    samp = (workload_options or {}).get("sampling")
     query = {"model": model, "gpu": g.name, "gpus": gpus, "gpus_per_node": gpus_per_node, "isl": isl,
              "osl": osl, "ttft_ms": ttft_ms, "tpot_ms": tpot_ms, "e2e_ms": e2e_ms, "statistic": statistic(percentile),
              "rate": rate, "objective": objective, "concurrency": _compact(concurrency),
              "usd_per_gpu_hour": {g.name: usd_per_gpu_hour} if usd_per_gpu_hour else None,
              "weights": weights, "checkpoint_weights": base.dtype, "kv_cache_dtypes": kv_dtypes,
              "pp": pps or "every degree whose stages fit in a node",
-             "screen": screen, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
+             "screen": screen, "sampling": samp, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
                                           budgets[0], "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
     if p_count > 1:
         query["part"] = [p_index, p_count]
@@ -365,7 +366,7 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
                         if not fit:
                             continue
                         rec = {"model": model, "gpu": gpu, "tp": tp, "pp": pp, "attention_dp": att, "moe_ep": ep,
-                               "weights": w, "engine": eng}
+                               "weights": w, "engine": eng, **({"sampling": samp} if samp else {})}
                         row = {"gpu": g.name, "tp": tp, "pp": pp, "attention_dp": att, "moe_ep": ep, "weights": w,
                                "kv_cache_dtype": kvd, "max_num_seqs": seq, "max_num_batched_tokens": tokens,
                                "gpu_memory_utilization": gpu_memory_utilization,
@@ -754,6 +755,8 @@ def vllm_command(result: SearchResult, row: dict) -> str:
         parts.append("--quantization fp8")
     if row.get("kv_cache_dtype", "auto") != "auto":
         parts.append(f"--kv-cache-dtype {row['kv_cache_dtype']}")
+    if q.get("sampling"):  # the requests' defaults the search priced, for clients that send none
+        parts.append(f"--override-generation-config '{json.dumps(q['sampling'], separators=(',', ':'))}'")
     if att > 1 and row["dp"] > 1:
         parts.append(f"(x {row['dp']} such servers behind a router)")
     return " ".join(parts)
@@ -936,6 +939,7 @@ def add_search_arguments(sp) -> None:
                          "with --screen 64,128,256,512,1024)")
     sp.add_argument("--engine-version", default=DEFAULT_ENGINE_VERSION,
                     help=f"vLLM version whose calibration prices the steps (default {DEFAULT_ENGINE_VERSION})")
+    serve_mod.add_sampling_argument(sp)
     sp.add_argument("--rounds", type=number(int, 2), default=10,
                     help="closed loop: requests per client, the first left out (default 10)")
     sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
@@ -978,7 +982,7 @@ def run_search(args) -> int:
                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
                       engine_version=args.engine_version, model_configs=args.model_configs,
                       bench_data=args.bench_data, calibration=args.calibration,
-                      workload_options={"rounds": args.rounds}, screen=args.screen,
+                      workload_options={"rounds": args.rounds, "sampling": args.sampling}, screen=args.screen,
                       simulate_top=args.simulate_top, kv_cache_dtypes=args.kv_cache_dtypes, pp=args.pp,
                       part=(index, count), disagg=args.disagg)
     if count > 1:

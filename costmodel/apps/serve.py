@@ -199,11 +199,13 @@ def rank_workload(w, ranks: int) -> tuple[dict, float]:
 
 def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, workload_options=None) -> Deployment:
     """Validate a record and resolve its deployment; `Refusal` for what this version does not model,
-    `InputError` for bad input.  ``workload_options``: `workloads.from_record`'s, and ``closed_loop_limits``:
+    `InputError` for bad input.  ``workload_options``: `workloads.from_record`'s, ``sampling`` (the requests'
+    sampling parameters where the record's own ``sampling`` leaves a key out), and ``closed_loop_limits``:
     where a closed loop's engine limits come from when its record gives none, ``"aiconfigurator"`` (default:
     `benchmark_limits`) or ``"vllm"`` (vLLM's defaults, `default_batch_limits`, as for other workloads)."""
     workload_options = dict(workload_options or {})
     limits = workload_options.pop("closed_loop_limits", CLOSED_LOOP_LIMITS[0])
+    given = workload_options.pop("sampling", None)
     if limits not in CLOSED_LOOP_LIMITS:
         raise InputError(f"must be one of {', '.join(CLOSED_LOOP_LIMITS)}, got {limits!r}", where,
                          "closed_loop_limits")
@@ -247,7 +249,8 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         ops.check_moe_tp(model, tp, moe_ep, dp_att, rec.get("moe_tp"))
     except InputError as e:
         raise InputError(str(e), where) from None
-    samp = sampling.parse(rec["sampling"], where) if rec.get("sampling") is not None else {}
+    samp = {**(sampling.parse(given, where) if given else {}),
+            **(sampling.parse(rec["sampling"], where) if rec.get("sampling") is not None else {})}
     eng = rec.get("engine") or {}
     if not isinstance(eng, dict):
         raise InputError("must be an object", where, "engine")
@@ -938,6 +941,13 @@ def add_closed_loop_limits_argument(sp) -> None:
                          "benchmark workers (default: clients, clients + ISL + 1500) or vLLM's defaults")
 
 
+def add_sampling_argument(sp) -> None:
+    """--sampling, for every command that simulates serving records (`resolve`)."""
+    sp.add_argument("--sampling", type=sampling.parse_option, default=None, metavar="KEY=VALUE[,...]",
+                    help="the requests' temperature, top_p, top_k where a record's own sampling leaves them out "
+                         "(default: the model folder's generation_config.json; docs/model.md)")
+
+
 def add_serve_arguments(sp) -> None:
     sp.add_argument("records", help="serving records, JSON Lines (schema: docs/serving.md)")
     add_pricing_arguments(sp, "none | default | PATH (as for predict)")
@@ -962,6 +972,7 @@ def add_serve_arguments(sp) -> None:
                          f"its first round all clients at once (default {wl_mod.BENCHMARK_ROUNDS}, aiperf as "
                          "AIConfigurator runs it; 0: the steady state only)")
     add_closed_loop_limits_argument(sp)
+    add_sampling_argument(sp)
     sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
                     help="inference-perf load type whose timer draws the send times (default constant)")
     sp.add_argument("--exclude-gpu", action="append", default=[],
@@ -984,7 +995,7 @@ def run_serve(args) -> int:
                  Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms, request_host_us=args.request_host_us),
                  {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
                   "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds,
-                  "closed_loop_limits": args.closed_loop_limits})
+                  "closed_loop_limits": args.closed_loop_limits, "sampling": args.sampling})
     took = time.perf_counter() - t0
     if args.out:
         atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))

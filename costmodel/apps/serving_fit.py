@@ -20,6 +20,7 @@ model — is fitted without, then simulated at its own fitted value; those are t
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from datetime import date
@@ -131,16 +132,19 @@ def fit_serving(items, measured: dict, by=("deployment",), grid_us=GRID_US, grid
 
 
 def _grid_runs(items, grid_us: list, cache, serve_kw) -> list[dict]:
-    """`serve` outputs {id: output} at each grid value, from ``cache`` when it holds this grid and these
-    records (ids), else simulated (and written to ``cache`` when given)."""
+    """`serve` outputs {id: output} at each grid value, from ``cache`` when it holds this grid, these records
+    (ids, and a digest of the records and of the serving options), else simulated (and written to ``cache``
+    when given)."""
     ids = [str(r["id"]) for r, _ in items]
+    digest = hashlib.sha256(json.dumps([[r for r, _ in items], serve_kw], sort_keys=True, default=str)
+                            .encode()).hexdigest()
     if cache is not None and Path(cache).is_file():
         got = read_json(cache)
-        if got.get("grid_us") == grid_us and got.get("ids") == ids:
+        if got.get("grid_us") == grid_us and got.get("ids") == ids and got.get("inputs") == digest:
             return got["runs"]
     runs = [_serve(items, g, **serve_kw) for g in grid_us]
     if cache is not None:
-        write_json(cache, {"grid_us": grid_us, "ids": ids, "runs": runs})
+        write_json(cache, {"grid_us": grid_us, "ids": ids, "inputs": digest, "runs": runs})
     return runs
 
 
@@ -178,6 +182,7 @@ def add_fit_serving_arguments(sp) -> None:
                     help="drop records on this GPU before reading them (repeatable)")
     sp.add_argument("--rounds", type=int, default=10, help="closed loop: requests per client (default 10)")
     sv.add_closed_loop_limits_argument(sp)
+    sv.add_sampling_argument(sp)
 
 
 def run_fit_serving(args) -> int:
@@ -197,7 +202,8 @@ def run_fit_serving(args) -> int:
     res = fit_serving(items, measured, by=args.leave_out, grid_cache=args.grid_cache,
                       model_configs=args.model_configs, bench_data=args.bench_data, calibration=args.calibration,
                       allow_other_gpu=args.allow_other_gpu,
-                      workload_options={"rounds": args.rounds, "closed_loop_limits": args.closed_loop_limits})
+                      workload_options={"rounds": args.rounds, "closed_loop_limits": args.closed_loop_limits,
+                                        "sampling": args.sampling})
     took = time.perf_counter() - t0
     table = error_table(res["rows"], res["by"])
     print(f"costmodel fit-serving: {len(items)} records, {len(res['refused'])} refused; request_host_us "
