@@ -8,11 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
+from . import sampling
 from .apps import bench, decisions, search, serve, serving_fit, sweep
 from .apps.tables_info import coverage
 from .apps.fit import run_fit_cli
 from .apps.kernel_calls import predict_kernel_csv
-from .apps.records import Predictor, below_floor_warning, mape_table, previous_step_note, read_records
+from .apps.records import (Predictor, below_floor_warning, mape_table, previous_step_note, read_records,
+                           with_sampling)
 from .calibration import calibration_path, parameter_sets_used, resolve_calibration
 from .compiled import enable_compile_cache
 from .errors import InputError, warnings_as_lines
@@ -30,7 +32,7 @@ def cmd_predict(args) -> int:
         for path, field in ((args.out, "out"), (meta_path, "out (its .meta.json)")):
             check_output_file(path, field)
             refuse_overwrite(path, inputs, field)
-    records = read_records(args.records)
+    records = with_sampling(read_records(args.records), args.sampling)
     pred = Predictor(args.model_configs, args.bench_data)
     sources = {t.gpu.name: t.sources for t in (pred.tables(r.gpu, r.where) for r in records)}
     sources = dict(sorted(sources.items()))  # by GPU name
@@ -128,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="none | default | PATH to a calibration JSON; append @VERSION (e.g. default@0.15) to use "
                          "that engine version's parameters for every record instead of each record's vllm_version")
     sp.add_argument("--allow-other-gpu", action="store_true", help=ALLOW_OTHER_GPU_HELP)
+    sampling.add_argument(sp)
     sp.add_argument("--out", default=None, help="write one JSON line per record here")
     sp.set_defaults(func=cmd_predict)
 
@@ -155,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fit once per run without it and report held-out MAPE (writes the table to --out)")
     sp.add_argument("--pooled", action="store_true",
                     help="one parameter set for all records, not one per engine version (vllm_version)")
+    sampling.add_argument(sp)
     sp.set_defaults(func=run_fit_cli)
 
     for name, help_, add, run in (

@@ -91,6 +91,13 @@ def parse_option(text: str) -> dict:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def add_argument(sp) -> None:
+    """--sampling, for every command that prices records (step or serving)."""
+    sp.add_argument("--sampling", type=parse_option, default=None, metavar="KEY=VALUE[,...]",
+                    help="the requests' temperature, top_p, top_k where a record's own sampling leaves them out "
+                         "(default: the model folder's generation_config.json; docs/model.md)")
+
+
 def generation_defaults(config_json: Path) -> dict | None:
     """The sampling defaults vLLM takes from the ``generation_config.json`` beside ``config_json`` (`KEYS`
     it sets), None when there is no such file.  Its other keys are the checkpoint's and ignored, as vLLM does."""

@@ -101,6 +101,9 @@ def test_predict_says_which_records_sample_with_a_filter(tmp_path, capsys):
     assert main(["predict", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "sampler: 1 records sample with a top-k/top-p filter" in out and "unknown" not in err
+    # --sampling fills what a record leaves out: both records then sample with top-p
+    assert main(["predict", str(path), "--sampling", "top_p=0.95"]) == 0
+    assert "sampler: 2 records sample" in capsys.readouterr().out
 
 
 def test_command_line_option():
@@ -122,10 +125,11 @@ def test_serving_option_fills_what_the_record_leaves_out():
         assert sv.resolve(r, "r:1", workload_options={"sampling": given}).sampling == want
 
 
-def test_every_command_that_simulates_records_takes_sampling(tmp_path, capsys):
+def test_every_command_that_prices_records_takes_sampling(tmp_path, capsys):
     from costmodel.cli import build_parser, main
     p = build_parser()
-    for argv in (["serve", "r.jsonl"], ["fit-serving", "r.jsonl", "--out", "c.json"], ["regret", "r.jsonl"],
+    for argv in (["predict", "r.jsonl"], ["fit", "r.jsonl", "--out", "c.json"],
+                 ["serve", "r.jsonl"], ["fit-serving", "r.jsonl", "--out", "c.json"], ["regret", "r.jsonl"],
                  ["search", "--model", "llama-3.1-8b", "--gpu", "H100", "--gpus", "1", "--isl", "8", "--osl", "8"]):
         assert p.parse_args(argv).sampling is None
         assert p.parse_args(argv + ["--sampling", "top_p=0.9"]).sampling == {"top_p": 0.9}

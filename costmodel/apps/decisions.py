@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .. import sampling
 from ..errors import InputError
 from ..io import (add_pricing_arguments, atomic_write, check_output_file, number, print_table,
     read_json_lines, refuse_overwrite)
@@ -221,7 +222,7 @@ def add_regret_arguments(sp) -> None:
     sp.add_argument("--min-configs", type=number(int, 2), default=MIN_CONFIGS,
                     help=f"smallest group scored (default {MIN_CONFIGS})")
     serve_mod.add_closed_loop_limits_argument(sp)
-    serve_mod.add_sampling_argument(sp)
+    sampling.add_argument(sp)
     sp.add_argument("--client-connection-limit", type=number(int, 1), default=None,
                     help="requests the benchmark client keeps in flight at most (e.g. 100, aiohttp's default "
                          "connection pool); more clients than that are priced as that many (docs/search.md)")

@@ -30,7 +30,7 @@ from ..errors import InputError
 from ..io import check_output_file, print_table, refuse_overwrite, write_json
 from ..params import FIELDS, PRIORS, Calibration, Params, from_log, prior_arrays, to_log
 from ..step import combine
-from .records import Predictor, below_floor_warning, previous_step_note, read_records
+from .records import Predictor, below_floor_warning, previous_step_note, read_records, with_sampling
 # Log-ratio beyond which an error counts linearly.  Step-time noise is a ~1 % core with a tail of slow steps
 # (host stalls, up to +25 %); a delta near the core's width makes the fit follow the median, not the tail.
 HUBER_DELTA = 0.02
@@ -180,7 +180,7 @@ def _names(values, limit: int = 8) -> str:
 def run_fit_cli(args) -> int:
     check_output_file(args.out)  # refused before any work: nothing is written
     refuse_overwrite(args.out, args.records)
-    records = [r for f in args.records for r in read_records(f)]
+    records = with_sampling([r for f in args.records for r in read_records(f)], getattr(args, "sampling", None))
     pred = Predictor(args.model_configs, args.bench_data)
     gpus = sorted({pred.tables(r.gpu, r.where).gpu.name for r in records})
     if len(gpus) > 1:

@@ -274,6 +274,14 @@ def parse_record(obj, where: str) -> Record:
                   sampling=samp)
 
 
+def with_sampling(records: list[Record], given: dict | None) -> list[Record]:
+    """``records`` with ``given`` sampling parameters (`sampling.parse_option`) where their own ``sampling``
+    leaves a key out (the command line's --sampling)."""
+    for r in records if given else ():
+        r.sampling = {**given, **(r.sampling or {})}
+    return records
+
+
 def max_context(steps: list) -> int:
     """The longest context any request of ``steps`` holds: cached + new tokens of a prefill chunk, the cached
     tokens + 1 of a decode."""

@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from .. import ops
+from .. import ops, sampling
 from ..compiled import CompileTimer
 from ..errors import InputError
 from ..hardware import get_gpu
@@ -939,7 +939,7 @@ def add_search_arguments(sp) -> None:
                          "with --screen 64,128,256,512,1024)")
     sp.add_argument("--engine-version", default=DEFAULT_ENGINE_VERSION,
                     help=f"vLLM version whose calibration prices the steps (default {DEFAULT_ENGINE_VERSION})")
-    serve_mod.add_sampling_argument(sp)
+    sampling.add_argument(sp)
     sp.add_argument("--rounds", type=number(int, 2), default=10,
                     help="closed loop: requests per client, the first left out (default 10)")
     sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")

@@ -941,13 +941,6 @@ def add_closed_loop_limits_argument(sp) -> None:
                          "benchmark workers (default: clients, clients + ISL + 1500) or vLLM's defaults")
 
 
-def add_sampling_argument(sp) -> None:
-    """--sampling, for every command that simulates serving records (`resolve`)."""
-    sp.add_argument("--sampling", type=sampling.parse_option, default=None, metavar="KEY=VALUE[,...]",
-                    help="the requests' temperature, top_p, top_k where a record's own sampling leaves them out "
-                         "(default: the model folder's generation_config.json; docs/model.md)")
-
-
 def add_serve_arguments(sp) -> None:
     sp.add_argument("records", help="serving records, JSON Lines (schema: docs/serving.md)")
     add_pricing_arguments(sp, "none | default | PATH (as for predict)")
@@ -972,7 +965,7 @@ def add_serve_arguments(sp) -> None:
                          f"its first round all clients at once (default {wl_mod.BENCHMARK_ROUNDS}, aiperf as "
                          "AIConfigurator runs it; 0: the steady state only)")
     add_closed_loop_limits_argument(sp)
-    add_sampling_argument(sp)
+    sampling.add_argument(sp)
     sp.add_argument("--arrivals", choices=("constant", "poisson"), default="constant",
                     help="inference-perf load type whose timer draws the send times (default constant)")
     sp.add_argument("--exclude-gpu", action="append", default=[],

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import sampling
 from ..calibration import DEFAULT_CALIBRATION, calibration_path
 from ..errors import InputError
 from ..io import add_pricing_arguments, atomic_write, check_output_file, print_table, read_json, refuse_overwrite, write_json
@@ -182,7 +183,7 @@ def add_fit_serving_arguments(sp) -> None:
                     help="drop records on this GPU before reading them (repeatable)")
     sp.add_argument("--rounds", type=int, default=10, help="closed loop: requests per client (default 10)")
     sv.add_closed_loop_limits_argument(sp)
-    sv.add_sampling_argument(sp)
+    sampling.add_argument(sp)
 
 
 def run_fit_serving(args) -> int:
