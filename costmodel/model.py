@@ -96,6 +96,11 @@ class ModelConfig:
     # None when the model folder has no generation_config.json (vLLM's own defaults then)
     sampling_defaults: tuple | None = None
 
+    def sampler_filter(self, given: dict | None = None) -> str:
+        """The filter vLLM's sampler runs over this model's vocabulary (`sampling.FILTERS`) for requests sampled
+        with ``given`` parameters over the model's generation-config defaults."""
+        return sampling.merged(self.sampling_defaults, given).filter(self.vocab_size)
+
     @property
     def mla(self) -> bool:
         """Multi-head latent attention (`MLA_ARCHS`)."""

@@ -31,7 +31,6 @@ import numpy as np
 from . import kernel_time as kt
 from .compiled import jit, once
 from . import memory, ops
-from . import sampling as sampling_mod
 from .errors import InputError
 from .hardware import GPU
 from .model import DTYPE_BYTES, ModelConfig
@@ -184,7 +183,7 @@ def setup(model: ModelConfig, tables: Tables, tp: int, moe_ep: int = 1, *, atten
     ``sampling``: the requests' sampling parameters over the model's generation-config defaults
     (`sampling.merged`), which pick the sampler's filter (`ops.sampler_filter`)."""
     kv = kv_table_set(kv_cache_dtype)
-    fb, fk = ops.sampler_filter(sampling_mod.merged(model.sampling_defaults, sampling).filter(model.vocab_size))
+    fb, fk = ops.sampler_filter(model.sampler_filter(sampling))
     d = ops.dims(model, tp, moe_ep, attention_dp, pp)._replace(
         kv_cache_bytes=float(memory.kv_element_bytes(kv_cache_dtype)), filter_bytes=fb, filter_kernels=fk)
     g = kt.choose_gemm_table(tables, model.dtype)

@@ -282,10 +282,10 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
                          "engine.kv_cache_dtype")
     max_model_len = _num(eng.get("max_model_len"), where, "engine.max_model_len")
     notes = limit_notes
-    kind = sampling.merged(model.sampling_defaults, samp).filter(model.vocab_size)
+    kind, src = model.sampler_filter(samp), "the given" if samp else "the model's"
     if kind != "none":
         notes.append(f"sampler: {kind.replace('_', '-')} filter over the {model.vocab_size:,}-entry vocabulary for every "
-                     f"request ({'the record' if samp else 'the model'}'s sampling parameters; docs/serving.md)")
+                     f"request ({src} sampling parameters; docs/serving.md)")
     elif not samp and model.sampling_defaults is None:
         notes.append("sampler: no top-k/top-p filter priced (the record gives no sampling and the model folder has no "
                      "generation_config.json, whose defaults vLLM would apply; docs/serving.md)")
