@@ -358,9 +358,15 @@ def specialise(gemm: GemmTable, decode: AttnTable, prefill: AttnTable, comm: Com
     mla = tuple(_NO_MLA if t is None else AttnTable(*(np.asarray(a, np.float32) for a in t)) for t in mla)
     finders = (Finder.build(np.asarray(gemm.log_m, np.float32)), Finder.build(comm_x),
                Finder.build(moe.log_tokens))
+    # the all-reduce's blend over GPU counts for the TP group and the expert group
+    comm_w = np.stack([comm_gpu_weights(comm, max(float(g), 2.0)) for g in (d.tp, d.tp * d.attention_dp)]) \
+        if comm is not None else np.zeros((2, 1), np.float32)
+    gemm_np = GemmTable(*(np.asarray(a) for a in gemm))
+    series, offset, w = (np.stack(v) for v in zip(*(gemm_shape_blend(gemm_np, np.float32(g.k), np.float32(g.n), np)
+                                                     for g in gl)))
     gc, cc, dc, pc, mc, floor, tok, ec, mlc, floors = jax.tree_util.tree_map(np.asarray, once(
-        _splines, gemm, decode, prefill, comm, np.asarray([g.k for g in gl], np.float32),
-        np.asarray([g.n for g in gl], np.float32), np.float32(max(float(d.tp), 2.0)), np.int32(dec_c),
+        _splines, gemm, decode, prefill, comm, series.astype(np.float32), offset.astype(np.float32),
+        w.astype(np.float32), comm_w, np.int32(dec_c),
         np.int32(pre_c), finders, d, comm is not None, moe, mla, has_moe, has_mla))
     f32 = np.float32
     return FastLookup(Series.build(np.asarray(gemm.log_m, np.float32), gc, finders[0]), f32(floor),
@@ -392,33 +398,33 @@ def _per_token(v: np.ndarray) -> np.ndarray:
     return np.concatenate([v[..., :1], v], axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(11, 14, 15))
-def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, has_comm, moe, mla, has_moe,
-             has_mla):
+@functools.partial(jax.jit, static_argnums=(12, 15, 16))
+def _splines(gemm, decode, prefill, comm, series, offset, w, comm_w, dec_c, pre_c, finders, d, has_comm, moe, mla,
+             has_moe, has_mla):
     """What `specialise` computes, in one compilation per table shapes: interpax's spline coefficients of
-    the G GEMMs' blended log-m cubics [4, Nm-1, G] (the blend of the neighbouring shapes' splines is the
-    spline of the blend), of the all-reduce's log-bytes cubic for ``tp`` GPUs [4, Nb-1], of the two attention
+    the G GEMMs' blended log-m cubics [4, Nm-1, G] from their `tables.gemm_shape_blend` (``series``
+    [G, 4, Nm], ``offset`` and ``w`` [G, 4]; the blend of the neighbouring shapes' splines is the spline of
+    the blend), of the all-reduce's log-bytes cubic for the TP group [4, Nb-1] (``comm_w`` [2, Ng]: the
+    `tables.comm_gpu_weights` of the TP group and of the expert group), of the two attention
     head layouts [4, Nl-1, Nb], of the fused-MoE curve [4, Nt-1], the GEMM table's log floor, the per-token
     tables (index m - 1): the lookup's own GEMM, all-reduce and fused-MoE functions (`_gemm_us`, `_comm_us`,
     `_moe_us`) at every integer, the all-reduce's cubic for the expert group [4, Nb-1] and the two MLA
     tables' cubics (decode, prefill) [4, Nl-1, Nb] each.  Without ``has_moe`` (``has_mla``) the MoE (MLA)
     outputs are zeros of their placeholders' shapes, never read.  Last, the attention tables' smallest times
     (`kernel_time.attn_floor_us`: decode layout, MLA decode, MLA prefill) [3]."""
-    def one(k, n):
-        series, offset, w = gemm_shape_blend(gemm, k, n)
-        c = monotone_spline(gemm.log_m, series.T).c @ w
-        return c.at[3].add(offset @ w)
-    gc = jnp.moveaxis(jax.vmap(one)(ks, ns), 0, -1)
+    n_gemms = series.shape[0]
+    c = monotone_spline(gemm.log_m, series.reshape(n_gemms * 4, -1).T).c.reshape(4, -1, n_gemms, 4)
+    gc = jnp.einsum("pigs,gs->pig", c, w).at[3].add(jnp.sum(offset * w, axis=1))
     # the all-reduce table's cubics per GPU count [4, Nb-1, Ng], blended for tp here and for the expert group below
     comm_c = monotone_spline(comm.log_bytes, jnp.moveaxis(comm.log_t, 1, 0)).c if has_comm else None
-    cc = comm_c @ comm_gpu_weights(comm, tp) if has_comm else jnp.zeros((4, 1))
+    cc = comm_c @ comm_w[0] if has_comm else jnp.zeros((4, 1))
     dc = monotone_spline(decode.log_len, decode.log_t[dec_c]).c
     pc = monotone_spline(prefill.log_len, prefill.log_t[pre_c]).c
     floor = gemm_log_floor(gemm)
     m = jnp.arange(1, TOKEN_TABLE + 1, dtype=jnp.float32)
     gemm_s = Series.build(gemm.log_m, gc, finders[0])
     none = jnp.zeros(TOKEN_TABLE, jnp.float32)
-    tok = {"tok_gemm": _gemm_us(gemm_s, floor, jnp.arange(ks.shape[0])[:, None], jnp.log(m)),
+    tok = {"tok_gemm": _gemm_us(gemm_s, floor, jnp.arange(n_gemms)[:, None], jnp.log(m)),
            "tok_comm": none, "tok_gather": none, "tok_moe": none, "tok_ep": none}
     mc = jnp.zeros((4, moe.log_tokens.shape[0] - 1))
     if has_moe:
@@ -432,8 +438,7 @@ def _splines(gemm, decode, prefill, comm, ks, ns, tp, dec_c, pre_c, finders, d, 
         tok["tok_comm"] = _comm_us(comm_s, ops.allreduce_bytes(d, m))
         tok["tok_gather"] = _comm_us(comm_s, jnp.maximum(ops.logits_gather_message(d, m), 1.0))
     if has_comm and has_moe:
-        ep_gpus = jnp.maximum(d.tp * d.attention_dp, 2.0)
-        ec = comm_c @ comm_gpu_weights(comm, ep_gpus)
+        ec = comm_c @ comm_w[1]
         tok["tok_ep"] = _comm_us(Series.build(comm.log_bytes, ec[..., None], finders[1]),
                                  jnp.maximum(ops.ep_exchange_message(d, m), 1.0))
     floors = jnp.stack([kt.attn_floor_us(decode, dec_c)] + [kt.attn_floor_us(t, 0) for t in mla]).astype(jnp.float32)

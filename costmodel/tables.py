@@ -196,15 +196,16 @@ def gemm_log_floor(t: GemmTable):
     return jnp.min(t.log_t)
 
 
-def gemm_shape_blend(t: GemmTable, k, n):
+def gemm_shape_blend(t: GemmTable, k, n, xp=jnp):
     """The measured shapes around (k, n) and how `gemm_table_us` blends them: their log-time m-series
-    [4, Nm] (k0n0, k0n1, k1n0, k1n1), the log work ratio added to each [4], and the bilinear weights [4]."""
-    lk, ln = jnp.log(k), jnp.log(n)
-    ik, wk = bracket(t.log_k, lk)
-    i_n, wn = bracket(t.log_n, ln)
+    [4, Nm] (k0n0, k0n1, k1n0, k1n1), the log work ratio added to each [4], and the bilinear weights [4].
+    ``xp=np``: the same in numpy on a numpy table (setup of the sweep's lookups)."""
+    lk, ln = xp.log(k), xp.log(n)
+    ik, wk = bracket(t.log_k, lk, xp)
+    i_n, wn = bracket(t.log_n, ln, xp)
     series = t.log_t[ik[:, None], i_n[None, :], :].reshape(4, -1)
-    offset = (lk - t.log_k[ik]).repeat(2) + jnp.tile(ln - t.log_n[i_n], 2)
-    w = jnp.outer(jnp.stack([1.0 - wk, wk]), jnp.stack([1.0 - wn, wn])).reshape(4)
+    offset = (lk - t.log_k[ik]).repeat(2) + xp.tile(ln - t.log_n[i_n], 2)
+    w = xp.outer(xp.stack([1.0 - wk, wk]), xp.stack([1.0 - wn, wn])).reshape(4)
     return series, offset, w
 
 
@@ -241,14 +242,15 @@ def comm_table_us(t: CommTable, gpus, nbytes):
     return jnp.exp(_interp_clamped(jnp.log(gpus), t.log_gpus, rows))
 
 
-def comm_gpu_weights(t: CommTable, gpus):
-    """Weights w [Ng] with `comm_table_us`'s blend over GPU counts == w @ rows (clamped, linear in log gpus)."""
-    eye = jnp.eye(t.log_gpus.shape[0], dtype=jnp.float32)
-    return jax.vmap(lambda col: _interp_clamped(jnp.log(gpus), t.log_gpus, col), in_axes=1)(eye)
+def comm_gpu_weights(t: CommTable, gpus) -> np.ndarray:
+    """Weights w [Ng] (numpy float32) with `comm_table_us`'s blend over GPU counts == w @ rows (clamped,
+    linear in log gpus), for a GPU count known ahead."""
+    lg = np.asarray(t.log_gpus, np.float32)
+    return np.array([_interp_clamped(np.log(np.float32(gpus)), lg, col, np) for col in np.eye(len(lg))], np.float32)
 
 
-def _interp_clamped(x, xp, fp):
-    return fp[0] if xp.shape[0] == 1 else jnp.interp(x, xp, fp)
+def _interp_clamped(x, grid, fp, xp=jnp):
+    return fp[0] if grid.shape[0] == 1 else xp.interp(x, grid, fp)
 
 
 # ---------------------------------------------------------------- loading
