@@ -41,7 +41,7 @@ def smooth_max(a, b, p=SMOOTH_P):
 
 def memory_us(nbytes, hw: Hardware, p: Params):
     """Streaming ``nbytes`` at the sustained HBM bandwidth, µs (no launch cost)."""
-    return nbytes / (hw.hbm_bytes_per_s * p.hbm_efficiency) * 1e6
+    return nbytes * (1e6 / (hw.hbm_bytes_per_s * p.hbm_efficiency))
 
 
 class GemmChoice(NamedTuple):
@@ -145,7 +145,7 @@ def decode_cold_us(table_us, fixed_us, kv_bytes, hw: Hardware, p: Params):
     bandwidth.  The engine reads each layer's KV cache once per step, from HBM; a benchmark that repeats one
     call over the same cache finds it in L2 when it fits (up to ~50 MB on H100) and times those points below
     what HBM allows.  Peak, not sustained, bandwidth: the bound never overrides a measurement made from HBM."""
-    return jnp.maximum(table_us * p.attn_decode_scale, fixed_us + kv_bytes / hw.hbm_bytes_per_s * 1e6)
+    return jnp.maximum(table_us * p.attn_decode_scale, fixed_us + kv_bytes * (1e6 / hw.hbm_bytes_per_s))
 
 
 def attn_decode_us(table: AttnTable, c, kv_scale, n_req, total_keys, p: Params):

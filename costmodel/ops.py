@@ -290,7 +290,7 @@ def attention_flops(d: Dims, pairs):
 
 def kv_read_bytes(d: Dims, keys):
     """K and V bytes read for ``keys`` cached tokens on one GPU."""
-    return 2.0 * d.kv_heads * d.head_dim * keys * d.kv_cache_bytes
+    return keys * (2.0 * d.kv_heads * d.head_dim * d.kv_cache_bytes)
 
 
 def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
@@ -304,17 +304,36 @@ def memory_ops_bytes(d: Dims, tokens) -> dict[str, jnp.ndarray]:
     experts' activation is inside the fused-MoE call); qk_norm (Qwen3): read and write q and k.  Averaged over
     the layers when dense and MoE layers differ.
     """
+    out = {k: tokens * v for k, v in memory_ops_bytes_per_token(d).items()}
+    out["rmsnorm"] = out["rmsnorm"] + rmsnorm_weight_bytes(d)
+    return out
+
+
+def rmsnorm_weight_bytes(d: Dims):
+    """The weight vectors the two RMSNorms of a layer read (bytes), whatever the tokens."""
+    return 2.0 * d.hidden * ACT_BYTES
+
+
+def memory_ops_bytes_per_token(d: Dims) -> dict[str, jnp.ndarray]:
+    """`memory_ops_bytes` per token of the step (bytes), by kernel, without `rmsnorm_weight_bytes`.  The
+    step multiplies their sum by the tokens once (`memory_ops_total_bytes`: one multiply per configuration of
+    a sweep, not one per kernel and factor)."""
     qk = (d.q_heads + d.kv_heads) * d.head_dim
     act_inter = jnp.where(d.moe_layers > 0, (d.dense_layers * d.inter + d.moe_layers * d.shared_inter) / d.layers,
                           d.inter)
     mla = d.mla_latent > 0
     return {
-        "rmsnorm": 2.0 * (4.0 * tokens * d.hidden * ACT_BYTES + d.hidden * ACT_BYTES),
-        "rope": jnp.where(mla, 0.0, 2.0 * tokens * qk * ACT_BYTES),
-        "kv_cache_write": jnp.where(mla, 0.0, tokens * 2.0 * d.kv_heads * d.head_dim * (ACT_BYTES + d.kv_cache_bytes)),
-        "activation": 3.0 * tokens * act_inter * ACT_BYTES,
-        "qk_norm": d.qk_norm * 2.0 * tokens * qk * ACT_BYTES,
+        "rmsnorm": 2.0 * 4.0 * d.hidden * ACT_BYTES,
+        "rope": jnp.where(mla, 0.0, 2.0 * qk * ACT_BYTES),
+        "kv_cache_write": jnp.where(mla, 0.0, 2.0 * d.kv_heads * d.head_dim * (ACT_BYTES + d.kv_cache_bytes)),
+        "activation": 3.0 * act_inter * ACT_BYTES,
+        "qk_norm": d.qk_norm * 2.0 * qk * ACT_BYTES,
     }
+
+
+def memory_ops_total_bytes(d: Dims, tokens):
+    """The sum of `memory_ops_bytes` over the kernels: one layer's bandwidth-bound kernels (bytes)."""
+    return tokens * sum(memory_ops_bytes_per_token(d).values()) + rmsnorm_weight_bytes(d)
 
 
 def memory_kernels_per_layer(d: Dims):
@@ -327,7 +346,7 @@ def memory_kernels_per_layer(d: Dims):
 
 def allreduce_bytes(d: Dims, tokens):
     """Message of one TP all-reduce of the hidden states (bytes per GPU)."""
-    return tokens * d.hidden * ACT_BYTES
+    return tokens * (d.hidden * ACT_BYTES)
 
 
 def pp_handoff_bytes(d: Dims, tokens):
@@ -353,12 +372,12 @@ def logits_gather_message(d: Dims, sampled):
     every rank holds ``vocab · tp`` logits per sampled request, S bytes in all.  A ring all-gather moves
     (tp-1)/tp · S bytes per GPU, half of what an all-reduce of S bytes moves (2 (tp-1)/tp · S), so it is
     priced as an all-reduce of S/2 bytes."""
-    return jnp.where(d.tp > 1.0, sampled * d.vocab * d.tp * ACT_BYTES / 2.0, 0.0)
+    return sampled * jnp.where(d.tp > 1.0, d.vocab * d.tp * ACT_BYTES / 2.0, 0.0)
 
 
 def embedding_bytes(d: Dims, tokens):
     """Embedding gather (read rows, write activations) plus the final RMSNorm."""
-    return 2.0 * tokens * d.hidden * ACT_BYTES + 2.0 * tokens * d.hidden * ACT_BYTES
+    return tokens * (4.0 * d.hidden * ACT_BYTES)
 
 
 def sampling_bytes(d: Dims, sampled):
@@ -366,7 +385,7 @@ def sampling_bytes(d: Dims, sampled):
     top-k/top-p filter's `Dims.filter_bytes` per entry when the requests use one.  Under TP, vLLM V1
     all-gathers the vocab-parallel logits and every rank runs the sampler on all of them, so the passes cover
     ``vocab · tp`` entries, not one GPU's shard."""
-    return (3.0 * 4.0 + d.filter_bytes) * sampled * d.vocab * d.tp
+    return sampled * ((3.0 * 4.0 + d.filter_bytes) * d.vocab * d.tp)
 
 
 # vLLM V1's PyTorch top-k/top-p filter over [requests, vocabulary] fp32 logits, HBM bytes per vocabulary entry

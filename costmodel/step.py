@@ -463,7 +463,7 @@ def batch_features(lookup, on: ModelOnGPU, batch: Batch, static: Static) -> Feat
         sliding = dict(sliding_prefill_us=zero, sliding_decode_us=zero, sliding_kv_bytes=zero)
     return Features(
         tokens=tokens, n_prefill=batch.n_prefill, n_decode=batch.n_decode, gemm=gf, **attn,
-        memory_bytes=sum(ops.memory_ops_bytes(d, tokens).values()),
+        memory_bytes=ops.memory_ops_total_bytes(d, tokens),
         head_bytes=ops.embedding_bytes(d, tokens) + ops.sampling_bytes(d, sampled),
         comm_table_us=lookup.layer_allreduce_us(tokens), comm_bytes=msg,
         gather_table_us=lookup.logits_gather_us(sampled), gather_bytes=gather,

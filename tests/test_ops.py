@@ -40,6 +40,16 @@ def test_qwen3_14b_tp2_uses_explicit_head_dim(shared):
     assert float(ops.gemm_flops(g["down_proj"])) == pytest.approx(2 * 10 * 8704 * 5120)
     # Qwen3 q/k RMSNorm: read + write (20 + 4) heads * 128 per token in bf16
     assert float(ops.memory_ops_bytes(d, 10.0)["qk_norm"]) == 2 * 10 * 24 * 128 * 2
+    # one layer's bandwidth-bound kernels at 10 tokens, by hand: 2 RMSNorms 2*(4*10*5120*2 + 5120*2), RoPE
+    # 2*10*24*128*2, KV write 10*2*4*128*(2+2), SiLU-and-mul 3*10*8704*2, q/k norm as above
+    mem = ops.memory_ops_bytes(d, 10.0)
+    assert float(mem["rmsnorm"]) == 2 * (4 * 10 * 5120 * 2 + 5120 * 2)
+    assert float(mem["kv_cache_write"]) == 10 * 2 * 4 * 128 * (2 + 2)
+    assert float(mem["activation"]) == 3 * 10 * 8704 * 2
+    by_hand = 2 * (4 * 10 * 5120 * 2 + 5120 * 2) + 2 * 10 * 24 * 128 * 2 + 10 * 2 * 4 * 128 * 4 + 3 * 10 * 8704 * 2 \
+        + 2 * 10 * 24 * 128 * 2
+    assert float(sum(mem.values())) == by_hand
+    assert float(ops.memory_ops_total_bytes(d, 10.0)) == by_hand
     # lm_head is split (75968 rows here), but the sampler runs on the all-gathered logits of the full
     # 151936-token vocabulary: 3 fp32 passes for each of 8 sampled requests
     assert float(ops.sampling_bytes(d, 8.0)) == 3 * 8 * 151936 * 4
