@@ -57,3 +57,25 @@ def test_specialised_lookup_is_a_pytree_with_static_shape_data(pair):
     assert all(hasattr(x, "shape") for x in leaves)
     assert jax.tree_util.tree_unflatten(tree, leaves).gemm.cells == fast.gemm.cells
     assert np.all(np.diff(np.asarray(fast.decode.finder.nodes)[:-1]) >= 0)
+
+
+def test_setup_side_blends_equal_the_lookups_own(pair):
+    """The GEMM shape blend and the all-reduce's GPU-count weights that `specialise` computes in numpy equal
+    the JAX ones that `tables.gemm_table_us` and `tables.comm_table_us` use, inside and outside the grids."""
+    from costmodel.tables import GemmTable, comm_gpu_weights, comm_table_us, gemm_shape_blend
+    su = pair[0]
+    gemm = su.arrays.gemm
+    gemm_np = GemmTable(*(np.asarray(a) for a in gemm))
+    for k, n in ((64.0, 64.0), (5120.0, 1536.0), (4096.0, 14336.0), (3e5, 7e5)):
+        for a, b in zip(gemm_shape_blend(gemm_np, np.float32(k), np.float32(n), np),
+                        gemm_shape_blend(gemm, jnp.float32(k), jnp.float32(n))):
+            np.testing.assert_allclose(a, np.asarray(b), rtol=1e-6, atol=1e-6)
+    comm = su.arrays.comm
+    if comm is None:
+        return
+    rows = jnp.moveaxis(comm.log_t, 1, 0)[3]  # one message size's log times over the GPU counts
+    for gpus in (1.0, 2.0, 3.0, 4.0, 8.0, 16.0):
+        w = comm_gpu_weights(comm, gpus)
+        assert w.dtype == np.float32 and w.sum() == pytest.approx(1.0)
+        exact = float(jnp.log(comm_table_us(comm, gpus, jnp.exp(comm.log_bytes[3]))))
+        assert float(w @ np.asarray(rows)) == pytest.approx(exact, rel=1e-5, abs=1e-5)
