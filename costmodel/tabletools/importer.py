@@ -938,7 +938,7 @@ def _provenance_lines(s: dict, layouts) -> list[str]:
     m = s["stats"].get("moe")
     if m:
         dists = ", ".join(m["distributions"]) or "none"
-        L.append(f"* fused MoE: source `moe_dtype` -> `dtype`: " + ", ".join(f"{a} -> {b}" for a, b in MOE_DTYPES.items())
+        L.append("* fused MoE: source `moe_dtype` -> `dtype`: " + ", ".join(f"{a} -> {b}" for a, b in MOE_DTYPES.items())
                  + f"; not exported: {', '.join(m['skipped_dtypes']) or 'none'}. Distributions written: {dists}"
                  + (f"; dropped: {', '.join(m['distributions_dropped'])} (AIConfigurator's model classes query "
                     "power_law_1.2 or power_law_1.01)" if m["distributions_dropped"] else "") + ". "
@@ -948,7 +948,7 @@ def _provenance_lines(s: dict, layouts) -> list[str]:
                  "attention_dp_size); the time is one GPU's experts only (no router GEMM, shared experts or "
                  "EP dispatch/combine).")
         for dt, st in m["dtypes"].items():
-            kept = (f"every point kept (no subsampling along num_tokens)" if s.get("moe_tol") is None else
+            kept = ("every point kept (no subsampling along num_tokens)" if s.get("moe_tol") is None else
                     f"kept {st['rows_kept']} rows ({st['rows_kept'] / max(st['rows'], 1):.1%}) by the same log-log "
                     f"subsampling along num_tokens (tol {s['moe_tol']:.1%}); reconstruction error of the dropped "
                     f"points: max {st['drop_err_max']:.2%}, median {st['drop_err_median']:.2%}")
