@@ -315,6 +315,33 @@ def test_bench_json(capsys):
     assert c["in_bytes"] == 5 * 4 * c["configs"] and c["out_bytes"] == (1 + len(sw.BREAKDOWN)) * 4 * c["configs"]  # float32; dense models: no MoE or MLA part
 
 
+def test_bench_against_pairs_runs_and_summarizes_them(tmp_path, capsys):
+    """`costmodel bench --against DIR`: this checkout and DIR run in turn, pair by pair; the summary by hand."""
+    from costmodel.apps import bench
+    s = bench.paired_summary([2.0, 3.0, 4.0], [1.0, 3.0, 2.0])  # ratios 1, 0, 1
+    assert (s["now_median"], s["other_median"], s["ratio_median"], s["now_higher"], s["pairs"]) == (3.0, 2.0, 1.0, 2, 3)
+    assert s["ratio_mean"] == pytest.approx(2 / 3) and 0.0 <= s["ratio_interval_90"][0] <= s["ratio_interval_90"][1] <= 1.0
+    other = tmp_path / "old"
+    with pytest.raises(InputError, match="field '--against'.*no costmodel/cli.py"):
+        bench.bench_against(other, 2, [])
+    (other / "costmodel").mkdir(parents=True)
+    (other / "costmodel" / "cli.py").write_text("")
+    calls = []
+
+    def run(root, options):  # this checkout twice as fast, compiling in the same time
+        calls.append((root, tuple(options)))
+        return {"evals_per_s": 2e7 if root != other else 1e7, "compile_s": 1.5, "checksum": 0.0}
+    r = bench.bench_against(other, 3, ["--configs", "1000"], run=run)
+    assert [c[0] == other for c in calls] == [False, True] * 3 and {c[1] for c in calls} == {("--configs", "1000")}
+    assert r["evals_per_s"]["ratio_median"] == 1.0 and r["evals_per_s"]["now_higher"] == 3
+    assert r["compile_s"]["ratio_median"] == 0.0 and r["compile_s"]["now_higher"] == 0
+    assert r["runs"]["other"] == [{"evals_per_s": 1e7, "compile_s": 1.5}] * 3
+    bench.print_against(r)
+    assert "+100.00 %" in capsys.readouterr().out
+    with pytest.raises(InputError, match="field '--against'"):
+        _cli(bench.add_bench_arguments, bench.run_bench, ["--against", str(tmp_path / "nowhere"), "--pairs", "1"])
+
+
 def test_kv_fits_marks_configurations_whose_kv_cache_does_not_fit(h100):
     """Llama-3.1-70B's BF16 weights (141 GB) leave no KV cache on one 80 GB H100; Llama-3.1-8B at TP 1 holds
     one 1,000-token decode but not 256 decodes of 30,000 tokens (256 x 1,876 blocks, more than the whole

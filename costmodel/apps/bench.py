@@ -20,8 +20,10 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -214,6 +216,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: this one, when it imports aiconfigurator)")
     parser.add_argument("--model-configs", default=None,
                         help="--search: folder of <model>/config.json (default: the shared model configs)")
+    parser.add_argument("--against", default=None, metavar="DIR",
+                        help="compare with another checkout of costmodel (DIR holds its costmodel/ package): run "
+                             "this bench with the options given, from this checkout and from DIR in turn, --pairs "
+                             "times, and report the paired differences")
+    parser.add_argument("--pairs", type=number(int, 1), default=10, help="--against: alternating pairs of runs")
 
 
 def run_bench(args) -> int:
@@ -240,6 +247,10 @@ def run_bench(args) -> int:
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1)):
             raise InputError(f"must be an integer >= {0 if name == 'seed' else 1}, got {v!r}",
                              field="--" + name.replace("_", "-"))
+    if getattr(args, "against", None):
+        r = bench_against(args.against, args.pairs, _passed_options(args), progress=not args.json)
+        print(json.dumps(r)) if args.json else print_against(r)
+        return 0
     if args.devices and args.devices > 1:
         _use_all_cores(args.devices)  # CPU: by default one device (XLA already threads its loops)
     r = bench(args.configs, args.loop_configs, args.chunk, call_size=args.call_size, devices=args.devices, seed=args.seed,
@@ -262,6 +273,88 @@ def run_bench(args) -> int:
           f"({c['configs'] / c['eval_s'] / 1e6:,.0f} M/s), copy out {c['copy_out_s'] * 1e3:.2f} ms "
           f"({c['out_bytes'] / 1e6:.0f} MB)")
     return 0
+
+
+# ---------------------------------------------------------------- `costmodel bench --against DIR`
+# Two checkouts timed in turn on one machine, so that drift in the machine's speed falls on both alike.
+
+COMPARED = ("evals_per_s", "compile_s")  # what --against compares (the bench's --json keys)
+_PASSED = ("configs", "loop_configs", "chunk", "call_size", "devices", "bench_data", "seed")
+
+
+def _passed_options(args) -> list[str]:
+    """The sweep-bench options of ``args`` as command-line words, for both checkouts' runs."""
+    out = []
+    for name in _PASSED:
+        v = getattr(args, name, None)
+        if v is not None:
+            out += ["--" + name.replace("_", "-"), str(v)]
+    return out
+
+
+def paired_summary(now, other, seed: int = 0) -> dict:
+    """A figure measured in alternating runs of this checkout (``now``) and another (``other``), pair by pair:
+    both medians, the per-pair ratio now / other − 1 (median, mean, pairs where now is higher) and a 90 %
+    bootstrap interval (2,000 resamples) of that median ratio."""
+    a, b = np.asarray(now, np.float64), np.asarray(other, np.float64)
+    r = a / b - 1.0
+    boot = np.median(np.random.default_rng(seed).choice(r, (2000, r.size)), axis=1)
+    return {"now_median": float(np.median(a)), "other_median": float(np.median(b)),
+            "ratio_median": float(np.median(r)), "ratio_mean": float(r.mean()), "now_higher": int((r > 0).sum()),
+            "pairs": int(r.size), "ratio_interval_90": [float(np.percentile(boot, 5)), float(np.percentile(boot, 95))]}
+
+
+def _checkout_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def _bench_json(root: Path, options: list[str]) -> dict:
+    """`costmodel bench --json` with ``options``, run by this Python with ``root``'s package first on the path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    p = subprocess.run([sys.executable, "-m", "costmodel.cli", "bench", "--json", *options], cwd=root, env=env,
+                       capture_output=True, text=True)
+    lines = p.stdout.strip().splitlines()
+    if p.returncode or not lines:
+        why = (p.stderr.strip().splitlines() or ["no output"])[-1]
+        raise InputError(f"costmodel bench failed in {root} (exit {p.returncode}): {why}", field="--against")
+    return json.loads(lines[-1])
+
+
+def bench_against(other_dir, pairs: int, options: list[str], run=_bench_json, progress: bool = False) -> dict:
+    """`costmodel bench --json` with ``options`` from this checkout and from ``other_dir`` in turn, ``pairs``
+    times (this one first in each pair); `paired_summary` of each of `COMPARED`.  ``run(root, options)``
+    returns one run's JSON object."""
+    other = Path(other_dir).resolve()
+    if not (other / "costmodel" / "cli.py").is_file():
+        raise InputError(f"{other_dir} holds no costmodel/cli.py (a checkout of costmodel is expected)",
+                         field="--against")
+    if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+        raise InputError(f"must be an integer >= 1, got {pairs!r}", field="--pairs")
+    runs = {"now": [], "other": []}
+    for i in range(pairs):
+        for side, root in (("now", _checkout_root()), ("other", other)):
+            runs[side].append(run(root, options))
+        if progress:
+            print(f"  pair {i + 1}/{pairs}: " + ", ".join(f"{k} {runs['now'][-1][k]:.4g} / {runs['other'][-1][k]:.4g}"
+                                                        for k in COMPARED), file=sys.stderr)
+    return {"against": str(other), "options": options, "pairs": pairs,
+            **{k: paired_summary([r[k] for r in runs["now"]], [r[k] for r in runs["other"]]) for k in COMPARED},
+            "runs": {side: [{k: r[k] for k in COMPARED} for r in v] for side, v in runs.items()}}
+
+
+def print_against(r: dict) -> None:
+    print(f"costmodel bench --against {r['against']}: {r['pairs']} alternating pairs of `costmodel bench "
+          f"{' '.join(r['options'])}` (this checkout first in each pair)")
+    rows = []
+    for k in COMPARED:
+        s = r[k]
+        lo, hi = s["ratio_interval_90"]
+        rows.append({"figure": k, "this checkout (median)": f"{s['now_median']:.4g}",
+                     "other (median)": f"{s['other_median']:.4g}",
+                     "per pair this/other - 1: median": f"{100 * s['ratio_median']:+.2f} %",
+                     "mean": f"{100 * s['ratio_mean']:+.2f} %", "this higher": f"{s['now_higher']}/{s['pairs']}",
+                     "90 % interval of the median": f"{100 * lo:+.2f} % .. {100 * hi:+.2f} %"})
+    print_table(rows)
 
 
 # ---------------------------------------------------------------- serve: `costmodel bench --serve`
@@ -548,8 +641,6 @@ def run_aiconfigurator(q: dict, python: str, workdir, timeout_s: float = AIC_TIM
     its own reported seconds and the wall time, and its Pareto front within the SLOs (its ``pareto.csv``
     files, tokens/s per GPU of the whole cluster against tokens/s per user)."""
     import re
-    import subprocess
-    from pathlib import Path
 
     import pandas as pd
     from .search import pareto_mask
