@@ -110,6 +110,12 @@ def generation_defaults(config_json: Path) -> dict | None:
     return parse({k: cfg[k] for k in KEYS if k in cfg}, str(path), "generation_config")
 
 
+def fill(own: dict | None, given: dict | None) -> dict:
+    """A record's ``own`` parameters, with ``given`` ones (the command line's --sampling) for the keys it leaves
+    out."""
+    return {**(given or {}), **(own or {})}
+
+
 def merged(defaults, given: dict | None) -> Sampling:
     """The parameters a request runs with: ``given`` over the model's ``defaults`` (a dict or its items; None:
     none)."""

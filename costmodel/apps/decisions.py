@@ -246,11 +246,10 @@ def read_predictions(path) -> list[dict]:
 
 
 def run_regret(args) -> int:
-    if args.predictions and args.closed_loop_limits != serve_mod.CLOSED_LOOP_LIMITS[0]:
-        raise InputError("applies when regret predicts the records itself, not to --predictions",
-                         field="closed-loop-limits")
-    if args.predictions and args.sampling:
-        raise InputError("applies when regret predicts the records itself, not to --predictions", field="sampling")
+    for option, given in (("closed-loop-limits", args.closed_loop_limits != serve_mod.CLOSED_LOOP_LIMITS[0]),
+                          ("sampling", bool(args.sampling))):
+        if args.predictions and given:
+            raise InputError("applies when regret predicts the records itself, not to --predictions", field=option)
     if args.save_predictions:
         check_output_file(args.save_predictions, "save-predictions")
         refuse_overwrite(args.save_predictions, [args.records], "save-predictions")

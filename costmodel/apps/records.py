@@ -278,7 +278,7 @@ def with_sampling(records: list[Record], given: dict | None) -> list[Record]:
     """``records`` with ``given`` sampling parameters (`sampling.parse_option`) where their own ``sampling``
     leaves a key out (the command line's --sampling)."""
     for r in records if given else ():
-        r.sampling = {**given, **(r.sampling or {})}
+        r.sampling = sampling.fill(r.sampling, given)
     return records
 
 

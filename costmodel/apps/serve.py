@@ -249,8 +249,8 @@ def resolve(rec: dict, where: str, model_configs=None, kv_blocks_fn=None, worklo
         ops.check_moe_tp(model, tp, moe_ep, dp_att, rec.get("moe_tp"))
     except InputError as e:
         raise InputError(str(e), where) from None
-    samp = {**(sampling.parse(given, where) if given else {}),
-            **(sampling.parse(rec["sampling"], where) if rec.get("sampling") is not None else {})}
+    samp = sampling.fill(sampling.parse(rec["sampling"], where) if rec.get("sampling") is not None else None,
+                         sampling.parse(given, where) if given else None)
     eng = rec.get("engine") or {}
     if not isinstance(eng, dict):
         raise InputError("must be an object", where, "engine")
