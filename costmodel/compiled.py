@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+import time
 from pathlib import Path
 
 import jax
@@ -161,16 +163,27 @@ _COMPILE_EVENTS = ("/jax/core/compile/jaxpr_to_mlir_module_duration", "/jax/core
 
 
 class CompileTimer:
-    """Seconds JAX spends lowering and compiling programs (its own duration events; tracing, which nests, is
-    not counted) inside ``with CompileTimer() as t:``, in ``t.seconds``: what a timing "after compilation"
-    subtracts."""
+    """Wall seconds JAX spends lowering and compiling programs (its own duration events; tracing, which
+    nests, is not counted) inside ``with CompileTimer() as t:``, in ``t.seconds``: what a timing "after
+    compilation" subtracts.  Compilations that overlap (threads) count once: the union of their intervals."""
 
     def __init__(self):
-        self.seconds = 0.0
+        self._intervals: list[tuple[float, float]] = []
+        self._lock = threading.Lock()
 
     def _listen(self, event: str, duration_s: float, **_) -> None:
         if event in _COMPILE_EVENTS:
-            self.seconds += duration_s
+            end = time.perf_counter()
+            with self._lock:
+                self._intervals.append((end - duration_s, end))
+
+    @property
+    def seconds(self) -> float:
+        total, reach = 0.0, -np.inf
+        for lo, hi in sorted(self._intervals):
+            total += max(hi - max(lo, reach), 0.0)
+            reach = max(reach, hi)
+        return total
 
     def __enter__(self) -> "CompileTimer":
         jax.monitoring.register_event_duration_secs_listener(self._listen)

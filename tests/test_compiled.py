@@ -25,6 +25,17 @@ def test_compile_timer_counts_compilation_not_runs():
     assert first.seconds > 0.0 and again.seconds == 0.0
 
 
+def test_compile_timer_counts_overlapping_compilations_once(monkeypatch):
+    """Compilations on two threads at once count as the wall time they cover together."""
+    ends = iter([10.0, 10.5, 20.0])
+    monkeypatch.setattr("costmodel.compiled.time.perf_counter", lambda: next(ends))
+    t = CompileTimer()
+    for d in (1.0, 1.0, 2.0):  # (9, 10), (9.5, 10.5): 1.5 s together; (18, 20) apart
+        t._listen("/jax/core/compile/backend_compile_duration", d)
+    t._listen("/jax/core/some_other_duration", 5.0)
+    assert t.seconds == pytest.approx(3.5)
+
+
 def test_jit_equals_default_compilation_alone_and_nested():
     g = lambda x, y: jnp.sum(jnp.where(x > 1.0, jnp.exp(jnp.log1p(x) * y), x * y), axis=0)  # noqa: E731
     x, y = np.linspace(0.1, 5.0, 96, dtype=np.float32).reshape(12, 8), np.float32(1.7)

@@ -39,6 +39,45 @@ def test_vmapped_chunks_equal_per_record():
     assert together[3]["kv_cache"]["preemptions"] > 0  # the small cache did preempt
 
 
+def test_threads_give_each_record_its_own_numbers(monkeypatch):
+    """Records run one by one on several threads (the CPU default) give, in the records' order, the numbers
+    they get on one thread."""
+    recs = [_closed(0, 2, 300, 12), _closed(1, 4, 700, 20), _closed(2, 4, 1500, 8), _closed(3, 2, 100, 16)]
+    opts = {"rounds": 3}
+    monkeypatch.setattr(sv, "sim_workers", lambda: 1)
+    one = sv.serve(recs, calibration="none", workload_options=opts, batch=1)
+    monkeypatch.setattr(sv, "sim_workers", lambda: 3)
+    runs = []
+    real = sv._first_alone
+    monkeypatch.setattr(sv, "_first_alone", lambda key, fn: real(key, lambda: runs.append(key) or fn()))
+    threaded = sv.serve(recs, calibration="none", workload_options=opts, batch=1)
+    assert [o["id"] for o in threaded] == [r["id"] for r in recs]
+    for a, b in zip(one, threaded):
+        assert a["predicted"] == b["predicted"] and a["simulation"]["steps"] == b["simulation"]["steps"]
+    assert runs and all(k[0] == "one" for k in runs)  # every record ran alone, never in a vmapped chunk
+
+
+def test_first_call_of_a_program_runs_before_the_others():
+    """`serve._first_alone`: a second call with the same key starts once the first (its compilation) has
+    finished; a call with another key does not wait."""
+    import threading
+    import time
+    key, other, log = object(), object(), []
+
+    def slow():
+        log.append("first starts")
+        time.sleep(0.3)
+        log.append("first ends")
+
+    t = threading.Thread(target=sv._first_alone, args=(key, slow))
+    t.start()
+    time.sleep(0.05)
+    sv._first_alone(other, lambda: log.append("other key"))
+    sv._first_alone(key, lambda: log.append("same key"))
+    t.join()
+    assert log == ["first starts", "other key", "first ends", "same key"]
+
+
 @pytest.mark.parametrize("n", [1, 3, 16, 17, 64, 128, 1024])
 def test_two_level_prefix_sum(n):
     x = np.random.default_rng(n).integers(-5, 1000, (n, 3)).astype(np.int32)

@@ -19,8 +19,11 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -420,8 +423,12 @@ class Simulator:
                           np.float32(o.ingress_ms / 1e3), np.float32(o.client_ms / 1e3 + dep.think_s),
                           np.float32(o.stage_interval_s), np.float32(o.request_host_us))
 
-    def run(self, deps: list[Deployment], batch: int = 16) -> list[tuple[Deployment, dict]]:
-        """Simulate every deployment; returns (deployment, per-request and engine results as numpy)."""
+    def run(self, deps: list[Deployment], batch: int | None = None) -> list[tuple[Deployment, dict]]:
+        """Simulate every deployment; returns (deployment, per-request and engine results as numpy).
+
+        Deployments of one step model run ``batch`` at a time in one vmapped call (default `sim_batch`: one on
+        CPU, 16 on an accelerator), and those calls run on `sim_workers` threads."""
+        batch = batch or sim_batch()
         prepared = [(dep,) + self.step_model(dep) for dep in deps]
         for dep, static, lk, on, params in prepared:
             if dep.requests.kind == "closed" and dep.requests.start != "together":
@@ -430,7 +437,7 @@ class Simulator:
         groups: dict = {}
         for p in prepared:
             groups.setdefault(p[1], []).append(p)
-        out = {}
+        chunks = []
         for static, members in groups.items():
             lookups = common_shapes([m[2] for m in members])
             int_tokens = all(m[0].max_batched_tokens + m[0].max_seqs <= TOKEN_TABLE for m in members)
@@ -440,10 +447,18 @@ class Simulator:
             # iterations: chunks of one window and request bucket, in order of expected work
             items.sort(key=lambda x: (x[0].requests.kind, _window(x[0]), _bucket(len(x[0].requests), 256),
                                       _expected_work(x[0])))
-            for lo in range(0, len(items), batch):
-                chunk = items[lo:lo + batch]
-                for dep, res in zip([c[0] for c in chunk], self._run_chunk(static, chunk)):
-                    out[id(dep)] = (dep, res)
+            chunks += [(static, items[lo:lo + batch]) for lo in range(0, len(items), batch)]
+        out = {}
+        workers = min(sim_workers(), len(chunks))
+        if workers > 1:  # the longest first, so that the threads finish together
+            chunks.sort(key=lambda c: -max(_expected_work(m[0]) * _window(m[0]) for m in c[1]))
+            with ThreadPoolExecutor(workers) as pool:
+                done = list(pool.map(lambda c: self._run_chunk(*c), chunks))
+        else:
+            done = [self._run_chunk(*c) for c in chunks]
+        for (_, chunk), results in zip(chunks, done):
+            for (dep, _), res in zip(chunk, results):
+                out[id(dep)] = (dep, res)
         return [out[id(d)] for d in deps]
 
     def _run_chunk(self, static, chunk):
@@ -466,11 +481,14 @@ class Simulator:
         sms = [c[1] for c in chunk]
         kw = dict(static=static, window=W, n_users=U, n_groups=G, max_iterations=self.options.max_iterations)
         if len(chunk) == 1:
-            res = [sch.simulate(sms[0], engines[0], wls[0], **kw)]
+            res = [_first_alone(("one", R, S, tuple(sorted(kw.items()))),
+                                lambda: jax.tree_util.tree_map(np.asarray, sch.simulate(sms[0], engines[0], wls[0], **kw)))]
         else:
             stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
-            r = jax.vmap(lambda sm, e, w: sch.simulate(sm, e, w, **kw))(stack(sms), stack(engines), stack(wls))
-            r = jax.tree_util.tree_map(np.asarray, r)  # one transfer, then numpy slices (not one dispatch each)
+            # one transfer, then numpy slices (not one dispatch each)
+            r = _first_alone(("vmap", len(chunk), R, S, tuple(sorted(kw.items()))),
+                             lambda: jax.tree_util.tree_map(np.asarray, jax.vmap(
+                                 lambda sm, e, w: sch.simulate(sm, e, w, **kw))(stack(sms), stack(engines), stack(wls))))
             res = [jax.tree_util.tree_map(lambda a, i=i: a[i], r) for i in range(len(chunk))]
         out = []
         for d, rs in zip(deps, res):
@@ -481,6 +499,41 @@ class Simulator:
 
 
 _STEP_MODELS: dict = {}  # (bench_data, calibration, allow_other_gpu) -> `Simulator.step_model`'s cache
+
+
+def sim_batch() -> int:
+    """Deployments per vmapped simulation call: 1 on CPU, where a vmapped call costs as much per member as
+    the members one by one (more when their steps fall out of line), 16 on an accelerator."""
+    return 1 if jax.default_backend() == "cpu" else 16
+
+
+def sim_workers() -> int:
+    """Threads that run simulation calls at once: the CPU cores this process may use on CPU (one call keeps
+    one core busy), 1 on an accelerator."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_FIRST_RUNS: dict = {}  # program key -> set once its first call (its compilation) has finished
+_FIRST_LOCK = threading.Lock()
+
+
+def _first_alone(key, fn):
+    """``fn()``; the first call with ``key`` runs before any other with it starts, so that threads running
+    the same program compile it once."""
+    with _FIRST_LOCK:
+        ev = _FIRST_RUNS.get(key)
+        first = ev is None
+        if first:
+            ev = _FIRST_RUNS[key] = threading.Event()
+    if not first:
+        ev.wait()
+    try:
+        return fn()
+    finally:
+        if first:
+            ev.set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -758,7 +811,7 @@ def _mean_duration_s(res: dict, r: wl_mod.Requests) -> float:
     return float(np.mean(res["done_s"][m] - res["send_s"][m])) if m.any() else float("nan")
 
 
-def run_disaggregated(sim: Simulator, dds: list, batch: int = 16) -> list[tuple[Disaggregated, dict, dict]]:
+def run_disaggregated(sim: Simulator, dds: list, batch: int | None = None) -> list[tuple[Disaggregated, dict, dict]]:
     """Simulate disaggregated deployments: (deployment, prefill result, decode result) each.
 
     A client's cycle is: send, the prefill worker's whole request (ingress, queue, prompt, first token: Tp),
@@ -868,7 +921,7 @@ def read_serving_records(path, exclude_gpus: tuple[str, ...] = ()) -> list[tuple
 
 def serve(records, model_configs=None, bench_data=None, calibration: str = "default",
           allow_other_gpu: bool = False, options: Options = Options(), workload_options: dict | None = None,
-          kv_blocks_fn=None, batch: int = 16, simulator: Simulator | None = None) -> list[dict]:
+          kv_blocks_fn=None, batch: int | None = None, simulator: Simulator | None = None) -> list[dict]:
     """Serving estimates for one record (a dict) or many (dicts, or (dict, location) pairs): one output
     dict per record, ``{"id", "predicted", "throughput", "kv_cache", "simulation", "notes"}`` or
     ``{"id", "refused": reason}``.  ``simulator``: a `Simulator` whose loaded tables and step models to use
