@@ -22,6 +22,7 @@ import functools
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -98,6 +99,58 @@ def once(fn, *args):
                 if options is None:
                     raise
     return _EXE[key](*[a for a in args if not isinstance(a, bool)])
+
+
+def cpu_workers() -> int:
+    """Threads that run compiled calls at once: on CPU the cores this process may use (XLA:CPU runs a loop of
+    small kernels on one core: calls on separate threads run side by side), 1 on an accelerator."""
+    if jax.default_backend() != "cpu":
+        return 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def parallel_map(fn, items: list, workers: int | None = None) -> list:
+    """``[fn(x) for x in items]`` on ``workers`` threads (default `cpu_workers`), in order."""
+    workers = min(workers or cpu_workers(), len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def programs(fn):
+    """``functools.lru_cache`` for functions that build jitted programs, safe across threads: two threads
+    asking for the same program get one jitted function (so one compilation per shape), not one each."""
+    cached = functools.lru_cache(maxsize=None)(fn)
+    lock = threading.Lock()
+
+    @functools.wraps(fn)
+    def get(*args, **kwargs):
+        with lock:
+            return cached(*args, **kwargs)
+    get.cache_clear = cached.cache_clear
+    return get
+
+
+_FIRST_RUNS: dict = {}  # program key -> set once its first call (its compilation) has finished
+_FIRST_LOCK = threading.Lock()
+
+
+def first_alone(key, fn):
+    """``fn()``; the first call with ``key`` finishes before any other with it starts, so that threads
+    running the same program compile it once."""
+    with _FIRST_LOCK:
+        ev = _FIRST_RUNS.get(key)
+        first = ev is None
+        if first:
+            ev = _FIRST_RUNS[key] = threading.Event()
+    if not first:
+        ev.wait()
+    try:
+        return fn()
+    finally:
+        if first:
+            ev.set()
 
 
 CACHE_ENV = "COSTMODEL_CACHE_DIR"  # costmodel's cache folder; "off" (or "0", "none", "false", "") turns it off

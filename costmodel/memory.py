@@ -20,6 +20,7 @@ on integers; `kv_capacity_from_terms` is the jnp form of the last two lines for 
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -247,6 +248,7 @@ def weight_bytes_per_gpu(model: str | Path | dict | Arch, layout: Layout | dict 
     return max((_stage_weights(a, lay, s, r, include_vision) for s, r in enumerate(stages)), key=lambda w: w.total)
 
 
+@functools.lru_cache(maxsize=4096)  # a search asks for the same layouts' weights once per engine limit
 def _stage_weights(a: Arch, lay: Layout, s: int, layers: range, include_vision: bool) -> WeightBytes:
     tp, H, hb = lay.tp, a.hidden, a.quant.high.element_bytes
     first, last = s == 0, s == lay.pp - 1

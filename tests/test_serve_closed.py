@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from costmodel import compiled
 from costmodel.apps import scheduler as sch
 from costmodel.apps import serve as sv
 
@@ -44,12 +45,12 @@ def test_threads_give_each_record_its_own_numbers(monkeypatch):
     they get on one thread."""
     recs = [_closed(0, 2, 300, 12), _closed(1, 4, 700, 20), _closed(2, 4, 1500, 8), _closed(3, 2, 100, 16)]
     opts = {"rounds": 3}
-    monkeypatch.setattr(sv, "sim_workers", lambda: 1)
+    monkeypatch.setattr(compiled, "cpu_workers", lambda: 1)
     one = sv.serve(recs, calibration="none", workload_options=opts, batch=1)
-    monkeypatch.setattr(sv, "sim_workers", lambda: 3)
+    monkeypatch.setattr(compiled, "cpu_workers", lambda: 3)
     runs = []
-    real = sv._first_alone
-    monkeypatch.setattr(sv, "_first_alone", lambda key, fn: real(key, lambda: runs.append(key) or fn()))
+    real = sv.first_alone
+    monkeypatch.setattr(sv, "first_alone", lambda key, fn: real(key, lambda: runs.append(key) or fn()))
     threaded = sv.serve(recs, calibration="none", workload_options=opts, batch=1)
     assert [o["id"] for o in threaded] == [r["id"] for r in recs]
     for a, b in zip(one, threaded):
@@ -58,7 +59,7 @@ def test_threads_give_each_record_its_own_numbers(monkeypatch):
 
 
 def test_first_call_of_a_program_runs_before_the_others():
-    """`serve._first_alone`: a second call with the same key starts once the first (its compilation) has
+    """`compiled.first_alone`: a second call with the same key starts once the first (its compilation) has
     finished; a call with another key does not wait."""
     import threading
     import time
@@ -69,11 +70,11 @@ def test_first_call_of_a_program_runs_before_the_others():
         time.sleep(0.3)
         log.append("first ends")
 
-    t = threading.Thread(target=sv._first_alone, args=(key, slow))
+    t = threading.Thread(target=compiled.first_alone, args=(key, slow))
     t.start()
     time.sleep(0.05)
-    sv._first_alone(other, lambda: log.append("other key"))
-    sv._first_alone(key, lambda: log.append("same key"))
+    compiled.first_alone(other, lambda: log.append("other key"))
+    compiled.first_alone(key, lambda: log.append("same key"))
     t.join()
     assert log == ["first starts", "other key", "first ends", "same key"]
 

@@ -58,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .. import ops
-from ..compiled import jit
+from ..compiled import jit, programs
 from ..step import Batch, batch_features, combine
 
 INF = np.float32(np.inf)
@@ -177,7 +177,7 @@ def simulate(sm: StepModel, engine: Engine, wl: Workload, *, static, window: int
     return _compiled(static, window, n_users, n_groups, max_iterations, decode_steps)(sm, engine, wl)
 
 
-@functools.lru_cache(maxsize=None)
+@programs
 def _compiled(static, window, n_users, n_groups, max_iterations, decode_steps=DECODE_STEPS):
     fn = functools.partial(_simulate, static=static, window=window, n_users=n_users, n_groups=n_groups,
                            max_iterations=max_iterations, decode_steps=decode_steps)

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from .. import ops, sampling
-from ..compiled import CompileTimer
+from ..compiled import CompileTimer, first_alone, parallel_map
 from ..errors import InputError
 from ..hardware import get_gpu
 from ..io import atomic_write, check_output_file, number, print_table, write_frame
@@ -477,9 +477,14 @@ def _screen(sim, groups, gpus, isl, osl, objective, rate, usd_per_gpu_hour, mode
     def add(**kv):
         for k, v in kv.items():
             cols.setdefault(k, []).append(v)
-    for static, sm, members in by_static.values():
+
+    def estimate(entry):
+        static, sm, members = entry
         cl = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *[m[2] for m in members])
-        est = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), steady.compiled(static)(sm, cl))
+        return first_alone(("steady", static, len(cl.clients)), lambda: jax.tree_util.tree_map(
+            lambda a: np.asarray(a, np.float64), steady.compiled(static)(sm, cl)))
+    # one call per step model, on as many threads as there are cores
+    for (static, sm, members), est in zip(by_static.values(), parallel_map(estimate, list(by_static.values()))):
         at = 0
         for gi, c, _ in members:
             sl = slice(at, at + len(c))

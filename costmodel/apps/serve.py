@@ -19,11 +19,8 @@ import dataclasses
 import functools
 import json
 import math
-import os
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import jax
@@ -31,7 +28,7 @@ import numpy as np
 
 from .. import memory, ops, sampling
 from ..calibration import resolve_calibration, serving_terms
-from ..compiled import jit
+from ..compiled import first_alone, jit, parallel_map
 from ..errors import InputError
 from ..io import (add_pricing_arguments, atomic_write, check_output_file, number, print_table,
     read_json_lines, refuse_overwrite)
@@ -427,7 +424,7 @@ class Simulator:
         """Simulate every deployment; returns (deployment, per-request and engine results as numpy).
 
         Deployments of one step model run ``batch`` at a time in one vmapped call (default `sim_batch`: one on
-        CPU, 16 on an accelerator), and those calls run on `sim_workers` threads."""
+        CPU, 16 on an accelerator), and those calls run on `compiled.cpu_workers` threads."""
         batch = batch or sim_batch()
         prepared = [(dep,) + self.step_model(dep) for dep in deps]
         for dep, static, lk, on, params in prepared:
@@ -449,13 +446,9 @@ class Simulator:
                                       _expected_work(x[0])))
             chunks += [(static, items[lo:lo + batch]) for lo in range(0, len(items), batch)]
         out = {}
-        workers = min(sim_workers(), len(chunks))
-        if workers > 1:  # the longest first, so that the threads finish together
-            chunks.sort(key=lambda c: -max(_expected_work(m[0]) * _window(m[0]) for m in c[1]))
-            with ThreadPoolExecutor(workers) as pool:
-                done = list(pool.map(lambda c: self._run_chunk(*c), chunks))
-        else:
-            done = [self._run_chunk(*c) for c in chunks]
+        # the longest first, so that the threads finish together
+        chunks.sort(key=lambda c: -max(_expected_work(m[0]) * _window(m[0]) for m in c[1]))
+        done = parallel_map(lambda c: self._run_chunk(*c), chunks)
         for (_, chunk), results in zip(chunks, done):
             for (dep, _), res in zip(chunk, results):
                 out[id(dep)] = (dep, res)
@@ -481,12 +474,12 @@ class Simulator:
         sms = [c[1] for c in chunk]
         kw = dict(static=static, window=W, n_users=U, n_groups=G, max_iterations=self.options.max_iterations)
         if len(chunk) == 1:
-            res = [_first_alone(("one", R, S, tuple(sorted(kw.items()))),
+            res = [first_alone(("one", R, S, tuple(sorted(kw.items()))),
                                 lambda: jax.tree_util.tree_map(np.asarray, sch.simulate(sms[0], engines[0], wls[0], **kw)))]
         else:
             stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
             # one transfer, then numpy slices (not one dispatch each)
-            r = _first_alone(("vmap", len(chunk), R, S, tuple(sorted(kw.items()))),
+            r = first_alone(("vmap", len(chunk), R, S, tuple(sorted(kw.items()))),
                              lambda: jax.tree_util.tree_map(np.asarray, jax.vmap(
                                  lambda sm, e, w: sch.simulate(sm, e, w, **kw))(stack(sms), stack(engines), stack(wls))))
             res = [jax.tree_util.tree_map(lambda a, i=i: a[i], r) for i in range(len(chunk))]
@@ -505,35 +498,6 @@ def sim_batch() -> int:
     """Deployments per vmapped simulation call: 1 on CPU, where a vmapped call costs as much per member as
     the members one by one (more when their steps fall out of line), 16 on an accelerator."""
     return 1 if jax.default_backend() == "cpu" else 16
-
-
-def sim_workers() -> int:
-    """Threads that run simulation calls at once: the CPU cores this process may use on CPU (one call keeps
-    one core busy), 1 on an accelerator."""
-    if jax.default_backend() != "cpu":
-        return 1
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-_FIRST_RUNS: dict = {}  # program key -> set once its first call (its compilation) has finished
-_FIRST_LOCK = threading.Lock()
-
-
-def _first_alone(key, fn):
-    """``fn()``; the first call with ``key`` runs before any other with it starts, so that threads running
-    the same program compile it once."""
-    with _FIRST_LOCK:
-        ev = _FIRST_RUNS.get(key)
-        first = ev is None
-        if first:
-            ev = _FIRST_RUNS[key] = threading.Event()
-    if not first:
-        ev.wait()
-    try:
-        return fn()
-    finally:
-        if first:
-            ev.set()
 
 
 @functools.lru_cache(maxsize=None)

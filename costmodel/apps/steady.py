@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..compiled import jit
+from ..compiled import jit, programs
 from ..step import Batch, batch_features, combine, decode_keys_of_means, prefill_of_means
 from . import scheduler as sch
 
@@ -138,7 +138,7 @@ def estimate(sm, static, cl: ClosedLoop) -> Estimate:
     return Estimate(ttft, tpot, e2e, X, X * O, n, queue)
 
 
-@functools.lru_cache(maxsize=None)
+@programs
 def compiled(static):
     """`estimate` jitted and mapped over points, one program per step-model ``static``."""
     return jit(jax.vmap(lambda sm, cl: estimate(sm, static, cl), in_axes=(None, 0)))
