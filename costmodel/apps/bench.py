@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..compiled import cpu_workers, parallel_map
 from ..errors import InputError
 from ..hardware import get_gpu
 from ..io import number, print_table
@@ -427,9 +428,11 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
     client = sim.options.client_ms / 1e3
     stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
 
-    def call(members):
+    def call(members, threads: bool = False):
         """One vmapped `scheduler.simulate` call of the estimates ``members`` (indices): padded to their largest
-        request count and window, one step model (tables and parameters) shared by all of them."""
+        request count and window, one step model (tables and parameters) shared by all of them.  ``threads``:
+        instead, one un-vmapped call per estimate (the same padding) on `compiled.cpu_workers` threads, as
+        `serve` runs them on CPU."""
         R = max(len(base[n % len(base)][0].requests) for n in members)
         U = max(base[n % len(base)][0].requests.n_users for n in members)
         W = min(sv._bucket(2 * U, 16), R)
@@ -444,7 +447,12 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
         osl = wl_b.output_tokens.astype(np.float64)
         kw = dict(static=su.static, window=W, n_users=sv._bucket(U), n_groups=1,
                   max_iterations=sim.options.max_iterations)
-        fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw), in_axes=(None, 0, 0))  # simulate is jitted
+        if threads:
+            def fn(sm, eng_b, wl_b):
+                return stack(parallel_map(lambda i: jax.tree_util.tree_map(np.asarray, sch.simulate(
+                    sm, engines[i], wls[i], **kw)), range(len(members))))
+        else:
+            fn = jax.vmap(lambda s, e, w: sch.simulate(s, e, w, **kw), in_axes=(None, 0, 0))  # simulate is jitted
 
         def once():
             r = fn(sm, eng_b, wl_b)
@@ -473,6 +481,9 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
 
     everything = list(range(closed_estimates))
     one = call(everything)
+    threaded = call(everything, threads=True)
+    threaded_same = bool(np.allclose(threaded["ttft_ms"], one["ttft_ms"], rtol=1e-5) and
+                         np.allclose(threaded["tpot_ms"], one["tpot_ms"], rtol=1e-5))
     # the same estimates in one call per window (the clients' bucket), each padded to its own shapes only
     by_window: dict = {}
     for n in everything:
@@ -535,7 +546,11 @@ def bench_serve(bench_data=None, closed_estimates: int = 4096, rounds: int = 4, 
                      "by_window_s": sum(p["s"] for p in parts.values()),
                      "by_window_first_call_s": sum(p["first_call_s"] for p in parts.values()),
                      "by_window_estimates_per_s": closed_estimates / sum(p["s"] for p in parts.values()),
-                     "by_window_same_results": bool(same)}
+                     "by_window_same_results": bool(same),
+                     "threads": cpu_workers(), "threaded_s": threaded["s"], "threaded_cpu_s": threaded["cpu_s"],
+                     "threaded_first_call_s": threaded["first_call_s"],
+                     "threaded_estimates_per_s": closed_estimates / threaded["s"],
+                     "threaded_same_results": threaded_same}
     dev = jax.local_devices()
     out.update(platform=f"{dev[0].platform} x{len(dev)}", cpu_count=os.cpu_count(), jax=jax.__version__)
     return out
@@ -564,6 +579,10 @@ def print_serve(r: dict) -> None:
     print(f"  one call per window ({parts}): {c['by_window_s']:.2f} s = {c['by_window_estimates_per_s']:,.0f} "
           f"estimates/s (first calls {c['by_window_first_call_s']:.1f} s); same TTFT and TPOT as the single call: "
           f"{'yes' if c['by_window_same_results'] else 'NO'}")
+    print(f"  one un-vmapped call per estimate on {c['threads']} threads (as `serve` runs them on CPU): "
+          f"{c['threaded_s']:.2f} s (CPU {c['threaded_cpu_s']:.2f} s) = {c['threaded_estimates_per_s']:,.0f} "
+          f"estimates/s (first call {c['threaded_first_call_s']:.1f} s); same TTFT and TPOT as the vmapped call: "
+          f"{'yes' if c['threaded_same_results'] else 'NO'}")
 
 
 # ---------------------------------------------------------------- search: `costmodel bench --search`
