@@ -473,15 +473,15 @@ class Simulator:
         engines = [self.engine(d) for d in deps]
         sms = [c[1] for c in chunk]
         kw = dict(static=static, window=W, n_users=U, n_groups=G, max_iterations=self.options.max_iterations)
+        key = (len(chunk), R, S, tuple(sorted(kw.items())))  # the program: its first call runs alone
+        to_numpy = functools.partial(jax.tree_util.tree_map, np.asarray)
         if len(chunk) == 1:
-            res = [first_alone(("one", R, S, tuple(sorted(kw.items()))),
-                                lambda: jax.tree_util.tree_map(np.asarray, sch.simulate(sms[0], engines[0], wls[0], **kw)))]
+            res = [first_alone(key, lambda: to_numpy(sch.simulate(sms[0], engines[0], wls[0], **kw)))]
         else:
             stack = lambda xs: jax.tree_util.tree_map(lambda *a: np.stack(a), *xs)  # noqa: E731
+            mapped = jax.vmap(lambda sm, e, w: sch.simulate(sm, e, w, **kw))
             # one transfer, then numpy slices (not one dispatch each)
-            r = first_alone(("vmap", len(chunk), R, S, tuple(sorted(kw.items()))),
-                             lambda: jax.tree_util.tree_map(np.asarray, jax.vmap(
-                                 lambda sm, e, w: sch.simulate(sm, e, w, **kw))(stack(sms), stack(engines), stack(wls))))
+            r = first_alone(key, lambda: to_numpy(mapped(stack(sms), stack(engines), stack(wls))))
             res = [jax.tree_util.tree_map(lambda a, i=i: a[i], r) for i in range(len(chunk))]
         out = []
         for d, rs in zip(deps, res):
