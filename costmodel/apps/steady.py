@@ -38,7 +38,7 @@ from . import scheduler as sch
 
 # Damped fixed-point updates: 60 reach the fixed point within 3e-5 (relative TPOT, largest of 20,000 random
 # closed loops of one engine); 40 left up to 0.3 % where the token budget binds, enough to break TPOT's order
-# in clients.
+# in clients.  Answers of a few tokens and tiny budgets at ~1,000 clients can circle instead (docs/serving.md).
 ITERATIONS = 60
 DAMPING = 0.5  # weight of the new values in each update
 
