@@ -15,7 +15,9 @@ from costmodel.cli import main
 from conftest import shared_model
 
 CONC = (1, 8, 32)
-OPTS = {"rounds": 2, "benchmark_rounds": 0}  # what the search simulates: the steady state
+# the search and `serve` given the same options (two rounds, so no cool-down: fast to simulate); the search's
+# own, `SIM_WORKLOAD`: `test_search_simulates_without_the_ramp_and_the_drain`
+OPTS = {"rounds": 2, "benchmark_rounds": 0, "cooldown_rounds": 0}
 # pipelines: `test_pipeline_*`; disaggregated units: `test_disaggregated_units_equal_serve`
 SPACE = dict(isl=256, osl=32, concurrency=CONC, workload_options=OPTS, pp=1, disagg=False)
 
@@ -106,6 +108,25 @@ def test_kv_for_the_concurrency_and_fp8_without_tensor_cores():
     assert 0 < most < 64 and f"at most {most} requests" in res.rejected[0]["detail"]
     res = sr.search("llama-3.1-8b", "A100", 1, isl=256, osl=32, concurrency=(1,), weights=["fp8"], pp=1)
     assert res.rejected_counts == {sr.PRECISION: 1, sr.TOO_MANY_GPUS: 3}
+
+
+def test_search_simulates_without_the_ramp_and_the_drain():
+    """By default the search's simulation leaves each client's first and last round out of the statistics
+    (`SIM_WORKLOAD`, recorded in the query), and a reported row is what `serve` gives its record with
+    `search.sim_workload` of the same options."""
+    assert sr.sim_workload({"rounds": 3, "sampling": None}) == {**sr.SIM_WORKLOAD, "rounds": 3}
+    res = sr.search("qwen3-8b", "H100", 1, isl=256, osl=32, concurrency=(8,), pp=1, disagg=False,
+                    workload_options={"rounds": 3})
+    assert res.query["simulation"] == {**sr.SIM_WORKLOAD, "rounds": 3}
+    row, = res.rows
+    rec = {"id": "r", "model": "qwen3-8b", "gpu": "H100", "tp": 1, "weights": "bf16",
+           "engine": {"name": "vllm", "version": "0.15.1", "gpu_memory_utilization": 0.9},
+           "workload": {"type": "closed", "concurrency": 8, "input_tokens": 256, "output_tokens": 32}}
+    steady, = sv.serve([rec], workload_options=sr.sim_workload({"rounds": 3}))
+    drained, = sv.serve([rec], workload_options={"rounds": 3, "benchmark_rounds": 0})
+    assert row["tpot_mean_ms"] == pytest.approx(steady["predicted"]["tpot_mean_ms"], rel=1e-9)
+    assert row["ttft_mean_ms"] == pytest.approx(steady["predicted"]["ttft_mean_ms"], rel=1e-9)
+    assert steady["predicted"]["tpot_mean_ms"] != drained["predicted"]["tpot_mean_ms"]
 
 
 def test_scored_rows_equal_serve_on_the_equivalent_records(res):

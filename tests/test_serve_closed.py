@@ -220,3 +220,29 @@ def test_regret_refuses_closed_loop_limits_with_read_predictions(tmp_path, capsy
     assert main(["regret", str(rec), "--predictions", str(pred)]) == 0
     assert main(["regret", str(rec), "--predictions", str(pred), "--closed-loop-limits", "vllm"]) != 0
     assert "closed-loop-limits" in capsys.readouterr().err
+
+
+def test_cooldown_leaves_out_the_drain():
+    """A closed loop's last round runs on an engine that the clients done before it leave lighter: counted
+    (cool-down 0, as a benchmark counts it) it lowers TPOT, more so the fewer rounds; left out (cool-down 1)
+    three rounds give the steady state that six give."""
+    rec = _closed(0, 32, 1000, 64, max_num_seqs=64)
+    tpot = {}
+    for rounds, cool in ((3, 0), (3, 1), (6, 1)):
+        o, = sv.serve([rec], calibration="none", workload_options={"rounds": rounds, "cooldown_rounds": cool,
+                                                                   "benchmark_rounds": 0})
+        tpot[rounds, cool] = o["predicted"]["tpot_mean_ms"]
+    assert tpot[3, 1] == pytest.approx(tpot[6, 1], rel=0.01)
+    assert tpot[3, 0] < tpot[3, 1] * 0.99
+
+
+def test_cooldown_rounds_in_the_measured_mask():
+    from costmodel.apps import workloads as wl
+    from costmodel.errors import InputError
+    w = {"type": "closed", "concurrency": 3, "input_tokens": 10, "output_tokens": 5}
+    r = wl.closed_loop(w, "x", rounds=4, cooldown_rounds=1)
+    assert r.measured.tolist() == [False] * 3 + [True] * 6 + [False] * 3 and not r.notes
+    r = wl.closed_loop(w, "x", rounds=2, cooldown_rounds=1)  # warm-up first, then one round to measure
+    assert r.measured.tolist() == [False] * 3 + [True] * 3 and "0 of cool-down, not 1" in r.notes[0]
+    with pytest.raises(InputError, match="cooldown_rounds"):
+        wl.closed_loop(w, "x", cooldown_rounds=-1)

@@ -626,7 +626,7 @@ def _search_front(rows: list[dict]) -> list[dict]:
              "ttft_ms": r["ttft_mean_ms"], "tpot_ms": r["tpot_mean_ms"]} for r in rows]
 
 
-def run_our_search(q: dict, model_configs=None, bench_data=None, rounds: int = 10) -> dict:
+def run_our_search(q: dict, model_configs=None, bench_data=None, rounds: int | None = None) -> dict:
     """`search.search` on one query, twice in this process: the first call compiles, the second is timed
     (``seconds``); ``compile_seconds`` the difference.  A model the step model refuses gives ``refused``."""
     from . import search as sr
@@ -712,7 +712,7 @@ def run_aiconfigurator(q: dict, python: str, workdir, timeout_s: float = AIC_TIM
 
 
 def bench_search(names=("a", "b", "c"), queries: dict | None = None, model_configs=None, bench_data=None,
-                 aic_python: str | None = None, rounds: int = 10, progress: bool = False) -> dict:
+                 aic_python: str | None = None, rounds: int | None = None, progress: bool = False) -> dict:
     """Each query (`SEARCH_QUERIES`, or ``queries``) with `search.search` and, when ``aic_python`` is given,
     AIConfigurator: {name: {"query", "costmodel", "aiconfigurator"}}; ``aiconfigurator`` is {"skipped": why}
     without it."""

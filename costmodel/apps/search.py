@@ -56,6 +56,9 @@ SIMULATE_TOP = 16  # screened configurations simulated: this many best, and up t
 SCREEN_MARGIN = 0.1  # a screened configuration is simulated when within the SLOs x (1 + this)
 GROUP_ONLY = ("kv_bytes_per_token", "kv_tokens_per_rank")  # a group's fields its scored rows do not carry
 DISAGG_TOP = 4  # disaggregated deployments simulated (`_disagg_candidates`)
+# what the simulation runs: the steady state of a deployment's own traffic (no benchmark's first-round burst,
+# neither the first round's ramp nor the last round's drain in the statistics), two rounds measured
+SIM_WORKLOAD = {"rounds": 4, "warmup_rounds": 1, "cooldown_rounds": 1, "benchmark_rounds": 0}
 DISAGG_CLIENTS = (1, 2, 4, 6, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256,
                   320, 384, 448, 512)  # per decode rank
 DISAGG_MAX_RHO = 0.98  # prefill utilisation above which a unit's clients would mostly queue for prefill
@@ -292,7 +295,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
              "usd_per_gpu_hour": {g.name: usd_per_gpu_hour} if usd_per_gpu_hour else None,
              "weights": weights, "checkpoint_weights": base.dtype, "kv_cache_dtypes": kv_dtypes,
              "pp": pps or "every degree whose stages fit in a node",
-             "screen": screen, "sampling": samp, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
+             "screen": screen, "sampling": samp,
+             "simulation": {k: v for k, v in sim_workload(workload_options).items() if k != "sampling"}, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
                                           budgets[0], "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
     if p_count > 1:
         query["part"] = [p_index, p_count]
@@ -402,10 +406,8 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
         if disagg and p_index == 0 and every_group:
             candidates += _disagg_candidates(sim, every_group, gpus, isl, osl, ttft_ms, tpot_ms, DISAGG_TOP, model_configs,
                                              arch)
-        # a deployment's own traffic has no benchmark's first-round burst: steady-state latencies
         outs = serve_mod.serve([r for r, _ in candidates], model_configs,
-                               workload_options={"benchmark_rounds": 0, **(workload_options or {})},
-                               simulator=sim) if candidates else []
+                               workload_options=sim_workload(workload_options), simulator=sim) if candidates else []
     result.compile_seconds = compiling.seconds
     for (rec, row), out in zip(candidates, outs):
         if "refused" in out:
@@ -438,6 +440,12 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
     result.mark_pareto()
     result.seconds = time.perf_counter() - t0 - result.compile_seconds
     return result
+
+
+def sim_workload(workload_options: dict | None = None) -> dict:
+    """The workload options `serve` runs the search's configurations with: `SIM_WORKLOAD` under the given ones
+    (a `serve` of a reported row's record with these options gives its numbers)."""
+    return {**SIM_WORKLOAD, **{k: v for k, v in (workload_options or {}).items() if v is not None}}
 
 
 def _meets(r, stat: str, ttft_ms, tpot_ms, e2e_ms, rate, margin: float = 0.0):
@@ -945,8 +953,9 @@ def add_search_arguments(sp) -> None:
     sp.add_argument("--engine-version", default=DEFAULT_ENGINE_VERSION,
                     help=f"vLLM version whose calibration prices the steps (default {DEFAULT_ENGINE_VERSION})")
     sampling.add_argument(sp)
-    sp.add_argument("--rounds", type=number(int, 2), default=10,
-                    help="closed loop: requests per client, the first left out (default 10)")
+    sp.add_argument("--rounds", type=number(int, 2), default=None,
+                    help="closed loop: requests per client, the first and the last left out (default "
+                         f"{SIM_WORKLOAD['rounds']})")
     sp.add_argument("--bench-data", default=None, help="kernel tables folder (default: the repo's bench_data/)")
     sp.add_argument("--calibration", default="default", help="none | default | PATH (as for predict)")
     sp.add_argument("--top", type=number(int, 1), default=10, help="configurations in the ranked table (default 10)")

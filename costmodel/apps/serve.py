@@ -974,6 +974,9 @@ def add_serve_arguments(sp) -> None:
     sp.add_argument("--rounds", type=number(int, 1), default=10, help="closed loop: requests per client (default 10)")
     sp.add_argument("--warmup-rounds", type=number(int, 0), default=1,
                     help="closed loop: each client's first requests left out of the statistics (default 1)")
+    sp.add_argument("--cooldown-rounds", type=number(int, 0), default=0,
+                    help="closed loop: each client's last requests left out of the statistics (the drain, when "
+                         "the clients that have finished leave the others a lighter engine; default 0)")
     sp.add_argument("--start", choices=wl_mod.START, default="random",
                     help="closed loop: clients' first requests at random times within one request's duration "
                          "(default), evenly over it, or all at once (docs/serving.md)")
@@ -1004,7 +1007,7 @@ def run_serve(args) -> int:
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
                  Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms, request_host_us=args.request_host_us),
                  {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
-                  "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds,
+                  "cooldown_rounds": args.cooldown_rounds, "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds,
                   "closed_loop_limits": args.closed_loop_limits, "sampling": args.sampling})
     took = time.perf_counter() - t0
     if args.out:

@@ -4,7 +4,8 @@
   C clients; each sends its next request as soon as it has read the last token of the previous one (the
   client-side time ``client_ms`` after the engine sampled it).  Every prompt is ISL fresh tokens (random
   prompts: no prefix-cache hits across requests), every answer exactly OSL tokens.  Each client sends
-  ``rounds`` requests; statistics skip each client's first ``warmup_rounds``.  ``start``: how the clients'
+  ``rounds`` requests; statistics skip each client's first ``warmup_rounds`` and last ``cooldown_rounds``
+  (default 0, as a benchmark counts its drain; 1 gives the steady state, as `search` runs it).  ``start``: how the clients'
   first requests go out.  ``"random"`` (default): at independent uniformly random times within one
   request's duration (`serve` estimates it from the step model), the steady state of clients that have
   lost step with each other; ``"spread"``: evenly over that duration (no two clients ever collide: the
@@ -95,26 +96,35 @@ BENCHMARK_ROUNDS = 20  # requests per client of AIConfigurator's benchmark (aipe
 
 
 def closed_loop(w: dict, where: str, rounds: int = 10, warmup_rounds: int = 1, start: str = "random",
-                benchmark_rounds: int = BENCHMARK_ROUNDS) -> Requests:
+                benchmark_rounds: int = BENCHMARK_ROUNDS, cooldown_rounds: int = 0) -> Requests:
     """The requests of a closed loop; with ``start`` "random" or "spread" the first requests' offsets are
-    set by `stagger_start` once a request's duration is known."""
+    set by `stagger_start` once a request's duration is known.  The statistics count the rounds after the
+    first ``warmup_rounds`` and before the last ``cooldown_rounds`` (the drain: clients that have sent their
+    last request leave the others a lighter engine), at least one round (warm-up first, then cool-down,
+    give way; a note says so)."""
     if start not in START:
         raise InputError(f"must be one of {', '.join(START)}, got {start!r}", where, "start")
-    if isinstance(benchmark_rounds, bool) or not isinstance(benchmark_rounds, int) or benchmark_rounds < 0:
-        raise InputError(f"must be an integer >= 0, got {benchmark_rounds!r}", where, "benchmark_rounds")
+    for name, v in (("benchmark_rounds", benchmark_rounds), ("cooldown_rounds", cooldown_rounds)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InputError(f"must be an integer >= 0, got {v!r}", where, name)
     C = _count(w, "concurrency", where)
     isl, osl = _count(w, "input_tokens", where), _count(w, "output_tokens", where)
     n = C * rounds
     i = np.arange(n)
     client = i % C
     succ = np.where(i + C < n, i + C, -1)
+    warm = min(warmup_rounds, rounds - 1)
+    cool = min(cooldown_rounds, rounds - 1 - warm)
+    notes = [] if cool == cooldown_rounds else [
+        f"{rounds} rounds per client leave {rounds - warm - cool} to measure after {warm} of warm-up: "
+        f"{cool} of cool-down, not {cooldown_rounds}"]
     return Requests(
         offset_s=np.zeros(n, np.float32), stage=np.zeros(n, np.int32), gate=i >= C, succ=succ.astype(np.int32),
         prompt_tokens=np.full(n, isl, np.int32), output_tokens=np.full(n, osl, np.int32),
         user=client.astype(np.int32), group=np.full(n, -1, np.int32), sys_tokens=np.zeros(n, np.int32),
-        reuse=np.zeros(n, bool), measured=i >= C * min(warmup_rounds, rounds - 1),
+        reuse=np.zeros(n, bool), measured=(i >= C * warm) & (i < C * (rounds - cool)),
         stage_requests=np.array([n], np.int32), n_users=C, n_groups=0, kind="closed", start=start,
-        benchmark_rounds=benchmark_rounds if start != "together" else 0)
+        benchmark_rounds=benchmark_rounds if start != "together" else 0, notes=notes)
 
 
 def burst_round(r: Requests) -> Requests:
@@ -246,7 +256,8 @@ def from_record(w, where: str, max_model_len: int | None = None, **options) -> R
         raise InputError("must be an object with a 'type'", where, "workload")
     if w["type"] == "closed":
         return closed_loop(w, where, **{k: v for k, v in options.items()
-                                        if k in ("rounds", "warmup_rounds", "start", "benchmark_rounds")})
+                                        if k in ("rounds", "warmup_rounds", "start", "benchmark_rounds",
+                                                 "cooldown_rounds")})
     if w["type"] == "inference_perf_shared_prefix":
         return shared_prefix(w, where, max_model_len,
                              **{k: v for k, v in options.items() if k in ("multi_turn", "seed", "arrivals")})
