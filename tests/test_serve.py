@@ -501,7 +501,7 @@ def test_cli(tmp_path, capsys):
     path, cfg = _records(tmp_path)
     out = tmp_path / "out.jsonl"
     assert main(["serve", str(path), "--model-configs", str(cfg), "--calibration", "none", "--rounds", "3",
-                 "--out", str(out)]) == 0
+                 "--cooldown-rounds", "1", "--out", str(out)]) == 0
     lines = [json.loads(x) for x in out.read_text().splitlines()]
     assert [x["id"] for x in lines] == ["dense-open", "dense-closed", "moe", "disagg", "pp"]
     assert "4 priced, 1 refused" in capsys.readouterr().out
