@@ -316,6 +316,21 @@ def test_regret_by_hand():
     assert none.misses == 3 and none.mean_regret == 1.0 and none.groups[0]["pick"] is None
 
 
+def test_regret_takes_a_disaggregated_rows_clients_as_serve_does():
+    """A disaggregated record whose concurrency is null (AIConfigurator's disaggregated benchmarks) counts
+    with the clients `serve` simulates for it (the decode pool's batch_size x num_workers x attention DP):
+    measured tokens/s per GPU = C x OSL / (TTFT + (OSL - 1) x TPOT) / GPUs of both pools."""
+    from costmodel.apps import decisions as dq
+    rows = [_closed(i, 1, i + 1, 50.0, 5.0, osl=33) for i in range(3)]
+    dis = dict(_closed(3, 1, None, 50.0, 5.0, osl=33), mode="disagg",
+               prefill={"num_workers": 1, "tp_size": 1}, decode={"num_workers": 2, "tp_size": 1, "batch_size": 3})
+    del dis["tp"]
+    res = dq.regret(rows + [dis], [_pred(r, 5.0, 10.0) for r in rows] + [_pred(dis, 4.0, 50.0)])
+    g, = res.groups
+    assert g["rows"] == 4 and g["pick"]["id"] == dis["id"]
+    assert g["pick"]["measured_tok_s_gpu"] == pytest.approx(6 * 33 / 0.21 / 3)
+
+
 def test_regret_cli_and_bad_input(tmp_path, capsys):
     recs, preds = _hand_example()
     rp, pp = tmp_path / "recs.jsonl", tmp_path / "preds.jsonl"

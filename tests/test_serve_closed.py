@@ -103,21 +103,25 @@ def test_cond_rows_under_vmap():
             np.testing.assert_array_equal(np.asarray(got[1][i]), np.asarray(want[1]))
 
 
-def test_benchmark_burst_round_weighs_one_round_in_R():
-    """With ``benchmark_rounds`` R the latency means are the steady rounds' weighted (R - 1)/R and the
-    first-round burst's 1/R; the burst is what a one-round simulation with every client together gives
-    (priced independently here); the rate follows from the same mean E2E."""
+def test_benchmark_rounds_weigh_the_burst_and_the_drain_one_round_in_R():
+    """With ``benchmark_rounds`` R the latency means are a benchmark's of R rounds: the first-round burst's
+    1/R, the last round's (the drain) 1/R and the steady rounds' (R - 2)/R.  The burst is what a one-round
+    simulation with every client together gives, the steady rounds what the simulation gives with its last
+    round left out (each priced independently here); the rate follows from the same mean E2E."""
     rec = _closed(0, 4, 1500, 12)
     R = 5
     mixed, = sv.serve([rec], calibration="none", workload_options={"rounds": 3, "benchmark_rounds": R})
     steady, = sv.serve([rec], calibration="none", workload_options={"rounds": 3, "benchmark_rounds": 0})
+    inner, = sv.serve([rec], calibration="none", workload_options={"rounds": 3, "benchmark_rounds": 0,
+                                                                   "cooldown_rounds": 1})
     burst, = sv.serve([rec], calibration="none",
                       workload_options={"rounds": 1, "warmup_rounds": 0, "start": "together"})
     assert "benchmark_rounds" not in steady["simulation"] and "benchmark_rounds" not in burst["simulation"]
     assert mixed["simulation"]["benchmark_rounds"] == R
     assert mixed["simulation"]["burst_ttft_mean_ms"] == pytest.approx(burst["predicted"]["ttft_mean_ms"], rel=1e-4)
     for k in ("ttft_mean_ms", "e2e_mean_ms", "tpot_mean_ms"):
-        want = ((R - 1) * steady["predicted"][k] + burst["predicted"][k]) / R
+        drain = 2 * steady["predicted"][k] - inner["predicted"][k]  # rounds 2 and 3 measured, C requests each
+        want = ((R - 2) * inner["predicted"][k] + drain + burst["predicted"][k]) / R
         assert mixed["predicted"][k] == pytest.approx(want, rel=1e-4), k
     # four 1,500-token prompts under a 2,048-token budget queue behind each other in the burst
     assert burst["predicted"]["ttft_mean_ms"] > steady["predicted"]["ttft_mean_ms"]

@@ -137,6 +137,11 @@ def regret(records, predictions, min_configs: int = MIN_CONFIGS, by_engine: bool
             continue
         w, m = rec["workload"], rec["measured"]
         c = w.get("concurrency")
+        if c is None and rec.get("mode") == "disagg":  # the clients `serve` simulated for it
+            try:
+                c = serve_mod.disaggregated_clients(rec, where)[0]
+            except serve_mod.Refusal as e:
+                raise InputError(str(e), where, "workload") from None
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise InputError(f"must be a positive integer, got {c!r}", where, "workload.concurrency")
         pred_tpot = p["predicted"]["tpot_mean_ms"]

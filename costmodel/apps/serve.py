@@ -579,8 +579,10 @@ def _latencies_ms(res: dict, client_s: float) -> tuple[np.ndarray, np.ndarray, n
 def statistics(dep: Deployment, res: dict, options: Options = Options(), burst: dict | None = None) -> dict:
     """The record's output line (without ``id``): predictions under the keys of ``measured``, throughput,
     KV-cache use, and how the simulation went.  ``burst``: the results of the closed loop's
-    `workloads.burst_round`, whose requests then weigh 1/R of the latency statistics and the steady rounds'
-    (R − 1)/R (R = ``benchmark_rounds``), and so does the mean E2E the closed loop's rate follows from."""
+    `workloads.burst_round`, whose requests then weigh 1/R of the latency statistics, the simulation's last
+    round (the drain, when measured) 1/R and its other measured rounds (R − 2)/R (R = ``benchmark_rounds``;
+    without a measured drain they weigh (R − 1)/R), and so does the mean E2E the closed loop's rate follows
+    from."""
     r = dep.requests
     client = options.client_ms / 1e3
     ttft, e2e, finished = _latencies_ms(res, client)
@@ -588,11 +590,22 @@ def statistics(dep: Deployment, res: dict, options: Options = Options(), burst: 
     lat = (ttft[m], e2e[m], r.output_tokens[m])
     tb, eb, fb = _latencies_ms(burst, client) if burst is not None else (None, None, None)
     if burst is not None:
-        # integer weights: each steady request stands for (R - 1) / n_rounds of a client's requests, each burst
-        # request for one
-        n_rounds = max(int(round(m.sum() / r.n_users)), 1)
-        lat = tuple(np.concatenate([np.repeat(a, r.benchmark_rounds - 1), np.repeat(b[fb], n_rounds)])
-                    for a, b in zip(lat, (tb, eb, r.output_tokens[:len(tb)])))
+        # the benchmark's R rounds: the burst, R - 2 steady rounds and the drain (its last round, when clients
+        # that are done leave the others a lighter engine), each request standing for its share of them;
+        # integer weights: a steady request (R - 2) / n_steady, a drain and a burst request 1 (x n_steady)
+        C = r.n_users
+        rnd = np.arange(len(r)) // C
+        drain = m & (rnd == len(r) // C - 1)
+        steady = m & ~drain
+        n_steady = int(round(steady.sum() / C))
+        if not drain.any() or n_steady < 1:  # the simulation's measured rounds stand for R - 1
+            steady, drain, n_steady, w_steady = m, np.zeros_like(m), max(int(round(m.sum() / C)), 1), \
+                r.benchmark_rounds - 1
+        else:
+            w_steady = r.benchmark_rounds - 2
+        parts = [(ttft, e2e, r.output_tokens, steady, w_steady), (ttft, e2e, r.output_tokens, drain, n_steady),
+                 (tb, eb, r.output_tokens[:len(tb)], fb, n_steady)]
+        lat = tuple(np.concatenate([np.repeat(p[k][p[3]], p[4]) for p in parts]) for k in range(3))
     pred = _latency_stats(*lat)
     if r.kind == "open":
         pred["stages"] = [_latency_stats(ttft[m & (r.stage == s)], e2e[m & (r.stage == s)],

@@ -15,7 +15,8 @@
   statistics are those of a benchmark of R requests per client whose first round is a burst, as aiperf
   runs one (AIConfigurator's benchmark: a warm-up that is drained first, then C × R requests, the first C
   sent at once): a one-round simulation with every client together (`burst_round`) weighs 1/R of them, the
-  steady rounds (R − 1)/R (`serve.statistics`).  Only with a ``"random"`` or ``"spread"`` start.
+  simulation's last round (the drain) 1/R and its other measured rounds (R − 2)/R (`serve.statistics`).
+  Only with a ``"random"`` or ``"spread"`` start.
 
 * **inference-perf shared prefix** (``{"type": "inference_perf_shared_prefix", "stages": [{"rate",
   "duration_s"}], "num_unique_system_prompts", "num_users_per_system_prompt", "system_prompt_len",
