@@ -123,6 +123,9 @@ def test_benchmark_rounds_weigh_the_burst_and_the_drain_one_round_in_R():
         drain = 2 * steady["predicted"][k] - inner["predicted"][k]  # rounds 2 and 3 measured, C requests each
         want = ((R - 2) * inner["predicted"][k] + drain + burst["predicted"][k]) / R
         assert mixed["predicted"][k] == pytest.approx(want, rel=1e-4), k
+    # a benchmark of one round is its burst alone
+    one, = sv.serve([rec], calibration="none", workload_options={"rounds": 3, "benchmark_rounds": 1})
+    assert one["predicted"]["tpot_mean_ms"] == pytest.approx(burst["predicted"]["tpot_mean_ms"], rel=1e-4)
     # four 1,500-token prompts under a 2,048-token budget queue behind each other in the burst
     assert burst["predicted"]["ttft_mean_ms"] > steady["predicted"]["ttft_mean_ms"]
     # the rate follows from the benchmark's mean E2E (Little's law): the burst round's slower requests lower it

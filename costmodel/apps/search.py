@@ -296,8 +296,9 @@ def search(model: str, gpu: str, gpus: int, *, isl: int, osl: int, ttft_ms: floa
              "weights": weights, "checkpoint_weights": base.dtype, "kv_cache_dtypes": kv_dtypes,
              "pp": pps or "every degree whose stages fit in a node",
              "screen": screen, "sampling": samp,
-             "simulation": {k: v for k, v in sim_workload(workload_options).items() if k != "sampling"}, "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else
-                                          budgets[0], "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
+             "simulation": {k: v for k, v in sim_workload(workload_options).items() if k != "sampling"},
+             "engine": {**engine, "max_num_batched_tokens": budgets if len(budgets) > 1 else budgets[0],
+                        "max_num_seqs": seqs if len(seqs) > 1 else seqs[0]}}
     if p_count > 1:
         query["part"] = [p_index, p_count]
     result = SearchResult(query)

@@ -598,7 +598,7 @@ def statistics(dep: Deployment, res: dict, options: Options = Options(), burst: 
         drain = m & (rnd == len(r) // C - 1)
         steady = m & ~drain
         n_steady = int(round(steady.sum() / C))
-        if not drain.any() or n_steady < 1:  # the simulation's measured rounds stand for R - 1
+        if not drain.any() or n_steady < 1 or r.benchmark_rounds < 2:  # the measured rounds stand for R - 1
             steady, drain, n_steady, w_steady = m, np.zeros_like(m), max(int(round(m.sum() / C)), 1), \
                 r.benchmark_rounds - 1
         else:
@@ -1020,8 +1020,9 @@ def run_serve(args) -> int:
     outs = serve(items, args.model_configs, args.bench_data, args.calibration, args.allow_other_gpu,
                  Options(ingress_ms=args.ingress_ms, client_ms=args.client_ms, request_host_us=args.request_host_us),
                  {"multi_turn": args.multi_turn, "rounds": args.rounds, "warmup_rounds": args.warmup_rounds,
-                  "cooldown_rounds": args.cooldown_rounds, "start": args.start, "arrivals": args.arrivals, "benchmark_rounds": args.benchmark_rounds,
-                  "closed_loop_limits": args.closed_loop_limits, "sampling": args.sampling})
+                  "cooldown_rounds": args.cooldown_rounds, "start": args.start, "arrivals": args.arrivals,
+                  "benchmark_rounds": args.benchmark_rounds, "closed_loop_limits": args.closed_loop_limits,
+                  "sampling": args.sampling})
     took = time.perf_counter() - t0
     if args.out:
         atomic_write(args.out, lambda fh: fh.writelines(json.dumps(o) + "\n" for o in outs))

@@ -5,8 +5,8 @@
   client-side time ``client_ms`` after the engine sampled it).  Every prompt is ISL fresh tokens (random
   prompts: no prefix-cache hits across requests), every answer exactly OSL tokens.  Each client sends
   ``rounds`` requests; statistics skip each client's first ``warmup_rounds`` and last ``cooldown_rounds``
-  (default 0, as a benchmark counts its drain; 1 gives the steady state, as `search` runs it).  ``start``: how the clients'
-  first requests go out.  ``"random"`` (default): at independent uniformly random times within one
+  (default 0, as a benchmark counts its drain; 1 gives the steady state, as `search` runs it).  ``start``:
+  how the clients' first requests go out.  ``"random"`` (default): at independent uniformly random times within one
   request's duration (`serve` estimates it from the step model), the steady state of clients that have
   lost step with each other; ``"spread"``: evenly over that duration (no two clients ever collide: the
   least queueing); ``"together"``: all at t = 0, after which identical requests stay in lockstep cohorts
