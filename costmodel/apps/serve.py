@@ -591,21 +591,18 @@ def statistics(dep: Deployment, res: dict, options: Options = Options(), burst: 
     tb, eb, fb = _latencies_ms(burst, client) if burst is not None else (None, None, None)
     if burst is not None:
         # the benchmark's R rounds: the burst, R - 2 steady rounds and the drain (its last round, when clients
-        # that are done leave the others a lighter engine), each request standing for its share of them;
-        # integer weights: a steady request (R - 2) / n_steady, a drain and a burst request 1 (x n_steady)
-        C = r.n_users
-        rnd = np.arange(len(r)) // C
-        drain = m & (rnd == len(r) // C - 1)
-        steady = m & ~drain
-        n_steady = int(round(steady.sum() / C))
-        if not drain.any() or n_steady < 1 or r.benchmark_rounds < 2:  # the measured rounds stand for R - 1
-            steady, drain, n_steady, w_steady = m, np.zeros_like(m), max(int(round(m.sum() / C)), 1), \
-                r.benchmark_rounds - 1
+        # that are done leave the others a lighter engine); integer weights per request: steady R - 2, drain
+        # and burst n (the simulation's n steady rounds); without a measured drain, all measured rounds R - 1
+        C, R = r.n_users, r.benchmark_rounds
+        drain = m & (np.arange(len(r)) // C == len(r) // C - 1)
+        n = int(round((m & ~drain).sum() / C))
+        if drain.any() and n >= 1 and R >= 2:
+            parts = [(m & ~drain, R - 2), (drain, n)]
         else:
-            w_steady = r.benchmark_rounds - 2
-        parts = [(ttft, e2e, r.output_tokens, steady, w_steady), (ttft, e2e, r.output_tokens, drain, n_steady),
-                 (tb, eb, r.output_tokens[:len(tb)], fb, n_steady)]
-        lat = tuple(np.concatenate([np.repeat(p[k][p[3]], p[4]) for p in parts]) for k in range(3))
+            parts, n = [(m, R - 1)], max(int(round(m.sum() / C)), 1)
+        cols = [(ttft, e2e, r.output_tokens, mask, w) for mask, w in parts] + \
+            [(tb, eb, r.output_tokens[:len(tb)], fb, n)]
+        lat = tuple(np.concatenate([np.repeat(c[k][c[3]], c[4]) for c in cols]) for k in range(3))
     pred = _latency_stats(*lat)
     if r.kind == "open":
         pred["stages"] = [_latency_stats(ttft[m & (r.stage == s)], e2e[m & (r.stage == s)],
